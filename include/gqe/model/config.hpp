@@ -1,0 +1,50 @@
+#pragma once
+// The configuration of a whole model, the C++ face of config.json.
+#include "gqe/layers/attention_config.hpp"
+
+namespace gqe {
+
+struct ModelConfig {
+  Index vocab_size = 0;         // V
+  Index hidden_size = 0;        // d
+  Index intermediate_size = 0;  // I
+  Index num_layers = 0;         // L
+  AttentionType attention_type = AttentionType::gqa;
+  GqeVariant gqe_variant = GqeVariant::gqe;
+  Index num_heads = 0;          // N
+  Index num_kv_heads = 0;       // G
+  Index head_dim = 0;           // d_h
+  Index top_k = 1;              // k
+  double rms_norm_eps = 1e-6;
+  double rope_theta = 10000.0;
+  bool tie_word_embeddings = false;
+  Index max_position_embeddings = 4096;
+
+  AttentionConfig attention() const {
+    AttentionConfig a;
+    a.type = attention_type;
+    a.variant = gqe_variant;
+    a.hidden_size = hidden_size;
+    a.num_heads = num_heads;
+    a.num_kv_heads = num_kv_heads;
+    a.head_dim = head_dim;
+    a.top_k = top_k;
+    a.rope_theta = rope_theta;
+    return a;
+  }
+
+  void validate() const {
+    auto positive = [](const char* name, Index v, Index max) {
+      if (v <= 0 || v > max) fail<ConfigError>(name, " is ", v, "; expected 1 to ", max);
+    };
+    positive("vocab_size", vocab_size, Limits::max_vocab);
+    positive("intermediate_size", intermediate_size, Limits::max_intermediate);
+    positive("num_hidden_layers", num_layers, Limits::max_layers);
+    positive("max_position_embeddings", max_position_embeddings, Limits::max_positions);
+    if (!(rms_norm_eps > 0) || rms_norm_eps > 1)
+      fail<ConfigError>("rms_norm_eps is ", rms_norm_eps, "; expected a number in (0, 1]");
+    attention().validate();
+  }
+};
+
+}  // namespace gqe
