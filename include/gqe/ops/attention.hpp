@@ -1,0 +1,126 @@
+#pragma once
+// Causal attention for any number of query heads reading shared KV heads: one kernel for GQA, for
+// GQE's slots and shared head, for prefill, chunked prefill and decode.
+//
+// Tiled with an online softmax (no T x T score matrix is ever held): each work unit is one head and
+// one tile of queries; it walks the key tiles left of the diagonal, a GEMM each, keeping a running
+// maximum and sum per query row. Blocks above the diagonal are never computed. Units are fixed by the
+// shapes alone, so results are bit-identical whatever the thread count.
+//
+// Masking is aligned bottom-right: with `past` keys already cached, query i of the chunk sits at
+// position past + i and sees keys 0 .. past + i.
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "gqe/tensor/tensor.hpp"
+#include "gqe/util/thread_pool.hpp"
+
+namespace gqe {
+
+// One attention head over one run of queries. Pointers address row-major [rows, head_dim] blocks
+// with the given row strides (a head's columns inside a wider matrix).
+template <class Scalar>
+struct AttentionHead {
+  const Scalar* query = nullptr;  // [count, d_h], stride query_stride
+  Index query_stride = 0;
+  const Scalar* key = nullptr;  // [past + count, d_h], stride kv_stride
+  const Scalar* value = nullptr;  // [past + count, d_h], stride kv_stride
+  Index kv_stride = 0;
+  Scalar* out = nullptr;  // [count, d_h], stride out_stride
+  Index out_stride = 0;
+  Index past = 0;   // keys before the first query
+  Index count = 0;  // queries
+};
+
+namespace detail {
+
+constexpr Index kQueryTile = 64;
+constexpr Index kKeyTile = 128;
+constexpr Index kDecodeKeyTile = 512;  // a single query row: longer key tiles, fewer GEMV calls
+
+template <class Scalar>
+struct AttentionScratch {
+  Matrix<Scalar> query;   // [n, d_h], scaled copy of the query tile
+  Matrix<Scalar> scores;  // [n, key tile]
+  Matrix<Scalar> acc;     // [n, d_h], unnormalised output
+  Vector<Scalar> row_max;  // [n]
+  Vector<Scalar> row_sum;  // [n]
+};
+
+template <class Scalar>
+AttentionScratch<Scalar>& attention_scratch() {
+  thread_local AttentionScratch<Scalar> scratch;  // reused across calls: no allocation per token
+  return scratch;
+}
+
+// Queries [first, first + n) of one head.
+template <class Scalar>
+void attention_tile(const AttentionHead<Scalar>& h, Index head_dim, Scalar scale, Index first, Index n) {
+  using ConstStrided = StridedMatrixMap<const Scalar>;
+  auto& s = attention_scratch<Scalar>();
+  const Index key_tile = n == 1 ? kDecodeKeyTile : kKeyTile;
+  s.query.resize(n, head_dim);
+  s.scores.resize(n, key_tile);
+  s.acc.resize(n, head_dim);
+  s.row_max.resize(n);
+  s.row_sum.resize(n);
+  s.query = ConstStrided(h.query + first * h.query_stride, n, head_dim, Eigen::OuterStride<>(h.query_stride)) * scale;
+  s.acc.setZero();
+  s.row_max.setConstant(-std::numeric_limits<Scalar>::infinity());
+  s.row_sum.setZero();
+
+  const Index first_pos = h.past + first;  // position of query row 0 of the tile
+  const Index keys = first_pos + n;        // keys seen by the last row
+  for (Index j0 = 0; j0 < keys; j0 += key_tile) {
+    const Index nk = std::min(key_tile, keys - j0);
+    const ConstStrided k(h.key + j0 * h.kv_stride, nk, head_dim, Eigen::OuterStride<>(h.kv_stride));
+    const ConstStrided v(h.value + j0 * h.kv_stride, nk, head_dim, Eigen::OuterStride<>(h.kv_stride));
+    auto scores = s.scores.leftCols(nk);
+    scores.noalias() = s.query * k.transpose();
+    for (Index i = 0; i < n; ++i) {
+      // Row i sees keys up to first_pos + i: `valid` columns of this tile.
+      const Index valid = std::min(nk, first_pos + i - j0 + 1);
+      auto row = scores.row(i);
+      if (valid <= 0) {
+        row.setZero();
+        continue;
+      }
+      const Scalar tile_max = row.head(valid).maxCoeff();
+      const Scalar new_max = std::max(s.row_max(i), tile_max);
+      const Scalar correction = std::exp(s.row_max(i) - new_max);  // 0 on the first tile (exp(-inf))
+      row.head(valid) = (row.head(valid).array() - new_max).exp();
+      row.tail(nk - valid).setZero();
+      s.row_sum(i) = s.row_sum(i) * correction + row.head(valid).sum();
+      s.acc.row(i) *= correction;
+      s.row_max(i) = new_max;
+    }
+    s.acc.noalias() += scores * v;
+  }
+  StridedMatrixMap<Scalar> out(h.out + first * h.out_stride, n, head_dim, Eigen::OuterStride<>(h.out_stride));
+  out = s.acc.array().colwise() / s.row_sum.array();
+}
+
+}  // namespace detail
+
+// Runs every head of `heads` (each over its own queries and keys) on the library's pool.
+// scale multiplies the scores (1/sqrt(d_h)).
+template <class Scalar>
+void causal_attention(const std::vector<AttentionHead<Scalar>>& heads, Index head_dim, Scalar scale) {
+  // Work units: (head, query tile). Later tiles see more keys, so they go first for a better balance.
+  Index max_tiles = 0;
+  for (const auto& h : heads) max_tiles = std::max(max_tiles, (h.count + detail::kQueryTile - 1) / detail::kQueryTile);
+  const Index num_heads = static_cast<Index>(heads.size());
+  thread_pool().parallel_for(num_heads * max_tiles, [&](Index unit) {
+    const Index tile = max_tiles - 1 - unit / num_heads;
+    const auto& h = heads[static_cast<std::size_t>(unit % num_heads)];
+    const Index first = tile * detail::kQueryTile;
+    if (first >= h.count) return;
+    detail::attention_tile(h, head_dim, scale, first, std::min(detail::kQueryTile, h.count - first));
+  });
+}
+
+}  // namespace gqe
