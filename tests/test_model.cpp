@@ -1,0 +1,270 @@
+// Whole-model properties of gqe::Transformer, for both attention types and all GQE variants:
+// causality, chunked and stepwise decoding equal to prefill, batches equal to single sequences,
+// bit-identical results across thread counts and across concurrent user threads, sampling rules.
+// Golden comparisons against the NumPy reference live in test_golden.cpp.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cmath>
+#include <random>
+#include <thread>
+
+#include "gqe/model/sampler.hpp"
+#include "gqe/model/transformer.hpp"
+
+namespace {
+
+using gqe::Index;
+
+gqe::ModelConfig small_config(gqe::AttentionType type, gqe::GqeVariant variant, Index top_k) {
+  gqe::ModelConfig c;
+  c.vocab_size = 37;
+  c.hidden_size = 24;
+  c.intermediate_size = 45;
+  c.num_layers = 2;
+  c.attention_type = type;
+  c.gqe_variant = variant;
+  c.num_heads = 6;
+  c.num_kv_heads = 3;
+  c.head_dim = 8;
+  c.top_k = top_k;
+  c.max_position_embeddings = 512;
+  return c;
+}
+
+// Random weights of a scale that keeps activations O(1); norms around 1.
+template <class Scalar>
+void randomise(gqe::Transformer<Scalar>& model, unsigned seed) {
+  std::mt19937 rng(seed);
+  model.for_each_parameter([&](const std::string& name, gqe::TensorView<Scalar> w) {
+    const bool norm = w.rank() == 1;
+    const double fan_in = norm ? 1.0 : static_cast<double>(w.dim(1));
+    std::normal_distribution<double> dist(norm ? 1.0 : 0.0, norm ? 0.1 : 1.0 / std::sqrt(fan_in));
+    for (Index i = 0; i < w.numel(); ++i) w.data()[i] = static_cast<Scalar>(dist(rng));
+    (void)name;
+  });
+}
+
+std::vector<std::int32_t> random_tokens(Index n, Index vocab, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> dist(0, static_cast<int>(vocab) - 1);
+  std::vector<std::int32_t> t(static_cast<std::size_t>(n));
+  for (auto& x : t) x = dist(rng);
+  return t;
+}
+
+gqe::TensorView<const std::int32_t> as_batch(const std::vector<std::int32_t>& t, Index batch = 1) {
+  return {t.data(), gqe::Shape{batch, static_cast<Index>(t.size()) / batch}};
+}
+
+struct ModelCase {
+  const char* name;
+  gqe::AttentionType type;
+  gqe::GqeVariant variant;
+  Index top_k;
+};
+
+class ModelTest : public ::testing::TestWithParam<ModelCase> {
+ protected:
+  gqe::Transformer<double> model() const {
+    const auto& p = GetParam();
+    gqe::Transformer<double> m(small_config(p.type, p.variant, p.top_k));
+    randomise(m, 7);
+    return m;
+  }
+};
+
+// Relative norm-wise difference of two logit tensors.
+double relative_error(const gqe::Tensor<double>& a, const gqe::Tensor<double>& b) {
+  return (a.view().flat() - b.view().flat()).norm() / b.view().flat().norm();
+}
+
+// Prefill in double; accumulation orders differ between code paths, so agreement is to a few
+// hundred ulps of double over these sizes.
+constexpr double kTolerance = 1e-12;
+
+TEST_P(ModelTest, ChangingALaterTokenNeverChangesEarlierLogits) {
+  const auto m = model();
+  auto tokens = random_tokens(21, 37, 1);
+  auto caches = std::vector<gqe::KVCache<double>>{m.new_cache()};
+  const auto base = m.prefill(as_batch(tokens), caches);
+  for (Index changed : {20, 11, 3}) {
+    auto other = tokens;
+    other[static_cast<std::size_t>(changed)] = (other[static_cast<std::size_t>(changed)] + 5) % 37;
+    auto c2 = std::vector<gqe::KVCache<double>>{m.new_cache()};
+    const auto logits = m.prefill(as_batch(other), c2);
+    for (Index t = 0; t < 21; ++t) {
+      const double diff = (logits.view()[0][t].flat() - base.view()[0][t].flat()).norm();
+      if (t < changed) {
+        EXPECT_EQ(diff, 0.0) << "position " << t << " changed when token " << changed << " changed";
+      } else if (t == changed) {
+        EXPECT_GT(diff, 0.0) << "the changed token's own logits did not change";
+      }
+    }
+  }
+}
+
+TEST_P(ModelTest, StepwiseDecodeAndChunksEqualPrefill) {
+  const auto m = model();
+  const auto tokens = random_tokens(19, 37, 2);
+  auto caches = std::vector<gqe::KVCache<double>>{m.new_cache()};
+  const auto prefill = m.prefill(as_batch(tokens), caches);
+
+  gqe::Tensor<double> stepwise(gqe::Shape{1, 19, 37});
+  auto step_caches = std::vector<gqe::KVCache<double>>{m.new_cache()};
+  for (Index t = 0; t < 19; ++t) {
+    const auto l = m.decode(gqe::TensorView<const std::int32_t>(&tokens[static_cast<std::size_t>(t)], gqe::Shape{1}), step_caches);
+    stepwise.view()[0][t].flat() = l.view()[0].flat();
+  }
+  EXPECT_LT(relative_error(stepwise, prefill), kTolerance);
+
+  // Chunks of 5, 1, 13 tokens appended to the cache: the mask is aligned bottom-right.
+  gqe::Tensor<double> chunked(gqe::Shape{1, 19, 37});
+  auto chunk_caches = std::vector<gqe::KVCache<double>>{m.new_cache()};
+  Index begin = 0;
+  for (Index len : {5, 1, 13}) {
+    std::vector<std::int32_t> chunk(tokens.begin() + begin, tokens.begin() + begin + len);
+    const auto l = m.prefill(as_batch(chunk), chunk_caches);
+    chunked.view()[0].slice(begin, len).flat() = l.view()[0].flat();
+    begin += len;
+  }
+  EXPECT_LT(relative_error(chunked, prefill), kTolerance);
+  EXPECT_EQ(chunk_caches[0].length(), 19);
+}
+
+TEST_P(ModelTest, BatchEqualsSingleSequencesInPrefillAndDecode) {
+  const auto m = model();
+  const auto a = random_tokens(9, 37, 3), b = random_tokens(9, 37, 4);
+  std::vector<std::int32_t> both(a);
+  both.insert(both.end(), b.begin(), b.end());
+  auto batch_caches = std::vector<gqe::KVCache<double>>{m.new_cache(), m.new_cache()};
+  const auto batch = m.prefill(as_batch(both, 2), batch_caches);
+  for (int s = 0; s < 2; ++s) {
+    auto c = std::vector<gqe::KVCache<double>>{m.new_cache()};
+    const auto single = m.prefill(as_batch(s ? b : a), c);
+    EXPECT_LT((batch.view()[s].flat() - single.view()[0].flat()).norm() / single.view().flat().norm(), kTolerance);
+  }
+  // One decode step advancing both sequences (different lengths after an extra chunk on one).
+  std::vector<std::int32_t> extra = {5, 6, 7};
+  std::vector<gqe::KVCache<double>> one{std::move(batch_caches[0])};
+  m.prefill(as_batch(extra), one);
+  std::vector<gqe::KVCache<double>> mixed{std::move(one[0]), std::move(batch_caches[1])};
+  const std::vector<std::int32_t> next = {11, 12};
+  const auto step = m.decode(gqe::TensorView<const std::int32_t>(next.data(), gqe::Shape{2}), mixed);
+  EXPECT_EQ(mixed[0].length(), 13);
+  EXPECT_EQ(mixed[1].length(), 10);
+  for (int s = 0; s < 2; ++s) {
+    std::vector<std::int32_t> full(s ? b : a);
+    if (s == 0) full.insert(full.end(), extra.begin(), extra.end());
+    full.push_back(next[static_cast<std::size_t>(s)]);
+    auto c = std::vector<gqe::KVCache<double>>{m.new_cache()};
+    const auto ref = m.prefill(as_batch(full), c);
+    const auto last = ref.view()[0][static_cast<Index>(full.size()) - 1].flat();
+    EXPECT_LT((step.view()[s].flat() - last).norm() / last.norm(), kTolerance);
+  }
+}
+
+TEST_P(ModelTest, BitIdenticalAcrossThreadCountsAndConcurrentCallers) {
+  gqe::Transformer<float> m(small_config(GetParam().type, GetParam().variant, GetParam().top_k));
+  randomise(m, 9);
+  const auto tokens = random_tokens(150, 37, 5);  // more than two query tiles
+  const auto run = [&] {
+    auto caches = std::vector<gqe::KVCache<float>>{m.new_cache()};
+    auto logits = m.prefill(as_batch(tokens), caches);
+    std::vector<std::int32_t> next = {3};
+    auto step = m.decode(gqe::TensorView<const std::int32_t>(next.data(), gqe::Shape{1}), caches);
+    std::vector<float> all(logits.data(), logits.data() + logits.numel());
+    all.insert(all.end(), step.data(), step.data() + step.numel());
+    return all;
+  };
+  gqe::set_num_threads(1);
+  const auto serial = run();
+  for (int threads : {2, 3, 4}) {
+    gqe::set_num_threads(threads);
+    EXPECT_EQ(run(), serial) << "with " << threads << " threads";
+  }
+  // Four user threads sharing the read-only model, each with its own caches.
+  std::atomic<int> mismatches{0};
+  std::vector<std::thread> users;
+  for (int u = 0; u < 4; ++u)
+    users.emplace_back([&] {
+      for (int rep = 0; rep < 3; ++rep)
+        if (run() != serial) ++mismatches;
+    });
+  for (auto& t : users) t.join();
+  EXPECT_EQ(mismatches.load(), 0);
+  gqe::set_num_threads(gqe::default_thread_count());
+}
+
+TEST_P(ModelTest, RejectsBadInputsWithClearErrors) {
+  const auto m = model();
+  auto caches = std::vector<gqe::KVCache<double>>{m.new_cache()};
+  const std::vector<std::int32_t> bad = {1, 37};
+  EXPECT_THROW(m.prefill(as_batch(bad), caches), gqe::InputError);
+  const std::vector<std::int32_t> negative = {-1};
+  EXPECT_THROW(m.prefill(as_batch(negative), caches), gqe::InputError);
+  auto two = std::vector<gqe::KVCache<double>>{m.new_cache(), m.new_cache()};
+  const std::vector<std::int32_t> ok = {1, 2};
+  EXPECT_THROW(m.prefill(as_batch(ok), two), gqe::ShapeError);  // B = 1 with 2 caches
+  const auto long_prompt = random_tokens(513, 37, 6);
+  EXPECT_THROW(m.prefill(as_batch(long_prompt), caches), gqe::InputError);
+  EXPECT_EQ(caches[0].length(), 0) << "a refused call must not touch the cache";
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllTypes, ModelTest,
+    ::testing::Values(ModelCase{"gqa", gqe::AttentionType::gqa, gqe::GqeVariant::gqe, 1},
+                      ModelCase{"gqe_k1", gqe::AttentionType::gqe, gqe::GqeVariant::gqe, 1},
+                      ModelCase{"gqe_kM", gqe::AttentionType::gqe, gqe::GqeVariant::gqe, 2},
+                      ModelCase{"hard_concat", gqe::AttentionType::gqe, gqe::GqeVariant::hard_concat, 1},
+                      ModelCase{"weighted_concat", gqe::AttentionType::gqe, gqe::GqeVariant::weighted_concat, 2}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+// ---- sampling ---------------------------------------------------------------------------------
+
+TEST(Sampler, GreedyTakesTheFirstMaximum) {
+  const std::vector<float> logits = {0.5f, 2.0f, -1.0f, 2.0f};
+  gqe::Sampler s({});
+  EXPECT_EQ(s.sample(logits.data(), 4), 1);
+}
+
+TEST(Sampler, TopKAndTopPRestrictTheCandidates) {
+  const std::vector<double> logits = {3.0, 2.9, 0.0, -1.0, 2.95};
+  // top-k 2 keeps ids 0 and 4 only.
+  gqe::Sampler topk({1.0, 2, 1.0, 123});
+  for (int i = 0; i < 200; ++i) {
+    const int id = topk.sample(logits.data(), 5);
+    EXPECT_TRUE(id == 0 || id == 4) << id;
+  }
+  // top-p 0.3: the single most likely token already reaches 0.3 of the mass.
+  gqe::Sampler topp({1.0, 0, 0.3, 5});
+  for (int i = 0; i < 50; ++i) EXPECT_EQ(topp.sample(logits.data(), 5), 0);
+}
+
+TEST(Sampler, FollowsTheDistributionAndIsSeeded) {
+  const std::vector<double> logits = {std::log(0.6), std::log(0.3), std::log(0.1)};
+  gqe::Sampler a({1.0, 0, 1.0, 42}), b({1.0, 0, 1.0, 42});
+  std::vector<int> counts(3);
+  const int n = 20000;
+  for (int i = 0; i < n; ++i) {
+    const int x = a.sample(logits.data(), 3);
+    EXPECT_EQ(x, b.sample(logits.data(), 3));
+    ++counts[static_cast<std::size_t>(x)];
+  }
+  // Binomial standard deviation at p = 0.3 over 20000 draws is 0.0032; allow 5 sigma.
+  EXPECT_NEAR(counts[0] / double(n), 0.6, 0.017);
+  EXPECT_NEAR(counts[1] / double(n), 0.3, 0.016);
+  EXPECT_NEAR(counts[2] / double(n), 0.1, 0.011);
+}
+
+TEST(Sampler, RejectsBadSettingsAndNaN) {
+  EXPECT_THROW(gqe::Sampler({-1.0, 0, 1.0, 0}), gqe::ConfigError);
+  EXPECT_THROW(gqe::Sampler({1.0, -2, 1.0, 0}), gqe::ConfigError);
+  EXPECT_THROW(gqe::Sampler({1.0, 0, 0.0, 0}), gqe::ConfigError);
+  EXPECT_THROW(gqe::Sampler({1.0, 0, 1.5, 0}), gqe::ConfigError);
+  const std::vector<float> nan = {0.0f, std::nanf("")};
+  gqe::Sampler s({});
+  EXPECT_THROW(s.sample(nan.data(), 2), gqe::InputError);
+}
+
+}  // namespace
