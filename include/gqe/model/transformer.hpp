@@ -55,30 +55,32 @@ class Transformer {
   // A cache for one sequence of this model.
   KVCache<Scalar> new_cache() const { return KVCache<Scalar>(config_); }
 
-  // tokens [B, T]: sequence b continues caches[b] by T tokens. Returns logits [B, T, V], or
-  // [B, 1, V] for each sequence's last token when last_only. A trace, when given, gets the routing.
-  Tensor<Scalar> forward(TensorView<const std::int32_t> tokens, std::vector<KVCache<Scalar>*> caches,
-                         bool last_only = false, ForwardTrace<Scalar>* trace = nullptr) const {
+  // The forward pass, writing into caller-owned logits (no allocation once warm): tokens [B, T],
+  // sequence b continuing caches[b] by T tokens; logits [B, T, V], or [B, V] with only each
+  // sequence's last token when last_only. A trace, when given, receives the routing.
+  void forward(TensorView<const std::int32_t> tokens, std::vector<KVCache<Scalar>>& caches, TensorView<Scalar> logits,
+               bool last_only = false, ForwardTrace<Scalar>* trace = nullptr) const {
     check_inputs(tokens, caches);
     const Index B = tokens.dim(0), T = tokens.dim(1), d = config_.hidden_size, V = config_.vocab_size;
-    const Index rows = B * T;
+    const Index rows = B * T, out_rows = last_only ? B : rows;
+    check_shape("logits", logits.shape(), last_only ? Shape{B, V} : Shape{B, T, V});
     auto& ws = workspace();
 
     ws.positions.clear();
     for (Index b = 0; b < B; ++b)
-      for (Index t = 0; t < T; ++t) ws.positions.push_back(caches[static_cast<std::size_t>(b)]->length() + t);
+      for (Index t = 0; t < T; ++t) ws.positions.push_back(caches[static_cast<std::size_t>(b)].length() + t);
     ws.rope.compute(ws.positions, config_.head_dim, config_.rope_theta);
 
     ws.hidden.resize(rows, d);  // [R, d], the residual stream
     for (Index r = 0; r < rows; ++r) ws.hidden.row(r) = embed_tokens_.row(tokens.data()[r]);
     ws.normed.resize(rows, d);  // [R, d]
     ws.delta.resize(rows, d);   // [R, d]
-    if (trace) trace->routing.assign(config_.attention_type == AttentionType::gqe ? static_cast<std::size_t>(config_.num_layers) : 0, {});
+    if (trace) trace->routing.resize(config_.attention_type == AttentionType::gqe ? static_cast<std::size_t>(config_.num_layers) : 0);
 
     for (Index l = 0; l < config_.num_layers; ++l) {
       const Block& block = layers_[static_cast<std::size_t>(l)];
       ws.segments.clear();
-      for (Index b = 0; b < B; ++b) ws.segments.push_back({&caches[static_cast<std::size_t>(b)]->layer(l), b * T, T});
+      for (Index b = 0; b < B; ++b) ws.segments.push_back({&caches[static_cast<std::size_t>(b)].layer(l), b * T, T});
       rms_norm<Scalar>(ws.hidden, block.input_layernorm, config_.rms_norm_eps, ws.normed);
       if (const auto* gqa = std::get_if<GQAAttention<Scalar>>(&block.attention))
         gqa->forward(ws.normed, ws.segments, ws.rope, ws.delta);
@@ -91,30 +93,28 @@ class Transformer {
       ws.hidden += ws.delta;
     }
 
-    const Index out_rows = last_only ? B : rows;
-    ws.normed.resize(out_rows, d);
-    if (last_only) {
+    if (last_only)
       for (Index b = 0; b < B; ++b) ws.delta.row(b) = ws.hidden.row(b * T + T - 1);
-      rms_norm<Scalar>(ws.delta.topRows(B), norm_, config_.rms_norm_eps, ws.normed);
-    } else {
-      rms_norm<Scalar>(ws.hidden, norm_, config_.rms_norm_eps, ws.normed);
-    }
-    Tensor<Scalar> logits(Shape{B, last_only ? 1 : T, V});
-    linear<Scalar>(ws.normed, config_.tie_word_embeddings ? embed_tokens_ : lm_head_, logits.view().matrix(out_rows));
-    return logits;
+    const auto final_rows = last_only ? ws.delta.topRows(B) : ws.hidden.topRows(rows);
+    rms_norm<Scalar>(final_rows, norm_, config_.rms_norm_eps, ws.normed.topRows(out_rows));
+    linear<Scalar>(ws.normed.topRows(out_rows), config_.tie_word_embeddings ? embed_tokens_ : lm_head_,
+                   logits.matrix(out_rows));
   }
 
   // Prefill (or a chunk appended to each cache): tokens [B, T] -> logits [B, T, V].
   Tensor<Scalar> prefill(TensorView<const std::int32_t> tokens, std::vector<KVCache<Scalar>>& caches,
                          ForwardTrace<Scalar>* trace = nullptr) const {
-    return forward(tokens, pointers(caches), false, trace);
+    if (tokens.rank() != 2) fail<ShapeError>("prefill tokens have shape ", tokens.shape().str(), "; expected [B, T]");
+    Tensor<Scalar> logits(Shape{tokens.dim(0), tokens.dim(1), config_.vocab_size});
+    forward(tokens, caches, logits, false, trace);
+    return logits;
   }
   // One decode step of every sequence: tokens [B] -> logits [B, V].
   Tensor<Scalar> decode(TensorView<const std::int32_t> tokens, std::vector<KVCache<Scalar>>& caches,
                         ForwardTrace<Scalar>* trace = nullptr) const {
     if (tokens.rank() != 1) fail<ShapeError>("decode tokens have shape ", tokens.shape().str(), "; expected [B]");
-    Tensor<Scalar> logits = forward(tokens.reshape(Shape{tokens.dim(0), 1}), pointers(caches), true, trace);
-    logits.resize(Shape{tokens.dim(0), config_.vocab_size});
+    Tensor<Scalar> logits(Shape{tokens.dim(0), config_.vocab_size});
+    forward(tokens.reshape(Shape{tokens.dim(0), 1}), caches, logits, true, trace);
     return logits;
   }
 
@@ -147,12 +147,6 @@ class Transformer {
     return GQAAttention<Scalar>(c);
   }
 
-  static std::vector<KVCache<Scalar>*> pointers(std::vector<KVCache<Scalar>>& caches) {
-    std::vector<KVCache<Scalar>*> p;
-    for (auto& c : caches) p.push_back(&c);
-    return p;
-  }
-
   template <class Self, class Fn>
   static void visit(Self& self, Fn& fn) {
     using Value = std::conditional_t<std::is_const_v<Self>, const Scalar, Scalar>;
@@ -175,7 +169,7 @@ class Transformer {
     if (!self.config_.tie_word_embeddings) matrix("lm_head.weight", self.lm_head_);
   }
 
-  void check_inputs(TensorView<const std::int32_t> tokens, const std::vector<KVCache<Scalar>*>& caches) const {
+  void check_inputs(TensorView<const std::int32_t> tokens, const std::vector<KVCache<Scalar>>& caches) const {
     if (tokens.rank() != 2 || tokens.dim(0) < 1 || tokens.dim(1) < 1)
       fail<ShapeError>("tokens have shape ", tokens.shape().str(), "; expected [B, T] with B, T >= 1");
     if (static_cast<Index>(caches.size()) != tokens.dim(0))
@@ -187,14 +181,12 @@ class Transformer {
                          " is out of range; expected 0 to ", config_.vocab_size - 1);
     }
     for (std::size_t b = 0; b < caches.size(); ++b) {
-      const KVCache<Scalar>* c = caches[b];
-      if (!c || c->num_layers() != config_.num_layers || c->layer(0).kv_heads() != config_.num_kv_heads ||
-          c->layer(0).head_dim() != config_.head_dim || c->layer(0).has_mean() != config_.attention().has_shared_head())
+      const KVCache<Scalar>& c = caches[b];
+      if (c.num_layers() != config_.num_layers || c.layer(0).kv_heads() != config_.num_kv_heads ||
+          c.layer(0).head_dim() != config_.head_dim || c.layer(0).has_mean() != config_.attention().has_shared_head())
         fail<InputError>("KV cache ", b, " was not made for this model; expected one from new_cache()");
-      for (std::size_t o = 0; o < b; ++o)
-        if (caches[o] == c) fail<InputError>("KV cache ", b, " is also cache ", o, "; expected one cache per sequence");
-      if (c->length() + tokens.dim(1) > config_.max_position_embeddings)
-        fail<InputError>("sequence ", b, " would reach ", c->length() + tokens.dim(1),
+      if (c.length() + tokens.dim(1) > config_.max_position_embeddings)
+        fail<InputError>("sequence ", b, " would reach ", c.length() + tokens.dim(1),
                          " positions; expected at most max_position_embeddings = ", config_.max_position_embeddings);
     }
   }
