@@ -38,8 +38,8 @@ struct AttentionHead {
 
 namespace detail {
 
-constexpr Index kQueryTile = 64;
-constexpr Index kKeyTile = 128;
+constexpr Index kQueryTile = 128;
+constexpr Index kKeyTile = 256;
 constexpr Index kDecodeKeyTile = 512;  // a single query row: longer key tiles, fewer GEMV calls
 
 template <class Scalar>
