@@ -66,12 +66,12 @@ void append_key_values(const AttentionConfig& c, const Eigen::Ref<const Matrix<S
   }
 }
 
-// The attention head of query columns [col, col + d_h) of `query` against cache rows `key`/`value`
-// (stride d_h), writing output columns [out_col, out_col + d_h) of `out`, for one segment.
+// `heads` query heads in columns [col, col + heads*d_h) of `query` against cache rows `key`/`value`
+// (stride d_h), writing output columns [out_col, out_col + heads*d_h) of `out`, for one segment.
 template <class Scalar>
 AttentionHead<Scalar> make_head(const Segment<Scalar>& s, const Matrix<Scalar>& query, Index col,
                                 const Scalar* key, const Scalar* value, Matrix<Scalar>& out, Index out_col,
-                                Index head_dim) {
+                                Index head_dim, Index heads = 1) {
   AttentionHead<Scalar> h;
   h.query = query.data() + s.row_begin * query.cols() + col;
   h.query_stride = query.cols();
@@ -82,6 +82,7 @@ AttentionHead<Scalar> make_head(const Segment<Scalar>& s, const Matrix<Scalar>& 
   h.out_stride = out.cols();
   h.past = s.cache->length();
   h.count = s.count;
+  h.heads = heads;
   return h;
 }
 

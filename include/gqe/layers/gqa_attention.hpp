@@ -45,10 +45,10 @@ class GQAAttention {
     ws.out.resize(rows, N * dh);  // [R, N*d_h], heads in order
     ws.heads.clear();
     for (const auto& s : segments) {
-      for (Index e = 0; e < N; ++e) {
-        const Index g = e / M;  // KV head of query head e
-        ws.heads.push_back(detail::make_head(s, ws.query, e * dh, s.cache->key(g), s.cache->value(g), ws.out, e * dh, dh));
-      }
+      // Query heads g*M .. g*M + M-1 read KV head g (kv_head = head / M), computed together.
+      for (Index g = 0; g < config_.num_kv_heads; ++g)
+        ws.heads.push_back(detail::make_head(s, ws.query, g * M * dh, s.cache->key(g), s.cache->value(g), ws.out,
+                                             g * M * dh, dh, M));
     }
     causal_attention(ws.heads, dh, detail::attention_scale<Scalar>(dh));
     detail::advance_caches(segments);

@@ -67,11 +67,10 @@ class GQEAttention {
     ws.out.resize(rows, config_.output_slots() * dh);  // [R, S*d_h]
     ws.heads.clear();
     for (const auto& s : segments) {
-      for (Index slot = 0; slot < hard; ++slot) {
-        const Index g = slot / k;  // KV head of slot (g, j)
-        ws.heads.push_back(
-            detail::make_head(s, ws.query, slot * dh, s.cache->key(g), s.cache->value(g), ws.out, slot * dh, dh));
-      }
+      // Slots (g, 0..k-1) all read KV head g, computed together.
+      for (Index g = 0; g < G; ++g)
+        ws.heads.push_back(detail::make_head(s, ws.query, g * k * dh, s.cache->key(g), s.cache->value(g), ws.out,
+                                             g * k * dh, dh, k));
       if (config_.has_shared_head())
         ws.heads.push_back(detail::make_head(s, ws.query, hard * dh, s.cache->mean_key(), s.cache->mean_value(),
                                              ws.out, (hard + 1) * dh, dh));

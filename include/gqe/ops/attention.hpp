@@ -21,19 +21,22 @@
 
 namespace gqe {
 
-// One attention head over one run of queries. Pointers address row-major [rows, head_dim] blocks
-// with the given row strides (a head's columns inside a wider matrix).
+// `heads` query heads that read one KV head, over one run of queries. Pointers address row-major
+// blocks with the given row strides (heads' columns inside a wider matrix); the heads' query and
+// output columns are consecutive blocks of d_h. Heads sharing a KV head are computed together, so
+// each key tile is loaded once for all of them and the GEMMs are taller.
 template <class Scalar>
 struct AttentionHead {
-  const Scalar* query = nullptr;  // [count, d_h], stride query_stride
+  const Scalar* query = nullptr;  // [count, heads*d_h], stride query_stride
   Index query_stride = 0;
-  const Scalar* key = nullptr;  // [past + count, d_h], stride kv_stride
+  const Scalar* key = nullptr;    // [past + count, d_h], stride kv_stride
   const Scalar* value = nullptr;  // [past + count, d_h], stride kv_stride
   Index kv_stride = 0;
-  Scalar* out = nullptr;  // [count, d_h], stride out_stride
+  Scalar* out = nullptr;  // [count, heads*d_h], stride out_stride
   Index out_stride = 0;
   Index past = 0;   // keys before the first query
   Index count = 0;  // queries
+  Index heads = 1;  // query heads sharing this KV head
 };
 
 namespace detail {
@@ -42,13 +45,14 @@ constexpr Index kQueryTile = 128;
 constexpr Index kKeyTile = 256;
 constexpr Index kDecodeKeyTile = 512;  // a single query row: longer key tiles, fewer GEMV calls
 
+// Rows of a tile: head h's query i is row h*n + i.
 template <class Scalar>
 struct AttentionScratch {
-  Matrix<Scalar> query;   // [n, d_h], scaled copy of the query tile
-  Matrix<Scalar> scores;  // [n, key tile]
-  Matrix<Scalar> acc;     // [n, d_h], unnormalised output
-  Vector<Scalar> row_max;  // [n]
-  Vector<Scalar> row_sum;  // [n]
+  Matrix<Scalar> query;    // [heads*n, d_h], scaled copy of the query tile
+  Matrix<Scalar> scores;   // [heads*n, key tile]
+  Matrix<Scalar> acc;      // [heads*n, d_h], unnormalised output
+  Vector<Scalar> row_max;  // [heads*n]
+  Vector<Scalar> row_sum;  // [heads*n]
 };
 
 template <class Scalar>
@@ -57,56 +61,63 @@ AttentionScratch<Scalar>& attention_scratch() {
   return scratch;
 }
 
-// Queries [first, first + n) of one head.
+// Queries [first, first + n) of every head of h.
 template <class Scalar>
 void attention_tile(const AttentionHead<Scalar>& h, Index head_dim, Scalar scale, Index first, Index n) {
   using ConstStrided = StridedMatrixMap<const Scalar>;
   auto& s = attention_scratch<Scalar>();
+  const Index rows = h.heads * n;
   const Index key_tile = n == 1 ? kDecodeKeyTile : kKeyTile;
-  s.query.resize(n, head_dim);
-  s.scores.resize(n, key_tile);
-  s.acc.resize(n, head_dim);
-  s.row_max.resize(n);
-  s.row_sum.resize(n);
-  s.query = ConstStrided(h.query + first * h.query_stride, n, head_dim, Eigen::OuterStride<>(h.query_stride)) * scale;
+  s.query.resize(rows, head_dim);
+  s.scores.resize(rows, key_tile);
+  s.acc.resize(rows, head_dim);
+  s.row_max.resize(rows);
+  s.row_sum.resize(rows);
+  for (Index q = 0; q < h.heads; ++q)
+    s.query.middleRows(q * n, n) =
+        ConstStrided(h.query + first * h.query_stride + q * head_dim, n, head_dim, Eigen::OuterStride<>(h.query_stride)) *
+        scale;
   s.acc.setZero();
   s.row_max.setConstant(-std::numeric_limits<Scalar>::infinity());
   s.row_sum.setZero();
 
-  const Index first_pos = h.past + first;  // position of query row 0 of the tile
-  const Index keys = first_pos + n;        // keys seen by the last row
+  const Index first_pos = h.past + first;  // position of query 0 of the tile
+  const Index keys = first_pos + n;        // keys seen by the last query
   for (Index j0 = 0; j0 < keys; j0 += key_tile) {
     const Index nk = std::min(key_tile, keys - j0);
     const ConstStrided k(h.key + j0 * h.kv_stride, nk, head_dim, Eigen::OuterStride<>(h.kv_stride));
     const ConstStrided v(h.value + j0 * h.kv_stride, nk, head_dim, Eigen::OuterStride<>(h.kv_stride));
     auto scores = s.scores.leftCols(nk);
     scores.noalias() = s.query * k.transpose();
-    for (Index i = 0; i < n; ++i) {
-      // Row i sees keys up to first_pos + i: `valid` columns of this tile.
-      const Index valid = std::min(nk, first_pos + i - j0 + 1);
-      auto row = scores.row(i);
+    for (Index r = 0; r < rows; ++r) {
+      // Query r % n sees keys up to first_pos + r % n: `valid` columns of this tile.
+      const Index valid = std::min(nk, first_pos + r % n - j0 + 1);
+      auto row = scores.row(r);
       if (valid <= 0) {
         row.setZero();
         continue;
       }
       const Scalar tile_max = row.head(valid).maxCoeff();
-      const Scalar new_max = std::max(s.row_max(i), tile_max);
-      const Scalar correction = std::exp(s.row_max(i) - new_max);  // 0 on the first tile (exp(-inf))
+      const Scalar new_max = std::max(s.row_max(r), tile_max);
+      const Scalar correction = std::exp(s.row_max(r) - new_max);  // 0 on the first tile (exp(-inf))
       row.head(valid) = (row.head(valid).array() - new_max).exp();
       row.tail(nk - valid).setZero();
-      s.row_sum(i) = s.row_sum(i) * correction + row.head(valid).sum();
-      s.acc.row(i) *= correction;
-      s.row_max(i) = new_max;
+      s.row_sum(r) = s.row_sum(r) * correction + row.head(valid).sum();
+      s.acc.row(r) *= correction;
+      s.row_max(r) = new_max;
     }
     s.acc.noalias() += scores * v;
   }
-  StridedMatrixMap<Scalar> out(h.out + first * h.out_stride, n, head_dim, Eigen::OuterStride<>(h.out_stride));
-  out = s.acc.array().colwise() / s.row_sum.array();
+  for (Index q = 0; q < h.heads; ++q) {
+    StridedMatrixMap<Scalar> out(h.out + first * h.out_stride + q * head_dim, n, head_dim,
+                                 Eigen::OuterStride<>(h.out_stride));
+    out = s.acc.middleRows(q * n, n).array().colwise() / s.row_sum.segment(q * n, n).array();
+  }
 }
 
 }  // namespace detail
 
-// Runs every head of `heads` (each over its own queries and keys) on the library's pool.
+// Runs every entry of `heads` (each over its own queries and keys) on the library's pool.
 // scale multiplies the scores (1/sqrt(d_h)).
 template <class Scalar>
 void causal_attention(const std::vector<AttentionHead<Scalar>>& heads, Index head_dim, Scalar scale) {
