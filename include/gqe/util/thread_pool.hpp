@@ -6,11 +6,11 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
-#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "gqe/error.hpp"
@@ -40,6 +40,8 @@ class ThreadPool {
 
   // Calls fn(i) for every i in [0, count), on up to threads() threads; returns when all are done.
   // An exception thrown by fn is rethrown here (the first one; the other units still finish).
+  // Allocates nothing: the job lives on the caller's thread, and the caller withdraws its helper
+  // slots that no worker took before it returns.
   template <class Fn>
   void parallel_for(Index count, Fn&& fn) {
     if (count <= 0) return;
@@ -47,31 +49,43 @@ class ThreadPool {
       for (Index i = 0; i < count; ++i) fn(i);
       return;
     }
-    auto job = std::make_shared<Job>();
-    job->count = count;
-    job->body = [&fn](Index i) { fn(i); };
+    thread_local Job job;
+    job.reset(count, [&fn](Index i) { fn(i); });  // one reference: std::function stores it inline
     const Index helpers = std::min<Index>(static_cast<Index>(workers_.size()), count - 1);
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      for (Index h = 0; h < helpers; ++h) queue_.push_back(job);
+      for (Index h = 0; h < helpers; ++h) queue_.push_back(&job);
     }
     wake_.notify_all();
-    job->run();
-    std::unique_lock<std::mutex> lock(job->mutex);
-    job->finished.wait(lock, [&] { return job->done == job->count; });
-    if (job->error) std::rethrow_exception(job->error);
+    inside_worker() = true;  // a parallel_for inside fn runs serially here too
+    job.run();
+    inside_worker() = false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      queue_.erase(std::remove(queue_.begin(), queue_.end(), &job), queue_.end());
+    }
+    std::unique_lock<std::mutex> lock(job.mutex);
+    job.finished.wait(lock, [&] { return job.done == job.count && job.helpers_inside == 0; });
+    if (job.error) std::rethrow_exception(std::exchange(job.error, nullptr));
   }
 
  private:
   struct Job {
     Index count = 0;
-    std::function<void(Index)> body;  // valid while units remain: the caller waits for all of them
+    std::function<void(Index)> body;
     std::atomic<Index> next{0};
     std::mutex mutex;
     std::condition_variable finished;
-    Index done = 0;
+    Index done = 0;            // units finished
+    Index helpers_inside = 0;  // workers that took a slot of this job and have not left run()
     std::exception_ptr error;
 
+    void reset(Index units, std::function<void(Index)> fn) {
+      count = units;
+      body = std::move(fn);
+      next = 0;
+      done = 0;
+    }
     void run() {
       for (Index i; (i = next.fetch_add(1)) < count;) {
         std::exception_ptr caught;
@@ -95,20 +109,24 @@ class ThreadPool {
   void work() {
     inside_worker() = true;
     for (;;) {
-      std::shared_ptr<Job> job;
+      Job* job = nullptr;
       {
         std::unique_lock<std::mutex> lock(mutex_);
         wake_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
         if (queue_.empty()) return;
-        job = std::move(queue_.front());
-        queue_.pop_front();
+        job = queue_.back();
+        queue_.pop_back();
+        std::lock_guard<std::mutex> job_lock(job->mutex);
+        ++job->helpers_inside;  // under mutex_: the caller, withdrawing its slots, will wait for us
       }
       job->run();
+      std::lock_guard<std::mutex> job_lock(job->mutex);
+      if (--job->helpers_inside == 0) job->finished.notify_all();
     }
   }
 
   std::vector<std::thread> workers_;
-  std::deque<std::shared_ptr<Job>> queue_;
+  std::vector<Job*> queue_;  // helper slots of running jobs; its capacity is kept
   std::mutex mutex_;
   std::condition_variable wake_;
   bool stopping_ = false;
