@@ -44,6 +44,7 @@ namespace detail {
 constexpr Index kQueryTile = 128;
 constexpr Index kKeyTile = 256;
 constexpr Index kDecodeKeyTile = 512;  // a single query row: longer key tiles, fewer GEMV calls
+constexpr Index kMinGemmRows = 8;      // below this many tile rows, products go row by row
 
 // Rows of a tile: head h's query i is row h*n + i.
 template <class Scalar>
@@ -88,7 +89,13 @@ void attention_tile(const AttentionHead<Scalar>& h, Index head_dim, Scalar scale
     const ConstStrided k(h.key + j0 * h.kv_stride, nk, head_dim, Eigen::OuterStride<>(h.kv_stride));
     const ConstStrided v(h.value + j0 * h.kv_stride, nk, head_dim, Eigen::OuterStride<>(h.kv_stride));
     auto scores = s.scores.leftCols(nk);
-    scores.noalias() = s.query * k.transpose();
+    // A few rows (decode): one GEMV per row. Eigen's GEMM path packs the key tile for every call,
+    // which costs several times the arithmetic when there are only one or two rows.
+    const bool by_row = rows < kMinGemmRows;
+    if (by_row)
+      for (Index r = 0; r < rows; ++r) scores.row(r).noalias() = s.query.row(r) * k.transpose();
+    else
+      scores.noalias() = s.query * k.transpose();
     for (Index r = 0; r < rows; ++r) {
       // Query r % n sees keys up to first_pos + r % n: `valid` columns of this tile.
       const Index valid = std::min(nk, first_pos + r % n - j0 + 1);
@@ -106,7 +113,10 @@ void attention_tile(const AttentionHead<Scalar>& h, Index head_dim, Scalar scale
       s.acc.row(r) *= correction;
       s.row_max(r) = new_max;
     }
-    s.acc.noalias() += scores * v;
+    if (by_row)
+      for (Index r = 0; r < rows; ++r) s.acc.row(r).noalias() += scores.row(r) * v;
+    else
+      s.acc.noalias() += scores * v;
   }
   for (Index q = 0; q < h.heads; ++q) {
     StridedMatrixMap<Scalar> out(h.out + first * h.out_stride + q * head_dim, n, head_dim,
