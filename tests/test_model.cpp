@@ -12,6 +12,41 @@
 #include "gqe/model/sampler.hpp"
 #include "gqe/model/transformer.hpp"
 
+// Counts heap allocations (malloc is what operator new and Eigen both end in) while `counting` is
+// set, to show that a warm decode step makes none. Sanitizers interpose malloc themselves: there
+// the count is not taken.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define GQE_COUNT_MALLOC 0
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer)
+#define GQE_COUNT_MALLOC 0
+#endif
+#endif
+#ifndef GQE_COUNT_MALLOC
+#define GQE_COUNT_MALLOC 1
+#endif
+namespace {
+std::atomic<bool> counting{false};
+std::atomic<long> allocations{0};
+}  // namespace
+#if GQE_COUNT_MALLOC
+extern "C" void* __libc_malloc(std::size_t);
+extern "C" void* __libc_calloc(std::size_t, std::size_t);
+extern "C" void* __libc_realloc(void*, std::size_t);
+extern "C" void* malloc(std::size_t size) {
+  if (counting) ++allocations;
+  return __libc_malloc(size);
+}
+extern "C" void* calloc(std::size_t n, std::size_t size) {
+  if (counting) ++allocations;
+  return __libc_calloc(n, size);
+}
+extern "C" void* realloc(void* p, std::size_t size) {
+  if (counting) ++allocations;
+  return __libc_realloc(p, size);
+}
+#endif
+
 namespace {
 
 using gqe::Index;
@@ -194,6 +229,59 @@ TEST_P(ModelTest, BitIdenticalAcrossThreadCountsAndConcurrentCallers) {
   for (auto& t : users) t.join();
   EXPECT_EQ(mismatches.load(), 0);
   gqe::set_num_threads(gqe::default_thread_count());
+}
+
+// On one thread: each pool worker allocates its own scratch the first time it runs a unit, which a
+// warm-up cannot be sure to reach. The pool's own hand-out is checked without allocation below.
+TEST_P(ModelTest, WarmDecodeStepAllocatesNothing) {
+  gqe::set_num_threads(1);
+  gqe::Transformer<float> m(small_config(GetParam().type, GetParam().variant, GetParam().top_k));
+  randomise(m, 11);
+  const auto prompt = random_tokens(40, 37, 8);
+  std::vector<gqe::KVCache<float>> caches{m.new_cache(), m.new_cache()};
+  for (auto& c : caches) c.reserve(100);
+  std::vector<std::int32_t> both(prompt);
+  both.insert(both.end(), prompt.rbegin(), prompt.rend());
+  m.prefill(as_batch(both, 2), caches);
+  gqe::Tensor<float> logits(gqe::Shape{2, 37});
+  std::vector<std::int32_t> next = {1, 2};
+  const gqe::TensorView<const std::int32_t> step(next.data(), gqe::Shape{2, 1});
+  for (int i = 0; i < 3; ++i) m.forward(step, caches, logits, true);  // warm-up: every thread's scratch
+  allocations = 0;
+  counting = true;
+  for (int i = 0; i < 20; ++i) m.forward(step, caches, logits, true);
+  counting = false;
+  if (!GQE_COUNT_MALLOC) GTEST_SKIP() << "allocations are not counted under a sanitizer";
+  gqe::set_num_threads(gqe::default_thread_count());
+  EXPECT_EQ(allocations.load(), 0);
+  EXPECT_EQ(caches[0].length(), 63);
+}
+
+TEST(ThreadPool, ParallelForAllocatesNothingOnceWarm) {
+  gqe::ThreadPool pool(3);
+  std::vector<double> out(64);
+  const auto body = [&](Index i) { out[static_cast<std::size_t>(i)] = std::sqrt(static_cast<double>(i)); };
+  pool.parallel_for(64, body);
+  allocations = 0;
+  counting = true;
+  for (int i = 0; i < 200; ++i) pool.parallel_for(64, body);
+  counting = false;
+  if (!GQE_COUNT_MALLOC) GTEST_SKIP() << "allocations are not counted under a sanitizer";
+  EXPECT_EQ(allocations.load(), 0);
+  EXPECT_EQ(out[63], std::sqrt(63.0));
+}
+
+TEST(ThreadPool, RethrowsTheExceptionOfAUnitAfterAllUnitsFinish) {
+  gqe::ThreadPool pool(2);
+  std::atomic<int> ran{0};
+  EXPECT_THROW(pool.parallel_for(50,
+                                 [&](Index i) {
+                                   ++ran;
+                                   if (i == 7) throw gqe::InputError("unit 7");
+                                 }),
+               gqe::InputError);
+  EXPECT_EQ(ran.load(), 50);
+  EXPECT_THROW(gqe::ThreadPool(0), gqe::ConfigError);
 }
 
 TEST_P(ModelTest, RejectsBadInputsWithClearErrors) {

@@ -117,8 +117,8 @@ class GQEAttention {
     auto& ws = gqe_workspace();
     ws.rows_of.resize(static_cast<std::size_t>(G * M));
     ws.slot_of.resize(static_cast<std::size_t>(G * M));
-    for (auto& v : ws.rows_of) v.clear();
-    for (auto& v : ws.slot_of) v.clear();
+    for (auto& v : ws.rows_of) v.clear(), v.reserve(static_cast<std::size_t>(rows));  // at most every row
+    for (auto& v : ws.slot_of) v.clear(), v.reserve(static_cast<std::size_t>(rows));
     for (Index r = 0; r < rows; ++r)
       for (Index g = 0; g < G; ++g)
         for (Index j = 0; j < k; ++j) {
@@ -136,9 +136,12 @@ class GQEAttention {
       const auto& row_list = ws.rows_of[static_cast<std::size_t>(e)];
       const auto& slot_list = ws.slot_of[static_cast<std::size_t>(e)];
       const Index n = std::min(kGatherTile, static_cast<Index>(row_list.size()) - first);
-      thread_local Matrix<Scalar> gathered, projected;
-      gathered.resize(n, d);   // [n, d]
-      projected.resize(n, dh);  // [n, d_h]
+      // Full-tile buffers whatever n, so that their size never changes (no allocation per token).
+      thread_local Matrix<Scalar> gathered_tile, projected_tile;
+      gathered_tile.resize(kGatherTile, d);
+      projected_tile.resize(kGatherTile, dh);
+      auto gathered = gathered_tile.topRows(n);    // [n, d]
+      auto projected = projected_tile.topRows(n);  // [n, d_h]
       for (Index i = 0; i < n; ++i) gathered.row(i) = x.row(row_list[static_cast<std::size_t>(first + i)]);
       detail::gemm_tile<Scalar>(gathered, q_proj_.middleRows(e * dh, dh), projected);
       const Index g = e / M;

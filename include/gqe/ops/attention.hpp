@@ -46,14 +46,25 @@ constexpr Index kKeyTile = 256;
 constexpr Index kDecodeKeyTile = 512;  // a single query row: longer key tiles, fewer GEMV calls
 constexpr Index kMinGemmRows = 8;      // below this many tile rows, products go row by row
 
-// Rows of a tile: head h's query i is row h*n + i.
+// Rows of a tile: head h's query i is row h*n + i. The buffers only grow, and a tile uses their
+// top rows, so that tiles of other sizes reuse them: no allocation per token.
 template <class Scalar>
 struct AttentionScratch {
-  Matrix<Scalar> query;    // [heads*n, d_h], scaled copy of the query tile
-  Matrix<Scalar> scores;   // [heads*n, key tile]
-  Matrix<Scalar> acc;      // [heads*n, d_h], unnormalised output
-  Vector<Scalar> row_max;  // [heads*n]
-  Vector<Scalar> row_sum;  // [heads*n]
+  Matrix<Scalar> query;    // [>= heads*n, d_h], scaled copy of the query tile
+  Matrix<Scalar> scores;   // [>= heads*n, kDecodeKeyTile]
+  Matrix<Scalar> acc;      // [>= heads*n, d_h], unnormalised output
+  Vector<Scalar> row_max;  // [>= heads*n]
+  Vector<Scalar> row_sum;  // [>= heads*n]
+
+  void reserve(Index rows, Index head_dim) {
+    if (rows <= query.rows() && head_dim == query.cols()) return;
+    rows = std::max(rows, query.rows());
+    query.resize(rows, head_dim);
+    scores.resize(rows, std::max(kKeyTile, kDecodeKeyTile));
+    acc.resize(rows, head_dim);
+    row_max.resize(rows);
+    row_sum.resize(rows);
+  }
 };
 
 template <class Scalar>
@@ -69,18 +80,18 @@ void attention_tile(const AttentionHead<Scalar>& h, Index head_dim, Scalar scale
   auto& s = attention_scratch<Scalar>();
   const Index rows = h.heads * n;
   const Index key_tile = n == 1 ? kDecodeKeyTile : kKeyTile;
-  s.query.resize(rows, head_dim);
-  s.scores.resize(rows, key_tile);
-  s.acc.resize(rows, head_dim);
-  s.row_max.resize(rows);
-  s.row_sum.resize(rows);
+  s.reserve(rows, head_dim);
+  auto query = s.query.topRows(rows);      // [rows, d_h]
+  auto acc = s.acc.topRows(rows);          // [rows, d_h]
+  auto row_max = s.row_max.head(rows);     // [rows]
+  auto row_sum = s.row_sum.head(rows);     // [rows]
   for (Index q = 0; q < h.heads; ++q)
-    s.query.middleRows(q * n, n) =
+    query.middleRows(q * n, n) =
         ConstStrided(h.query + first * h.query_stride + q * head_dim, n, head_dim, Eigen::OuterStride<>(h.query_stride)) *
         scale;
-  s.acc.setZero();
-  s.row_max.setConstant(-std::numeric_limits<Scalar>::infinity());
-  s.row_sum.setZero();
+  acc.setZero();
+  row_max.setConstant(-std::numeric_limits<Scalar>::infinity());
+  row_sum.setZero();
 
   const Index first_pos = h.past + first;  // position of query 0 of the tile
   const Index keys = first_pos + n;        // keys seen by the last query
@@ -88,14 +99,14 @@ void attention_tile(const AttentionHead<Scalar>& h, Index head_dim, Scalar scale
     const Index nk = std::min(key_tile, keys - j0);
     const ConstStrided k(h.key + j0 * h.kv_stride, nk, head_dim, Eigen::OuterStride<>(h.kv_stride));
     const ConstStrided v(h.value + j0 * h.kv_stride, nk, head_dim, Eigen::OuterStride<>(h.kv_stride));
-    auto scores = s.scores.leftCols(nk);
+    auto scores = s.scores.topLeftCorner(rows, nk);  // [rows, nk]
     // A few rows (decode): one GEMV per row. Eigen's GEMM path packs the key tile for every call,
     // which costs several times the arithmetic when there are only one or two rows.
     const bool by_row = rows < kMinGemmRows;
     if (by_row)
-      for (Index r = 0; r < rows; ++r) scores.row(r).noalias() = s.query.row(r) * k.transpose();
+      for (Index r = 0; r < rows; ++r) scores.row(r).noalias() = query.row(r) * k.transpose();
     else
-      scores.noalias() = s.query * k.transpose();
+      scores.noalias() = query * k.transpose();
     for (Index r = 0; r < rows; ++r) {
       // Query r % n sees keys up to first_pos + r % n: `valid` columns of this tile.
       const Index valid = std::min(nk, first_pos + r % n - j0 + 1);
@@ -105,23 +116,23 @@ void attention_tile(const AttentionHead<Scalar>& h, Index head_dim, Scalar scale
         continue;
       }
       const Scalar tile_max = row.head(valid).maxCoeff();
-      const Scalar new_max = std::max(s.row_max(r), tile_max);
-      const Scalar correction = std::exp(s.row_max(r) - new_max);  // 0 on the first tile (exp(-inf))
+      const Scalar new_max = std::max(row_max(r), tile_max);
+      const Scalar correction = std::exp(row_max(r) - new_max);  // 0 on the first tile (exp(-inf))
       row.head(valid) = (row.head(valid).array() - new_max).exp();
       row.tail(nk - valid).setZero();
-      s.row_sum(r) = s.row_sum(r) * correction + row.head(valid).sum();
-      s.acc.row(r) *= correction;
-      s.row_max(r) = new_max;
+      row_sum(r) = row_sum(r) * correction + row.head(valid).sum();
+      acc.row(r) *= correction;
+      row_max(r) = new_max;
     }
     if (by_row)
-      for (Index r = 0; r < rows; ++r) s.acc.row(r).noalias() += scores.row(r) * v;
+      for (Index r = 0; r < rows; ++r) acc.row(r).noalias() += scores.row(r) * v;
     else
-      s.acc.noalias() += scores * v;
+      acc.noalias() += scores * v;
   }
   for (Index q = 0; q < h.heads; ++q) {
     StridedMatrixMap<Scalar> out(h.out + first * h.out_stride + q * head_dim, n, head_dim,
                                  Eigen::OuterStride<>(h.out_stride));
-    out = s.acc.middleRows(q * n, n).array().colwise() / s.row_sum.segment(q * n, n).array();
+    out = acc.middleRows(q * n, n).array().colwise() / row_sum.segment(q * n, n).array();
   }
 }
 
