@@ -23,6 +23,10 @@ template <class Scalar, class X, class W, class Y>
 void gemm_tile(const X& x, const W& w, Y&& y) {
 #ifdef GQE_USE_BLAS
   if constexpr (std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>) {
+    // The library parallelises over tiles itself: OpenBLAS's own threads would change its blocking
+    // with the thread count (results no longer bit-identical) and oversubscribe the cores.
+    static const bool pinned = (openblas_set_num_threads(1), true);
+    (void)pinned;
     const auto m = static_cast<int>(x.rows()), n = static_cast<int>(w.rows()), k = static_cast<int>(x.cols());
     const auto lda = static_cast<int>(x.outerStride()), ldb = static_cast<int>(w.outerStride()),
                ldc = static_cast<int>(y.outerStride());
