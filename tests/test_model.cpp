@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <thread>
 
@@ -297,6 +298,34 @@ TEST_P(ModelTest, RejectsBadInputsWithClearErrors) {
   const auto long_prompt = random_tokens(513, 37, 6);
   EXPECT_THROW(m.prefill(as_batch(long_prompt), caches), gqe::InputError);
   EXPECT_EQ(caches[0].length(), 0) << "a refused call must not touch the cache";
+}
+
+// Non-finite weights never cause undefined behaviour: the NaN reaches the logits (it is never
+// hidden), the router's choices stay inside their groups, and sampling refuses it with an error.
+TEST_P(ModelTest, NaNWeightsPropagateToLogitsAndKeepRoutingInRange) {
+  auto m = model();
+  bool poisoned = false;
+  m.for_each_parameter([&](const std::string& name, gqe::TensorView<double> w) {
+    const bool target = m.config().attention_type == gqe::AttentionType::gqe ? name == "model.layers.0.self_attn.router.weight"
+                                                                              : name == "model.layers.0.self_attn.q_proj.weight";
+    if (target) {
+      w.data()[3] = std::numeric_limits<double>::quiet_NaN();
+      w.data()[5] = std::numeric_limits<double>::infinity();
+      poisoned = true;
+    }
+  });
+  ASSERT_TRUE(poisoned);
+  const auto tokens = random_tokens(11, 37, 12);
+  auto caches = std::vector<gqe::KVCache<double>>{m.new_cache()};
+  gqe::ForwardTrace<double> trace;
+  const auto logits = m.prefill(as_batch(tokens), caches, &trace);
+  EXPECT_TRUE(logits.view().flat().array().isNaN().any());
+  for (const auto& routing : trace.routing) {
+    EXPECT_GE(routing.experts.minCoeff(), 0);
+    EXPECT_LT(routing.experts.maxCoeff(), m.config().num_heads / m.config().num_kv_heads);
+  }
+  gqe::Sampler sampler({});
+  EXPECT_THROW(sampler.sample(logits.view()[0][10].data(), 37), gqe::InputError);
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -8,6 +8,7 @@
 // shared head on the mean K/V over groups; o_proj reads (kG + 2)*d_h inputs in the order
 // [slot(0,0), ..., slot(G-1,k-1), weighted, shared]. "hard_concat" keeps the hard slots alone;
 // "weighted_concat" multiplies each hard slot by its router probability.
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -90,6 +91,10 @@ class GQEAttention {
         for (Index slot = 0; slot < hard; ++slot)
           ws.out.row(r).segment(slot * dh, dh) *= route.probs(r, (slot / k) * M + route.experts(r, slot));
     }
+    // A token whose router logits hold a NaN gets NaN outputs in every variant: the NaN is
+    // propagated, never hidden behind a choice of experts (hard_concat would otherwise drop it).
+    for (Index r = 0; r < rows; ++r)
+      if (route.probs.row(r).hasNaN()) ws.out.row(r).setConstant(std::numeric_limits<Scalar>::quiet_NaN());
     linear<Scalar>(ws.out, o_proj_, y);
     if (routing) *routing = route;
   }
