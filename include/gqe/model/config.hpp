@@ -33,6 +33,16 @@ struct ModelConfig {
     return a;
   }
 
+  // Parameters the model holds, by the spec's tensor list (checked against Transformer's own list).
+  Index parameter_count() const {
+    const AttentionConfig a = attention();
+    const Index d = hidden_size, dh = head_dim;
+    const Index attn = (num_heads + 2 * num_kv_heads) * dh * d + (a.is_gqe() ? num_heads * d : 0) +
+                       (a.has_shared_head() ? dh * d : 0) + d * a.output_slots() * dh;
+    const Index block = 2 * d + attn + 3 * d * intermediate_size;
+    return vocab_size * d * (tie_word_embeddings ? 1 : 2) + num_layers * block + d;
+  }
+
   void validate() const {
     auto positive = [](const char* name, Index v, Index max) {
       if (v <= 0 || v > max) fail<ConfigError>(name, " is ", v, "; expected 1 to ", max);

@@ -1,0 +1,148 @@
+// gqe-run: runs a checkpoint folder on a prompt, as ../shared/spec (GQE.md, "The command-line
+// runner") defines: logits and expert choices to a safetensors file, routing statistics, and
+// sampled continuations streamed to stdout. Exit status 2, with one line on stderr, on any input
+// the user can fix.
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <iostream>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cli_common.hpp"
+#include "gqe/gqe.hpp"
+
+namespace {
+
+struct Options {
+  std::string model;
+  std::optional<std::string> prompt;
+  std::optional<std::string> prompt_ids;
+  gqe::Index generate = 0;
+  gqe::SamplerConfig sampler;
+  int threads = gqe::default_thread_count();
+  std::string mode = "prefill";
+  std::optional<std::string> logits_out;
+  bool stats = false;
+};
+
+// Per-layer routing statistics, one block per layer, to stderr.
+void print_stats(const std::vector<gqe::RoutingStats>& layers) {
+  for (std::size_t l = 0; l < layers.size(); ++l) {
+    const auto& s = layers[l];
+    const auto load = s.load();
+    std::fprintf(stderr, "layer %zu: tokens %td, aux_loss %.4f (uniform %td), entropy %.4f nats (max %.4f)\n", l,
+                 s.tokens, s.aux_loss(), s.top_k, s.mean_entropy(), std::log(static_cast<double>(s.experts_per_group)));
+    for (gqe::Index g = 0; g < s.groups; ++g) {
+      std::fprintf(stderr, "  group %td load:", g);
+      for (gqe::Index m = 0; m < s.experts_per_group; ++m) std::fprintf(stderr, " %.3f", load(g, m));
+      std::fprintf(stderr, "\n");
+    }
+  }
+}
+
+template <class Scalar>
+int run(const Options& opt) {
+  const gqe::Transformer<Scalar> model = gqe::load_checkpoint<Scalar>(opt.model);
+  const gqe::ModelConfig& config = model.config();
+  const std::vector<std::int32_t> prompt =
+      opt.prompt ? gqe::cli::bytes_to_ids(*opt.prompt) : gqe::cli::parse_ids(*opt.prompt_ids);
+  const gqe::Index T = static_cast<gqe::Index>(prompt.size()), V = config.vocab_size;
+  if (T == 0) gqe::fail<gqe::InputError>("the prompt is empty; expected at least one token");
+  for (gqe::Index t = 0; t < T; ++t)
+    if (prompt[static_cast<std::size_t>(t)] >= V)
+      gqe::fail<gqe::InputError>("prompt token ", t, " is ", prompt[static_cast<std::size_t>(t)],
+                                 "; expected an id below vocab_size = ", V);
+  if (T + opt.generate > config.max_position_embeddings)
+    gqe::fail<gqe::InputError>("prompt of ", T, " tokens plus ", opt.generate,
+                               " generated ones exceeds max_position_embeddings = ", config.max_position_embeddings);
+  gqe::Sampler sampler(opt.sampler);
+
+  std::vector<gqe::KVCache<Scalar>> caches{model.new_cache()};
+  caches[0].reserve(T + opt.generate);
+  gqe::Tensor<Scalar> logits(gqe::Shape{1, T, V});  // [1, T, V]
+  const bool routed = config.attention_type == gqe::AttentionType::gqe;
+  const gqe::Index L = config.num_layers, G = config.num_kv_heads, k = config.top_k;
+  gqe::Tensor<std::int32_t> experts(gqe::Shape{L, T, G, routed ? k : 1});  // [L, T, G, k]
+  std::vector<gqe::RoutingStats> stats(static_cast<std::size_t>(routed ? L : 0));
+  gqe::ForwardTrace<Scalar> trace;
+  // Records the routing of prompt rows [first, first + count) from the last call.
+  const auto record = [&](gqe::Index first, gqe::Index count) {
+    for (gqe::Index l = 0; l < (routed ? L : 0); ++l) {
+      const auto& r = trace.routing[static_cast<std::size_t>(l)];
+      stats[static_cast<std::size_t>(l)].add(r);
+      for (gqe::Index t = 0; t < count; ++t)
+        for (gqe::Index s = 0; s < G * k; ++s) experts.view()[l][first + t].flat()(s) = r.experts(t, s);
+    }
+  };
+  const gqe::TensorView<const std::int32_t> ids(prompt.data(), gqe::Shape{1, T});
+  if (opt.mode == "prefill") {
+    model.forward(ids, caches, logits.view(), false, &trace);
+    record(0, T);
+  } else {
+    for (gqe::Index t = 0; t < T; ++t) {
+      model.forward(ids.reshape(gqe::Shape{T, 1}).slice(t, 1), caches, logits.view()[0].slice(t, 1), true, &trace);
+      record(t, 1);
+    }
+  }
+  if (opt.logits_out) gqe::cli::write_logits(*opt.logits_out, logits, routed ? &experts : nullptr);
+  if (opt.stats) {
+    if (routed)
+      print_stats(stats);
+    else
+      std::fprintf(stderr, "attention_type is gqa: every query head is active, no routing statistics\n");
+  }
+
+  // Generation: stream each token as it comes, as bytes when the vocabulary is byte-level.
+  const bool as_text = V <= 256;
+  gqe::Tensor<Scalar> step_logits(gqe::Shape{1, V});
+  const Scalar* last = logits.view()[0][T - 1].data();
+  for (gqe::Index i = 0; i < opt.generate; ++i) {
+    const std::int32_t next = sampler.sample(last, V);
+    if (as_text)
+      std::fputc(static_cast<unsigned char>(next), stdout);
+    else
+      std::fprintf(stdout, i ? " %d" : "%d", next);
+    std::fflush(stdout);
+    if (i + 1 == opt.generate) break;
+    model.forward(gqe::TensorView<const std::int32_t>(&next, gqe::Shape{1, 1}), caches, step_logits.view(), true);
+    last = step_logits.data();
+  }
+  if (opt.generate > 0 && !as_text) std::fputc('\n', stdout);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Run a gqe checkpoint (GQA or GQE) on a prompt: logits, expert choices, routing statistics and sampled text."};
+  app.set_version_flag("--version", GQE_VERSION_STRING);
+  Options opt;
+  app.add_option("--model", opt.model, "Checkpoint folder (config.json + model.safetensors)")->required();
+  auto* prompt = app.add_option("--prompt", opt.prompt, "Prompt text, one token per byte (ids 0..255)");
+  auto* ids = app.add_option("--prompt-ids", opt.prompt_ids, "Prompt as comma-separated token ids, e.g. 1,2,3");
+  prompt->excludes(ids);
+  ids->excludes(prompt);
+  app.add_option("--generate", opt.generate, "Tokens to sample after the prompt, streamed to stdout")
+      ->check(CLI::Range(gqe::Index(0), gqe::Limits::max_positions));
+  app.add_option("--temperature", opt.sampler.temperature, "Sampling temperature; 0 is greedy")->capture_default_str();
+  app.add_option("--top-k", opt.sampler.top_k, "Keep the K most likely tokens; 0 is off")->capture_default_str();
+  app.add_option("--top-p", opt.sampler.top_p, "Keep the smallest set of tokens with probability >= P; 1 is off")
+      ->capture_default_str();
+  app.add_option("--seed", opt.sampler.seed, "Seed of the sampler")->capture_default_str();
+  app.add_option("--threads", opt.threads, "Worker threads (default: the machine's cores)")
+      ->check(CLI::Range(1, 1024))->capture_default_str();
+  app.add_option("--mode", opt.mode, "prefill: the prompt at once; stepwise: one token at a time through the KV cache")
+      ->check(CLI::IsMember({"prefill", "stepwise"}))->capture_default_str();
+  app.add_option("--logits-out", opt.logits_out,
+                 "Write the prompt's logits (F32 [T, V]) and, for GQE, expert_indices (I32 [L, T, G, k]) as safetensors");
+  app.add_flag("--stats", opt.stats, "Print per-layer routing statistics to stderr");
+
+  return gqe::cli::run_main(app, argc, argv, [&] {
+    if (!opt.prompt && !opt.prompt_ids) gqe::fail<gqe::InputError>("no prompt; expected --prompt TEXT or --prompt-ids 1,2,3");
+    opt.sampler.validate();
+    gqe::set_num_threads(opt.threads);
+    return gqe::checkpoint_is_double(opt.model) ? run<double>(opt) : run<float>(opt);
+  });
+}

@@ -1,0 +1,166 @@
+#pragma once
+// config.json <-> ModelConfig, with Hugging Face names (so plain Llama configs load) and the keys
+// gqe adds: attention_type, gqe_top_k, gqe_variant. Every value is checked for its JSON type and
+// range; unknown keys are ignored; features gqe does not implement are refused by name.
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <sstream>
+#include <string>
+
+#include "gqe/error.hpp"
+#include "gqe/io/atomic_file.hpp"
+#include "gqe/model/config.hpp"
+
+namespace gqe {
+namespace detail {
+
+// config.json keys read one at a time, each refused with its name when of the wrong type.
+class ConfigReader {
+ public:
+  ConfigReader(const nlohmann::json& json, std::string source) : json_(json), source_(std::move(source)) {}
+
+  bool has(const char* key) const { return json_.contains(key) && !json_.at(key).is_null(); }
+
+  Index integer(const char* key) const {
+    if (!has(key)) fail<ConfigError>(source_, ": \"", key, "\" is required");
+    const auto& v = json_.at(key);
+    if (v.is_number_integer()) {
+      if (v.is_number_unsigned() && v.get<std::uint64_t>() > static_cast<std::uint64_t>(std::numeric_limits<Index>::max()))
+        fail<ConfigError>(source_, ": \"", key, "\" is ", v.dump(), "; expected an integer that fits 64 bits");
+      return v.get<Index>();
+    }
+    if (v.is_number_float()) {  // 256.0 is an integer written as a float; 2.5 is not
+      const double d = v.get<double>();
+      if (std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 9.0e15) return static_cast<Index>(d);
+    }
+    fail<ConfigError>(source_, ": \"", key, "\" is ", v.dump(), "; expected an integer");
+  }
+  Index integer(const char* key, Index fallback) const { return has(key) ? integer(key) : fallback; }
+
+  double number(const char* key, double fallback) const {
+    if (!has(key)) return fallback;
+    const auto& v = json_.at(key);
+    if (!v.is_number()) fail<ConfigError>(source_, ": \"", key, "\" is ", v.dump(), "; expected a number");
+    return v.get<double>();
+  }
+  bool boolean(const char* key, bool fallback) const {
+    if (!has(key)) return fallback;
+    const auto& v = json_.at(key);
+    if (!v.is_boolean()) fail<ConfigError>(source_, ": \"", key, "\" is ", v.dump(), "; expected true or false");
+    return v.get<bool>();
+  }
+  std::string string(const char* key, const char* fallback) const {
+    if (!has(key)) return fallback;
+    const auto& v = json_.at(key);
+    if (!v.is_string()) fail<ConfigError>(source_, ": \"", key, "\" is ", v.dump(), "; expected a string");
+    return v.get<std::string>();
+  }
+  // Keys that name features gqe does not implement: absent, null or false only.
+  void refuse_feature(const char* key, const char* feature) const {
+    if (has(key) && json_.at(key) != false)
+      fail<ConfigError>(source_, ": \"", key, "\" is ", json_.at(key).dump(), "; gqe does not implement ", feature,
+                        " (expected null or false)");
+  }
+
+ private:
+  const nlohmann::json& json_;
+  std::string source_;
+};
+
+}  // namespace detail
+
+// A ModelConfig from parsed config.json; `source` names the file in messages.
+inline ModelConfig parse_model_config(const nlohmann::json& json, const std::string& source = "config.json") {
+  if (!json.is_object()) fail<FormatError>(source, " is JSON but not an object");
+  const detail::ConfigReader r(json, source);
+  r.refuse_feature("rope_scaling", "RoPE scaling");
+  r.refuse_feature("attention_bias", "attention biases");
+  r.refuse_feature("mlp_bias", "MLP biases");
+  ModelConfig c;
+  try {
+    c.attention_type = attention_type_from_string(r.string("attention_type", "gqa"));
+    c.gqe_variant = gqe_variant_from_string(r.string("gqe_variant", "gqe"));
+  } catch (const ConfigError& e) {
+    fail<ConfigError>(source, ": ", e.what());
+  }
+  c.vocab_size = r.integer("vocab_size");
+  c.hidden_size = r.integer("hidden_size");
+  c.intermediate_size = r.integer("intermediate_size");
+  c.num_layers = r.integer("num_hidden_layers");
+  c.num_heads = r.integer("num_attention_heads");
+  c.num_kv_heads = r.integer("num_key_value_heads", c.num_heads);
+  if (r.has("head_dim")) {
+    c.head_dim = r.integer("head_dim");
+  } else {
+    if (c.num_heads <= 0 || c.hidden_size % c.num_heads != 0)
+      fail<ConfigError>(source, ": \"head_dim\" is absent and hidden_size ", c.hidden_size,
+                        " is not a multiple of num_attention_heads ", c.num_heads, "; expected head_dim to be given");
+    c.head_dim = c.hidden_size / c.num_heads;
+  }
+  c.top_k = c.attention_type == AttentionType::gqe ? r.integer("gqe_top_k") : r.integer("gqe_top_k", 1);
+  c.rms_norm_eps = r.number("rms_norm_eps", 1e-6);
+  c.rope_theta = r.number("rope_theta", 10000.0);
+  c.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
+  c.max_position_embeddings = r.integer("max_position_embeddings", 4096);
+  try {
+    c.validate();
+  } catch (const ConfigError& e) {
+    fail<ConfigError>(source, ": ", e.what());
+  }
+  return c;
+}
+
+inline ModelConfig load_model_config(const std::filesystem::path& path) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec)) fail<IoError>(path.string(), " does not exist or is not a file");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail<IoError>("cannot open ", path.string());
+  std::ostringstream text;
+  text << in.rdbuf();
+  nlohmann::json json;
+  try {
+    json = nlohmann::json::parse(text.str());
+  } catch (const nlohmann::json::exception& e) {
+    fail<FormatError>(path.string(), " is not valid JSON (", e.what(), ")");
+  }
+  return parse_model_config(json, path.string());
+}
+
+// Hugging Face keys first, so that a gqa checkpoint reads as a Llama model there.
+inline nlohmann::ordered_json to_json(const ModelConfig& c) {
+  const bool routed = c.attention_type == AttentionType::gqe;
+  nlohmann::ordered_json j;
+  j["architectures"] = {routed ? "GQEForCausalLM" : "LlamaForCausalLM"};
+  j["model_type"] = routed ? "gqe" : "llama";
+  j["attention_type"] = to_string(c.attention_type);
+  j["vocab_size"] = c.vocab_size;
+  j["hidden_size"] = c.hidden_size;
+  j["intermediate_size"] = c.intermediate_size;
+  j["num_hidden_layers"] = c.num_layers;
+  j["num_attention_heads"] = c.num_heads;
+  j["num_key_value_heads"] = c.num_kv_heads;
+  j["head_dim"] = c.head_dim;
+  if (routed) {
+    j["gqe_top_k"] = c.top_k;
+    j["gqe_variant"] = to_string(c.gqe_variant);
+  }
+  j["hidden_act"] = "silu";
+  j["rms_norm_eps"] = c.rms_norm_eps;
+  j["rope_theta"] = c.rope_theta;
+  j["tie_word_embeddings"] = c.tie_word_embeddings;
+  j["max_position_embeddings"] = c.max_position_embeddings;
+  j["attention_bias"] = false;
+  j["mlp_bias"] = false;
+  return j;
+}
+
+inline void save_model_config(const std::filesystem::path& path, const ModelConfig& c) {
+  const std::string text = to_json(c).dump(2) + "\n";
+  write_file_atomically(path, [&](std::ostream& out) { out << text; });
+}
+
+}  // namespace gqe
