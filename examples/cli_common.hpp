@@ -48,6 +48,17 @@ int run_main(CLI::App& app, int argc, char** argv, Body&& body) {
   }
 }
 
+// Refuses a leading minus sign, which CLI11 would wrap around into an unsigned option.
+inline CLI::Validator non_negative_integer() {
+  return CLI::Validator(
+      [](std::string& value) -> std::string {
+        if (value.empty() || value.find_first_not_of("0123456789") != std::string::npos)
+          return "value " + value + " is not a non-negative integer";
+        return "";
+      },
+      "UINT");
+}
+
 // Byte-level tokens: each byte of the text is a token id 0..255.
 inline std::vector<std::int32_t> bytes_to_ids(const std::string& text) {
   std::vector<std::int32_t> ids;

@@ -116,7 +116,8 @@ int run(const Options& opt) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"Run a gqe checkpoint (GQA or GQE) on a prompt: logits, expert choices, routing statistics and sampled text."};
+  CLI::App app{"Run a gqe checkpoint (GQA or GQE) on a prompt: logits, expert choices, routing statistics and sampled text.",
+               "gqe-run"};
   app.set_version_flag("--version", GQE_VERSION_STRING);
   Options opt;
   app.add_option("--model", opt.model, "Checkpoint folder (config.json + model.safetensors)")->required();
@@ -130,7 +131,8 @@ int main(int argc, char** argv) {
   app.add_option("--top-k", opt.sampler.top_k, "Keep the K most likely tokens; 0 is off")->capture_default_str();
   app.add_option("--top-p", opt.sampler.top_p, "Keep the smallest set of tokens with probability >= P; 1 is off")
       ->capture_default_str();
-  app.add_option("--seed", opt.sampler.seed, "Seed of the sampler")->capture_default_str();
+  app.add_option("--seed", opt.sampler.seed, "Seed of the sampler (a non-negative integer)")
+      ->check(gqe::cli::non_negative_integer())->capture_default_str();
   app.add_option("--threads", opt.threads, "Worker threads (default: the machine's cores)")
       ->check(CLI::Range(1, 1024))->capture_default_str();
   app.add_option("--mode", opt.mode, "prefill: the prompt at once; stepwise: one token at a time through the KV cache")
