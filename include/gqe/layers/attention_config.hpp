@@ -65,6 +65,17 @@ struct AttentionConfig {
   // Query-attention heads computed per token: N (gqa), kG+1 (gqe), kG (ablations).
   Index active_heads() const { return hard_slots() + (has_shared_head() ? 1 : 0); }
 
+  // The spec's FLOP model of one layer's prefill over T tokens (a multiply-add is 2 FLOPs; causal
+  // attention counts T(T+1)/2 score pairs): projections of the computed query heads, K, V and
+  // o_proj, the router, and attention of every active head.
+  double prefill_flops(Index tokens) const {
+    const double T = static_cast<double>(tokens), d = static_cast<double>(hidden_size),
+                 dh = static_cast<double>(head_dim);
+    const double projections = 2 * T * d * static_cast<double>(active_heads() + 2 * num_kv_heads + output_slots()) * dh;
+    const double router = is_gqe() ? 2 * T * d * static_cast<double>(num_heads) : 0.0;
+    return projections + router + 4 * static_cast<double>(active_heads()) * dh * T * (T + 1) / 2;
+  }
+
   void validate() const {
     auto positive = [](const char* name, Index v, Index max) {
       if (v <= 0 || v > max) fail<ConfigError>(name, " is ", v, "; expected 1 to ", max);
