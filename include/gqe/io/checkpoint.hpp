@@ -25,7 +25,7 @@ inline std::filesystem::path checkpoint_file(const std::filesystem::path& dir, c
 
 // True when every tensor of the checkpoint is F64: such a model runs in double, any other in float.
 inline bool checkpoint_is_double(const std::filesystem::path& dir) {
-  const SafetensorsFile file = SafetensorsFile::read(detail::checkpoint_file(dir, "model.safetensors"));
+  const SafetensorsFile file = SafetensorsFile::read(detail::checkpoint_file(dir, "model.safetensors"), true);
   if (file.tensors().empty()) return false;
   for (const auto& t : file.tensors())
     if (t.dtype != DType::F64) return false;

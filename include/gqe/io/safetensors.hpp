@@ -129,22 +129,39 @@ class SafetensorsFile {
   static SafetensorsFile parse(std::string bytes, const std::string& source) {
     SafetensorsFile file;
     file.source_ = source;
+    file.file_size_ = bytes.size();
     file.bytes_ = std::move(bytes);
     file.parse_header();
     return file;
   }
 
-  static SafetensorsFile read(const std::filesystem::path& path) {
+  // Reads and checks a file; with header_only, only its header is read (the tensors' records are
+  // checked against the file's size, but their values cannot be read).
+  static SafetensorsFile read(const std::filesystem::path& path, bool header_only = false) {
     std::error_code ec;
     if (!std::filesystem::is_regular_file(path, ec))
       fail<IoError>(path.string(), " does not exist or is not a file; expected a safetensors file");
     std::ifstream in(path, std::ios::binary);
     if (!in) fail<IoError>("cannot open ", path.string());
-    const auto size = std::filesystem::file_size(path, ec);
+    const auto size = static_cast<std::size_t>(std::filesystem::file_size(path, ec));
     if (ec) fail<IoError>("cannot read the size of ", path.string(), ": ", ec.message());
-    std::string bytes(static_cast<std::size_t>(size), '\0');
-    if (!in.read(bytes.data(), static_cast<std::streamsize>(size))) fail<IoError>("cannot read ", path.string());
-    return parse(std::move(bytes), path.string());
+    std::size_t wanted = size;
+    if (header_only && size >= 8) {
+      unsigned char prefix[8];
+      if (!in.read(reinterpret_cast<char*>(prefix), 8)) fail<IoError>("cannot read ", path.string());
+      std::uint64_t header = 0;
+      for (int i = 7; i >= 0; --i) header = (header << 8) | prefix[i];
+      wanted = 8 + static_cast<std::size_t>(std::min<std::uint64_t>(header, std::min<std::uint64_t>(kMaxHeaderBytes, size - 8)));
+      in.seekg(0);
+    }
+    std::string bytes(wanted, '\0');
+    if (!in.read(bytes.data(), static_cast<std::streamsize>(wanted))) fail<IoError>("cannot read ", path.string());
+    SafetensorsFile file;
+    file.source_ = path.string();
+    file.bytes_ = std::move(bytes);
+    file.file_size_ = size;
+    file.parse_header();
+    return file;
   }
 
   const std::string& source() const { return source_; }
@@ -164,6 +181,7 @@ class SafetensorsFile {
   // The record's values converted to Scalar, written to out[0 .. numel).
   template <class Scalar>
   void read_into(const TensorRecord& t, Scalar* out) const {
+    if (bytes_.size() != file_size_) fail<IoError>(source_, " was read for its header only; its values are not loaded");
     const unsigned char* p = data_begin() + t.begin;  // any alignment: values are copied out
     const std::size_t n = t.numel();
     for (std::size_t i = 0; i < n; ++i) {
@@ -214,19 +232,19 @@ class SafetensorsFile {
   }
 
   void parse_header() {
-    if (bytes_.size() < 8)
-      fail<FormatError>(source_, " is ", bytes_.size(), " bytes long; expected at least 8 (the header length)");
+    if (file_size_ < 8)
+      fail<FormatError>(source_, " is ", file_size_, " bytes long; expected at least 8 (the header length)");
     std::uint64_t header = 0;
     for (int i = 7; i >= 0; --i) header = (header << 8) | static_cast<unsigned char>(bytes_[static_cast<std::size_t>(i)]);
     if (header > kMaxHeaderBytes)
       fail<FormatError>(source_, ": header length ", header, " exceeds the format's limit of ", kMaxHeaderBytes, " bytes");
-    if (header > bytes_.size() - 8)
-      fail<FormatError>(source_, ": header length ", header, " runs past the end of the file (", bytes_.size() - 8,
+    if (header > file_size_ - 8)
+      fail<FormatError>(source_, ": header length ", header, " runs past the end of the file (", file_size_ - 8,
                         " bytes after the length); the file may be truncated");
     header_size_ = static_cast<std::size_t>(header);
     const nlohmann::json json = parse_json(bytes_.substr(8, header_size_), source_);
     if (!json.is_object()) fail<FormatError>(source_, ": the header is JSON but not an object");
-    const std::uint64_t data_size = bytes_.size() - 8 - header_size_;
+    const std::uint64_t data_size = file_size_ - 8 - header_size_;
 
     for (const auto& [name, entry] : json.items()) {
       const std::string what = source_ + ": tensor " + name;
@@ -290,7 +308,8 @@ class SafetensorsFile {
   }
 
   std::string source_;
-  std::string bytes_;
+  std::string bytes_;          // the whole file, or its length and header only
+  std::size_t file_size_ = 0;  // of the whole file
   std::size_t header_size_ = 0;
   std::vector<TensorRecord> tensors_;
   std::map<std::string, std::string> metadata_;
