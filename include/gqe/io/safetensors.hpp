@@ -281,7 +281,8 @@ class SafetensorsFile {
       if (!offsets.is_array() || offsets.size() != 2)
         fail<FormatError>(what, " has data_offsets ", offsets.dump(), "; expected [begin, end]");
       const std::uint64_t begin = to_count(offsets[0], what + " data_offsets"), end = to_count(offsets[1], what + " data_offsets");
-      if (end < begin || end > data_size)
+      if (end < begin) fail<FormatError>(what, " has data_offsets [", begin, ", ", end, "] that end before they begin");
+      if (end > data_size)
         fail<FormatError>(what, " has data_offsets [", begin, ", ", end, "] outside the ", data_size, " data bytes");
       if (count > UINT64_MAX / dtype_size(t.dtype) || count * dtype_size(t.dtype) != end - begin)
         fail<FormatError>(what, " has shape ", shape.dump(), " of ", dtype_name(t.dtype), " (", count,
