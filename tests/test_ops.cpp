@@ -1,0 +1,491 @@
+// The stateless ops (rms_norm, RoPE, softmax, SiLU, linear, causal_attention) against slow
+// references written in this file from the formulas of the GQE specification, in plain loops over
+// double. Inputs are generated in the op's scalar type and converted exactly to double, so that the
+// difference measures only the op's own rounding; each tolerance below is derived from the op's
+// arithmetic (u = epsilon / 2 is the unit roundoff of the scalar type).
+//
+// Sizes are deliberately not multiples of the SIMD width, and cross the tiles of linear (256 rows x
+// 256 outputs) and of attention (128 queries x 256 keys; 512 keys for a single query).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gqe/ops/activations.hpp"
+#include "gqe/ops/attention.hpp"
+#include "gqe/ops/linear.hpp"
+#include "gqe/ops/rmsnorm.hpp"
+#include "gqe/ops/rope.hpp"
+#include "gqe/util/thread_pool.hpp"
+
+namespace {
+
+using gqe::Index;
+template <class S>
+using Matrix = gqe::Matrix<S>;
+using MatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+template <class S>
+constexpr double eps() {
+  return static_cast<double>(std::numeric_limits<S>::epsilon());
+}
+constexpr double kEpsDouble = std::numeric_limits<double>::epsilon();
+
+// Entries drawn from N(mean, sigma) and rounded to S.
+template <class S>
+Matrix<S> random_matrix(Index rows, Index cols, std::mt19937& rng, double sigma = 1.0, double mean = 0.0) {
+  std::normal_distribution<double> dist(mean, sigma);
+  Matrix<S> m(rows, cols);
+  for (Index i = 0; i < rows; ++i)
+    for (Index j = 0; j < cols; ++j) m(i, j) = static_cast<S>(dist(rng));
+  return m;
+}
+
+template <class Derived>
+MatrixD to_double(const Eigen::MatrixBase<Derived>& m) {
+  return m.template cast<double>();
+}
+
+// ||got - want||_F / ||want||_F.
+template <class Derived>
+double relative_error(const Eigen::MatrixBase<Derived>& got, const MatrixD& want) {
+  return (to_double(got) - want).norm() / want.norm();
+}
+
+template <class S>
+class OpsTest : public ::testing::Test {
+ protected:
+  void TearDown() override { gqe::set_num_threads(gqe::default_thread_count()); }
+};
+using ScalarTypes = ::testing::Types<float, double>;
+TYPED_TEST_SUITE(OpsTest, ScalarTypes);
+
+// ---- RMSNorm ------------------------------------------------------------------------------------
+
+// y = x / sqrt(mean(x^2) + eps) * w, row by row.
+MatrixD reference_rms_norm(const MatrixD& x, const std::vector<double>& w, double eps) {
+  MatrixD y(x.rows(), x.cols());
+  for (Index r = 0; r < x.rows(); ++r) {
+    double sum_sq = 0;
+    for (Index c = 0; c < x.cols(); ++c) sum_sq += x(r, c) * x(r, c);
+    const double inv_rms = 1.0 / std::sqrt(sum_sq / static_cast<double>(x.cols()) + eps);
+    for (Index c = 0; c < x.cols(); ++c) y(r, c) = x(r, c) * inv_rms * w[static_cast<std::size_t>(c)];
+  }
+  return y;
+}
+
+TYPED_TEST(OpsTest, RmsNormMatchesTheFormulaPerRow) {
+  using S = TypeParam;
+  std::mt19937 rng(1);
+  for (Index d : {1, 7, 63, 65, 517}) {
+    for (double norm_eps : {1e-5, 1e-6}) {
+      SCOPED_TRACE("d = " + std::to_string(d) + ", eps = " + std::to_string(norm_eps));
+      Matrix<S> x = random_matrix<S>(6, d, rng);  // [6, d]
+      x.row(1) *= S(1e-3);   // mean(x^2) ~ 1e-6: eps is not negligible here
+      x.row(2) *= S(40);     // large values
+      x.row(3).setZero();    // y = 0, not NaN
+      const Matrix<S> w_row = random_matrix<S>(1, d, rng, 0.2, 1.0);
+      const gqe::Vector<S> w = w_row.transpose();  // [d]
+      Matrix<S> y(6, d);                           // [6, d]
+      gqe::rms_norm<S>(x, w, norm_eps, y);
+
+      std::vector<double> wd(static_cast<std::size_t>(d));
+      for (Index c = 0; c < d; ++c) wd[static_cast<std::size_t>(c)] = static_cast<double>(w(c));
+      const MatrixD ref = reference_rms_norm(to_double(x), wd, static_cast<double>(static_cast<S>(norm_eps)));
+      // Elementwise: the sum of d squares (positive terms) is off by at most (d-1)u relative, the
+      // square root halves that, and the mean, + eps, sqrt, division and two products round once
+      // each: about ((d-1)/2 + 6)u. Bound: (d/2 + 6) eps, twice that.
+      const double tol = (0.5 * static_cast<double>(d) + 6) * eps<S>();
+      for (Index r = 0; r < 6; ++r)
+        for (Index c = 0; c < d; ++c)
+          ASSERT_LE(std::abs(static_cast<double>(y(r, c)) - ref(r, c)), tol * std::abs(ref(r, c)))
+              << "row " << r << " col " << c << ": " << y(r, c) << " vs " << ref(r, c);
+
+      Matrix<S> in_place = x;  // y may alias x
+      gqe::rms_norm<S>(in_place, w, norm_eps, in_place);
+      EXPECT_TRUE((in_place.array() == y.array()).all());
+    }
+  }
+}
+
+// ---- RoPE ---------------------------------------------------------------------------------------
+
+// Rotate-half RoPE of every head of x [R, H*d_h], row r at positions[r]; angles in double.
+MatrixD reference_rope(const MatrixD& x, Index head_dim, const std::vector<Index>& positions, double theta) {
+  const Index half = head_dim / 2;
+  MatrixD y = x;
+  for (Index r = 0; r < x.rows(); ++r)
+    for (Index h = 0; h < x.cols() / head_dim; ++h)
+      for (Index i = 0; i < half; ++i) {
+        const double inv_freq = std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
+        const double angle = static_cast<double>(positions[static_cast<std::size_t>(r)]) * inv_freq;
+        const double x1 = x(r, h * head_dim + i), x2 = x(r, h * head_dim + half + i);
+        // x*cos + rotate_half(x)*sin, rotate_half(x) = concat(-x2, x1)
+        y(r, h * head_dim + i) = x1 * std::cos(angle) - x2 * std::sin(angle);
+        y(r, h * head_dim + half + i) = x2 * std::cos(angle) + x1 * std::sin(angle);
+      }
+  return y;
+}
+
+TYPED_TEST(OpsTest, RopeRotatesHalvesWithDoubleAnglesAtAnyPosition) {
+  using S = TypeParam;
+  std::mt19937 rng(2);
+  struct Case {
+    Index head_dim, heads;
+    std::vector<Index> positions;
+    double theta;
+  };
+  std::vector<Index> from_offset(7), large(5), two_segments;
+  for (Index r = 0; r < 7; ++r) from_offset[static_cast<std::size_t>(r)] = 37 + r;   // a chunk after 37 cached
+  for (Index r = 0; r < 5; ++r) large[static_cast<std::size_t>(r)] = 100000 + r;     // float angles would be wrong
+  for (Index p : {0, 1, 2, 3, 11, 12, 13}) two_segments.push_back(p);                // a batch of two sequences
+  std::vector<Index> prefill(65);
+  for (Index r = 0; r < 65; ++r) prefill[static_cast<std::size_t>(r)] = r;
+  const std::vector<Case> cases = {{6, 3, prefill, 10000.0},   {10, 2, from_offset, 10000.0},
+                                   {64, 3, large, 10000.0},    {10, 1, large, 500000.0},
+                                   {6, 4, two_segments, 10000.0}, {64, 1, {600, 4095, 1 << 20}, 10000.0}};
+  for (const auto& c : cases) {
+    SCOPED_TRACE("d_h = " + std::to_string(c.head_dim) + ", first position " + std::to_string(c.positions[0]));
+    const Index rows = static_cast<Index>(c.positions.size());
+    const Matrix<S> x = random_matrix<S>(rows, c.heads * c.head_dim, rng);  // [R, H*d_h]
+    gqe::RopeTable<S> table;
+    table.compute(c.positions, c.head_dim, c.theta);
+    Matrix<S> y = x;
+    gqe::apply_rope<S>(y, c.head_dim, table);
+    const MatrixD ref = reference_rope(to_double(x), c.head_dim, c.positions, c.theta);
+    // Elementwise: cos and sin rounded to S, two products and a sum: |err| <= 2.5 eps (|x1| + |x2|);
+    // 3 eps allowed. A double angle is itself only known to |angle| * eps(double) (both sides compute
+    // it, possibly in other orders), which at position 1e5 matters for double only. Angles computed
+    // in float would be off by ~1e-2 radians at 1e5 and fail by a factor of 1e4.
+    const Index half = c.head_dim / 2;
+    for (Index r = 0; r < rows; ++r)
+      for (Index h = 0; h < c.heads; ++h)
+        for (Index i = 0; i < half; ++i) {
+          const Index a = h * c.head_dim + i, b = a + half;
+          const double angle = static_cast<double>(c.positions[static_cast<std::size_t>(r)]) *
+                               std::pow(c.theta, -2.0 * static_cast<double>(i) / static_cast<double>(c.head_dim));
+          const double tol = (3 * eps<S>() + 4 * angle * kEpsDouble) *
+                             (std::abs(static_cast<double>(x(r, a))) + std::abs(static_cast<double>(x(r, b))));
+          ASSERT_LE(std::abs(static_cast<double>(y(r, a)) - ref(r, a)), tol) << "row " << r << " pair " << i;
+          ASSERT_LE(std::abs(static_cast<double>(y(r, b)) - ref(r, b)), tol) << "row " << r << " pair " << i;
+        }
+    if (c.positions[0] == 0) {
+      EXPECT_TRUE((y.row(0).array() == x.row(0).array()).all()) << "position 0 is the identity";
+    }
+  }
+}
+
+// ---- softmax and SiLU ---------------------------------------------------------------------------
+
+std::vector<double> reference_softmax(const std::vector<double>& x) {
+  const double max = *std::max_element(x.begin(), x.end());
+  std::vector<double> p(x.size());
+  double sum = 0;
+  for (std::size_t i = 0; i < x.size(); ++i) sum += (p[i] = std::exp(x[i] - max));
+  for (auto& v : p) v /= sum;
+  return p;
+}
+
+TYPED_TEST(OpsTest, SoftmaxIsStableForLargeLogitsAndMatchesTheReference) {
+  using S = TypeParam;
+  std::mt19937 rng(3);
+  for (Index n : {1, 7, 63, 65, 130, 200}) {
+    for (double offset : {0.0, 1000.0, -1000.0}) {
+      SCOPED_TRACE("n = " + std::to_string(n) + ", logits around " + std::to_string(offset));
+      Matrix<S> rows = random_matrix<S>(3, n, rng, 4.0, offset);  // [3, n]
+      const Matrix<S> before = rows;
+      gqe::softmax_inplace(rows.row(1));  // a row of a row-major matrix
+      gqe::softmax_inplace(rows.row(2).tail(n));
+      for (Index r = 1; r < 3; ++r) {
+        std::vector<double> x(static_cast<std::size_t>(n));
+        for (Index i = 0; i < n; ++i) x[static_cast<std::size_t>(i)] = static_cast<double>(before(r, i));
+        const auto ref = reference_softmax(x);
+        const double max = *std::max_element(x.begin(), x.end());
+        for (Index i = 0; i < n; ++i) {
+          // x_i - max rounds to u|x_i - max|, which exp turns into that relative error; exp itself a
+          // few u, the sum of n positive terms (n-1)u, the division u. Allowed: eps (|x_i - max| + n + 6).
+          const double want = ref[static_cast<std::size_t>(i)];
+          const double tol = eps<S>() * (std::abs(x[static_cast<std::size_t>(i)] - max) + static_cast<double>(n) + 6);
+          ASSERT_TRUE(std::isfinite(static_cast<double>(rows(r, i))));
+          ASSERT_LE(std::abs(static_cast<double>(rows(r, i)) - want), tol * want + std::numeric_limits<S>::denorm_min())
+              << "entry " << i << ": " << rows(r, i) << " vs " << want;
+        }
+      }
+      EXPECT_TRUE((rows.row(0).array() == before.row(0).array()).all()) << "softmax wrote outside its row";
+    }
+  }
+  // A column of a matrix, with -inf entries (masked logits) that must come out exactly 0.
+  Matrix<S> m = random_matrix<S>(5, 4, rng);  // [5, 4]
+  m(1, 2) = -std::numeric_limits<S>::infinity();
+  m(3, 2) = -std::numeric_limits<S>::infinity();
+  const Matrix<S> before = m;
+  gqe::softmax_inplace(m.col(2));
+  std::vector<double> finite = {static_cast<double>(before(0, 2)), static_cast<double>(before(2, 2)),
+                                static_cast<double>(before(4, 2))};
+  const auto ref = reference_softmax(finite);
+  EXPECT_EQ(m(1, 2), S(0));
+  EXPECT_EQ(m(3, 2), S(0));
+  EXPECT_NEAR(static_cast<double>(m(0, 2)), ref[0], 16 * eps<S>());
+  EXPECT_NEAR(static_cast<double>(m(2, 2)), ref[1], 16 * eps<S>());
+  EXPECT_NEAR(static_cast<double>(m(4, 2)), ref[2], 16 * eps<S>());
+}
+
+TYPED_TEST(OpsTest, SoftmaxPropagatesNaNToTheWholeRow) {
+  using S = TypeParam;
+  std::mt19937 rng(4);
+  for (Index where : {0, 3, 6}) {
+    gqe::Vector<S> v = random_matrix<S>(7, 1, rng);  // [7]
+    v(where) = std::numeric_limits<S>::quiet_NaN();
+    gqe::softmax_inplace(v);
+    for (Index i = 0; i < 7; ++i) EXPECT_TRUE(std::isnan(v(i))) << "NaN at " << where << ", entry " << i << " = " << v(i);
+  }
+}
+
+TYPED_TEST(OpsTest, SiluMatchesXTimesSigmoid) {
+  using S = TypeParam;
+  std::mt19937 rng(5);
+  Matrix<S> x = random_matrix<S>(7, 65, rng, 4.0);  // [7, 65]
+  const S extremes[] = {S(0), S(1e-30), S(-1e-30), S(20), S(-20), S(80), S(-80), S(100), S(-100), S(0.5)};
+  for (Index i = 0; i < 10; ++i) x(6, i) = extremes[i];
+  Matrix<S> y = x;
+  gqe::silu_inplace(y);
+  for (Index r = 0; r < x.rows(); ++r)
+    for (Index c = 0; c < x.cols(); ++c) {
+      const double xd = static_cast<double>(x(r, c));
+      const double want = xd / (1.0 + std::exp(-xd));
+      // exp a few u, the sum, the division: 8 eps relative; below the smallest normal number the
+      // result may underflow (silu(-100) in float), hence the absolute floor.
+      ASSERT_LE(std::abs(static_cast<double>(y(r, c)) - want),
+                8 * eps<S>() * std::abs(want) + static_cast<double>(std::numeric_limits<S>::min()))
+          << "silu(" << xd << ") = " << y(r, c) << ", expected " << want;
+    }
+  gqe::Vector<S> nan(1);
+  nan(0) = std::numeric_limits<S>::quiet_NaN();
+  gqe::silu_inplace(nan);
+  EXPECT_TRUE(std::isnan(nan(0)));
+}
+
+// ---- linear -------------------------------------------------------------------------------------
+
+// y = x w^T: y[r, o] = sum_i x[r, i] * w[o, i].
+MatrixD reference_linear(const MatrixD& x, const MatrixD& w) {
+  MatrixD y(x.rows(), w.rows());
+  for (Index r = 0; r < x.rows(); ++r)
+    for (Index o = 0; o < w.rows(); ++o) {
+      double s = 0;
+      for (Index i = 0; i < x.cols(); ++i) s += x(r, i) * w(o, i);
+      y(r, o) = s;
+    }
+  return y;
+}
+
+// A dot product of n random-sign terms has a rounding error that grows like sqrt(n) u relative to
+// its (zero-mean, size sqrt(n)) result; 2 sqrt(n) eps is four times that.
+template <class S>
+double linear_tolerance(Index n) {
+  return 2 * std::sqrt(static_cast<double>(n)) * eps<S>();
+}
+
+TYPED_TEST(OpsTest, LinearIsXTimesWTransposedAcrossTiles) {
+  using S = TypeParam;
+  std::mt19937 rng(6);
+  struct Size {
+    Index rows, in, out;
+  };
+  for (const Size s : {Size{300, 517, 270}, Size{1, 7, 1}, Size{7, 63, 65}, Size{65, 10, 130}, Size{257, 6, 513}}) {
+    SCOPED_TRACE(std::to_string(s.rows) + " x " + std::to_string(s.in) + " x " + std::to_string(s.out));
+    const Matrix<S> x = random_matrix<S>(s.rows, s.in, rng);   // [R, in]
+    const Matrix<S> w = random_matrix<S>(s.out, s.in, rng);    // [out, in]
+    Matrix<S> y(s.rows, s.out);                                // [R, out]
+    gqe::linear<S>(x, w, y);
+    const MatrixD ref = reference_linear(to_double(x), to_double(w));
+    EXPECT_LT(relative_error(y, ref), linear_tolerance<S>(s.in));
+
+    // Strided input and output: x is a column block of a wider matrix, y writes a column block and
+    // must leave the columns around it alone.
+    Matrix<S> wide_x = random_matrix<S>(s.rows, s.in + 5, rng);  // [R, in + 5]
+    wide_x.middleCols(2, s.in) = x;
+    Matrix<S> wide_y = Matrix<S>::Constant(s.rows, s.out + 7, S(12345));  // [R, out + 7]
+    gqe::linear<S>(wide_x.middleCols(2, s.in), w, wide_y.middleCols(3, s.out));
+    EXPECT_LT(relative_error(wide_y.middleCols(3, s.out), ref), linear_tolerance<S>(s.in));
+    EXPECT_TRUE((wide_y.leftCols(3).array() == S(12345)).all());
+    EXPECT_TRUE((wide_y.rightCols(4).array() == S(12345)).all());
+  }
+}
+
+TYPED_TEST(OpsTest, LinearIsBitIdenticalForAnyThreadCount) {
+  using S = TypeParam;
+  std::mt19937 rng(7);
+  const Matrix<S> x = random_matrix<S>(300, 517, rng);  // [300, 517]: 2 x 2 tiles
+  const Matrix<S> w = random_matrix<S>(270, 517, rng);  // [270, 517]
+  std::vector<Matrix<S>> results;
+  for (int threads : {1, 2, 3}) {
+    gqe::set_num_threads(threads);
+    Matrix<S> y(300, 270);
+    gqe::linear<S>(x, w, y);
+    results.push_back(y);
+  }
+  for (std::size_t i = 1; i < results.size(); ++i)
+    EXPECT_EQ(std::memcmp(results[0].data(), results[i].data(), sizeof(S) * static_cast<std::size_t>(results[0].size())), 0)
+        << "threads " << i + 1 << " differ from 1 thread";
+}
+
+// ---- causal attention ---------------------------------------------------------------------------
+
+// One AttentionHead entry of a test: `heads` query heads over `past` cached keys and `count` new
+// queries, each in its own strided buffers.
+struct EntrySpec {
+  Index past, count, heads;
+};
+
+template <class S>
+struct EntryBuffers {
+  static constexpr Index kQueryPad = 5, kQueryOffset = 3;  // query columns inside a wider matrix
+  static constexpr Index kOutPad = 7, kOutOffset = 2;
+  static constexpr S kSentinel = S(-4242);
+  EntrySpec spec;
+  Index head_dim;
+  Matrix<S> query;  // [count, heads*d_h + kQueryPad], heads at columns kQueryOffset + q*d_h
+  Matrix<S> kv;     // [past + count, 3*d_h + 1]: K at columns 1.., V at columns 1 + 2*d_h..
+  Matrix<S> out;    // [count, heads*d_h + kOutPad], heads at columns kOutOffset + q*d_h
+
+  EntryBuffers(EntrySpec s, Index dh, std::mt19937& rng) : spec(s), head_dim(dh) {
+    // Scores q.k / sqrt(d_h) of standard deviation 1.5^2: peaked enough that the mask matters.
+    query = random_matrix<S>(s.count, s.heads * dh + kQueryPad, rng, 1.5);
+    kv = random_matrix<S>(s.past + s.count, 3 * dh + 1, rng, 1.5);
+    out = Matrix<S>::Constant(s.count, s.heads * dh + kOutPad, kSentinel);
+  }
+  gqe::AttentionHead<S> head() {
+    gqe::AttentionHead<S> h;
+    h.query = query.data() + kQueryOffset;
+    h.query_stride = query.cols();
+    h.key = kv.data() + 1;
+    h.value = kv.data() + 1 + 2 * head_dim;
+    h.kv_stride = kv.cols();
+    h.out = out.data() + kOutOffset;
+    h.out_stride = out.cols();
+    h.past = spec.past;
+    h.count = spec.count;
+    h.heads = spec.heads;
+    return h;
+  }
+  // Query i of the chunk sits at position past + i and sees keys 0 .. past + i (bottom-right mask):
+  // out = softmax(q K^T / sqrt(d_h)) V over those keys. Result [count, heads*d_h].
+  MatrixD reference() const {
+    const Index dh = head_dim;
+    MatrixD result(spec.count, spec.heads * dh);
+    const double scale = 1.0 / std::sqrt(static_cast<double>(dh));
+    for (Index q = 0; q < spec.heads; ++q)
+      for (Index i = 0; i < spec.count; ++i) {
+        const Index keys = spec.past + i + 1;
+        std::vector<double> scores(static_cast<std::size_t>(keys));
+        for (Index j = 0; j < keys; ++j) {
+          double dot = 0;
+          for (Index c = 0; c < dh; ++c)
+            dot += static_cast<double>(query(i, kQueryOffset + q * dh + c)) * static_cast<double>(kv(j, 1 + c));
+          scores[static_cast<std::size_t>(j)] = dot * scale;
+        }
+        const auto p = reference_softmax(scores);
+        for (Index c = 0; c < dh; ++c) {
+          double acc = 0;
+          for (Index j = 0; j < keys; ++j) acc += p[static_cast<std::size_t>(j)] * static_cast<double>(kv(j, 1 + 2 * dh + c));
+          result(i, q * dh + c) = acc;
+        }
+      }
+    return result;
+  }
+  auto result() const { return out.middleCols(kOutOffset, spec.heads * head_dim); }
+  bool padding_untouched() const {
+    return (out.leftCols(kOutOffset).array() == kSentinel).all() &&
+           (out.rightCols(kOutPad - kOutOffset).array() == kSentinel).all();
+  }
+};
+
+// Scores carry about sqrt(d_h) u of error relative to their size, which exp turns into relative
+// errors of the probabilities; the weighted sum of up to L values adds about sqrt(L) u relative to
+// its result; the online softmax rescales a few more times per key tile. Allowed:
+// 4 (sqrt(d_h) + sqrt(L) + 4) eps, norm-wise over each entry's output.
+template <class S>
+double attention_tolerance(Index head_dim, Index keys) {
+  return 4 * (std::sqrt(static_cast<double>(head_dim)) + std::sqrt(static_cast<double>(keys)) + 4) * eps<S>();
+}
+
+// Runs all specs as one causal_attention call and checks every entry against the reference.
+template <class S>
+void check_attention(Index head_dim, const std::vector<EntrySpec>& specs, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::vector<EntryBuffers<S>> buffers;
+  for (const auto& s : specs) buffers.emplace_back(s, head_dim, rng);
+  std::vector<gqe::AttentionHead<S>> heads;
+  for (auto& b : buffers) heads.push_back(b.head());
+  gqe::causal_attention(heads, head_dim, S(1) / std::sqrt(S(head_dim)));
+  for (const auto& b : buffers) {
+    SCOPED_TRACE("d_h = " + std::to_string(head_dim) + ", past = " + std::to_string(b.spec.past) +
+                 ", count = " + std::to_string(b.spec.count) + ", heads = " + std::to_string(b.spec.heads));
+    const MatrixD ref = b.reference();
+    EXPECT_LT(relative_error(b.result(), ref), attention_tolerance<S>(head_dim, b.spec.past + b.spec.count));
+    // The last query row alone: an error confined to late positions must not hide in the norm.
+    const Index last = b.spec.count - 1;
+    EXPECT_LT((to_double(b.result().row(last)) - ref.row(last)).norm() / ref.row(last).norm(),
+              attention_tolerance<S>(head_dim, b.spec.past + b.spec.count));
+    EXPECT_TRUE(b.padding_untouched()) << "attention wrote outside its output columns";
+  }
+}
+
+TYPED_TEST(OpsTest, AttentionPrefillMatchesTheCausalReference) {
+  for (Index dh : {6, 10, 64})
+    for (Index count : {1, 7, 63, 65, 130, 200, 300}) {
+      const Index heads = 1 + count % 3;  // 1 to 3 query heads per KV head
+      check_attention<TypeParam>(dh, {{0, count, heads}}, static_cast<unsigned>(100 + dh + count));
+    }
+}
+
+TYPED_TEST(OpsTest, AttentionChunkAfterAPastIsAlignedBottomRight) {
+  for (Index dh : {6, 10, 64})
+    for (Index past : {5, 130})
+      for (Index count : {3, 70})
+        check_attention<TypeParam>(dh, {{past, count, 2}}, static_cast<unsigned>(200 + dh + past + count));
+  // More than one query tile after more than one key tile of past.
+  check_attention<TypeParam>(10, {{300, 130, 1}}, 299);
+}
+
+TYPED_TEST(OpsTest, AttentionDecodeSeesTheWholePast) {
+  for (Index dh : {6, 10, 64})
+    for (Index past : {0, 1, 6, 127, 255, 256, 511, 512, 600})
+      for (Index heads : {1, 3, 9})  // 9 rows take the GEMM path, fewer go row by row
+        check_attention<TypeParam>(dh, {{past, 1, heads}}, static_cast<unsigned>(300 + dh + past + heads));
+}
+
+TYPED_TEST(OpsTest, AttentionEntriesOfDifferentLengthsInOneCall) {
+  // As a batch of segments: each entry has its own past and count and number of tiles.
+  const std::vector<EntrySpec> mixed = {{0, 300, 2}, {130, 3, 1}, {600, 1, 3}, {5, 70, 3}, {0, 1, 1}};
+  check_attention<TypeParam>(10, mixed, 400);
+  check_attention<TypeParam>(64, mixed, 401);
+}
+
+TYPED_TEST(OpsTest, AttentionIsBitIdenticalForAnyThreadCount) {
+  using S = TypeParam;
+  const std::vector<EntrySpec> mixed = {{0, 300, 2}, {130, 70, 1}, {600, 1, 3}};
+  std::vector<std::vector<S>> results;  // every entry's output buffer, concatenated
+  for (int threads : {1, 2, 3}) {
+    gqe::set_num_threads(threads);
+    std::mt19937 rng(500);  // the same inputs every time
+    std::vector<EntryBuffers<S>> buffers;
+    for (const auto& s : mixed) buffers.emplace_back(s, 10, rng);
+    std::vector<gqe::AttentionHead<S>> heads;
+    for (auto& b : buffers) heads.push_back(b.head());
+    gqe::causal_attention(heads, 10, S(1) / std::sqrt(S(10)));
+    std::vector<S> all;
+    for (const auto& b : buffers) all.insert(all.end(), b.out.data(), b.out.data() + b.out.size());
+    results.push_back(all);
+  }
+  for (std::size_t i = 1; i < results.size(); ++i)
+    EXPECT_TRUE(results[i] == results[0]) << "threads " << i + 1 << " differ from 1 thread";
+}
+
+}  // namespace
