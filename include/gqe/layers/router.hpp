@@ -37,9 +37,16 @@ template <class Scalar>
 class Router {
  public:
   Router() = default;
-  explicit Router(const AttentionConfig& config)
-      : groups_(config.num_kv_heads), experts_per_group_(config.experts_per_group()), top_k_(config.top_k) {
+  // Validates first: the sizes below divide by num_key_value_heads. k is checked against M
+  // whatever the config's attention type, since a router only makes sense for GQE.
+  explicit Router(const AttentionConfig& config) {
     config.validate();
+    if (config.top_k < 1 || config.top_k > config.experts_per_group())
+      fail<ConfigError>("gqe_top_k is ", config.top_k, "; expected 1 to num_attention_heads / num_key_value_heads = ",
+                        config.experts_per_group());
+    groups_ = config.num_kv_heads;
+    experts_per_group_ = config.experts_per_group();
+    top_k_ = config.top_k;
     weight_.setZero(groups_ * experts_per_group_, config.hidden_size);  // the authors' initialisation
   }
 
