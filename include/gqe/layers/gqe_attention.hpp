@@ -154,7 +154,7 @@ class GQEAttention {
         const Index slot = g * k + slot_list[static_cast<std::size_t>(first + i)];
         query.row(row_list[static_cast<std::size_t>(first + i)]).segment(slot * dh, dh) = projected.row(i);
       }
-    });
+    }, 2.0 * static_cast<double>(rows * G * k) * static_cast<double>(d * dh));
   }
 
   AttentionConfig config_;

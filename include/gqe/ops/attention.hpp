@@ -144,7 +144,11 @@ template <class Scalar>
 void causal_attention(const std::vector<AttentionHead<Scalar>>& heads, Index head_dim, Scalar scale) {
   // Work units: (head, query tile). Later tiles see more keys, so they go first for a better balance.
   Index max_tiles = 0;
-  for (const auto& h : heads) max_tiles = std::max(max_tiles, (h.count + detail::kQueryTile - 1) / detail::kQueryTile);
+  double flops = 0;  // score and value products of every query against the keys it sees
+  for (const auto& h : heads) {
+    max_tiles = std::max(max_tiles, (h.count + detail::kQueryTile - 1) / detail::kQueryTile);
+    flops += 4.0 * static_cast<double>(h.heads * h.count * head_dim) * static_cast<double>(h.past + h.count);
+  }
   const Index num_heads = static_cast<Index>(heads.size());
   thread_pool().parallel_for(num_heads * max_tiles, [&](Index unit) {
     const Index tile = max_tiles - 1 - unit / num_heads;
@@ -152,7 +156,7 @@ void causal_attention(const std::vector<AttentionHead<Scalar>>& heads, Index hea
     const Index first = tile * detail::kQueryTile;
     if (first >= h.count) return;
     detail::attention_tile(h, head_dim, scale, first, std::min(detail::kQueryTile, h.count - first));
-  });
+  }, flops);
 }
 
 }  // namespace gqe

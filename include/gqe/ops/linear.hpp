@@ -54,7 +54,7 @@ void linear(const Eigen::Ref<const Matrix<Scalar>>& x, const Matrix<Scalar>& w, 
     const Index r0 = (unit / col_tiles) * detail::kLinearRowTile, c0 = (unit % col_tiles) * detail::kLinearColTile;
     const Index nr = std::min(detail::kLinearRowTile, rows - r0), nc = std::min(detail::kLinearColTile, cols - c0);
     detail::gemm_tile<Scalar>(x.middleRows(r0, nr), w.middleRows(c0, nc), y.block(r0, c0, nr, nc));
-  });
+  }, 2.0 * static_cast<double>(rows) * static_cast<double>(cols) * static_cast<double>(x.cols()));
 }
 
 }  // namespace gqe

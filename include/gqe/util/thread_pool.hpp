@@ -42,10 +42,14 @@ class ThreadPool {
   // An exception thrown by fn is rethrown here (the first one; the other units still finish).
   // Allocates nothing: the job lives on the caller's thread, and the caller withdraws its helper
   // slots that no worker took before it returns.
+  // `flops`, when given, estimates the whole job: below kMinParallelFlops waking workers costs more
+  // than it saves (a decode step's small products), and the units run on the calling thread.
+  static constexpr double kMinParallelFlops = 1 << 20;
+
   template <class Fn>
-  void parallel_for(Index count, Fn&& fn) {
+  void parallel_for(Index count, Fn&& fn, double flops = kMinParallelFlops) {
     if (count <= 0) return;
-    if (workers_.empty() || count == 1 || inside_worker()) {
+    if (workers_.empty() || count == 1 || inside_worker() || flops < kMinParallelFlops) {
       for (Index i = 0; i < count; ++i) fn(i);
       return;
     }
