@@ -43,6 +43,11 @@ struct Limits {
   static constexpr Index max_positions = 1 << 24;
 };
 
+// Throws ConfigError unless 1 <= value <= max; `name` is the config.json key.
+inline void check_size(const char* name, Index value, Index max) {
+  if (value <= 0 || value > max) fail<ConfigError>(name, " is ", value, "; expected 1 to ", max);
+}
+
 struct AttentionConfig {
   AttentionType type = AttentionType::gqa;
   GqeVariant variant = GqeVariant::gqe;
@@ -77,13 +82,10 @@ struct AttentionConfig {
   }
 
   void validate() const {
-    auto positive = [](const char* name, Index v, Index max) {
-      if (v <= 0 || v > max) fail<ConfigError>(name, " is ", v, "; expected 1 to ", max);
-    };
-    positive("hidden_size", hidden_size, Limits::max_hidden);
-    positive("num_attention_heads", num_heads, Limits::max_heads);
-    positive("num_key_value_heads", num_kv_heads, Limits::max_heads);
-    positive("head_dim", head_dim, Limits::max_head_dim);
+    check_size("hidden_size", hidden_size, Limits::max_hidden);
+    check_size("num_attention_heads", num_heads, Limits::max_heads);
+    check_size("num_key_value_heads", num_kv_heads, Limits::max_heads);
+    check_size("head_dim", head_dim, Limits::max_head_dim);
     if (head_dim % 2 != 0) fail<ConfigError>("head_dim is ", head_dim, "; expected an even number (RoPE pairs)");
     if (num_heads % num_kv_heads != 0)
       fail<ConfigError>("num_attention_heads is ", num_heads, "; expected a multiple of num_key_value_heads (",

@@ -44,13 +44,10 @@ struct ModelConfig {
   }
 
   void validate() const {
-    auto positive = [](const char* name, Index v, Index max) {
-      if (v <= 0 || v > max) fail<ConfigError>(name, " is ", v, "; expected 1 to ", max);
-    };
-    positive("vocab_size", vocab_size, Limits::max_vocab);
-    positive("intermediate_size", intermediate_size, Limits::max_intermediate);
-    positive("num_hidden_layers", num_layers, Limits::max_layers);
-    positive("max_position_embeddings", max_position_embeddings, Limits::max_positions);
+    check_size("vocab_size", vocab_size, Limits::max_vocab);
+    check_size("intermediate_size", intermediate_size, Limits::max_intermediate);
+    check_size("num_hidden_layers", num_layers, Limits::max_layers);
+    check_size("max_position_embeddings", max_position_embeddings, Limits::max_positions);
     if (!(rms_norm_eps > 0) || rms_norm_eps > 1)
       fail<ConfigError>("rms_norm_eps is ", rms_norm_eps, "; expected a number in (0, 1]");
     attention().validate();
