@@ -1,4 +1,5 @@
-// Uses gqe through its public headers only, as any consumer project would.
+// Uses gqe through its public headers only, as any consumer project would; built by both consumer
+// projects (find_package and add_subdirectory).
 #include <cstdio>
 
 #include "gqe/gqe.hpp"
