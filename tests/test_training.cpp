@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -18,6 +19,10 @@
 #include "gqe/training/model_grad.hpp"
 #include "gqe/training/params.hpp"
 #include "gqe/training/rng.hpp"
+#include "gqe/training/data.hpp"
+#include "gqe/training/optimizer.hpp"
+#include "gqe/training/trainer.hpp"
+#include "gqe/util/thread_pool.hpp"
 
 namespace {
 
@@ -320,3 +325,357 @@ TEST(TrainingModel, HardConcatRouterLearnsFromTheAuxLossOnly) {
 }
 
 }  // namespace
+
+// ---- the training forward against the inference model ------------------------------------------
+
+namespace more {
+
+template <class Scalar>
+void check_forward_matches_transformer(gqe::AttentionType type, gqe::GqeVariant variant, Index k, bool tied) {
+  auto c = tiny_config(type, variant, k, tied);
+  c.max_position_embeddings = 200;
+  gqe::training::Params<Scalar> p(c);
+  const auto pd = random_params(c, 21);
+  {
+    auto dst = p.views();
+    const auto src = pd.views();
+    for (std::size_t i = 0; i < dst.size(); ++i)
+      for (Index j = 0; j < dst[i].numel(); ++j) dst[i].data()[j] = static_cast<Scalar>(src[i].data()[j]);
+  }
+  const Index B = 2, T = 137;  // past one query tile
+  const auto batch = random_batch(c, B, T, 22);
+  gqe::training::LossAndGrad<Scalar> graph(c);
+  graph.forward(p, batch, 0.01);
+  const auto model = p.to_model();
+  std::vector<gqe::KVCache<Scalar>> caches;
+  for (Index b = 0; b < B; ++b) caches.push_back(model.new_cache());
+  const gqe::TensorView<const std::int32_t> tokens(batch.tokens.data(), gqe::Shape{B, T});
+  const auto logits = model.prefill(tokens, caches);
+  const gqe::Matrix<Scalar> want = logits.view().matrix(B * T);
+  const double tol = std::is_same_v<Scalar, float> ? 2e-5 : 1e-12;
+  EXPECT_LE((graph.logits() - want).norm(), tol * want.norm());
+}
+
+}  // namespace more
+
+TEST(TrainingModel, ForwardEqualsTheInferenceTransformer) {
+  more::check_forward_matches_transformer<double>(gqe::AttentionType::gqa, gqe::GqeVariant::gqe, 1, false);
+  more::check_forward_matches_transformer<float>(gqe::AttentionType::gqa, gqe::GqeVariant::gqe, 1, true);
+  for (auto v : {gqe::GqeVariant::gqe, gqe::GqeVariant::hard_concat, gqe::GqeVariant::weighted_concat})
+    for (Index k : {1, 3}) {
+      more::check_forward_matches_transformer<double>(gqe::AttentionType::gqe, v, k, false);
+      more::check_forward_matches_transformer<float>(gqe::AttentionType::gqe, v, k, false);
+    }
+}
+
+TEST(TrainingModel, ParamsRoundTripThroughTheTransformerInItsOrder) {
+  const auto c = tiny_config(gqe::AttentionType::gqe, gqe::GqeVariant::gqe, 1, false);
+  const auto p = random_params(c, 5);
+  gqe::Transformer<double> model(c);
+  p.copy_to(model);
+  std::vector<std::string> names;
+  model.for_each_parameter([&](const std::string& name, gqe::TensorView<const double>) { names.push_back(name); });
+  EXPECT_EQ(names, p.names());
+  gqe::training::Params<double> back(c);
+  back.copy_from(model);
+  const auto a = p.views();
+  const auto b = back.views();
+  for (std::size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i].flat(), b[i].flat()) << names[i];
+  EXPECT_EQ(p.numel(), c.parameter_count());
+  // A model of another shape is refused by name.
+  auto other = c;
+  other.hidden_size = 16;
+  gqe::Transformer<double> wrong(other);
+  EXPECT_THROW(back.copy_from(wrong), gqe::Error);
+}
+
+TEST(TrainingModel, InitialisationIsTheAuthorsAndSeeded) {
+  const auto c = tiny_config(gqe::AttentionType::gqe, gqe::GqeVariant::gqe, 1, false);
+  gqe::training::Params<float> a(c), b(c), other(c);
+  a.init(3);
+  b.init(3);
+  other.init(4);
+  const auto va = a.views(), vb = b.views(), vo = other.views();
+  const auto names = a.names();
+  bool differs = false;
+  for (std::size_t i = 0; i < va.size(); ++i) {
+    EXPECT_EQ(va[i].flat(), vb[i].flat()) << names[i];
+    differs = differs || va[i].flat() != vo[i].flat();
+    if (names[i].find("router") != std::string::npos) {
+      EXPECT_EQ(va[i].flat().norm(), 0.0f) << names[i];
+    }
+    if (va[i].rank() == 1) {
+      EXPECT_EQ(va[i].flat(), gqe::Vector<float>::Ones(va[i].numel())) << names[i];
+    }
+    if (names[i].find("proj") != std::string::npos) {
+      const double bound = std::sqrt(6.0 / static_cast<double>(va[i].dim(0) + va[i].dim(1)));
+      EXPECT_LE(va[i].flat().cwiseAbs().maxCoeff(), bound) << names[i];
+      EXPECT_GT(va[i].flat().cwiseAbs().maxCoeff(), 0.5 * bound) << names[i];
+    }
+  }
+  EXPECT_TRUE(differs);
+}
+
+// ---- optimiser ------------------------------------------------------------------------------------
+
+TEST(TrainingOptimizer, ScheduleWarmsUpThenDecays) {
+  gqe::training::OptimizerConfig c;
+  c.lr = 1.0;
+  c.warmup_steps = 10;
+  c.total_steps = 110;
+  c.min_lr_ratio = 0.1;
+  EXPECT_DOUBLE_EQ(gqe::training::learning_rate(c, 0), 0.1);
+  EXPECT_DOUBLE_EQ(gqe::training::learning_rate(c, 9), 1.0);
+  EXPECT_NEAR(gqe::training::learning_rate(c, 10), 1.0, 1e-12);
+  EXPECT_NEAR(gqe::training::learning_rate(c, 109), 0.1, 1e-12);
+  for (Index s = 10; s < 109; ++s)
+    EXPECT_GE(gqe::training::learning_rate(c, s), gqe::training::learning_rate(c, s + 1));
+  c.schedule = gqe::training::Schedule::wsd;
+  c.decay_fraction = 0.2;  // steps 88..109 decay
+  EXPECT_DOUBLE_EQ(gqe::training::learning_rate(c, 50), 1.0);
+  EXPECT_DOUBLE_EQ(gqe::training::learning_rate(c, 87), 1.0);
+  EXPECT_LT(gqe::training::learning_rate(c, 90), 1.0);
+  EXPECT_NEAR(gqe::training::learning_rate(c, 109), 0.1, 1e-12);
+  c.warmup_steps = 200;
+  EXPECT_THROW(c.validate(), gqe::ConfigError);
+  EXPECT_THROW(gqe::training::schedule_from_string("linear"), gqe::ConfigError);
+}
+
+TEST(TrainingOptimizer, AdamWMatchesItsFormulaAndSkipsDecayOnNorms) {
+  const auto c = tiny_config(gqe::AttentionType::gqa, gqe::GqeVariant::gqe, 1, false);
+  gqe::training::OptimizerConfig oc;
+  oc.weight_decay = 0.1;
+  gqe::training::AdamW<double> adam(c, oc);
+  auto p = random_params(c, 30);
+  const auto p0 = random_params(c, 30);
+  const auto g1 = random_params(c, 31), g2 = random_params(c, 32);
+  adam.update(p, g1, 0.01);
+  adam.update(p, g2, 0.02);
+  const auto pv = p.views();
+  const auto p0v = p0.views(), g1v = g1.views(), g2v = g2.views();
+  for (std::size_t t = 0; t < pv.size(); ++t)
+    for (Index i = 0; i < pv[t].numel(); i += 7) {
+      const double wd = pv[t].rank() == 2 ? 0.1 : 0.0;
+      double x = p0v[t].data()[i], m = 0, v = 0;
+      const double lrs[2] = {0.01, 0.02};
+      const double gs[2] = {g1v[t].data()[i], g2v[t].data()[i]};
+      for (int s = 0; s < 2; ++s) {
+        x *= 1 - lrs[s] * wd;
+        m = 0.9 * m + 0.1 * gs[s];
+        v = 0.95 * v + 0.05 * gs[s] * gs[s];
+        const double mh = m / (1 - std::pow(0.9, s + 1)), vh = v / (1 - std::pow(0.95, s + 1));
+        x -= lrs[s] * mh / (std::sqrt(vh) + 1e-8);
+      }
+      EXPECT_NEAR(pv[t].data()[i], x, 1e-12);
+    }
+}
+
+TEST(TrainingOptimizer, ClippingBoundsTheGlobalNorm) {
+  const auto c = tiny_config(gqe::AttentionType::gqa, gqe::GqeVariant::gqe, 1, false);
+  auto g = random_params(c, 40);
+  const double before = gqe::training::global_norm(g);
+  ASSERT_GT(before, 1.0);
+  EXPECT_DOUBLE_EQ(gqe::training::clip_global_norm(g, 1.0), before);
+  EXPECT_NEAR(gqe::training::global_norm(g), 1.0, 1e-5);
+  const auto copy = g;
+  gqe::training::clip_global_norm(g, 5.0);  // already below: unchanged
+  EXPECT_EQ(g.views()[0].flat(), copy.views()[0].flat());
+}
+
+// ---- data ---------------------------------------------------------------------------------------
+
+TEST(TrainingData, MqarQueriesEveryKeyOnceAndCountsOnlyThem) {
+  gqe::training::MqarConfig c;
+  c.vocab_size = 41;
+  c.seq_len = 50;
+  c.num_pairs = 8;
+  gqe::training::Batch a, b;
+  gqe::training::mqar_batch(c, 5, 7, 3, a);
+  gqe::training::mqar_batch(c, 5, 7, 3, b);
+  EXPECT_EQ(a.tokens, b.tokens);  // a pure function of (seed, index)
+  gqe::training::mqar_batch(c, 5, 7, 4, b);
+  EXPECT_NE(a.tokens, b.tokens);
+  const Index K = c.num_keys();
+  for (Index s = 0; s < 5; ++s) {
+    std::map<std::int32_t, std::int32_t> value_of;
+    for (Index i = 0; i < c.num_pairs; ++i) {
+      const auto key = a.tokens[static_cast<std::size_t>(s * 50 + 2 * i)], value = a.tokens[static_cast<std::size_t>(s * 50 + 2 * i + 1)];
+      EXPECT_TRUE(key >= 1 && key <= K);
+      EXPECT_TRUE(value > K && value < 41);
+      EXPECT_TRUE(value_of.emplace(key, value).second) << "keys are distinct";
+      EXPECT_EQ(a.weights[static_cast<std::size_t>(s * 50 + 2 * i)], 0.0f);
+    }
+    std::map<std::int32_t, int> queried;
+    for (Index t = 2 * c.num_pairs; t < 50; ++t) {
+      const auto i = static_cast<std::size_t>(s * 50 + t);
+      if (a.weights[i] > 0) {
+        ++queried[a.tokens[i]];
+        EXPECT_EQ(a.targets[i], value_of.at(a.tokens[i]));
+      } else {
+        EXPECT_EQ(a.tokens[i], 0);
+      }
+    }
+    EXPECT_EQ(queried.size(), value_of.size());
+    for (const auto& [key, n] : queried) EXPECT_EQ(n, 1) << key;
+  }
+  c.seq_len = 23;  // < 3 * 8
+  EXPECT_THROW(gqe::training::mqar_batch(c, 1, 0, 0, a), gqe::ConfigError);
+  c.seq_len = 50;
+  c.num_pairs = 21;  // > 20 keys
+  EXPECT_THROW(c.validate(), gqe::ConfigError);
+}
+
+TEST(TrainingData, TextWindowsAndHeldOutTail) {
+  const auto path = std::filesystem::temp_directory_path() / "gqe_test_training_text.txt";
+  std::string text;
+  for (int i = 0; i < 1000; ++i) text += static_cast<char>('a' + i % 26);
+  std::ofstream(path, std::ios::binary) << text;
+  gqe::training::TextData data(path, 16, 0.1);
+  EXPECT_EQ(data.train_bytes(), 900);
+  EXPECT_EQ(data.heldout_bytes(), 100);
+  gqe::training::Batch b;
+  data.train_batch(4, 1, 2, b);
+  for (std::size_t i = 0; i < b.tokens.size(); ++i) {
+    EXPECT_EQ((b.tokens[i] - 'a' + 1) % 26, b.targets[i] - 'a');
+    EXPECT_EQ(b.weights[i], 1.0f);
+  }
+  data.heldout_batch(2, 0, b);
+  EXPECT_EQ(b.tokens[0], static_cast<unsigned char>(text[900]));
+  EXPECT_THROW(gqe::training::TextData(path, 200, 0.1), gqe::InputError);
+  EXPECT_THROW(gqe::training::TextData(path.string() + ".missing", 16), gqe::IoError);
+  std::filesystem::remove(path);
+}
+
+// ---- runs: determinism and resume -----------------------------------------------------------------
+
+gqe::training::RunConfig tiny_run(gqe::AttentionType type, Index steps) {
+  gqe::training::RunConfig r;
+  r.model = tiny_config(type, gqe::GqeVariant::gqe, 1, false);
+  r.model.vocab_size = 21;
+  r.mqar.vocab_size = 21;
+  r.mqar.seq_len = 24;
+  r.mqar.num_pairs = 4;
+  r.seq_len = 24;
+  r.batch = 3;
+  r.optimizer.total_steps = steps;
+  r.optimizer.warmup_steps = 2;
+  r.eval_batches = 1;
+  r.final_eval_batches = 2;
+  r.seed = 11;
+  return r;
+}
+
+template <class Scalar>
+std::vector<std::vector<Scalar>> snapshot(const gqe::training::Params<Scalar>& p) {
+  std::vector<std::vector<Scalar>> out;
+  for (const auto& v : p.views()) out.emplace_back(v.data(), v.data() + v.numel());
+  return out;
+}
+
+TEST(TrainingRun, ResumeContinuesBitIdentically) {
+  const auto dir = std::filesystem::temp_directory_path() / "gqe_test_training_resume";
+  std::filesystem::remove_all(dir);
+  for (auto type : {gqe::AttentionType::gqa, gqe::AttentionType::gqe}) {
+    const auto config = tiny_run(type, 7);
+    gqe::training::Run<float> straight(config);
+    ASSERT_TRUE(straight.train(dir / "straight", [] { return false; }, [](const auto&) {}));
+
+    gqe::training::Run<float> first(config);
+    int steps = 0;
+    EXPECT_FALSE(first.train(dir / "split", [&] { return ++steps == 3; }, [](const auto&) {}));
+    EXPECT_EQ(first.step(), 3);
+    auto resumed = gqe::training::Run<float>::load(dir / "split");
+    EXPECT_EQ(resumed.step(), 3);
+    ASSERT_TRUE(resumed.train(dir / "split", [] { return false; }, [](const auto&) {}));
+    EXPECT_EQ(snapshot(straight.params()), snapshot(resumed.params())) << gqe::to_string(type);
+    ASSERT_EQ(straight.history().size(), resumed.history().size());
+    EXPECT_EQ(straight.history().back().loss, resumed.history().back().loss);
+    EXPECT_EQ(straight.final_eval().accuracy, resumed.final_eval().accuracy);
+    // The saved checkpoint is one that the inference side loads, with the trained weights.
+    const auto model = gqe::load_checkpoint<float>(dir / "split");
+    gqe::training::Params<float> loaded(config.model);
+    loaded.copy_from(model);
+    EXPECT_EQ(snapshot(loaded), snapshot(straight.params()));
+    // A finished run loads as finished.
+    EXPECT_TRUE(gqe::training::Run<float>::load(dir / "split").finished());
+    EXPECT_THROW(gqe::training::Run<double>::load(dir / "split"), gqe::FormatError);
+    std::filesystem::remove_all(dir);
+  }
+  EXPECT_THROW(gqe::training::Run<float>::load(dir / "nothing"), gqe::IoError);
+}
+
+TEST(TrainingRun, SameBitsForAnyThreadCount) {
+  const auto config = tiny_run(gqe::AttentionType::gqe, 3);
+  auto big = config;
+  big.batch = 20;  // enough rows for the pool to split the work
+  big.seq_len = big.mqar.seq_len = 96;
+  big.mqar.num_pairs = 8;
+  big.model.max_position_embeddings = 128;
+  big.model.hidden_size = 48;  // products large enough to be split among threads
+  big.model.head_dim = 16;
+  big.model.intermediate_size = 96;
+  std::vector<std::vector<std::vector<float>>> results;
+  for (int threads : {1, 2, 3}) {
+    gqe::set_num_threads(threads);
+    gqe::training::Run<float> run(big);
+    for (int i = 0; i < 3; ++i) run.train_step();
+    results.push_back(snapshot(run.params()));
+  }
+  gqe::set_num_threads(gqe::default_thread_count());
+  EXPECT_EQ(results[0], results[1]);
+  EXPECT_EQ(results[0], results[2]);
+}
+
+TEST(TrainingRun, LearnsATinyMqar) {
+  auto config = tiny_run(gqe::AttentionType::gqa, 150);
+  config.model.hidden_size = 32;
+  config.model.intermediate_size = 64;
+  config.model.num_heads = 4;
+  config.model.head_dim = 8;
+  config.batch = 16;
+  config.optimizer.lr = 1e-2;
+  config.optimizer.warmup_steps = 10;
+  gqe::training::Run<float> run(config);
+  const auto before = run.evaluate(2);
+  ASSERT_TRUE(run.train(std::filesystem::temp_directory_path() / "gqe_test_training_learn", [] { return false; }, [](const auto&) {}));
+  EXPECT_LT(run.final_eval().loss, before.loss - 0.3);
+  std::filesystem::remove_all(std::filesystem::temp_directory_path() / "gqe_test_training_learn");
+}
+
+TEST(TrainingRun, RefusesBadConfigurationsByName) {
+  auto c = tiny_run(gqe::AttentionType::gqa, 5);
+  c.batch = 0;
+  EXPECT_THROW(gqe::training::Run<float>{c}, gqe::ConfigError);
+  c = tiny_run(gqe::AttentionType::gqa, 5);
+  c.mqar.vocab_size = 30;
+  EXPECT_THROW(gqe::training::Run<float>{c}, gqe::ConfigError);
+  c = tiny_run(gqe::AttentionType::gqa, 5);
+  c.task = gqe::training::Task::text;
+  EXPECT_THROW(gqe::training::Run<float>{c}, gqe::ConfigError);
+  c = tiny_run(gqe::AttentionType::gqa, 5);
+  c.aux_coef = -1;
+  EXPECT_THROW(gqe::training::Run<float>{c}, gqe::ConfigError);
+  try {
+    c = tiny_run(gqe::AttentionType::gqa, 5);
+    c.optimizer.lr = -1;
+    gqe::training::Run<float> run(c);
+    FAIL() << "a negative learning rate was accepted";
+  } catch (const gqe::ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("learning rate is -1"), std::string::npos) << e.what();
+  }
+  // Batches that disagree with the model.
+  const auto mc = tiny_config(gqe::AttentionType::gqa, gqe::GqeVariant::gqe, 1, false);
+  gqe::training::Params<double> p(mc);
+  gqe::training::LossAndGrad<double> graph(mc);
+  auto batch = random_batch(mc, 1, 5, 1);
+  batch.tokens[2] = 11;
+  EXPECT_THROW(graph.forward(p, batch, 0.0), gqe::InputError);
+  batch = random_batch(mc, 1, 5, 1);
+  batch.weights.assign(5, 0.0f);
+  EXPECT_THROW(graph.forward(p, batch, 0.0), gqe::InputError);
+  batch = random_batch(mc, 1, 5, 1);
+  batch.targets.pop_back();
+  EXPECT_THROW(graph.forward(p, batch, 0.0), gqe::ShapeError);
+  gqe::training::Params<double> grads(mc);
+  EXPECT_THROW(graph.backward(p, grads), gqe::InputError);
+}

@@ -132,7 +132,8 @@ class LossAndGrad {
     double counted = 0;
     for (float w : weights_) counted += w;
     if (!(counted > 0)) fail<InputError>("the batch counts no position in its loss (every weight is 0); expected at least one");
-    const LossSums sums = cross_entropy<Scalar>(logits_, targets_, weights_, 1.0 / counted);
+    counted_ = counted;
+    const LossSums sums = cross_entropy<Scalar>(logits_, targets_, weights_, 0.0);
     report.lm_loss = sums.loss / counted;
     report.counted = counted;
     report.correct = sums.correct;
@@ -143,11 +144,12 @@ class LossAndGrad {
   }
 
   // Accumulates the gradient of the last forward's loss into grads (same config as params).
-  // The logits of the last forward are overwritten by their gradient already.
+  // The logits of the last forward are overwritten by their gradient.
   void backward(const Params<Scalar>& params, Params<Scalar>& grads) {
     if (!ready_) fail<InputError>("backward() called without a forward() before it");
     ready_ = false;
     const Index R = B_ * T_, d = config_.hidden_size;
+    cross_entropy<Scalar>(logits_, targets_, weights_, 1.0 / counted_);
     Matrix<Scalar>& dh = hidden_;  // the residual stream's gradient reuses the hidden buffer
     dx_.resize(R, d);
     linear_backward<Scalar>(x_final_, params.output_weight(), logits_, dx_, false,
@@ -495,7 +497,7 @@ class LossAndGrad {
   ModelConfig config_;
   AttentionConfig attn_;
   Index B_ = 0, T_ = 0;
-  double aux_coef_ = 0;
+  double aux_coef_ = 0, counted_ = 0;
   bool ready_ = false;
   std::vector<std::int32_t> tokens_, targets_;
   std::vector<float> weights_;
