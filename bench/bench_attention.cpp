@@ -106,9 +106,9 @@ void decode_gqe(benchmark::State& s) { decode<GQEAttention<float>>(s, AttentionT
 
 }  // namespace
 
-BENCHMARK(prefill_gqa)->Arg(512)->Arg(1024)->Arg(2048)->Arg(4096)->Arg(8192)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(prefill_gqe)->Arg(512)->Arg(1024)->Arg(2048)->Arg(4096)->Arg(8192)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(gemm_eigen)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(gemm_gqe_linear)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(decode_gqa)->Arg(1024)->Arg(4096)->Arg(16384)->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(decode_gqe)->Arg(1024)->Arg(4096)->Arg(16384)->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(prefill_gqa)->Arg(512)->Arg(1024)->Arg(2048)->Arg(4096)->Arg(8192)->Unit(benchmark::kMillisecond)->MeasureProcessCPUTime()->UseRealTime();
+BENCHMARK(prefill_gqe)->Arg(512)->Arg(1024)->Arg(2048)->Arg(4096)->Arg(8192)->Unit(benchmark::kMillisecond)->MeasureProcessCPUTime()->UseRealTime();
+BENCHMARK(gemm_eigen)->Arg(4096)->Unit(benchmark::kMillisecond)->MeasureProcessCPUTime()->UseRealTime();
+BENCHMARK(gemm_gqe_linear)->Arg(4096)->Unit(benchmark::kMillisecond)->MeasureProcessCPUTime()->UseRealTime();
+BENCHMARK(decode_gqa)->Arg(1024)->Arg(4096)->Arg(16384)->Unit(benchmark::kMicrosecond)->MeasureProcessCPUTime()->UseRealTime();
+BENCHMARK(decode_gqe)->Arg(1024)->Arg(4096)->Arg(16384)->Unit(benchmark::kMicrosecond)->MeasureProcessCPUTime()->UseRealTime();

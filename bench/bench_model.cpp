@@ -78,7 +78,7 @@ void model_decode_gqe(benchmark::State& s) { model_decode(s, AttentionType::gqe)
 
 }  // namespace
 
-BENCHMARK(model_prefill_gqa)->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(model_prefill_gqe)->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(model_decode_gqa)->Arg(1024)->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(model_decode_gqe)->Arg(1024)->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(model_prefill_gqa)->Arg(1024)->Unit(benchmark::kMillisecond)->MeasureProcessCPUTime()->UseRealTime();
+BENCHMARK(model_prefill_gqe)->Arg(1024)->Unit(benchmark::kMillisecond)->MeasureProcessCPUTime()->UseRealTime();
+BENCHMARK(model_decode_gqa)->Arg(1024)->Unit(benchmark::kMicrosecond)->MeasureProcessCPUTime()->UseRealTime();
+BENCHMARK(model_decode_gqe)->Arg(1024)->Unit(benchmark::kMicrosecond)->MeasureProcessCPUTime()->UseRealTime();
