@@ -1,0 +1,513 @@
+// gqe-train: trains a dense GQA model and a GQE model (k = 1 of M = 2, variant gqe) of the same
+// shape under the same token budget and seeds, on multi-query associative recall (MQAR) or
+// byte-level text, and compares them side by side: parameters, active query heads per token,
+// held-out loss and accuracy (mean and spread over seeds), training tokens/s. Writes checkpoints
+// that gqe-run loads, loss curves as CSV and a PNG plot (with gnuplot, when installed).
+//
+// Nothing is lost: every run saves every --save-every steps and on Ctrl-C, and --resume continues
+// a run (or a whole comparison) to bit-identically the result of an uninterrupted one.
+#include <CLI/CLI.hpp>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cli_common.hpp"
+#include "gqe/gqe.hpp"
+#include "gqe/training/trainer.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+using gqe::Index;
+using gqe::training::RunConfig;
+using Run = gqe::training::Run<float>;
+
+volatile std::sig_atomic_t g_interrupted = 0;
+extern "C" void on_sigint(int) { g_interrupted = 1; }
+
+// Everything the command line sets; saved as comparison.json so that --resume OUT needs no flags.
+struct Options {
+  std::string task = "mqar";
+  std::string text;
+  Index steps = 1200;
+  Index batch = 32;
+  Index seeds = 3;
+  Index seq_len = 64;
+  std::string out = "gqe-train-out";
+  int threads = 0;
+  std::string resume;
+  double lr = 3e-3;
+  Index warmup = 0;  // 0: 5% of the steps
+  std::string schedule = "cosine";
+  double aux_coef = 0.01;
+  double weight_decay = 0.1;
+  Index eval_every = 0;
+  Index save_every = 200;
+  Index hidden = 64;
+  Index layers = 2;
+  Index heads = 8;
+  Index kv_heads = 4;
+  Index head_dim = 16;
+  Index intermediate = 128;
+  Index top_k = 1;
+  std::string variant = "gqe";
+  Index mqar_pairs = 16;
+  Index mqar_vocab = 128;
+  bool throughput = false;
+
+  nlohmann::ordered_json to_json() const {
+    return {{"task", task},       {"text", text},         {"steps", steps},     {"batch", batch},
+            {"seeds", seeds},     {"seq_len", seq_len},   {"lr", lr},           {"warmup", warmup},
+            {"schedule", schedule}, {"aux_coef", aux_coef}, {"weight_decay", weight_decay},
+            {"eval_every", eval_every}, {"save_every", save_every}, {"hidden", hidden}, {"layers", layers},
+            {"heads", heads},     {"kv_heads", kv_heads}, {"head_dim", head_dim}, {"intermediate", intermediate},
+            {"top_k", top_k},     {"variant", variant},   {"mqar_pairs", mqar_pairs}, {"mqar_vocab", mqar_vocab}};
+  }
+  void from_json(const nlohmann::json& j, const std::string& source) {
+    try {
+      task = j.at("task").get<std::string>();
+      text = j.at("text").get<std::string>();
+      steps = j.at("steps").get<Index>();
+      batch = j.at("batch").get<Index>();
+      seeds = j.at("seeds").get<Index>();
+      seq_len = j.at("seq_len").get<Index>();
+      lr = j.at("lr").get<double>();
+      warmup = j.at("warmup").get<Index>();
+      schedule = j.at("schedule").get<std::string>();
+      aux_coef = j.at("aux_coef").get<double>();
+      weight_decay = j.at("weight_decay").get<double>();
+      eval_every = j.at("eval_every").get<Index>();
+      save_every = j.at("save_every").get<Index>();
+      hidden = j.at("hidden").get<Index>();
+      layers = j.at("layers").get<Index>();
+      heads = j.at("heads").get<Index>();
+      kv_heads = j.at("kv_heads").get<Index>();
+      head_dim = j.at("head_dim").get<Index>();
+      intermediate = j.at("intermediate").get<Index>();
+      top_k = j.at("top_k").get<Index>();
+      variant = j.at("variant").get<std::string>();
+      mqar_pairs = j.at("mqar_pairs").get<Index>();
+      mqar_vocab = j.at("mqar_vocab").get<Index>();
+    } catch (const nlohmann::json::exception& e) {
+      gqe::fail<gqe::FormatError>(source, " is not a gqe-train comparison (", e.what(), ")");
+    }
+  }
+};
+
+// The run of one model and seed under the options.
+RunConfig make_run(const Options& o, gqe::AttentionType type, std::uint64_t seed) {
+  RunConfig r;
+  r.task = gqe::training::task_from_string(o.task);
+  gqe::ModelConfig& m = r.model;
+  m.attention_type = type;
+  m.gqe_variant = gqe::gqe_variant_from_string(o.variant);
+  m.vocab_size = r.task == gqe::training::Task::mqar ? o.mqar_vocab : 256;
+  m.hidden_size = o.hidden;
+  m.intermediate_size = o.intermediate;
+  m.num_layers = o.layers;
+  m.num_heads = o.heads;
+  m.num_kv_heads = o.kv_heads;
+  m.head_dim = o.head_dim;
+  m.top_k = o.top_k;
+  m.rms_norm_eps = 1e-5;
+  m.max_position_embeddings = std::max<Index>(4096, o.seq_len);
+  r.optimizer.lr = o.lr;
+  r.optimizer.weight_decay = o.weight_decay;
+  r.optimizer.total_steps = o.steps;
+  r.optimizer.warmup_steps = o.warmup > 0 ? o.warmup : std::max<Index>(1, o.steps / 20);
+  r.optimizer.schedule = gqe::training::schedule_from_string(o.schedule);
+  r.mqar.vocab_size = o.mqar_vocab;
+  r.mqar.seq_len = o.seq_len;
+  r.mqar.num_pairs = o.mqar_pairs;
+  r.text_path = o.text.empty() ? std::string() : fs::absolute(o.text).string();
+  r.batch = o.batch;
+  r.seq_len = o.seq_len;
+  r.aux_coef = o.aux_coef;
+  r.seed = seed;
+  r.eval_every = o.eval_every;
+  r.save_every = o.save_every;
+  r.validate();
+  return r;
+}
+
+std::string run_name(gqe::AttentionType type, Index seed) {
+  return std::string(type == gqe::AttentionType::gqa ? "gqa" : "gqe") + "-seed" + std::to_string(seed);
+}
+
+std::string duration(double seconds) {
+  char buf[32];
+  const long s = static_cast<long>(std::max(0.0, seconds) + 0.5);
+  if (s >= 3600)
+    std::snprintf(buf, sizeof buf, "%ldh%02ldm", s / 3600, (s / 60) % 60);
+  else
+    std::snprintf(buf, sizeof buf, "%ldm%02lds", s / 60, s % 60);
+  return buf;
+}
+
+// A progress bar on stderr: redrawn in place on a terminal, a line every tenth otherwise.
+class Progress {
+ public:
+  explicit Progress(std::string label) : label_(std::move(label)), tty_(isatty(2) != 0) {}
+
+  void update(const gqe::training::StepInfo& s, const Run& run) {
+    const auto now = std::chrono::steady_clock::now();
+    const bool last = s.step == s.total;
+    const Index tenth = std::max<Index>(1, s.total / 10);
+    if (tty_ && !last && now - drawn_ < std::chrono::milliseconds(200)) return;
+    if (!tty_ && !last && s.step % tenth != 0) return;
+    drawn_ = now;
+    // EMA of the language-model loss, for a readable figure.
+    const auto& h = run.history();
+    double ema = 0, weight = 0;
+    for (std::size_t i = h.size() > 50 ? h.size() - 50 : 0; i < h.size(); ++i) {
+      ema = 0.9 * ema + 0.1 * h[i].lm_loss;
+      weight = 0.9 * weight + 0.1;
+    }
+    const double loss = weight > 0 ? ema / weight : s.lm_loss;
+    const int width = 24;
+    const int filled = static_cast<int>(width * static_cast<double>(s.step) / static_cast<double>(s.total));
+    std::string bar(static_cast<std::size_t>(filled), '#');
+    bar.append(static_cast<std::size_t>(width - filled), '-');
+    const double per_step = s.seconds / static_cast<double>(std::max<Index>(1, s.step));
+    const double left = per_step * static_cast<double>(s.total - s.step);
+    char acc[32] = "";
+    if (!run.evals().empty()) std::snprintf(acc, sizeof acc, "  acc %.3f", run.evals().back().accuracy);
+    std::fprintf(stderr, "%s%-12s [%s] %5ld/%ld  loss %.4f%s  %.1fk tok/s  left %s%s", tty_ ? "\r" : "", label_.c_str(),
+                 bar.c_str(), static_cast<long>(s.step), static_cast<long>(s.total), loss, acc, s.tokens_per_second / 1000,
+                 duration(left).c_str(), tty_ ? "\033[K" : "\n");
+    if (tty_ && last) std::fputc('\n', stderr);
+    std::fflush(stderr);
+  }
+
+ private:
+  std::string label_;
+  bool tty_;
+  std::chrono::steady_clock::time_point drawn_{};
+};
+
+// Trains one run to its end (or until Ctrl-C). Returns false when interrupted.
+bool train_run(Run& run, const fs::path& dir, const std::string& label) {
+  Progress progress(label);
+  const bool done = run.train(dir, [] { return g_interrupted != 0; },
+                              [&](const gqe::training::StepInfo& s) { progress.update(s, run); });
+  if (!done) {
+    std::fprintf(stderr, "\ninterrupted at step %ld of %ld; saved to %s (continue with --resume %s)\n",
+                 static_cast<long>(run.step()), static_cast<long>(run.config().steps()), dir.string().c_str(),
+                 dir.parent_path().string().c_str());
+  }
+  return done;
+}
+
+struct Stats {
+  double mean = 0, sd = 0;
+};
+Stats stats(const std::vector<double>& v) {
+  Stats s;
+  if (v.empty()) return s;
+  for (double x : v) s.mean += x;
+  s.mean /= static_cast<double>(v.size());
+  if (v.size() > 1) {
+    for (double x : v) s.sd += (x - s.mean) * (x - s.mean);
+    s.sd = std::sqrt(s.sd / static_cast<double>(v.size() - 1));
+  }
+  return s;
+}
+
+// Whole-model training FLOPs per sequence (forward + backward = 3 x forward), from the spec's
+// attention FLOP model plus the feed-forward and lm_head.
+double train_flops(const gqe::ModelConfig& m, Index T) {
+  const double t = static_cast<double>(T), d = static_cast<double>(m.hidden_size);
+  const double ffn = 2 * t * 3 * d * static_cast<double>(m.intermediate_size);
+  const double layer = m.attention().prefill_flops(T) + ffn;
+  return 3 * (static_cast<double>(m.num_layers) * layer + 2 * t * d * static_cast<double>(m.vocab_size));
+}
+
+// Writes the curves (CSV) and, when gnuplot is installed, a PNG of them.
+void write_curves(const fs::path& out, const std::vector<std::pair<std::string, const Run*>>& runs) {
+  {
+    std::ostringstream csv;
+    csv << "run,step,loss,lm_loss,aux_loss,lr,grad_norm\n";
+    for (const auto& [name, run] : runs)
+      for (const auto& h : run->history())
+        csv << name << ',' << h.step << ',' << h.loss << ',' << h.lm_loss << ',' << h.aux_loss << ',' << h.lr << ','
+            << h.grad_norm << '\n';
+    const std::string text = csv.str();
+    gqe::write_file_atomically(out / "loss_curves.csv", [&](std::ostream& o) { o << text; });
+  }
+  {
+    std::ostringstream csv;
+    csv << "run,step,heldout_loss,heldout_accuracy\n";
+    for (const auto& [name, run] : runs)
+      for (const auto& e : run->evals()) csv << name << ',' << e.step << ',' << e.loss << ',' << e.accuracy << '\n';
+    const std::string text = csv.str();
+    gqe::write_file_atomically(out / "eval_curves.csv", [&](std::ostream& o) { o << text; });
+  }
+  // Wide files for plotting: one column per run; training loss smoothed (EMA, bias-corrected).
+  std::ostringstream train, eval;
+  std::size_t longest = 0;
+  train << "step";
+  eval << "step";
+  for (const auto& [name, run] : runs) {
+    train << ',' << name;
+    eval << ',' << name;
+    longest = std::max(longest, run->history().size());
+  }
+  train << '\n';
+  eval << '\n';
+  std::vector<double> ema(runs.size(), 0), weight(runs.size(), 0);
+  for (std::size_t i = 0; i < longest; ++i) {
+    train << i + 1;
+    for (std::size_t r = 0; r < runs.size(); ++r) {
+      const auto& h = runs[r].second->history();
+      train << ',';
+      if (i < h.size()) {
+        ema[r] = 0.98 * ema[r] + 0.02 * h[i].lm_loss;
+        weight[r] = 0.98 * weight[r] + 0.02;
+        train << ema[r] / weight[r];
+      } else {
+        train << "NaN";
+      }
+    }
+    train << '\n';
+  }
+  std::map<Index, std::vector<std::string>> rows;
+  for (std::size_t r = 0; r < runs.size(); ++r)
+    for (const auto& e : runs[r].second->evals()) {
+      auto& row = rows[e.step];
+      row.resize(runs.size(), "NaN");
+      row[r] = std::to_string(e.accuracy);
+    }
+  for (auto& [step, row] : rows) {
+    row.resize(runs.size(), "NaN");
+    eval << step;
+    for (const auto& v : row) eval << ',' << v;
+    eval << '\n';
+  }
+  const std::string train_text = train.str(), eval_text = eval.str();
+  gqe::write_file_atomically(out / "plot_train_loss.csv", [&](std::ostream& o) { o << train_text; });
+  gqe::write_file_atomically(out / "plot_heldout_accuracy.csv", [&](std::ostream& o) { o << eval_text; });
+
+  const fs::path script = out / "plot.gnuplot";
+  {
+    std::ostringstream g;
+    g << "set datafile separator ','\n"
+      << "set terminal pngcairo size 1400,560 font ',10'\n"
+      << "set output '" << (out / "training_curves.png").string() << "'\n"
+      << "set multiplot layout 1,2 title 'GQA vs GQE: same shape, tokens and seeds'\n"
+      << "set key outside bottom center horizontal\nset grid\nset xlabel 'step'\n"
+      << "set ylabel 'training loss (EMA)'\nset logscale y\n"
+      << "plot for [i=2:" << runs.size() + 1 << "] '" << (out / "plot_train_loss.csv").string()
+      << "' using 1:i with lines lw 1.5 lc (i % 2 == 0 ? 1 : 7) title columnhead(i)\n"
+      << "unset logscale y\nset ylabel 'held-out accuracy'\nset yrange [0:1]\n"
+      << "plot for [i=2:" << runs.size() + 1 << "] '" << (out / "plot_heldout_accuracy.csv").string()
+      << "' using 1:i with linespoints lw 1.5 pt 7 ps 0.5 lc (i % 2 == 0 ? 1 : 7) title columnhead(i)\n"
+      << "unset multiplot\n";
+    const std::string text = g.str();
+    gqe::write_file_atomically(script, [&](std::ostream& o) { o << text; });
+  }
+  if (std::system("command -v gnuplot > /dev/null 2>&1") != 0) {
+    std::fprintf(stderr, "warning: gnuplot is not installed; no PNG (apt-get install gnuplot-nox; then gnuplot %s)\n",
+                 script.string().c_str());
+    return;
+  }
+  const std::string command = "gnuplot '" + script.string() + "' 2> '" + (out / "plot.log").string() + "'";
+  if (std::system(command.c_str()) != 0)
+    std::fprintf(stderr, "warning: gnuplot failed (see %s); no PNG\n", (out / "plot.log").string().c_str());
+  else
+    std::fprintf(stderr, "plot: %s\n", (out / "training_curves.png").string().c_str());
+}
+
+void print_table(const Options& o, const std::vector<std::vector<const Run*>>& by_model, const fs::path& out) {
+  std::ostringstream t;
+  const bool mqar = o.task == "mqar";
+  char line[512];
+  std::snprintf(line, sizeof line, "| %-5s | %10s | %20s | %23s | %23s | %16s |\n", "model", "parameters",
+                "active q-heads/token", "held-out loss", mqar ? "held-out MQAR acc." : "held-out accuracy",
+                "train tokens/s");
+  t << line << "|-------|-----------:|---------------------:|------------------------:|------------------------:|-----------------:|\n";
+  for (const auto& runs : by_model) {
+    if (runs.empty()) continue;
+    std::vector<double> loss, acc, speed;
+    for (const Run* r : runs) {
+      loss.push_back(r->final_eval().loss);
+      acc.push_back(r->final_eval().accuracy);
+      speed.push_back(r->tokens_per_second());
+    }
+    const auto& m = runs.front()->config().model;
+    const Stats l = stats(loss), a = stats(acc), s = stats(speed);
+    char heads[32], ls[64], as[64], ss[32];
+    std::snprintf(heads, sizeof heads, "%ld of %ld", static_cast<long>(m.attention().active_heads()),
+                  static_cast<long>(m.num_heads));
+    std::snprintf(ls, sizeof ls, "%.4f ± %.4f", l.mean, l.sd);
+    std::snprintf(as, sizeof as, "%.4f ± %.4f", a.mean, a.sd);
+    std::snprintf(ss, sizeof ss, "%.0f", s.mean);
+    // "±" is two bytes: one more in the width keeps the columns aligned.
+    std::snprintf(line, sizeof line, "| %-5s | %10ld | %20s | %24s | %24s | %16s |\n",
+                  m.attention_type == gqe::AttentionType::gqa ? "GQA" : "GQE", static_cast<long>(m.parameter_count()),
+                  heads, ls, as, ss);
+    t << line;
+  }
+  char foot[256];
+  std::snprintf(foot, sizeof foot, "\nmean ± sample standard deviation over %zu seed(s); %ld steps x %ld sequences x %ld tokens\n",
+                by_model.front().size(), static_cast<long>(o.steps), static_cast<long>(o.batch), static_cast<long>(o.seq_len));
+  t << foot;
+  const std::string text = t.str();
+  std::fputs(text.c_str(), stdout);
+  std::fflush(stdout);
+  gqe::write_file_atomically(out / "results.md", [&](std::ostream& f) { f << text; });
+}
+
+// Times training steps of both models at the options' shape and prints the ratio beside the FLOP
+// ceiling. No file is written.
+int measure_throughput(const Options& o) {
+  double rate[2] = {0, 0};
+  gqe::ModelConfig models[2];
+  const Index timed = std::max<Index>(2, std::min<Index>(o.steps, 6));
+  for (int i = 0; i < 2; ++i) {
+    const auto type = i == 0 ? gqe::AttentionType::gqa : gqe::AttentionType::gqe;
+    Options copy = o;
+    copy.steps = timed + 1;
+    Run run(make_run(copy, type, 0));
+    models[i] = run.config().model;
+    run.train_step();  // warm-up: buffers grow once
+    const auto start = std::chrono::steady_clock::now();
+    for (Index s = 0; s < timed; ++s) run.train_step();
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    rate[i] = static_cast<double>(timed * o.batch * o.seq_len) / seconds;
+    std::fprintf(stderr, "%s: %.0f training tokens/s over %ld steps of %ld x %ld tokens\n", i == 0 ? "GQA" : "GQE", rate[i],
+                 static_cast<long>(timed), static_cast<long>(o.batch), static_cast<long>(o.seq_len));
+  }
+  const double ceiling = train_flops(models[0], o.seq_len) / train_flops(models[1], o.seq_len);
+  std::printf("| seq len | GQA tokens/s | GQE tokens/s | GQE/GQA measured | FLOP ceiling (fwd+bwd, whole model) |\n");
+  std::printf("|--------:|-------------:|-------------:|-----------------:|------------------------------------:|\n");
+  std::printf("| %7ld | %12.0f | %12.0f | %16.3f | %35.3f |\n", static_cast<long>(o.seq_len), rate[0], rate[1],
+              rate[1] / rate[0], ceiling);
+  return 0;
+}
+
+int run_comparison(Options o) {
+  fs::path out = o.out;
+  std::error_code ec;
+  // --resume: a run's folder (continue that run) or a comparison's folder (continue all of it).
+  if (!o.resume.empty()) {
+    const fs::path dir = o.resume;
+    if (fs::is_regular_file(dir / "comparison.json", ec)) {
+      std::ifstream in(dir / "comparison.json");
+      nlohmann::json j;
+      try {
+        j = nlohmann::json::parse(in);
+      } catch (const nlohmann::json::exception& e) {
+        gqe::fail<gqe::FormatError>((dir / "comparison.json").string(), " is not valid JSON (", e.what(), ")");
+      }
+      o.from_json(j, (dir / "comparison.json").string());
+      out = dir;
+    } else {
+      auto run = Run::load(dir);  // throws IoError naming dir when it is neither
+      const std::string label = fs::path(dir).filename().string();
+      if (!run.finished() && !train_run(run, dir, label)) return 130;
+      std::printf("%s: step %ld of %ld, held-out loss %.4f, accuracy %.4f, %.0f training tokens/s\n", label.c_str(),
+                  static_cast<long>(run.step()), static_cast<long>(run.config().steps()), run.final_eval().loss,
+                  run.final_eval().accuracy, run.tokens_per_second());
+      return 0;
+    }
+  } else {
+    for (Index s = 0; s < o.seeds; ++s)
+      for (auto type : {gqe::AttentionType::gqa, gqe::AttentionType::gqe})
+        if (fs::exists(out / run_name(type, s), ec) || fs::exists(out / (run_name(type, s) + ".old"), ec))
+          gqe::fail<gqe::InputError>("--out ", out.string(), " already holds ", run_name(type, s),
+                                     "/; expected a new folder (or --resume ", out.string(), " to continue it)");
+  }
+  // Validate every run's configuration before anything is written.
+  for (Index s = 0; s < o.seeds; ++s)
+    for (auto type : {gqe::AttentionType::gqa, gqe::AttentionType::gqe}) make_run(o, type, static_cast<std::uint64_t>(s));
+  fs::create_directories(out, ec);
+  if (ec) gqe::fail<gqe::IoError>("cannot create --out folder ", out.string(), ": ", ec.message());
+  const std::string comparison = o.to_json().dump(2) + "\n";
+  gqe::write_file_atomically(out / "comparison.json", [&](std::ostream& f) { f << comparison; });
+
+  std::vector<Run> runs;
+  runs.reserve(static_cast<std::size_t>(2 * o.seeds));
+  std::vector<std::pair<std::string, const Run*>> named;
+  for (Index s = 0; s < o.seeds; ++s)
+    for (auto type : {gqe::AttentionType::gqa, gqe::AttentionType::gqe}) {
+      const std::string name = run_name(type, s);
+      const fs::path dir = out / name;
+      if (fs::exists(dir / "train_state.json", ec) || fs::exists(out / (name + ".old") / "train_state.json", ec))
+        runs.push_back(Run::load(dir));
+      else
+        runs.emplace_back(make_run(o, type, static_cast<std::uint64_t>(s)));
+      Run& run = runs.back();
+      if (!run.finished() || !run.has_final_eval()) {
+        if (!train_run(run, dir, name)) return 130;
+      }
+      named.emplace_back(name, &run);
+    }
+  std::vector<std::vector<const Run*>> by_model(2);
+  for (const auto& [name, run] : named) by_model[name.rfind("gqa", 0) == 0 ? 0 : 1].push_back(run);
+  std::printf("\n");
+  print_table(o, by_model, out);
+  write_curves(out, named);
+  std::fprintf(stderr, "checkpoints: %s/{gqa,gqe}-seed<S>/ (gqe-run --model %s/gqe-seed0 ...)\n", out.string().c_str(),
+               out.string().c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Trains a dense GQA and a GQE transformer of the same shape on the same tokens and seeds, and compares them",
+               "gqe-train"};
+  Options o;
+  app.add_option("--task", o.task, "mqar (multi-query associative recall) or text (byte-level LM on --text)")
+      ->check(CLI::IsMember({"mqar", "text"}))->capture_default_str();
+  app.add_option("--text", o.text, "text file for --task text (its last 10% is held out)");
+  app.add_option("--steps", o.steps, "optimiser steps per run")->check(CLI::Range(1, 10000000))->capture_default_str();
+  app.add_option("--batch", o.batch, "sequences per step")->check(CLI::Range(1, 65536))->capture_default_str();
+  app.add_option("--seeds", o.seeds, "runs seeds 0..N-1 of each model")->check(CLI::Range(1, 1000))->capture_default_str();
+  app.add_option("--seq-len", o.seq_len, "tokens per sequence")->check(CLI::Range(1, 1 << 20))->capture_default_str();
+  app.add_option("--out", o.out, "output folder: checkpoints, curves, plot, results")->capture_default_str();
+  app.add_option("--threads", o.threads, "threads (default: all cores)")->check(CLI::Range(1, 1024));
+  app.add_option("--resume", o.resume, "continue a run's folder (out/gqe-seed0) or a whole comparison's (out)");
+  app.add_option("--lr", o.lr, "peak learning rate")->capture_default_str();
+  app.add_option("--warmup", o.warmup, "warm-up steps (0: 5% of the steps)")->check(gqe::cli::non_negative_integer());
+  app.add_option("--schedule", o.schedule, "cosine or wsd (warmup-stable-decay)")
+      ->check(CLI::IsMember({"cosine", "wsd"}))->capture_default_str();
+  app.add_option("--aux-coef", o.aux_coef, "load-balancing loss coefficient (GQE)")->capture_default_str();
+  app.add_option("--weight-decay", o.weight_decay, "AdamW weight decay (matrices only)")->capture_default_str();
+  app.add_option("--eval-every", o.eval_every, "steps between held-out evaluations (0: a tenth of the run)")
+      ->check(gqe::cli::non_negative_integer());
+  app.add_option("--save-every", o.save_every, "steps between checkpoints (0: at the end and on Ctrl-C only)")
+      ->check(gqe::cli::non_negative_integer())->capture_default_str();
+  app.add_option("--hidden", o.hidden, "hidden size d")->check(CLI::Range(1, 65536))->capture_default_str();
+  app.add_option("--layers", o.layers, "transformer blocks")->check(CLI::Range(1, 1024))->capture_default_str();
+  app.add_option("--heads", o.heads, "query heads N (GQE: routed experts)")->check(CLI::Range(1, 1024))->capture_default_str();
+  app.add_option("--kv-heads", o.kv_heads, "KV heads G")->check(CLI::Range(1, 1024))->capture_default_str();
+  app.add_option("--head-dim", o.head_dim, "head dimension d_h")->check(CLI::Range(2, 2048))->capture_default_str();
+  app.add_option("--intermediate", o.intermediate, "feed-forward size")->check(CLI::Range(1, 1 << 18))->capture_default_str();
+  app.add_option("--top-k", o.top_k, "GQE experts kept per group")->check(CLI::Range(1, 1024))->capture_default_str();
+  app.add_option("--variant", o.variant, "GQE variant: gqe, hard_concat or weighted_concat")
+      ->check(CLI::IsMember({"gqe", "hard_concat", "weighted_concat"}))->capture_default_str();
+  app.add_option("--mqar-pairs", o.mqar_pairs, "MQAR key-value pairs per sequence")->check(CLI::Range(1, 1 << 20))->capture_default_str();
+  app.add_option("--mqar-vocab", o.mqar_vocab, "MQAR vocabulary (keys and values split it)")->check(CLI::Range(5, 1 << 20))->capture_default_str();
+  app.add_flag("--throughput", o.throughput, "only time training steps of both models at this shape and print the ratio beside the FLOP ceiling");
+  return gqe::cli::run_main(app, argc, argv, [&]() -> int {
+    if (o.task == "text" && o.text.empty() && o.resume.empty())
+      gqe::fail<gqe::ConfigError>("--task text needs --text FILE");
+    if (o.threads > 0) gqe::set_num_threads(o.threads);
+    std::signal(SIGINT, on_sigint);
+    if (o.throughput) return measure_throughput(o);
+    return run_comparison(o);
+  });
+}
