@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cmath>
 #include <csignal>
+#include <ctime>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -234,6 +235,15 @@ double train_flops(const gqe::ModelConfig& m, Index T) {
   return 3 * (static_cast<double>(m.num_layers) * layer + 2 * t * d * static_cast<double>(m.vocab_size));
 }
 
+// The same with the attention as this implementation computes it: forward (scores, values), one
+// more score pass for the log-sum-exp, and a backward that recomputes the scores (scores, dP, dV,
+// dQ, dK): 8 products per score pair where the FLOP model counts 6.
+double train_flops_recompute(const gqe::ModelConfig& m, Index T) {
+  const double t = static_cast<double>(T);
+  const double attention = 4 * static_cast<double>(m.attention().active_heads() * m.head_dim) * t * (t + 1) / 2;
+  return train_flops(m, T) + static_cast<double>(m.num_layers) * attention;
+}
+
 // Writes the curves (CSV) and, when gnuplot is installed, a PNG of them.
 void write_curves(const fs::path& out, const std::vector<std::pair<std::string, const Run*>>& runs) {
   {
@@ -370,30 +380,44 @@ void print_table(const Options& o, const std::vector<std::vector<const Run*>>& b
 }
 
 // Times training steps of both models at the options' shape and prints the ratio beside the FLOP
-// ceiling. No file is written.
+// ceiling. The models alternate, a few steps each, over several rounds, and each model's median
+// round is taken, so that other load on the machine hits both alike; process CPU time is reported
+// beside wall-clock time for the same reason. No file is written.
 int measure_throughput(const Options& o) {
-  double rate[2] = {0, 0};
-  gqe::ModelConfig models[2];
-  const Index timed = std::max<Index>(2, std::min<Index>(o.steps, 6));
-  for (int i = 0; i < 2; ++i) {
-    const auto type = i == 0 ? gqe::AttentionType::gqa : gqe::AttentionType::gqe;
-    Options copy = o;
-    copy.steps = timed + 1;
-    Run run(make_run(copy, type, 0));
-    models[i] = run.config().model;
-    run.train_step();  // warm-up: buffers grow once
-    const auto start = std::chrono::steady_clock::now();
-    for (Index s = 0; s < timed; ++s) run.train_step();
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    rate[i] = static_cast<double>(timed * o.batch * o.seq_len) / seconds;
-    std::fprintf(stderr, "%s: %.0f training tokens/s over %ld steps of %ld x %ld tokens\n", i == 0 ? "GQA" : "GQE", rate[i],
-                 static_cast<long>(timed), static_cast<long>(o.batch), static_cast<long>(o.seq_len));
-  }
-  const double ceiling = train_flops(models[0], o.seq_len) / train_flops(models[1], o.seq_len);
-  std::printf("| seq len | GQA tokens/s | GQE tokens/s | GQE/GQA measured | FLOP ceiling (fwd+bwd, whole model) |\n");
-  std::printf("|--------:|-------------:|-------------:|-----------------:|------------------------------------:|\n");
-  std::printf("| %7ld | %12.0f | %12.0f | %16.3f | %35.3f |\n", static_cast<long>(o.seq_len), rate[0], rate[1],
-              rate[1] / rate[0], ceiling);
+  constexpr int kRounds = 7;
+  const Index per_round = std::max<Index>(1, std::min<Index>(o.steps, 2));
+  Options copy = o;
+  copy.steps = 1 + kRounds * per_round;
+  std::vector<Run> runs;
+  runs.reserve(2);
+  runs.emplace_back(make_run(copy, gqe::AttentionType::gqa, 0));
+  runs.emplace_back(make_run(copy, gqe::AttentionType::gqe, 0));
+  for (auto& r : runs) r.train_step();  // warm-up: buffers grow once
+  std::vector<double> wall[2], cpu[2];
+  const double tokens = static_cast<double>(per_round * o.batch * o.seq_len);
+  for (int round = 0; round < kRounds; ++round)
+    for (int i = 0; i < 2; ++i) {
+      const std::clock_t c0 = std::clock();
+      const auto start = std::chrono::steady_clock::now();
+      for (Index s = 0; s < per_round; ++s) runs[static_cast<std::size_t>(i)].train_step();
+      wall[i].push_back(tokens / std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      cpu[i].push_back(tokens / (static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC));
+    }
+  const auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  const auto& gqa = runs[0].config().model;
+  const auto& gqe_model = runs[1].config().model;
+  const double ceiling = train_flops(gqa, o.seq_len) / train_flops(gqe_model, o.seq_len);
+  const double recompute = train_flops_recompute(gqa, o.seq_len) / train_flops_recompute(gqe_model, o.seq_len);
+  const double g = median(wall[0]), e = median(wall[1]);
+  std::printf("| seq len | GQA tokens/s | GQE tokens/s | GQE/GQA wall | GQE/GQA CPU time | FLOP ceiling (spec model, fwd+bwd) | FLOP ceiling (as computed) |\n");
+  std::printf("|--------:|-------------:|-------------:|-------------:|-----------------:|-----------------------------------:|---------------------------:|\n");
+  std::printf("| %7ld | %12.0f | %12.0f | %12.3f | %16.3f | %34.3f | %26.3f |\n", static_cast<long>(o.seq_len), g, e, e / g,
+              median(cpu[1]) / median(cpu[0]), ceiling, recompute);
+  std::printf("\nmedians of %d alternating rounds of %ld steps x %ld sequences x %ld tokens, %d thread(s)\n", kRounds,
+              static_cast<long>(per_round), static_cast<long>(o.batch), static_cast<long>(o.seq_len), gqe::num_threads());
   return 0;
 }
 
