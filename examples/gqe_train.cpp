@@ -453,9 +453,10 @@ int run_comparison(Options o) {
           gqe::fail<gqe::InputError>("--out ", out.string(), " already holds ", run_name(type, s),
                                      "/; expected a new folder (or --resume ", out.string(), " to continue it)");
   }
-  // Validate every run's configuration before anything is written.
+  // Validate every run's configuration, and the text file, before anything is written.
   for (Index s = 0; s < o.seeds; ++s)
     for (auto type : {gqe::AttentionType::gqa, gqe::AttentionType::gqe}) make_run(o, type, static_cast<std::uint64_t>(s));
+  if (o.task == "text") gqe::training::TextData check(o.text, o.seq_len);
   fs::create_directories(out, ec);
   if (ec) gqe::fail<gqe::IoError>("cannot create --out folder ", out.string(), ": ", ec.message());
   const std::string comparison = o.to_json().dump(2) + "\n";
