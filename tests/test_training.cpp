@@ -326,6 +326,32 @@ TEST(TrainingModel, HardConcatRouterLearnsFromTheAuxLossOnly) {
 
 }  // namespace
 
+// An expert that no token keeps gets exactly zero gradient: with a zero router every logit of a
+// group ties and every token keeps expert 0 (ties go to the lower index), so q_proj's rows of the
+// other experts receive nothing, while the router still learns through the weighted slot.
+TEST(TrainingModel, UnkeptExpertsGetNoGradient) {
+  const auto c = tiny_config(gqe::AttentionType::gqe, gqe::GqeVariant::gqe, 1, false);
+  auto params = random_params(c, 12);
+  for (auto& l : params.layers) l.router.weight().setZero();
+  const auto batch = random_batch(c, 2, 7, 13);
+  gqe::training::LossAndGrad<double> graph(c);
+  gqe::training::Params<double> grads(c);
+  graph.forward(params, batch, 0.01);
+  graph.backward(params, grads);
+  const Index M = 3, dh = c.head_dim;
+  for (std::size_t l = 0; l < grads.layers.size(); ++l) {
+    const auto& q = grads.layers[l].q_proj;
+    for (Index e = 0; e < c.num_heads; ++e) {
+      const double norm = q.middleRows(e * dh, dh).norm();
+      if (e % M == 0)
+        EXPECT_GT(norm, 0.0) << "layer " << l << " expert " << e;
+      else
+        EXPECT_EQ(norm, 0.0) << "layer " << l << " expert " << e;
+    }
+    EXPECT_GT(grads.layers[l].router.weight().norm(), 0.0) << "layer " << l;
+  }
+}
+
 // ---- the training forward against the inference model ------------------------------------------
 
 namespace more {
