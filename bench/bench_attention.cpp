@@ -1,114 +1,258 @@
-// One attention layer of the paper's shape: prefill at T = 512 .. 8192 and decode at cache lengths
-// 1024 .. 16384, dense GQA against GQE (k = 1 of M = 2: 9 of 16 query heads per token), with the
-// useful GFLOP/s of the spec's FLOP model; and a plain GEMM of the projections' size in the same
-// run, so the report can say what fraction of the machine's GEMM rate the layer reaches.
+// One attention layer of the paper's shape (d=1024, d_h=64, N=16, G=8; GQE keeps k=1 of M=2: 9 of
+// 16 query heads per token), dense GQA against GQE:
+//   prefill_{gqa,gqe}/T      one forward over T tokens from an empty cache, useful GFLOP/s of the
+//                            spec's FLOP model, active heads per token, the FLOP ceiling at T;
+//   decode_{gqa,gqe}/L       one token against a cache of L positions, GB/s of weights and cache read;
+//   attention_{gqa,gqe}/T    the causal attention kernel alone, with the layer's head layout;
+//   gemm_*/4096              a plain [4096 x 1024] x [1024 x 1024] product measured in the same run,
+//                            the machine's GEMM rate that the layer's GFLOP/s is compared with.
+#include <Eigen/Core>
+
 #include "bench_common.hpp"
+#include "gqe/layers/gqa_attention.hpp"
+#include "gqe/layers/gqe_attention.hpp"
+#include "gqe/ops/attention.hpp"
+#include "gqe/ops/linear.hpp"
+#include "gqe/ops/rope.hpp"
+#include "gqe/util/thread_pool.hpp"
+
+#ifdef GQE_USE_BLAS
+#include <cblas.h>
+#endif
 
 namespace {
 
 using namespace gqe;
-const bench::Context context;
-
-std::vector<Index> iota(Index first, Index count) {
-  std::vector<Index> v(static_cast<std::size_t>(count));
-  for (Index i = 0; i < count; ++i) v[static_cast<std::size_t>(i)] = first + i;
-  return v;
-}
+using bench::paper_layer;
 
 template <class Layer>
-Layer make_layer(AttentionType type) {
-  Layer layer(bench::paper_layer(type));
-  bench::random_weights([&](auto&& fn) { Layer::visit(layer, fn); }, 1);
+Layer random_layer(AttentionType type) {
+  Layer layer(paper_layer(type));
+  bench::randomize_layer(layer, 1);
   return layer;
+}
+
+// x [T, d] from N(0, 1), like the RMS-normed hidden states a layer receives.
+Matrix<float> random_input(Index rows, Index cols, unsigned seed) {
+  std::mt19937 rng(seed);
+  Matrix<float> x(rows, cols);
+  bench::fill_random(x.data(), x.size(), 1, rng);
+  return x;
 }
 
 template <class Layer>
 void prefill(benchmark::State& state, AttentionType type) {
   const Index T = state.range(0);
-  const AttentionConfig config = bench::paper_layer(type);
-  const Layer layer = make_layer<Layer>(type);
-  Matrix<float> x = Matrix<float>::Random(T, config.hidden_size), y(T, config.hidden_size);  // [T, d]
+  const AttentionConfig config = paper_layer(type);
+  const Layer layer = random_layer<Layer>(type);
+  const Matrix<float> x = random_input(T, config.hidden_size, 7);  // [T, d]
+  Matrix<float> y(T, config.hidden_size);                          // [T, d]
   RopeTable<float> rope;
-  rope.compute(iota(0, T), config.head_dim, config.rope_theta);
+  rope.compute(bench::positions(0, T), config.head_dim, config.rope_theta);
   AttentionCache<float> cache(config);
-  cache.reserve(T);
+  cache.reserve(T);  // clear() keeps the capacity: no allocation inside the timed loop
+  const std::vector<Segment<float>> segments{{&cache, 0, T}};
+
+  // One untimed call sizes the library's thread-local workspaces for T (they are shared by every
+  // benchmark, so the previous one may have left them at another size). For GQE it also reports
+  // how mixed the routing is: the share of (token, group) choices that went to expert 0 of 2.
+  if constexpr (std::is_same_v<Layer, GQEAttention<float>>) {
+    Routing<float> routing;
+    layer.forward(x, segments, rope, y, &routing);
+    state.counters["expert0_share"] =
+        static_cast<double>((routing.experts.array() == 0).count()) / static_cast<double>(routing.experts.size());
+  } else {
+    layer.forward(x, segments, rope, y);
+  }
+
   for (auto _ : state) {
     cache.clear();
-    layer.forward(x, {{&cache, 0, T}}, rope, y);
+    layer.forward(x, segments, rope, y);
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
-  const AttentionConfig dense = bench::paper_layer(AttentionType::gqa);
-  state.counters["GFLOPS"] = benchmark::Counter(config.prefill_flops(T) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  const double dense = paper_layer(AttentionType::gqa).prefill_flops(T), routed = paper_layer(AttentionType::gqe).prefill_flops(T);
+  state.counters["GFLOPS"] = bench::rate(config.prefill_flops(T) * 1e-9);  // useful work, spec's model
   state.counters["active_heads"] = static_cast<double>(config.active_heads());
-  state.counters["flop_ceiling"] = dense.prefill_flops(T) / bench::paper_layer(AttentionType::gqe).prefill_flops(T);
-  state.counters["tokens"] = static_cast<double>(T);
+  state.counters["flop_ceiling"] = dense / routed;
+}
+
+// Bytes one decode step must read: every weight it multiplies by (GQE: only the kept experts'
+// rows of Wq) and the whole KV cache of L + 1 positions (GQE: with the mean K/V of the shared head).
+double decode_bytes(const AttentionConfig& c, Index L) {
+  const double d = static_cast<double>(c.hidden_size), dh = static_cast<double>(c.head_dim);
+  const double query_heads = static_cast<double>(c.active_heads()), kv = static_cast<double>(c.num_kv_heads);
+  double weights = (query_heads + 2 * kv + static_cast<double>(c.output_slots())) * dh * d;
+  if (c.is_gqe()) weights += static_cast<double>(c.num_heads) * d;  // router
+  const double cache = 2 * (kv + (c.has_shared_head() ? 1 : 0)) * static_cast<double>(L + 1) * dh;
+  return sizeof(float) * (weights + cache);
 }
 
 template <class Layer>
 void decode(benchmark::State& state, AttentionType type) {
   const Index L = state.range(0);
-  const AttentionConfig config = bench::paper_layer(type);
-  const Layer layer = make_layer<Layer>(type);
-  // A cache of L positions filled with random keys and values (what attention reads is all that
-  // matters for its speed); each step appends one token, then the cache is rolled back to L.
+  const AttentionConfig config = paper_layer(type);
+  const Layer layer = random_layer<Layer>(type);
+  // A cache of L positions filled with random keys and values: the cost of attention does not
+  // depend on the values, and a real prefill of 16384 tokens would take most of the suite's time.
   AttentionCache<float> cache(config);
   cache.reserve(L + 1);
+  std::mt19937 rng(3);
+  const Index dh = config.head_dim;
   for (Index g = 0; g < config.num_kv_heads; ++g) {
-    MatrixMap<float>(cache.key(g), L, config.head_dim).setRandom();
-    MatrixMap<float>(cache.value(g), L, config.head_dim).setRandom();
+    bench::fill_random(cache.key(g), L * dh, 1, rng);
+    bench::fill_random(cache.value(g), L * dh, 1, rng);
   }
   if (cache.has_mean()) {
-    MatrixMap<float>(cache.mean_key(), L, config.head_dim).setRandom();
-    MatrixMap<float>(cache.mean_value(), L, config.head_dim).setRandom();
+    bench::fill_random(cache.mean_key(), L * dh, 1, rng);
+    bench::fill_random(cache.mean_value(), L * dh, 1, rng);
   }
-  Matrix<float> x = Matrix<float>::Random(1, config.hidden_size), y(1, config.hidden_size);
+  const Matrix<float> x = random_input(1, config.hidden_size, 5);  // [1, d]
+  Matrix<float> y(1, config.hidden_size);                          // [1, d]
   RopeTable<float> rope;
-  rope.compute(iota(L, 1), config.head_dim, config.rope_theta);
+  rope.compute(bench::positions(L, 1), dh, config.rope_theta);
   const std::vector<Segment<float>> segments{{&cache, 0, 1}};
-  for (auto _ : state) {
+
+  // Roll back to L before every step: positions 0 .. L-1 are never written by a step (it writes
+  // position L, then advances), so clear() + advance(L) restores the same cache at no cost.
+  const auto rewind = [&] {
     cache.clear();
     cache.advance(L);
+  };
+  rewind();
+  layer.forward(x, segments, rope, y);  // untimed: workspaces sized for one row
+  for (auto _ : state) {
+    rewind();
     layer.forward(x, segments, rope, y);
     benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
   }
-  state.counters["cache"] = static_cast<double>(L);
+  state.counters["GBps"] = bench::rate(decode_bytes(config, L) * 1e-9);
   state.counters["active_heads"] = static_cast<double>(config.active_heads());
 }
 
-// Y [T, 1024] = X [T, 1024] W^T, the size of one projection at T tokens: Eigen single-threaded,
-// the library's tiled gqe::linear on its pool, and OpenBLAS (one thread per tile) when built with it.
-void gemm_eigen(benchmark::State& state) {
+// The attention kernel alone over T tokens with the layer's layout: GQA's 8 KV heads each read by
+// M = 2 query heads; GQE's 8 KV heads each read by k = 1 slot, plus the shared head on the mean K/V.
+void attention_kernel(benchmark::State& state, AttentionType type) {
   const Index T = state.range(0);
-  Matrix<float> x = Matrix<float>::Random(T, 1024), w = Matrix<float>::Random(1024, 1024), y(T, 1024);
-  for (auto _ : state) {
-    y.noalias() = x * w.transpose();
-    benchmark::DoNotOptimize(y.data());
+  const AttentionConfig c = paper_layer(type);
+  const Index dh = c.head_dim, G = c.num_kv_heads, per_kv = c.is_gqe() ? c.top_k : c.experts_per_group();
+  const Index active = c.active_heads(), kv_heads = G + (c.has_shared_head() ? 1 : 0);
+  const Matrix<float> query = random_input(T, active * dh, 11);   // [T, active*d_h]
+  const Matrix<float> keys = random_input(kv_heads * T, dh, 12);  // [kv_heads*T, d_h]
+  const Matrix<float> values = random_input(kv_heads * T, dh, 13);
+  Matrix<float> out(T, active * dh);  // [T, active*d_h]
+  std::vector<AttentionHead<float>> heads;
+  for (Index h = 0, col = 0; h < kv_heads; ++h) {
+    AttentionHead<float> head;
+    head.heads = h < G ? per_kv : 1;
+    head.query = query.data() + col;
+    head.query_stride = query.cols();
+    head.key = keys.data() + h * T * dh;
+    head.value = values.data() + h * T * dh;
+    head.kv_stride = dh;
+    head.out = out.data() + col;
+    head.out_stride = out.cols();
+    head.count = T;
+    heads.push_back(head);
+    col += head.heads * dh;
   }
-  state.counters["GFLOPS"] = benchmark::Counter(2.0 * T * 1024 * 1024 * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
+  causal_attention(heads, dh, scale);  // untimed: scratch buffers sized
+  for (auto _ : state) {
+    causal_attention(heads, dh, scale);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  const double Td = static_cast<double>(T);
+  state.counters["GFLOPS"] = bench::rate(4.0 * static_cast<double>(active * dh) * Td * (Td + 1) / 2 * 1e-9);
+  state.counters["active_heads"] = static_cast<double>(active);
 }
 
-void gemm_gqe_linear(benchmark::State& state) {
-  const Index T = state.range(0);
-  Matrix<float> x = Matrix<float>::Random(T, 1024), w = Matrix<float>::Random(1024, 1024), y(T, 1024);
+// Y [T, 1024] = X [T, 1024] W^T, W [1024, 1024]: the size of the layer's projections at T tokens.
+struct GemmOperands {
+  explicit GemmOperands(Index rows) : x(random_input(rows, 1024, 21)), w(random_input(1024, 1024, 22)), y(rows, 1024) {}
+  double flops() const { return 2.0 * static_cast<double>(x.rows()) * static_cast<double>(w.rows() * w.cols()); }
+  Matrix<float> x, w, y;
+};
+
+// Eigen's own GEMM on one thread (Eigen is built without OpenMP here): the per-core rate.
+void gemm_eigen_1thread(benchmark::State& state) {
+  GemmOperands g(state.range(0));
   for (auto _ : state) {
-    linear<float>(x, w, y);
-    benchmark::DoNotOptimize(y.data());
+    g.y.noalias() = g.x * g.w.transpose();
+    benchmark::DoNotOptimize(g.y.data());
+    benchmark::ClobberMemory();
   }
-  state.counters["GFLOPS"] = benchmark::Counter(2.0 * T * 1024 * 1024 * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOPS"] = bench::rate(g.flops() * 1e-9);
+  state.counters["threads"] = 1;
+}
+
+// gqe::linear: the library's projection, 256 x 256 tiles spread over its pool.
+void gemm_gqe_linear(benchmark::State& state) {
+  GemmOperands g(state.range(0));
+  for (auto _ : state) {
+    linear<float>(g.x, g.w, g.y);
+    benchmark::DoNotOptimize(g.y.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["GFLOPS"] = bench::rate(g.flops() * 1e-9);
   state.counters["threads"] = num_threads();
 }
+
+#ifdef GQE_USE_BLAS
+// OpenBLAS's sgemm with as many threads as the library's pool. gqe::linear pins OpenBLAS to one
+// thread per tile, so the count is put back to 1 afterwards.
+void gemm_openblas(benchmark::State& state) {
+  GemmOperands g(state.range(0));
+  const int m = static_cast<int>(g.x.rows()), n = static_cast<int>(g.w.rows()), k = static_cast<int>(g.x.cols());
+  openblas_set_num_threads(num_threads());
+  for (auto _ : state) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, g.x.data(), k, g.w.data(), k, 0.0f,
+                g.y.data(), n);
+    benchmark::DoNotOptimize(g.y.data());
+    benchmark::ClobberMemory();
+  }
+  openblas_set_num_threads(1);
+  state.counters["GFLOPS"] = bench::rate(g.flops() * 1e-9);
+  state.counters["threads"] = num_threads();
+}
+#endif
 
 void prefill_gqa(benchmark::State& s) { prefill<GQAAttention<float>>(s, AttentionType::gqa); }
 void prefill_gqe(benchmark::State& s) { prefill<GQEAttention<float>>(s, AttentionType::gqe); }
 void decode_gqa(benchmark::State& s) { decode<GQAAttention<float>>(s, AttentionType::gqa); }
 void decode_gqe(benchmark::State& s) { decode<GQEAttention<float>>(s, AttentionType::gqe); }
+void attention_gqa(benchmark::State& s) { attention_kernel(s, AttentionType::gqa); }
+void attention_gqe(benchmark::State& s) { attention_kernel(s, AttentionType::gqe); }
+
+// Wall-clock time is the figure (UseRealTime); the process's CPU time over all threads is recorded
+// beside it, the steadier figure when other programs compete for the cores.
+void prefill_args(benchmark::internal::Benchmark* b) {
+  for (const Index T : {512, 1024, 2048, 4096, 8192}) b->Arg(T);
+  b->Unit(benchmark::kMillisecond)->MeasureProcessCPUTime()->UseRealTime();
+}
+void decode_args(benchmark::internal::Benchmark* b) {
+  for (const Index L : {1024, 4096, 16384}) b->Arg(L);
+  b->Unit(benchmark::kMicrosecond)->MeasureProcessCPUTime()->UseRealTime();
+}
+void kernel_args(benchmark::internal::Benchmark* b) {
+  b->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond)->MeasureProcessCPUTime()->UseRealTime();
+}
+void gemm_args(benchmark::internal::Benchmark* b) {
+  b->Arg(4096)->Unit(benchmark::kMillisecond)->MeasureProcessCPUTime()->UseRealTime();
+}
 
 }  // namespace
 
-BENCHMARK(prefill_gqa)->Arg(512)->Arg(1024)->Arg(2048)->Arg(4096)->Arg(8192)->Unit(benchmark::kMillisecond)->MeasureProcessCPUTime()->UseRealTime();
-BENCHMARK(prefill_gqe)->Arg(512)->Arg(1024)->Arg(2048)->Arg(4096)->Arg(8192)->Unit(benchmark::kMillisecond)->MeasureProcessCPUTime()->UseRealTime();
-BENCHMARK(gemm_eigen)->Arg(4096)->Unit(benchmark::kMillisecond)->MeasureProcessCPUTime()->UseRealTime();
-BENCHMARK(gemm_gqe_linear)->Arg(4096)->Unit(benchmark::kMillisecond)->MeasureProcessCPUTime()->UseRealTime();
-BENCHMARK(decode_gqa)->Arg(1024)->Arg(4096)->Arg(16384)->Unit(benchmark::kMicrosecond)->MeasureProcessCPUTime()->UseRealTime();
-BENCHMARK(decode_gqe)->Arg(1024)->Arg(4096)->Arg(16384)->Unit(benchmark::kMicrosecond)->MeasureProcessCPUTime()->UseRealTime();
+BENCHMARK(prefill_gqa)->Apply(prefill_args);
+BENCHMARK(prefill_gqe)->Apply(prefill_args);
+BENCHMARK(decode_gqa)->Apply(decode_args);
+BENCHMARK(decode_gqe)->Apply(decode_args);
+BENCHMARK(attention_gqa)->Apply(kernel_args);
+BENCHMARK(attention_gqe)->Apply(kernel_args);
+BENCHMARK(gemm_eigen_1thread)->Apply(gemm_args);
+BENCHMARK(gemm_gqe_linear)->Apply(gemm_args);
+#ifdef GQE_USE_BLAS
+BENCHMARK(gemm_openblas)->Apply(gemm_args);
+#endif

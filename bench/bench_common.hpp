@@ -1,21 +1,22 @@
 #pragma once
-// What the benchmarks share: the paper's layer shape, random weights, and the run's context
-// (CPU, compiler, flags, threads) recorded in the JSON beside the figures.
+// What the benchmarks share: the paper's layer shape, random weights, positions, and a counter of
+// useful work per iteration. The run's context (CPU, compiler, flags, threads) is added by main.cpp.
 #include <benchmark/benchmark.h>
 
-#include <cstdlib>
-#include <fstream>
+#include <cmath>
 #include <random>
-#include <string>
+#include <vector>
 
-#include "gqe/gqe.hpp"
+#include "gqe/layers/attention_config.hpp"
+#include "gqe/tensor/tensor.hpp"
 
 namespace gqe::bench {
 
-// d = 1024, d_h = 64, N = 16, G = 8 (the paper's main setting); k = 1 for GQE.
+// d = 1024, d_h = 64, N = 16, G = 8 (the paper's main setting); k = 1 of M = 2 for GQE.
 inline AttentionConfig paper_layer(AttentionType type) {
   AttentionConfig c;
   c.type = type;
+  c.variant = GqeVariant::gqe;
   c.hidden_size = 1024;
   c.num_heads = 16;
   c.num_kv_heads = 8;
@@ -24,37 +25,32 @@ inline AttentionConfig paper_layer(AttentionType type) {
   return c;
 }
 
-// Every parameter drawn from N(0, 1/fan_in): routing then varies from token to token.
-template <class Fill>
-void random_weights(Fill&& visit, unsigned seed) {
+// w [out, in] drawn from N(0, 1/in). For the router this gives logits of standard deviation about
+// that of x, so that the experts a token keeps vary from token to token (mixed routing, as after
+// training), rather than the all-zero initial router's tie that sends every token to expert 0.
+template <class Scalar>
+void fill_random(Scalar* data, Index size, Index fan_in, std::mt19937& rng) {
+  std::normal_distribution<double> dist(0.0, 1.0 / std::sqrt(static_cast<double>(fan_in)));
+  for (Index i = 0; i < size; ++i) data[i] = static_cast<Scalar>(dist(rng));
+}
+
+// Every parameter a layer's static visit(layer, fn) yields, (name, Matrix&), made random.
+template <class Layer>
+void randomize_layer(Layer& layer, unsigned seed) {
   std::mt19937 rng(seed);
-  visit([&](const auto&, auto& m) {
-    std::normal_distribution<float> dist(0.0f, 1.0f / std::sqrt(static_cast<float>(m.cols())));
-    for (Index i = 0; i < m.size(); ++i) m.data()[i] = dist(rng);
-  });
+  Layer::visit(layer, [&](const char*, auto& m) { fill_random(m.data(), m.size(), m.cols(), rng); });
 }
 
-inline std::string cpu_name() {
-  std::ifstream in("/proc/cpuinfo");
-  for (std::string line; std::getline(in, line);)
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  return "unknown";
+// Positions first .. first + count - 1.
+inline std::vector<Index> positions(Index first, Index count) {
+  std::vector<Index> p(static_cast<std::size_t>(count));
+  for (Index i = 0; i < count; ++i) p[static_cast<std::size_t>(i)] = first + i;
+  return p;
 }
 
-// Threads from GQE_THREADS (default: the machine's cores), and the context lines of the JSON.
-struct Context {
-  Context() {
-    if (const char* t = std::getenv("GQE_THREADS")) set_num_threads(std::atoi(t));
-    benchmark::AddCustomContext("cpu", cpu_name());
-    benchmark::AddCustomContext("compiler", GQE_BENCH_COMPILER);
-    benchmark::AddCustomContext("flags", GQE_BENCH_FLAGS);
-    benchmark::AddCustomContext("gqe_threads", std::to_string(num_threads()));
-#ifdef GQE_USE_BLAS
-    benchmark::AddCustomContext("projections", "OpenBLAS (GQE_USE_BLAS)");
-#else
-    benchmark::AddCustomContext("projections", "Eigen");
-#endif
-  }
-};
+// `amount` of something done by one iteration, reported per second of (real) time.
+inline benchmark::Counter rate(double amount) {
+  return benchmark::Counter(amount, benchmark::Counter::kIsIterationInvariantRate);
+}
 
 }  // namespace gqe::bench

@@ -1,14 +1,21 @@
 #!/usr/bin/env python3
 """Runs gqe-bench (or reads its JSON) and reports dense GQA against GQE beside the FLOP ceiling.
 
-    /usr/bin/python3 tools/bench_report.py [--bench build/bench/gqe-bench] [--repetitions 5]
-                                           [--json FILE] [--out build/bench-results]
+    /usr/bin/python3 tools/bench_report.py [--bench build/bench/gqe-bench] [--repetitions 3]
+        [--min-time 0.2] [--threads N] [--filter REGEX] [--json FILE] [--out build/bench-results]
 
-Every figure is a median over interleaved repetitions of one run, and every speed-up a ratio of
-two such medians: on a shared machine, load then weighs on both sides alike. Wall-clock time is the
-figure that counts; the ratio of CPU times (summed over the library's threads) is printed beside it,
-since it is the steadier one when other programs compete for the cores. Writes bench.json,
-report.md and speedup.png (gnuplot) into --out and prints the report.
+Every speed figure is a ratio measured in one run. The suite runs with random interleaving: each
+round runs every benchmark once, in a shuffled order, so that a dense and a GQE figure of the same
+round saw the same load on a shared machine. A speed-up is the median over rounds of that round's
+ratio, printed with its range; times are medians over rounds. Wall-clock time is the figure that
+counts; the ratio of process CPU times (summed over the library's threads) is printed beside it,
+the steadier one when other programs compete for the cores.
+
+The FLOP ceiling of GQE's speed-up is computed here from the spec's FLOP model (docs: GQE.md,
+"FLOP model"), and checked against the one gqe-bench recorded.
+
+Writes bench.json and bench.log (when it runs the suite), report.md, speedup.dat, speedup.gp and speedup.png
+(gnuplot; apt-get install gnuplot-nox) into --out, and prints the report.
 """
 
 import argparse
@@ -19,131 +26,290 @@ import statistics
 import subprocess
 import sys
 
-
-def run_suite(bench, repetitions, out_json, min_time):
-    cmd = [bench, f"--benchmark_repetitions={repetitions}", "--benchmark_enable_random_interleaving=true",
-           f"--benchmark_min_time={min_time}", f"--benchmark_out={out_json}", "--benchmark_out_format=json"]
-    print("running:", " ".join(cmd), file=sys.stderr)
-    subprocess.run(cmd, check=True, stdout=sys.stderr)
+# The paper's layer, as gqe-bench measures it.
+D, DH, N, G, K = 1024, 64, 16, 8, 1
+M = N // G
+UNIT = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
-def medians(data):
-    """name -> {"time": median real time in s, counter: median value}, over the repetitions."""
-    runs = {}
-    for b in data["benchmarks"]:
-        if b.get("run_type") != "iteration":
-            continue
-        name = b["run_name"] if "run_name" in b else b["name"]
-        unit = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[b.get("time_unit", "ns")]
-        entry = runs.setdefault(name, {})
-        entry.setdefault("time", []).append(b["real_time"] * unit)
-        entry.setdefault("cpu", []).append(b["cpu_time"] * unit)
-        for key, value in b.items():
-            if key in ("GFLOPS", "flop_ceiling", "tokens_per_s", "active_heads", "cache", "tokens"):
-                entry.setdefault(key, []).append(value)
-    return {name: {k: statistics.median(v) for k, v in entry.items()} for name, entry in runs.items()}
+# ---- the spec's FLOP model (a multiply-add is 2 FLOPs; causal attention has T(T+1)/2 pairs) ------
+def pairs(T):
+    return T * (T + 1) / 2
 
 
-def find(m, prefix, arg):
-    for name, value in m.items():
-        if name.startswith(f"{prefix}/{arg}/") or name == f"{prefix}/{arg}":
-            return value
-    return None
+def dense_flops(T, d=D, dh=DH, n=N, g=G):
+    return 2 * T * d * (n + 2 * g + n) * dh + 4 * n * dh * pairs(T)
 
 
-def report(data):
-    m = medians(data)
+def gqe_flops(T, d=D, dh=DH, n=N, g=G, k=K, queries=None):
+    """GQE computing only the kept experts' queries (k*G + 1 heads); `queries` overrides the number
+    of query heads projected (N + 1 for the authors' module, which computes all N then gathers)."""
+    m = n // g
+    q = k * g + 1 if queries is None else queries
+    return 2 * T * d * (q + 2 * g + (k * g + 2)) * dh + 2 * T * d * g * m + 4 * (k * g + 1) * dh * pairs(T)
+
+
+def ceiling(T):
+    return dense_flops(T) / gqe_flops(T)
+
+
+def module_ceiling(T):
+    return dense_flops(T) / gqe_flops(T, queries=N + 1)
+
+
+def attention_flops(T, heads):
+    return 4 * heads * DH * pairs(T)
+
+
+# ---- running the suite and reading its JSON --------------------------------------------------------
+def run_suite(args, out_json):
+    cmd = [args.bench, f"--benchmark_repetitions={args.repetitions}", "--benchmark_enable_random_interleaving=true",
+           "--benchmark_report_aggregates_only=false", f"--benchmark_min_time={args.min_time}",
+           f"--benchmark_out={out_json}", "--benchmark_out_format=json"]
+    if args.threads:
+        cmd.append(f"--threads={args.threads}")
+    if args.filter:
+        cmd.append(f"--benchmark_filter={args.filter}")
+    log = os.path.splitext(out_json)[0] + ".log"
+    print(f"running: {' '.join(cmd)}\n(console output in {log}; this takes a few minutes)", file=sys.stderr)
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        sys.exit(f"bench_report: gqe-bench failed with status {done.returncode}; see {log}")
+    return cmd
+
+
+class Runs:
+    """Iteration runs by (family, argument), each a dict repetition index -> figures."""
+
+    def __init__(self, data):
+        self.runs = {}
+        for b in data["benchmarks"]:
+            if b.get("run_type", "iteration") != "iteration" or b.get("error_occurred"):
+                continue
+            name = b.get("run_name", b["name"]).split("/")
+            unit = UNIT[b.get("time_unit", "ns")]
+            figures = {k: v for k, v in b.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            figures["time"] = b["real_time"] * unit
+            figures["cpu"] = b["cpu_time"] * unit
+            key = (name[0], int(name[1]) if len(name) > 1 and name[1].isdigit() else None)
+            reps = self.runs.setdefault(key, {})
+            reps[b.get("repetition_index", len(reps))] = figures
+
+    def get(self, family, arg):
+        return self.runs.get((family, arg))
+
+    def median(self, family, arg, figure="time"):
+        reps = self.get(family, arg)
+        return statistics.median(r[figure] for r in reps.values()) if reps else None
+
+    def ratio(self, num, den, arg, figure="time"):
+        """num/den per round (same repetition index), as (median, min, max); None when missing."""
+        a, b = self.get(num, arg), self.get(den, arg)
+        if not a or not b:
+            return None
+        r = [a[i][figure] / b[i][figure] for i in a if i in b]
+        if not r:
+            return None
+        return statistics.median(r), min(r), max(r)
+
+
+def fmt_range(r, digits=2):
+    med, lo, hi = r
+    return f"{med:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
+# ---- the report -----------------------------------------------------------------------------------
+def report(data, command=None):
+    runs = Runs(data)
     ctx = data.get("context", {})
-    lines = [f"Machine: {ctx.get('cpu', '?')}, {ctx.get('num_cpus', '?')} cores, gqe threads {ctx.get('gqe_threads', '?')}; "
-             f"{ctx.get('compiler', '?')}, {ctx.get('flags', '?')}; projections by {ctx.get('projections', '?')}.", ""]
-    lines += ["One attention layer, prefill (d=1024, d_h=64, N=16, G=8, k=1):", "",
-              "| T | dense ms | GQE ms | speed-up | FLOP ceiling | of ceiling | speed-up in CPU time | dense GFLOP/s | GQE useful GFLOP/s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    reps = max((len(v) for v in runs.runs.values()), default=0)
+    out = []
+    add = out.append
+    add("# gqe-bench: GQE against dense GQA")
+    add("")
+    add(f"Machine: {ctx.get('cpu', '?')}, {ctx.get('num_cpus', '?')} logical CPUs, load average at start "
+        f"{', '.join(f'{x:.2f}' for x in ctx.get('load_avg', []))}; gqe threads {ctx.get('gqe_threads', '?')}. "
+        f"Compiler {ctx.get('compiler', '?')}, {ctx.get('build_type', '?')}: `{ctx.get('flags', '?')}`; "
+        f"projections by {ctx.get('projections', '?')}. {reps} interleaved repetitions; figures are medians, "
+        f"speed-ups the median of the per-round ratios with their range.")
+    if command:
+        add("")
+        add(f"Command: `{' '.join(command)}`")
+
+    # Prefill of one layer.
+    gemm = {}
+    for fam in ("gemm_gqe_linear", "gemm_openblas", "gemm_eigen_1thread"):
+        v = runs.median(fam, 4096, "GFLOPS")
+        if v:
+            gemm[fam] = v
+    multi = {k: v for k, v in gemm.items() if k != "gemm_eigen_1thread"}
+    best = max(multi, key=multi.get) if multi else None
+    add("")
+    add(f"## One attention layer, prefill (d={D}, d_h={DH}, N={N}, G={G}, k={K}: {K * G + 1} of {N} query heads)")
+    add("")
+    add("| T | dense ms | GQE ms | speed-up (range) | FLOP ceiling | of ceiling | speed-up, CPU time | "
+        "dense GFLOP/s | dense, of GEMM rate | GQE useful GFLOP/s |")
+    add("|---|---|---|---|---|---|---|---|---|---|")
     points = []
-    for T in (512, 1024, 2048, 4096, 8192, 16384):
-        d, g = find(m, "prefill_gqa", T), find(m, "prefill_gqe", T)
-        if not d or not g:
+    for T in sorted(t for (f, t) in runs.runs if f == "prefill_gqa"):
+        speed = runs.ratio("prefill_gqa", "prefill_gqe", T)
+        if not speed:
             continue
-        speedup = d["time"] / g["time"]
-        ceiling = g["flop_ceiling"]
-        points.append((T, speedup, ceiling))
-        lines.append(f"| {T} | {1e3 * d['time']:.1f} | {1e3 * g['time']:.1f} | {speedup:.2f} | {ceiling:.2f} | "
-                     f"{100 * speedup / ceiling:.0f}% | {d['cpu'] / g['cpu']:.2f} | {d['GFLOPS']:.1f} | {g['GFLOPS']:.1f} |")
-    gemm = {name: v["GFLOPS"] for name, v in m.items() if name.startswith("gemm_")}
-    dense4k = find(m, "prefill_gqa", 4096)
-    if gemm and dense4k:
-        best = max(gemm, key=gemm.get)
-        lines += ["", "GEMM [4096 x 1024] x [1024 x 1024] in the same run: " +
-                  ", ".join(f"{k.split('/')[0]} {v:.1f} GFLOP/s" for k, v in sorted(gemm.items())) + ".",
-                  f"The dense layer at T=4096 reaches {dense4k['GFLOPS']:.1f} GFLOP/s of useful work, "
-                  f"{100 * dense4k['GFLOPS'] / gemm[best]:.0f}% of the faster GEMM ({best.split('/')[0]})."]
-    lines += ["", "Decode step (one token) of the same layer:", "", "| cache | dense us | GQE us | GQE speed-up |", "|---|---|---|---|"]
-    for L in (1024, 4096, 16384):
-        d, g = find(m, "decode_gqa", L), find(m, "decode_gqe", L)
-        if d and g:
-            lines.append(f"| {L} | {1e6 * d['time']:.0f} | {1e6 * g['time']:.0f} | {d['time'] / g['time']:.2f} |")
-    mp = [find(m, f"model_{kind}_{t}", 1024) for kind in ("prefill", "decode") for t in ("gqa", "gqe")]
-    if all(mp):
-        lines += ["", "Small transformer (L=4, d=512, N=16, G=8, d_h=32), tokens/s:", "",
-                  "| | dense | GQE | ratio |", "|---|---|---|---|",
-                  f"| prefill T=1024 | {mp[0]['tokens_per_s']:.0f} | {mp[1]['tokens_per_s']:.0f} | {mp[1]['tokens_per_s'] / mp[0]['tokens_per_s']:.2f} |",
-                  f"| decode after 1024 | {mp[2]['tokens_per_s']:.0f} | {mp[3]['tokens_per_s']:.0f} | {mp[3]['tokens_per_s'] / mp[2]['tokens_per_s']:.2f} |"]
-    return "\n".join(lines) + "\n", points
+        c = ceiling(T)
+        recorded = runs.median("prefill_gqe", T, "flop_ceiling")
+        if recorded and abs(recorded / c - 1) > 1e-6:
+            print(f"bench_report: T={T}: gqe-bench recorded a ceiling of {recorded:.4f}, the spec's model gives "
+                  f"{c:.4f}", file=sys.stderr)
+        cpu = runs.ratio("prefill_gqa", "prefill_gqe", T, "cpu")
+        dense_rate = runs.median("prefill_gqa", T, "GFLOPS")
+        of_gemm = f"{100 * dense_rate / multi[best]:.0f}%" if best else "-"
+        points.append((T, *speed, c, module_ceiling(T), cpu[0]))
+        add(f"| {T} | {1e3 * runs.median('prefill_gqa', T):.1f} | {1e3 * runs.median('prefill_gqe', T):.1f} | "
+            f"{fmt_range(speed)} | {c:.2f} | {100 * speed[0] / c:.0f}% | {cpu[0]:.2f} | {dense_rate:.1f} | "
+            f"{of_gemm} | {runs.median('prefill_gqe', T, 'GFLOPS'):.1f} |")
+    share = [runs.median("prefill_gqe", T, "expert0_share") for (f, T) in runs.runs if f == "prefill_gqe"]
+    share = [s for s in share if s is not None]
+    if share:
+        add("")
+        add(f"Routing is mixed: {100 * min(share):.0f}-{100 * max(share):.0f}% of the (token, group) choices keep "
+            f"expert 0 of {M}. The authors' module (all {N} queries computed, then gathered) has a FLOP ceiling of "
+            + ", ".join(f"{module_ceiling(p[0]):.2f}" for p in points) + " at these T.")
+    if gemm:
+        add("")
+        add("GEMM [4096 x 1024] x [1024 x 1024] in the same run: "
+            + ", ".join(f"{name[5:]} {rate:.1f} GFLOP/s" for name, rate in sorted(gemm.items()))
+            + (f"; the layer's figures are compared with the faster multi-threaded one ({best[5:]})." if best else "."))
+
+    # The attention kernel alone, and what is left of the layer's time.
+    kernel_T = sorted(t for (f, t) in runs.runs if f == "attention_gqa" and runs.get("attention_gqe", t))
+    if kernel_T:
+        add("")
+        add("## The causal attention kernel alone (the layer's head layout, random Q/K/V)")
+        add("")
+        add(f"| T | dense ms | GQE ms | speed-up (range) | FLOP ceiling {N}/{K * G + 1} | dense GFLOP/s | GQE GFLOP/s |")
+        add("|---|---|---|---|---|---|---|")
+        for T in kernel_T:
+            add(f"| {T} | {1e3 * runs.median('attention_gqa', T):.1f} | {1e3 * runs.median('attention_gqe', T):.1f} | "
+                f"{fmt_range(runs.ratio('attention_gqa', 'attention_gqe', T))} | {N / (K * G + 1):.2f} | "
+                f"{runs.median('attention_gqa', T, 'GFLOPS'):.1f} | {runs.median('attention_gqe', T, 'GFLOPS'):.1f} |")
+        add("")
+        add("The rest of the layer (projections, router, kept-query gather and scatter, RoPE, cache writes, weighted "
+            f"slot) has a FLOP ceiling of {(2 * D * (2 * N + 2 * G) * DH) / (2 * D * ((K * G + 1) + 2 * G + (K * G + 2)) * DH + 2 * D * G * M):.2f} "
+            "at every T; the layer's ceiling lies between the two, nearer the kernel's as T grows.")
+
+    # Decode.
+    decode_L = sorted(t for (f, t) in runs.runs if f == "decode_gqa" and runs.get("decode_gqe", t))
+    if decode_L:
+        add("")
+        add("## Decode step (one token) of the same layer")
+        add("")
+        add("| cache | dense us | GQE us | speed-up (range) | speed-up, CPU time | dense GB/s read | GQE GB/s read |")
+        add("|---|---|---|---|---|---|---|")
+        for L in decode_L:
+            add(f"| {L} | {1e6 * runs.median('decode_gqa', L):.0f} | {1e6 * runs.median('decode_gqe', L):.0f} | "
+                f"{fmt_range(runs.ratio('decode_gqa', 'decode_gqe', L))} | "
+                f"{runs.ratio('decode_gqa', 'decode_gqe', L, 'cpu')[0]:.2f} | "
+                f"{runs.median('decode_gqa', L, 'GBps'):.1f} | {runs.median('decode_gqe', L, 'GBps'):.1f} |")
+        add("")
+        add("GB/s: the weights a step multiplies by (GQE: the kept experts' rows of Wq only) and the whole cache "
+            "(GQE: plus the mean K/V of the shared head, 9 KV heads' worth against 8), per second.")
+
+    # The small model.
+    rows = []
+    for kind, label in (("prefill", "prefill"), ("decode", "decode step after")):
+        for T in sorted(t for (f, t) in runs.runs if f == f"model_{kind}_gqa"):
+            d, g = runs.median(f"model_{kind}_gqa", T, "tokens_per_s"), runs.median(f"model_{kind}_gqe", T, "tokens_per_s")
+            r = runs.ratio(f"model_{kind}_gqa", f"model_{kind}_gqe", T)
+            if d and g and r:
+                rows.append(f"| {label} T={T} | {d:.0f} | {g:.0f} | {fmt_range(r)} |")
+    if rows:
+        add("")
+        add("## Small transformer (L=4, d=512, N=16, G=8, d_h=32, I=1376, V=256), tokens/s")
+        add("")
+        add("| | dense | GQE | GQE speed-up (range) |")
+        add("|---|---|---|---|")
+        out.extend(rows)
+    return "\n".join(out) + "\n", points
 
 
-def plot(points, out_dir, title):
-    if not shutil.which("gnuplot"):
-        print("gnuplot not found (apt-get install gnuplot-nox): no plot", file=sys.stderr)
-        return None
+# ---- the plot -------------------------------------------------------------------------------------
+def plot(points, out_dir, ctx):
     data = os.path.join(out_dir, "speedup.dat")
     with open(data, "w") as f:
-        for T, s, c in points:
-            f.write(f"{T} {s} {c}\n")
+        f.write("# T  speed-up(median)  min  max  flop_ceiling  module_ceiling(all queries, then gather)  cpu_time_speed-up\n")
+        for p in points:
+            f.write(" ".join(f"{v:.6g}" for v in p) + "\n")
     png = os.path.join(out_dir, "speedup.png")
-    script = f"""
-set terminal pngcairo size 900,560 enhanced font 'Sans,11'
+    title = (f"GQE ({K * G + 1} of {N} query heads) vs dense GQA, one layer prefill, d={D}"
+             f"\\n{ctx.get('cpu', '?')}, {ctx.get('gqe_threads', '?')} threads, projections by {ctx.get('projections', '?')}")
+    script_path = os.path.join(out_dir, "speedup.gp")
+    ts = " ".join(str(p[0]) for p in points)
+    top = max(max(p[3] for p in points), max(p[4] for p in points), max(p[6] for p in points)) * 1.2
+    bottom = min(0.9, min(p[2] for p in points) * 0.95, min(p[6] for p in points) * 0.95)
+    with open(script_path, "w") as f:
+        f.write(f"""# gnuplot {os.path.basename(script_path)}: drawn by tools/bench_report.py from {os.path.basename(data)}
+set terminal pngcairo size 1000,620 enhanced font 'Sans,11'
 set output '{png}'
-set title '{title}'
-set xlabel 'tokens T (prefill, one attention layer)'
-set ylabel 'GQE speed-up over dense GQA'
+set title "{title}"
+set xlabel 'tokens T (log scale)'
+set ylabel 'speed-up of GQE over dense GQA (time ratio)'
 set logscale x 2
+set xtics ({', '.join(f'"{t}" {t}' for t in ts.split())})
+set xrange [{points[0][0] / 1.4}:{points[-1][0] * 1.4}]
+set yrange [{bottom:.2f}:{top:.2f}]
 set grid
-set key top left
-set yrange [1:*]
-plot '{data}' using 1:3 with linespoints lw 2 dt 2 lc rgb '#888888' title 'FLOP ceiling (spec model)', \\
-     '{data}' using 1:2 with linespoints lw 2 pt 7 lc rgb '#1f77b4' title 'measured (median ratio)'
-"""
-    try:
-        subprocess.run(["gnuplot"], input=script, text=True, check=True)
-    except subprocess.CalledProcessError:
-        script = script.replace("pngcairo size 900,560 enhanced font 'Sans,11'", "png size 900,560")
-        subprocess.run(["gnuplot"], input=script, text=True, check=True)
+set key top left box opaque
+set style line 1 lw 2 pt 7 ps 1.3 lc rgb '#1f77b4'
+set style line 2 lw 2 dt 2 pt 6 lc rgb '#d62728'
+set style line 3 lw 1.5 dt 3 pt 4 lc rgb '#7f7f7f'
+set style line 4 lw 1.5 pt 9 ps 1.2 lc rgb '#2ca02c'
+plot 1 with lines lw 1 lc rgb '#000000' notitle, \\
+     '{data}' using 1:5 with linespoints ls 2 title 'FLOP ceiling (spec model, kept queries only)', \\
+     '{data}' using 1:6 with linespoints ls 3 title "FLOP ceiling of the authors' module (all queries, gather)", \\
+     '{data}' using 1:7 with linespoints ls 4 title 'measured in process CPU time (median of per-round ratios)', \\
+     '{data}' using 1:2:3:4 with yerrorlines ls 1 title 'measured in wall-clock time: median of per-round ratios (bar: range)'
+""")
+    if not shutil.which("gnuplot"):
+        print(f"gnuplot not found (apt-get install gnuplot-nox): {script_path} written, no plot", file=sys.stderr)
+        return None
+    done = subprocess.run(["gnuplot", script_path], capture_output=True, text=True)
+    if done.returncode != 0:  # a gnuplot without cairo: the plain png terminal
+        with open(script_path) as f:
+            script = f.read().replace("pngcairo size 1000,620 enhanced font 'Sans,11'", "png size 1000,620")
+        with open(script_path, "w") as f:
+            f.write(script)
+        subprocess.run(["gnuplot", script_path], check=True)
     return png
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", default="build/bench/gqe-bench", help="the gqe-bench program")
-    ap.add_argument("--json", help="report on this JSON instead of running the suite")
-    ap.add_argument("--repetitions", type=int, default=5)
-    ap.add_argument("--min-time", default="0.3", help="--benchmark_min_time per repetition, in seconds")
-    ap.add_argument("--out", default="build/bench-results")
+    ap.add_argument("--json", help="report on this gqe-bench JSON instead of running the suite")
+    ap.add_argument("--repetitions", type=int, default=3, help="interleaved repetitions (rounds)")
+    ap.add_argument("--min-time", default="0.2", help="--benchmark_min_time of each repetition, seconds")
+    ap.add_argument("--threads", type=int, help="gqe-bench --threads (default: its own, the machine's cores)")
+    ap.add_argument("--filter", help="--benchmark_filter regex")
+    ap.add_argument("--out", default="build/bench-results", help="folder for the JSON, report and plot")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    command = None
     path = args.json
     if not path:
         if not os.access(args.bench, os.X_OK):
-            sys.exit(f"bench_report: {args.bench} is not an executable; build it with cmake --build build --target gqe-bench")
+            sys.exit(f"bench_report: {args.bench} is not an executable; build it with "
+                     "cmake --build build --target gqe-bench, or pass --bench or --json")
         path = os.path.join(args.out, "bench.json")
-        run_suite(args.bench, args.repetitions, path, args.min_time)
+        command = run_suite(args, path)
     with open(path) as f:
         data = json.load(f)
-    text, points = report(data)
+    text, points = report(data, command)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(text)
     print(text)
     if points:
-        png = plot(points, args.out, f"GQE (9 of 16 heads) vs dense GQA prefill on {data.get('context', {}).get('cpu', 'this CPU')}")
+        png = plot(points, args.out, data.get("context", {}))
         if png:
             print(f"plot: {png}")
 
