@@ -1,30 +1,50 @@
 // Checkpoint io: half and bfloat16 conversions against slow definitions from the IEEE formats,
 // safetensors round trips for every dtype (also with unaligned data), each malformed file refused
-// with a message naming what is wrong, atomic writes, config.json defaults and refusals, and every
-// folder of tests/bad_checkpoints refused by load_checkpoint.
+// with a message naming what is wrong, atomic writes, config.json defaults and refusals, checkpoint
+// round trips, the fixtures of tests/data, and every folder of tests/bad_checkpoints refused with
+// the message its README promises.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
+#include <map>
 #include <random>
+#include <sstream>
 #include <string>
+#include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/stat.h>
+#include <unistd.h>
+#endif
 
 #include "gqe/gqe.hpp"
 
 namespace {
 
 namespace fs = std::filesystem;
+using gqe::DType;
 
-// binary16 by its definition: (-1)^s * 2^(e-15) * (1 + m/1024), subnormals 2^-14 * m/1024.
+// ---- half and bfloat16 ------------------------------------------------------------------------
+
+// binary16 by its definition: (-1)^s * 2^(e-15) * (1 + m/1024), subnormals (-1)^s * 2^-14 * m/1024.
 double half_by_definition(std::uint16_t h) {
   const int s = h >> 15, e = (h >> 10) & 31, m = h & 1023;
   const double sign = s ? -1.0 : 1.0;
   if (e == 0) return sign * std::ldexp(m / 1024.0, -14);
   if (e == 31) return m ? std::numeric_limits<double>::quiet_NaN() : sign * std::numeric_limits<double>::infinity();
   return sign * std::ldexp(1.0 + m / 1024.0, e - 15);
+}
+
+float float_from_bits(std::uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
 }
 
 TEST(Half, EveryBitPatternDecodesAsDefinedAndEncodesBack) {
@@ -34,60 +54,90 @@ TEST(Half, EveryBitPatternDecodesAsDefinedAndEncodesBack) {
     const float got = gqe::half_to_float(h);
     if (std::isnan(want)) {
       EXPECT_TRUE(std::isnan(got)) << bits;
-      EXPECT_TRUE(std::isnan(gqe::half_to_float(gqe::float_to_half(got))));
+      EXPECT_TRUE(std::isnan(gqe::half_to_float(gqe::float_to_half(got)))) << bits;
       continue;
     }
     ASSERT_EQ(static_cast<double>(got), want) << "half bits " << bits;
-    if (want != 0.0) {
-      EXPECT_EQ(gqe::float_to_half(got), h) << "half bits " << bits;
+    ASSERT_EQ(std::signbit(got), (bits & 0x8000u) != 0) << "half bits " << bits;  // -0 stays -0
+    ASSERT_EQ(gqe::float_to_half(got), h) << "half bits " << bits;
+  }
+}
+
+// Every rounding boundary: halfway between two neighbouring halves (exact in float) rounds to the
+// one with an even mantissa, and one float step either side rounds to the nearer one. Covers the
+// subnormals, the carry into the exponent and the overflow to infinity above 65504.
+TEST(Half, EveryMidpointRoundsToNearestEven) {
+  for (std::uint16_t h = 0; h < 0x7c00; ++h) {
+    for (const std::uint16_t sign : {std::uint16_t(0), std::uint16_t(0x8000)}) {
+      const auto lo = static_cast<std::uint16_t>(sign | h), hi = static_cast<std::uint16_t>(sign | (h + 1));
+      // Above the largest half, 65504, rounding goes as if to 65536, which is infinity.
+      const double a = half_by_definition(lo), b = h == 0x7bff ? std::copysign(65536.0, a) : half_by_definition(hi);
+      const auto mid = static_cast<float>((a + b) / 2);
+      ASSERT_EQ(static_cast<double>(mid), (a + b) / 2);
+      ASSERT_EQ(gqe::float_to_half(mid), (h & 1) ? hi : lo) << "between half bits " << lo << " and " << hi;
+      const float toward_lo = std::nextafter(mid, static_cast<float>(a)), toward_hi = std::nextafter(mid, static_cast<float>(b));
+      ASSERT_EQ(gqe::float_to_half(toward_lo), lo) << toward_lo;
+      ASSERT_EQ(gqe::float_to_half(toward_hi), hi) << toward_hi;
     }
   }
 }
 
-// Rounding to nearest even, checked against the nearest representable halves found by search.
-TEST(Half, EncodingRoundsToNearestEven) {
-  std::mt19937 rng(5);
-  std::uniform_real_distribution<float> dist(-70000.0f, 70000.0f);
-  for (int i = 0; i < 20000; ++i) {
-    const float x = i % 2 ? dist(rng) : dist(rng) * 1e-6f;
-    const std::uint16_t h = gqe::float_to_half(x);
-    const double got = gqe::half_to_float(h);
-    if (std::fabs(x) >= 65520.0f) {
-      EXPECT_TRUE(std::isinf(got));
+TEST(Half, SpecialValues) {
+  const float inf = std::numeric_limits<float>::infinity();
+  EXPECT_EQ(gqe::float_to_half(inf), 0x7c00);
+  EXPECT_EQ(gqe::float_to_half(-inf), 0xfc00);
+  EXPECT_EQ(gqe::float_to_half(1e10f), 0x7c00);
+  EXPECT_EQ(gqe::float_to_half(65504.0f), 0x7bff);
+  EXPECT_EQ(gqe::float_to_half(std::ldexp(1.0f, -24)), 0x0001);  // smallest subnormal
+  EXPECT_EQ(gqe::float_to_half(std::ldexp(1.0f, -25)), 0x0000);  // half of it: ties to even (zero)
+  EXPECT_EQ(gqe::float_to_half(std::ldexp(1.5f, -25)), 0x0001);
+  EXPECT_EQ(gqe::float_to_half(-std::ldexp(1.0f, -30)), 0x8000);  // underflow keeps the sign
+  EXPECT_EQ(gqe::float_to_half(std::numeric_limits<float>::denorm_min()), 0x0000);
+  const std::uint16_t nan = gqe::float_to_half(std::numeric_limits<float>::quiet_NaN());
+  EXPECT_EQ(nan & 0x7c00, 0x7c00);
+  EXPECT_NE(nan & 0x03ff, 0);
+}
+
+// bfloat16 is the top half of a float: decoding is exact, and encoding rounds the dropped 16 bits.
+TEST(BFloat16, EveryBitPatternDecodesAsTheTopOfAFloatAndEveryMidpointRoundsToEven) {
+  for (std::uint32_t b = 0; b < 65536; ++b) {
+    const float x = float_from_bits(b << 16);
+    const float got = gqe::bf16_to_float(static_cast<std::uint16_t>(b));
+    if (std::isnan(x)) {
+      ASSERT_TRUE(std::isnan(got));
+      ASSERT_TRUE(std::isnan(gqe::bf16_to_float(gqe::float_to_bf16(x)))) << b;
       continue;
     }
-    // No other finite half of the same sign may be strictly closer, and on a tie the even one wins.
-    for (int delta : {-1, 1}) {
-      const auto other = static_cast<std::uint16_t>(h + delta);
-      if ((other & 0x7c00) == 0x7c00 || ((other ^ h) & 0x8000)) continue;
-      const double d_got = std::fabs(got - x), d_other = std::fabs(gqe::half_to_float(other) - x);
-      EXPECT_LE(d_got, d_other) << x;
-      if (d_got == d_other) {
-        EXPECT_EQ(h & 1, 0) << x;
-      }
-    }
+    ASSERT_EQ(std::memcmp(&got, &x, 4), 0) << b;
+    ASSERT_EQ(gqe::float_to_bf16(x), b) << b;
+    if ((b & 0x7f80u) == 0x7f80u) continue;  // infinity: no upper neighbour
+    const std::uint32_t mid = (b << 16) | 0x8000u;  // halfway to the next bfloat16 up in magnitude
+    const auto up = static_cast<std::uint16_t>(b + 1);
+    ASSERT_EQ(gqe::float_to_bf16(float_from_bits(mid)), (b & 1u) ? up : b) << b;
+    ASSERT_EQ(gqe::float_to_bf16(float_from_bits(mid - 1)), b) << b;
+    ASSERT_EQ(gqe::float_to_bf16(float_from_bits(mid + 1)), up) << b;
   }
 }
 
-TEST(BFloat16, RoundsToNearestEvenAndKeepsNaN) {
+TEST(BFloat16, RandomFloatsRoundToNearestEven) {
   std::mt19937 rng(6);
   std::uniform_int_distribution<std::uint32_t> bits_dist;
   for (int i = 0; i < 100000; ++i) {
     const std::uint32_t bits = bits_dist(rng);
-    float x;
-    std::memcpy(&x, &bits, 4);
+    const float x = float_from_bits(bits);
     const std::uint16_t b = gqe::float_to_bf16(x);
     if (std::isnan(x)) {
       EXPECT_TRUE(std::isnan(gqe::bf16_to_float(b)));
       continue;
     }
-    // Slow reference: the two bfloat16 neighbours of x and the closer (ties to even mantissa).
-    const std::uint32_t low = bits & 0xffff0000u, high = low + 0x10000u;
-    const std::uint32_t rest = bits & 0xffffu;
+    // The two bfloat16 neighbours of x and the closer (ties to the even mantissa).
+    const std::uint32_t low = bits & 0xffff0000u, high = low + 0x10000u, rest = bits & 0xffffu;
     const std::uint32_t want = rest > 0x8000u || (rest == 0x8000u && ((low >> 16) & 1u)) ? high : low;
     EXPECT_EQ(b, static_cast<std::uint16_t>(want >> 16)) << std::hex << bits;
   }
 }
+
+// ---- safetensors files ------------------------------------------------------------------------
 
 // A file whose header is written by hand, as the spec's layout says.
 std::string raw_file(const std::string& header, const std::string& data) {
@@ -97,6 +147,7 @@ std::string raw_file(const std::string& header, const std::string& data) {
   return s + header + data;
 }
 
+// The FormatError's message, or "" when the bytes parse.
 std::string refusal(const std::string& bytes) {
   try {
     gqe::SafetensorsFile::parse(bytes, "test.safetensors");
@@ -106,80 +157,225 @@ std::string refusal(const std::string& bytes) {
   return "";
 }
 
+// A fresh folder of its own for each test, also when ctest runs several test processes at once.
 fs::path scratch(const std::string& name) {
-  const fs::path p = fs::temp_directory_path() / ("gqe-test-io-" + name);
+#if defined(__unix__) || defined(__APPLE__)
+  const std::string process = std::to_string(::getpid());
+#else
+  const std::string process = "0";
+#endif
+  const fs::path p = fs::temp_directory_path() / ("gqe-test-io-" + process + "-" + name);
   fs::remove_all(p);
   fs::create_directories(p);
   return p;
 }
 
-TEST(Safetensors, RoundTripsEveryDtype) {
+std::string file_bytes(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+TEST(Safetensors, RoundTripsEveryDtypeInTheGivenOrder) {
   const fs::path dir = scratch("roundtrip");
-  const std::vector<double> values = {0.0, -1.5, 3.25, 1e-3, -65504.0, 0.1};
+  const std::vector<double> values = {0.0, -1.5, 3.25, 1e-3, -65504.0, 0.1, 1e-7, -0.0};
+  const std::vector<double> integers = {0, -1, 7, 2147483647, -2147483648.0, 12, 3, 4};
   std::vector<gqe::EncodedTensor> tensors;
-  for (gqe::DType t : {gqe::DType::F64, gqe::DType::F32, gqe::DType::F16, gqe::DType::BF16, gqe::DType::I32})
-    tensors.push_back(gqe::encode_tensor(gqe::dtype_name(t), t, {2, 3}, values.data()));
+  for (DType t : {DType::F64, DType::F32, DType::F16, DType::BF16})
+    tensors.push_back(gqe::encode_tensor(gqe::dtype_name(t), t, {2, 4}, values.data()));
+  tensors.push_back(gqe::encode_tensor("I32", DType::I32, {8}, integers.data()));
+  tensors.push_back(gqe::encode_tensor("empty", DType::F32, {0, 3}, values.data()));
+  tensors.push_back(gqe::encode_tensor("scalar", DType::F32, {}, values.data() + 2));
+  std::swap(tensors[0], tensors[3]);  // not in name order: the writer keeps the given order
   gqe::write_safetensors(dir / "t.safetensors", tensors);
+
+  const std::string bytes = file_bytes(dir / "t.safetensors");
+  std::uint64_t header = 0;
+  for (int i = 7; i >= 0; --i) header = header << 8 | static_cast<unsigned char>(bytes[static_cast<std::size_t>(i)]);
+  EXPECT_EQ(header % 8, 0u);  // padded so that the data starts aligned
+  EXPECT_EQ(bytes.find("{\"__metadata__\":{\"format\":\"pt\"}"), 8u);
+
   const auto file = gqe::SafetensorsFile::read(dir / "t.safetensors");
   EXPECT_EQ(file.metadata().at("format"), "pt");
-  ASSERT_EQ(file.tensors().size(), 5u);
-  EXPECT_EQ(file.read_as<double>("F64"), values);
-  for (std::size_t i = 0; i < values.size(); ++i) {
-    EXPECT_EQ(file.read_as<double>("F32")[i], static_cast<double>(static_cast<float>(values[i])));
-    EXPECT_EQ(file.read_as<double>("F16")[i], gqe::half_to_float(gqe::float_to_half(static_cast<float>(values[i]))));
-    EXPECT_EQ(file.read_as<double>("BF16")[i], gqe::bf16_to_float(gqe::float_to_bf16(static_cast<float>(values[i]))));
-    EXPECT_EQ(file.read_as<std::int32_t>("I32")[i], static_cast<std::int32_t>(values[i]));
+  ASSERT_EQ(file.tensors().size(), tensors.size());
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    EXPECT_EQ(file.tensors()[i].name, tensors[i].name);
+    EXPECT_EQ(file.tensors()[i].dtype, tensors[i].dtype);
+    EXPECT_EQ(file.tensors()[i].shape, tensors[i].shape);
+    EXPECT_EQ(file.raw_bytes(file.tensors()[i]), tensors[i].bytes);
+    if (i > 0) {
+      EXPECT_EQ(file.tensors()[i].begin, file.tensors()[i - 1].end);
+    }
   }
-  EXPECT_EQ(file.at("F16").shape, (std::vector<std::int64_t>{2, 3}));
+  EXPECT_EQ(file.read_as<double>("F64"), values);
+  const auto f32 = file.read_as<double>("F32"), f16 = file.read_as<double>("F16"), bf16 = file.read_as<double>("BF16");
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    EXPECT_EQ(f32[i], static_cast<double>(static_cast<float>(values[i])));
+    EXPECT_EQ(f16[i], gqe::half_to_float(gqe::float_to_half(static_cast<float>(values[i]))));
+    EXPECT_EQ(bf16[i], gqe::bf16_to_float(gqe::float_to_bf16(static_cast<float>(values[i]))));
+  }
+  EXPECT_EQ(file.read_as<std::int32_t>("I32"), (std::vector<std::int32_t>{0, -1, 7, 2147483647, -2147483647 - 1, 12, 3, 4}));
+  EXPECT_EQ(file.read_as<float>("I32")[2], 7.0f);
+  EXPECT_TRUE(file.read_as<float>("empty").empty());
+  EXPECT_EQ(file.read_as<float>("scalar"), std::vector<float>{3.25f});
+  EXPECT_EQ(file.at("F16").shape, (std::vector<std::int64_t>{2, 4}));
+  // Integers are read from I32 only; floats are not truncated silently.
+  EXPECT_THROW(file.read_as<std::int32_t>("F32"), gqe::FormatError);
+  EXPECT_THROW(file.at("nope"), gqe::FormatError);
+  // Header only: records without values.
+  const auto header_only = gqe::SafetensorsFile::read(dir / "t.safetensors", true);
+  EXPECT_EQ(header_only.tensors().size(), tensors.size());
+  EXPECT_THROW(header_only.read_as<float>("F32"), gqe::IoError);
+}
+
+TEST(Safetensors, WriterRefusesWhatItCannotWriteFaithfully) {
+  const fs::path dir = scratch("writer");
+  const std::vector<float> v = {1.0f, 2.5f};
+  EXPECT_THROW(gqe::encode_tensor("ids", DType::I32, {2}, v.data()), gqe::InputError);  // 2.5 is no int32
+  const std::vector<double> big = {3e9};
+  EXPECT_THROW(gqe::encode_tensor("ids", DType::I32, {1}, big.data()), gqe::InputError);
+  EXPECT_THROW(gqe::encode_tensor("w", DType::F32, {-1}, v.data()), gqe::ShapeError);
+  auto a = gqe::encode_tensor("a", DType::F32, {2}, v.data());
+  EXPECT_THROW(gqe::write_safetensors(dir / "x.safetensors", {a, a}), gqe::ShapeError);
+  auto wrong = a;
+  wrong.shape = {3};
+  EXPECT_THROW(gqe::write_safetensors(dir / "x.safetensors", {wrong}), gqe::ShapeError);
+  auto reserved = a;
+  reserved.name = "__metadata__";
+  EXPECT_THROW(gqe::write_safetensors(dir / "x.safetensors", {reserved}), gqe::ShapeError);
+  EXPECT_TRUE(fs::is_empty(dir));
 }
 
 TEST(Safetensors, ReadsUnalignedData) {
-  // A 2-byte F16 first puts the F32 at data offset 2, and a header of odd length puts the data
-  // area itself at an odd file offset: neither value is aligned in memory.
+  // A 2-byte F16 first puts the F32 at data offset 2 and the F64 at 6, and a header of odd length
+  // puts the data area itself at an odd file offset: no value is aligned in memory.
   const float value = 2.5f;
-  const std::string data = std::string("\x00\x3c", 2) + std::string(reinterpret_cast<const char*>(&value), 4);
+  const double wide = -0.375;
+  const std::string data = std::string("\x00\x3c", 2) + std::string(reinterpret_cast<const char*>(&value), 4) +
+                           std::string(reinterpret_cast<const char*>(&wide), 8);
   const std::string header =
-      R"({"h":{"dtype":"F16","shape":[1],"data_offsets":[0,2]},"x":{"dtype":"F32","shape":[1],"data_offsets":[2,6]}})";
-  const auto file = gqe::SafetensorsFile::parse(raw_file(header + "   ", data), "unaligned");
+      R"({"h":{"dtype":"F16","shape":[1],"data_offsets":[0,2]},"x":{"dtype":"F32","shape":[1],"data_offsets":[2,6]},)"
+      R"("y":{"dtype":"F64","shape":[1],"data_offsets":[6,14]}}  )";
+  ASSERT_EQ((8 + header.size()) % 2, 1u);
+  const auto file = gqe::SafetensorsFile::parse(raw_file(header, data), "unaligned");
   EXPECT_EQ(file.read_as<float>("h")[0], 1.0f);
   EXPECT_EQ(file.read_as<float>("x")[0], 2.5f);
+  EXPECT_EQ(file.read_as<double>("y")[0], -0.375);
 }
+
+TEST(Safetensors, AcceptsWhatTheFormatAllows) {
+  const std::string eight(8, '\0');
+  // No __metadata__, unknown fields inside an entry (skipped however nested), zero-size tensors.
+  EXPECT_EQ(refusal(raw_file(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":{"y":[[1],{"z":2}]}},)"
+                             R"("e":{"dtype":"F16","shape":[0,5],"data_offsets":[8,8]}})",
+                             eight)),
+            "");
+  EXPECT_EQ(refusal(raw_file("{}", "")), "");
+  EXPECT_EQ(refusal(raw_file(R"({"__metadata__":{}})", "")), "");
+}
+
+struct Case {
+  const char* what;
+  std::string bytes;
+  std::vector<std::string> says;  // each must appear in the message
+};
 
 TEST(Safetensors, RefusesMalformedFilesNamingTheProblem) {
   const std::string ok = R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
   const std::string eight(8, '\0');
-  EXPECT_NE(refusal("1234567").find("at least 8"), std::string::npos);
-  EXPECT_NE(refusal(raw_file(ok, eight).substr(0, 20)).find("past the end"), std::string::npos);
+  const auto with = [&](const std::string& header) { return raw_file(header, eight); };
+  const auto entry = [&](const std::string& fields) { return with(R"({"w":{)" + fields + "}}"); };
   std::string huge = raw_file(ok, eight);
-  huge[3] = 0x10;  // 268 MB header length
-  EXPECT_NE(refusal(huge).find("limit"), std::string::npos);
-  EXPECT_NE(refusal(raw_file("{oops", eight)).find("not valid JSON"), std::string::npos);
-  EXPECT_NE(refusal(raw_file("[1,2]", eight)).find("not an object"), std::string::npos);
-  EXPECT_NE(refusal(raw_file(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", eight))
-                .find("\"w\" twice"),
-            std::string::npos);
-  EXPECT_NE(refusal(raw_file(R"({"w":{"dtype":"F8","shape":[2],"data_offsets":[0,8]}})", eight)).find("dtype F8"),
-            std::string::npos);
-  EXPECT_NE(refusal(raw_file(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", eight)).find("tensor w has shape"),
-            std::string::npos);
-  EXPECT_NE(refusal(raw_file(R"({"w":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}})", eight))
-                .find("overflows"),
-            std::string::npos);
-  EXPECT_NE(refusal(raw_file(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,16]}})", eight)).find("outside"),
-            std::string::npos);
-  EXPECT_NE(refusal(raw_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", eight))
-                .find("overlaps"),
-            std::string::npos);
-  EXPECT_NE(refusal(raw_file(ok, eight + "1234")).find("cover 8 of the 12"), std::string::npos);
-  EXPECT_NE(refusal(raw_file(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", eight)).find("belong to no tensor"),
-            std::string::npos);
-  EXPECT_NE(refusal(raw_file(R"({"__metadata__":{"format":1},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", eight))
-                .find("__metadata__"),
-            std::string::npos);
-  EXPECT_NE(refusal(raw_file(R"({"w":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", eight)).find("non-negative"),
-            std::string::npos);
+  huge[3] = 0x10;  // a 268 MB header length
+  std::string deep_shape = R"({"w":{"dtype":"F32","shape":)" + std::string(50000, '[') + std::string(50000, ']') +
+                           R"(,"data_offsets":[0,8]}})";
+  std::string ones_65 = "1";
+  for (int i = 1; i < 65; ++i) ones_65 += ",1";
+  const std::vector<Case> cases = {
+      {"shorter than 8 bytes", "1234567", {"7 bytes long", "at least 8"}},
+      {"header beyond the file", raw_file(ok, eight).substr(0, 20), {"header length 54", "past the end"}},
+      {"header over the limit", huge, {"exceeds the format's limit of 100000000"}},
+      {"invalid JSON", with("{oops"), {"not valid JSON"}},
+      {"trailing text", with(ok + " 1"), {"not valid JSON"}},
+      {"empty header", with(""), {"not valid JSON"}},
+      {"not an object", with("[1,2]"), {"not an object"}},
+      {"a number", with("5"), {"not an object"}},
+      {"duplicate names", with(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})"),
+       {"\"w\" twice"}},
+      {"duplicate __metadata__", with(R"({"__metadata__":{},"__metadata__":{},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})"),
+       {"\"__metadata__\" twice"}},
+      {"entry not an object", with(R"({"w":[1,2]})"), {"tensor w is described by an array"}},
+      {"entry a string", with(R"({"w":"F32"})"), {"tensor w is described by \"F32\""}},
+      {"no dtype", entry(R"("shape":[2],"data_offsets":[0,8])"), {"tensor w", "no \"dtype\""}},
+      {"no shape", entry(R"("dtype":"F32","data_offsets":[0,8])"), {"tensor w", "no \"shape\""}},
+      {"no offsets", entry(R"("dtype":"F32","shape":[2])"), {"tensor w", "no \"data_offsets\""}},
+      {"field twice", entry(R"("dtype":"F32","dtype":"F16","shape":[2],"data_offsets":[0,8])"), {"tensor w", "\"dtype\" twice"}},
+      {"dtype a number", entry(R"("dtype":4,"shape":[2],"data_offsets":[0,8])"), {"tensor w", "dtype 4"}},
+      {"dtype an object", entry(R"("dtype":{},"shape":[2],"data_offsets":[0,8])"), {"tensor w", "dtype given as an object"}},
+      {"unknown dtype", entry(R"("dtype":"F8","shape":[2],"data_offsets":[0,8])"), {"tensor w", "dtype F8"}},
+      {"shape a string", entry(R"("dtype":"F32","shape":"2","data_offsets":[0,8])"), {"tensor w", "shape \"2\""}},
+      {"shape of strings", entry(R"("dtype":"F32","shape":["2"],"data_offsets":[0,8])"), {"tensor w", "shape entry \"2\""}},
+      {"shape of floats", entry(R"("dtype":"F32","shape":[2.0],"data_offsets":[0,8])"), {"tensor w", "shape entry 2.0"}},
+      {"shape of bools", entry(R"("dtype":"F32","shape":[true],"data_offsets":[0,8])"), {"tensor w", "shape entry true"}},
+      {"negative dimension", entry(R"("dtype":"F32","shape":[-2],"data_offsets":[0,8])"), {"tensor w", "-2", "non-negative"}},
+      {"shape nested deep", with(deep_shape), {"tensor w", "inside its shape"}},
+      {"too many dimensions", entry(R"("dtype":"F32","shape":[)" + ones_65 + R"(],"data_offsets":[0,8])"),
+       {"tensor w", "more than 64 dimensions"}},
+      {"count overflows", entry(R"("dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,8])"),
+       {"tensor w", "overflows"}},
+      {"bytes overflow", entry(R"("dtype":"F64","shape":[4294967296,1073741824],"data_offsets":[0,8])"),
+       {"tensor w", "has shape [4294967296, 1073741824]"}},
+      {"dimension beyond int64", entry(R"("dtype":"F32","shape":[9223372036854775808],"data_offsets":[0,8])"),
+       {"tensor w", "overflows"}},
+      {"count against bytes", entry(R"("dtype":"F32","shape":[3],"data_offsets":[0,8])"),
+       {"tensor w has shape [3] of F32 (3 elements) but 8 bytes"}},
+      {"offsets a number", entry(R"("dtype":"F32","shape":[2],"data_offsets":8)"), {"tensor w", "data_offsets 8"}},
+      {"one offset", entry(R"("dtype":"F32","shape":[2],"data_offsets":[8])"), {"tensor w", "1 values"}},
+      {"three offsets", entry(R"("dtype":"F32","shape":[2],"data_offsets":[0,8,8])"), {"tensor w", "more than 2 values"}},
+      {"negative offset", entry(R"("dtype":"F32","shape":[2],"data_offsets":[-8,0])"), {"tensor w", "data_offsets entry -8"}},
+      {"offset beyond 64 bits", entry(R"("dtype":"F32","shape":[2],"data_offsets":[0,18446744073709551616])"),
+       {"tensor w", "data_offsets entry 18446744073709551616"}},
+      {"end before begin", entry(R"("dtype":"F32","shape":[0],"data_offsets":[8,0])"), {"tensor w", "end before they begin"}},
+      {"out of range", entry(R"("dtype":"F32","shape":[2],"data_offsets":[8,16])"), {"tensor w", "outside the 8 data bytes"}},
+      {"overlap", with(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})"),
+       {"tensor b overlaps"}},
+      {"gap", with(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F16","shape":[1],"data_offsets":[6,8]}})"),
+       {"bytes 4 to 6 belong to no tensor (before b)"}},
+      {"leading gap", entry(R"("dtype":"F32","shape":[1],"data_offsets":[4,8])"), {"bytes 0 to 4 belong to no tensor"}},
+      {"bytes left over", raw_file(ok, eight + "1234"), {"cover 8 of the 12"}},
+      {"metadata not an object", with(R"({"__metadata__":["pt"],"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})"),
+       {"__metadata__ is an array"}},
+      {"metadata a string", with(R"({"__metadata__":"pt","w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})"),
+       {"__metadata__ is \"pt\""}},
+      {"metadata value a number", with(R"({"__metadata__":{"format":1},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})"),
+       {"__metadata__ value of \"format\" is 1"}},
+      {"metadata value an object", with(R"({"__metadata__":{"format":{}},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})"),
+       {"__metadata__ value of \"format\" is an object"}},
+      {"metadata key twice", with(R"({"__metadata__":{"a":"x","a":"y"},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})"),
+       {"__metadata__ names \"a\" twice"}},
+      {"a name with a newline", with(R"({"a\nb":7})"), {"tensor a\\x0ab is described by 7"}},
+  };
+  for (const Case& c : cases) {
+    const std::string message = refusal(c.bytes);
+    ASSERT_NE(message, "") << c.what << ": accepted";
+    EXPECT_EQ(message.find('\n'), std::string::npos) << c.what << ": " << message;
+    EXPECT_EQ(message.rfind("test.safetensors", 0), 0u) << c.what << ": " << message;  // names the file
+    for (const std::string& piece : c.says) EXPECT_NE(message.find(piece), std::string::npos) << c.what << ": " << message;
+  }
   EXPECT_EQ(refusal(raw_file(ok, eight)), "");  // and the well-formed one is accepted
 }
+
+TEST(Safetensors, ReadRefusesMissingFilesAndFolders) {
+  const fs::path dir = scratch("read");
+  EXPECT_THROW(gqe::SafetensorsFile::read(dir / "none.safetensors"), gqe::IoError);
+  EXPECT_THROW(gqe::SafetensorsFile::read(dir), gqe::IoError);
+  // A truncated file is refused from its header alone, before its data is read.
+  { std::ofstream(dir / "short.safetensors", std::ios::binary) << raw_file("{}", "").substr(0, 9); }
+  EXPECT_THROW(gqe::SafetensorsFile::read(dir / "short.safetensors"), gqe::FormatError);
+}
+
+// ---- atomic writes ------------------------------------------------------------------------------
 
 TEST(AtomicWrite, FailureLeavesNothingUnderTheFinalNameOrBeside) {
   const fs::path dir = scratch("atomic");
@@ -187,21 +383,49 @@ TEST(AtomicWrite, FailureLeavesNothingUnderTheFinalNameOrBeside) {
   EXPECT_THROW(gqe::write_file_atomically(target, [](std::ostream&) { throw gqe::IoError("disk full"); }), gqe::IoError);
   EXPECT_TRUE(fs::is_empty(dir));
   EXPECT_THROW(gqe::write_file_atomically(dir / "missing" / "x", [](std::ostream& o) { o << "x"; }), gqe::IoError);
+  EXPECT_THROW(gqe::write_file_atomically(dir, [](std::ostream& o) { o << "x"; }), gqe::IoError);  // a folder
+  EXPECT_TRUE(fs::is_empty(dir));
   // An existing file is replaced whole, never truncated first.
   gqe::write_file_atomically(target, [](std::ostream& o) { o << "first"; });
-  EXPECT_THROW(gqe::write_file_atomically(target, [](std::ostream& o) {
-                 o << "partial";
-                 throw gqe::IoError("interrupted");
-               }),
+  EXPECT_THROW(gqe::write_file_atomically(target,
+                                          [](std::ostream& o) {
+                                            o << "partial";
+                                            throw gqe::IoError("interrupted");
+                                          }),
                gqe::IoError);
-  std::ifstream in(target);
-  std::string content;
-  in >> content;
-  EXPECT_EQ(content, "first");
+  EXPECT_EQ(file_bytes(target), "first");
   EXPECT_EQ(std::distance(fs::directory_iterator(dir), fs::directory_iterator()), 1);
 }
 
-gqe::ModelConfig parse(const std::string& text) { return gqe::parse_model_config(nlohmann::json::parse(text), "config.json"); }
+TEST(AtomicWrite, UnwritableFolderLeavesNoFile) {
+  fs::path folder;
+  fs::path made;
+#if defined(__unix__) || defined(__APPLE__)
+  if (::geteuid() != 0) {  // permissions bind everyone but root
+    made = scratch("readonly");
+    folder = made;
+    fs::permissions(folder, fs::perms::owner_read | fs::perms::owner_exec);
+  }
+#endif
+  if (folder.empty()) {
+    if (!fs::is_directory("/proc/self")) GTEST_SKIP() << "no folder that even root cannot write";
+    folder = "/proc";  // not even root can create a file here
+  }
+  const std::vector<float> v = {1.0f};
+  EXPECT_THROW(gqe::write_safetensors(folder / "gqe-test.safetensors", {gqe::encode_tensor("w", DType::F32, {1}, v.data())}),
+               gqe::IoError);
+  EXPECT_FALSE(fs::exists(folder / "gqe-test.safetensors"));
+  gqe::ModelConfig c;
+  EXPECT_THROW(gqe::save_model_config(folder / "config.json", c), gqe::IoError);
+  if (!made.empty()) {
+    EXPECT_TRUE(fs::is_empty(made));
+    fs::permissions(made, fs::perms::owner_all);
+  }
+}
+
+// ---- config.json --------------------------------------------------------------------------------
+
+gqe::ModelConfig parse(const std::string& text) { return gqe::parse_model_config_text(text, "config.json"); }
 
 std::string config_refusal(const std::string& text) {
   try {
@@ -212,10 +436,18 @@ std::string config_refusal(const std::string& text) {
   return "";
 }
 
+const std::string kBase =
+    R"("vocab_size": 32, "hidden_size": 64, "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 4)";
+
 TEST(ConfigJson, PlainLlamaConfigGetsTheSpecDefaults) {
-  const auto c = parse(R"({"vocab_size": 32, "hidden_size": 64, "intermediate_size": 100, "num_hidden_layers": 2,
-                          "num_attention_heads": 4, "model_type": "llama", "rope_scaling": null, "attention_bias": false})");
+  const auto c = parse("{" + kBase + R"(, "model_type": "llama", "rope_scaling": null, "attention_bias": false,
+                          "mlp_bias": null, "torch_dtype": "bfloat16", "unknown": {"deep": [1, {"x": 2}]}})");
   EXPECT_EQ(c.attention_type, gqe::AttentionType::gqa);
+  EXPECT_EQ(c.vocab_size, 32);
+  EXPECT_EQ(c.hidden_size, 64);
+  EXPECT_EQ(c.intermediate_size, 100);
+  EXPECT_EQ(c.num_layers, 2);
+  EXPECT_EQ(c.num_heads, 4);
   EXPECT_EQ(c.num_kv_heads, 4);
   EXPECT_EQ(c.head_dim, 16);
   EXPECT_EQ(c.rms_norm_eps, 1e-6);
@@ -223,73 +455,413 @@ TEST(ConfigJson, PlainLlamaConfigGetsTheSpecDefaults) {
   EXPECT_FALSE(c.tie_word_embeddings);
   EXPECT_EQ(c.max_position_embeddings, 4096);
   EXPECT_EQ(c.gqe_variant, gqe::GqeVariant::gqe);
-  // And to_json gives it back.
-  const auto again = gqe::parse_model_config(nlohmann::json::parse(gqe::to_json(c).dump()), "round trip");
+}
+
+TEST(ConfigJson, ReadsEveryKeyAndWritesItBack) {
+  const auto c = parse(R"({"attention_type": "gqe", "vocab_size": 256, "hidden_size": 256, "intermediate_size": 688,
+      "num_hidden_layers": 4, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 16, "gqe_top_k": 1,
+      "gqe_variant": "weighted_concat", "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": true,
+      "max_position_embeddings": 2048.0})");
+  EXPECT_EQ(c.attention_type, gqe::AttentionType::gqe);
+  EXPECT_EQ(c.gqe_variant, gqe::GqeVariant::weighted_concat);
+  EXPECT_EQ(c.num_kv_heads, 8);
+  EXPECT_EQ(c.head_dim, 16);  // given, not hidden_size / heads
+  EXPECT_EQ(c.top_k, 1);
+  EXPECT_EQ(c.rms_norm_eps, 1e-5);
+  EXPECT_EQ(c.rope_theta, 500000.0);
+  EXPECT_TRUE(c.tie_word_embeddings);
+  EXPECT_EQ(c.max_position_embeddings, 2048);  // an integral float is an integer
+  EXPECT_EQ(parse("{" + kBase + R"(, "attention_type": "gqe", "gqe_top_k": 1})").gqe_variant, gqe::GqeVariant::gqe);
+
+  const fs::path dir = scratch("config");
+  gqe::save_model_config(dir / "config.json", c);
+  const auto again = gqe::load_model_config(dir / "config.json");
   EXPECT_EQ(gqe::to_json(again), gqe::to_json(c));
+  EXPECT_EQ(again.rms_norm_eps, c.rms_norm_eps);
+  EXPECT_EQ(again.rope_theta, c.rope_theta);
+  EXPECT_EQ(gqe::to_json(c)["gqe_top_k"], 1);
+  const auto gqa = parse("{" + kBase + "}");
+  EXPECT_FALSE(gqe::to_json(gqa).contains("gqe_top_k"));
+  EXPECT_EQ(gqe::to_json(parse(gqe::to_json(gqa).dump())), gqe::to_json(gqa));
 }
 
 TEST(ConfigJson, RefusesBadValuesNamingTheKey) {
-  const std::string base = R"("vocab_size": 32, "hidden_size": 64, "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 4)";
-  EXPECT_NE(config_refusal("{" + base + R"(, "attention_type": "gqe"})").find("gqe_top_k"), std::string::npos);
-  EXPECT_NE(config_refusal("{" + base + R"(, "attention_type": "gqe", "gqe_top_k": 5, "num_key_value_heads": 2})").find("gqe_top_k is 5"),
-            std::string::npos);
-  EXPECT_NE(config_refusal("{" + base + R"(, "num_key_value_heads": 3})").find("num_attention_heads is 4"), std::string::npos);
-  EXPECT_NE(config_refusal("{" + base + R"(, "head_dim": 7})").find("head_dim is 7"), std::string::npos);
-  EXPECT_NE(config_refusal("{" + base + R"(, "rope_scaling": {"factor": 2}})").find("rope_scaling"), std::string::npos);
-  EXPECT_NE(config_refusal("{" + base + R"(, "mlp_bias": true})").find("mlp_bias"), std::string::npos);
-  EXPECT_NE(config_refusal(R"({"vocab_size": "32", "hidden_size": 64, "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 4})")
-                .find("\"vocab_size\" is \"32\""),
-            std::string::npos);
-  EXPECT_NE(config_refusal(R"({"vocab_size": 32.5, "hidden_size": 64, "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 4})")
-                .find("expected an integer"),
-            std::string::npos);
-  EXPECT_NE(config_refusal(R"({"hidden_size": 64, "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 4})")
-                .find("\"vocab_size\" is required"),
-            std::string::npos);
-  EXPECT_NE(config_refusal(R"({"vocab_size": 32, "hidden_size": 66, "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 4})")
-                .find("head_dim"),
-            std::string::npos);
-  EXPECT_NE(config_refusal("{" + base + R"(, "tie_word_embeddings": "yes"})").find("tie_word_embeddings"), std::string::npos);
-  EXPECT_NE(config_refusal("{" + base + R"(, "num_hidden_layers": -1})").find("num_hidden_layers is -1"), std::string::npos);
-  EXPECT_EQ(config_refusal("{" + base + "}"), "");
-}
-
-TEST(Checkpoint, EveryMalformedCheckpointIsRefusedWithAGqeError) {
-  int folders = 0;
-  for (const auto& entry : fs::directory_iterator(fs::path(GQE_TEST_DATA_DIR) / ".." / "bad_checkpoints")) {
-    if (!entry.is_directory()) continue;
-    ++folders;
-    EXPECT_THROW(gqe::load_checkpoint<float>(entry.path()), gqe::Error) << entry.path();
+  const std::vector<std::pair<std::string, std::vector<std::string>>> cases = {
+      {R"("attention_type": "gqe")", {"\"gqe_top_k\" is required"}},
+      {R"("attention_type": "gqe", "gqe_top_k": 5, "num_key_value_heads": 2)", {"gqe_top_k is 5", "expected 1 to"}},
+      {R"("attention_type": "gqe", "gqe_top_k": 0)", {"gqe_top_k is 0"}},
+      {R"("attention_type": "mla")", {"attention_type is \"mla\""}},
+      {R"("attention_type": "gqe\nx", "gqe_top_k": 1)", {"attention_type is \"gqe\\x0ax\""}},
+      {R"("attention_type": 1)", {"\"attention_type\" is 1", "expected a string"}},
+      {R"("gqe_variant": "soft")", {"gqe_variant is \"soft\""}},
+      {R"("num_key_value_heads": 3)", {"num_attention_heads is 4", "multiple of num_key_value_heads"}},
+      {R"("num_key_value_heads": 0)", {"num_key_value_heads is 0"}},
+      {R"("head_dim": 7)", {"head_dim is 7", "even"}},
+      {R"("head_dim": 0)", {"head_dim is 0"}},
+      {R"("rope_scaling": {"factor": 2})", {"\"rope_scaling\"", "does not implement"}},
+      {R"("rope_scaling": 0)", {"\"rope_scaling\" is 0", "does not implement"}},
+      {R"("attention_bias": true)", {"\"attention_bias\" is true", "does not implement"}},
+      {R"("mlp_bias": true)", {"\"mlp_bias\" is true", "does not implement"}},
+      {R"("tie_word_embeddings": "yes")", {"\"tie_word_embeddings\" is \"yes\"", "true or false"}},
+      {R"("tie_word_embeddings": 1)", {"\"tie_word_embeddings\" is 1"}},
+      {R"("rms_norm_eps": "1e-5")", {"\"rms_norm_eps\" is \"1e-5\"", "expected a number"}},
+      {R"("rms_norm_eps": true)", {"\"rms_norm_eps\" is true"}},
+      {R"("rms_norm_eps": 0)", {"rms_norm_eps is 0"}},
+      {R"("rms_norm_eps": -1e-5)", {"rms_norm_eps is -1e-05"}},
+      {R"("rope_theta": -1)", {"rope_theta is -1"}},
+      {R"("rope_theta": [10000])", {"\"rope_theta\" is [10000]"}},
+      {R"("max_position_embeddings": 0)", {"max_position_embeddings is 0"}},
+      {R"("max_position_embeddings": 1e300)", {"\"max_position_embeddings\" is 1e+300", "expected an integer"}},
+      {R"("max_position_embeddings": 18446744073709551615)", {"\"max_position_embeddings\"", "fits in 64 bits"}},
+      {R"("max_position_embeddings": 9223372036854775807)", {"max_position_embeddings is 9223372036854775807"}},
+  };
+  for (const auto& [extra, says] : cases) {
+    // Later keys win in these tests only because kBase has none of them.
+    const std::string message = config_refusal("{" + kBase + ", " + extra + "}");
+    ASSERT_NE(message, "") << extra;
+    EXPECT_EQ(message.rfind("config.json: ", 0), 0u) << message;
+    EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+    for (const auto& piece : says) EXPECT_NE(message.find(piece), std::string::npos) << extra << " -> " << message;
   }
-  EXPECT_GE(folders, 30);
+  const std::vector<std::pair<std::string, std::string>> replaced = {
+      {R"({"vocab_size": "32", "hidden_size": 64, "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 4})",
+       "\"vocab_size\" is \"32\""},
+      {R"({"vocab_size": 32.5, "hidden_size": 64, "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 4})",
+       "\"vocab_size\" is 32.5; expected an integer"},
+      {R"({"vocab_size": true, "hidden_size": 64, "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 4})",
+       "\"vocab_size\" is true"},
+      {R"({"vocab_size": null, "hidden_size": 64, "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 4})",
+       "\"vocab_size\" is required"},
+      {R"({"hidden_size": 64, "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 4})",
+       "\"vocab_size\" is required"},
+      {R"({"vocab_size": 32, "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 4})",
+       "\"hidden_size\" is required"},
+      {R"({"vocab_size": 32, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4})",
+       "\"intermediate_size\" is required"},
+      {R"({"vocab_size": 32, "hidden_size": 64, "intermediate_size": 100, "num_attention_heads": 4})",
+       "\"num_hidden_layers\" is required"},
+      {R"({"vocab_size": 32, "hidden_size": 64, "intermediate_size": 100, "num_hidden_layers": 2})",
+       "\"num_attention_heads\" is required"},
+      {R"({"vocab_size": 32, "hidden_size": 66, "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 4})",
+       "\"head_dim\" is absent and hidden_size 66 is not a multiple of num_attention_heads 4"},
+      {R"({"vocab_size": 32, "hidden_size": -64, "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 4})",
+       "hidden_size is -64"},
+      {R"({"vocab_size": 32, "hidden_size": 64, "intermediate_size": 100, "num_hidden_layers": -1, "num_attention_heads": 4})",
+       "num_hidden_layers is -1"},
+      {R"({"vocab_size": 32, "hidden_size": 64, "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 0})",
+       "num_attention_heads is 0"},
+      {R"({"vocab_size": 1099511627776, "hidden_size": 64, "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 4})",
+       "vocab_size is 1099511627776"},
+  };
+  for (const auto& [text, piece] : replaced) {
+    const std::string message = config_refusal(text);
+    EXPECT_NE(message.find(piece), std::string::npos) << text << " -> " << message;
+    EXPECT_EQ(message.rfind("config.json: ", 0), 0u) << message;
+  }
+  EXPECT_EQ(config_refusal("{" + kBase + "}"), "");
+  EXPECT_THROW(parse("{" + kBase + R"(, "num_key_value_heads": 3})"), gqe::ConfigError);
 }
 
-TEST(Checkpoint, SavesAtomicallyBesideOtherFilesAndRefusesIntegerDtypes) {
+TEST(ConfigJson, MalformedFilesAreFormatErrorsNamingTheFile) {
+  EXPECT_THROW(parse("{" + kBase), gqe::FormatError);
+  EXPECT_THROW(parse(""), gqe::FormatError);
+  EXPECT_THROW(parse("[1, 2]"), gqe::FormatError);
+  EXPECT_THROW(parse("\"config\""), gqe::FormatError);
+  const std::string twice = config_refusal("{" + kBase + R"(, "vocab_size": 33})");
+  EXPECT_NE(twice.find("config.json names \"vocab_size\" twice"), std::string::npos) << twice;
+  EXPECT_EQ(config_refusal("{" + kBase + R"(, "x": {"a": 1, "a": 2}})"), "");  // inside an unknown key: not read
+
+  const fs::path dir = scratch("config-files");
+  EXPECT_THROW(gqe::load_model_config(dir / "config.json"), gqe::IoError);
+  EXPECT_THROW(gqe::load_model_config(dir), gqe::IoError);
+  { std::ofstream(dir / "config.json") << "{\"vocab_size\": "; }
+  try {
+    gqe::load_model_config(dir / "config.json");
+    ADD_FAILURE() << "accepted";
+  } catch (const gqe::FormatError& e) {
+    EXPECT_NE(std::string(e.what()).find((dir / "config.json").string() + " is not valid JSON"), std::string::npos) << e.what();
+  }
+  { std::ofstream(dir / "config.json") << "[]"; }
+  EXPECT_THROW(gqe::load_model_config(dir / "config.json"), gqe::FormatError);
+}
+
+// ---- checkpoints --------------------------------------------------------------------------------
+
+gqe::ModelConfig small_config(gqe::AttentionType type, gqe::GqeVariant variant = gqe::GqeVariant::gqe, bool tied = false) {
   gqe::ModelConfig c;
+  c.attention_type = type;
+  c.gqe_variant = variant;
   c.vocab_size = 11;
   c.hidden_size = 6;
   c.intermediate_size = 9;
-  c.num_layers = 1;
-  c.num_heads = 2;
-  c.num_kv_heads = 1;
+  c.num_layers = 2;
+  c.num_heads = 6;
+  c.num_kv_heads = 2;
   c.head_dim = 4;
-  gqe::Transformer<float> model(c);
-  float x = 0.5f;
-  model.for_each_parameter([&](const std::string&, gqe::TensorView<float> w) {
-    for (gqe::Index i = 0; i < w.numel(); ++i) w.data()[i] = x += 0.25f;
+  c.top_k = 2;
+  c.tie_word_embeddings = tied;
+  return c;
+}
+
+template <class Scalar>
+gqe::Transformer<Scalar> random_model(const gqe::ModelConfig& c, unsigned seed) {
+  gqe::Transformer<Scalar> model(c);
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> dist(0.0, 1.0);
+  model.for_each_parameter([&](const std::string&, gqe::TensorView<Scalar> w) {
+    for (gqe::Index i = 0; i < w.numel(); ++i) w.data()[i] = static_cast<Scalar>(dist(rng));
   });
-  const fs::path dir = scratch("checkpoint");
-  { std::ofstream(dir / "train_state.json") << "{}"; }
+  return model;
+}
+
+template <class Scalar>
+std::map<std::string, std::vector<Scalar>> weights_of(const gqe::Transformer<Scalar>& model) {
+  std::map<std::string, std::vector<Scalar>> w;
+  model.for_each_parameter([&](const std::string& name, gqe::TensorView<const Scalar> v) {
+    w[name].assign(v.data(), v.data() + v.numel());
+  });
+  return w;
+}
+
+std::string load_refusal(const fs::path& dir) {
+  try {
+    gqe::load_checkpoint<float>(dir);
+  } catch (const gqe::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// Rewrites dir/model.safetensors after `edit` changed its tensors.
+void edit_tensors(const fs::path& dir, const std::function<void(std::vector<gqe::EncodedTensor>&)>& edit) {
+  const auto file = gqe::SafetensorsFile::read(dir / "model.safetensors");
+  std::vector<gqe::EncodedTensor> tensors;
+  for (const auto& t : file.tensors()) tensors.push_back({t.name, t.dtype, t.shape, std::string(file.raw_bytes(t))});
+  edit(tensors);
+  gqe::write_safetensors(dir / "model.safetensors", tensors);
+}
+
+TEST(Checkpoint, SavesAndLoadsEveryKindOfModelExactly) {
+  using gqe::AttentionType;
+  using gqe::GqeVariant;
+  const std::vector<gqe::ModelConfig> configs = {
+      small_config(AttentionType::gqa),
+      small_config(AttentionType::gqe),
+      small_config(AttentionType::gqe, GqeVariant::hard_concat),
+      small_config(AttentionType::gqe, GqeVariant::weighted_concat),
+      small_config(AttentionType::gqe, GqeVariant::gqe, true),
+  };
+  unsigned seed = 1;
+  for (const auto& c : configs) {
+    const fs::path dir = scratch("roundtrip-model") / "nested" / "folder";  // created by save_checkpoint
+    const auto model = random_model<float>(c, seed++);
+    gqe::save_checkpoint(model, dir);
+    const auto loaded = gqe::load_checkpoint<float>(dir);
+    EXPECT_EQ(gqe::to_json(loaded.config()), gqe::to_json(c));
+    const auto w = weights_of(model);
+    EXPECT_EQ(weights_of(loaded), w);
+    std::size_t count = 0;
+    for (const auto& [name, v] : w) count += v.size();
+    EXPECT_EQ(static_cast<gqe::Index>(count), c.parameter_count());
+    EXPECT_EQ(w.count("lm_head.weight"), c.tie_word_embeddings ? 0u : 1u);
+    EXPECT_EQ(w.count("model.layers.1.self_attn.router.weight"), c.attention_type == AttentionType::gqe ? 1u : 0u);
+    EXPECT_FALSE(gqe::checkpoint_is_double(dir));
+    // The file holds exactly these tensors in F32, in the model's order.
+    const auto file = gqe::SafetensorsFile::read(dir / "model.safetensors");
+    ASSERT_EQ(file.tensors().size(), w.size());
+    for (const auto& t : file.tensors()) EXPECT_EQ(t.dtype, DType::F32) << t.name;
+  }
+}
+
+TEST(Checkpoint, StoresEachFloatDtypeAndConvertsOnLoad) {
+  const auto c = small_config(gqe::AttentionType::gqe);
+  const auto model = random_model<double>(c, 9);
+  const auto w = weights_of(model);
+  const fs::path dir = scratch("dtypes");
+  for (DType dtype : {DType::F64, DType::F32, DType::F16, DType::BF16}) {
+    gqe::save_checkpoint(model, dir, dtype);
+    EXPECT_EQ(gqe::checkpoint_is_double(dir), dtype == DType::F64) << gqe::dtype_name(dtype);
+    const auto as_double = weights_of(gqe::load_checkpoint<double>(dir));
+    const auto as_float = weights_of(gqe::load_checkpoint<float>(dir));
+    for (const auto& [name, values] : w)
+      for (std::size_t i = 0; i < values.size(); ++i) {
+        const auto f = static_cast<float>(values[i]);
+        const double want = dtype == DType::F64   ? values[i]
+                            : dtype == DType::F32 ? f
+                            : dtype == DType::F16 ? gqe::half_to_float(gqe::float_to_half(f))
+                                                  : gqe::bf16_to_float(gqe::float_to_bf16(f));
+        ASSERT_EQ(as_double.at(name)[i], want) << name << " " << gqe::dtype_name(dtype);
+        ASSERT_EQ(as_float.at(name)[i], static_cast<float>(want)) << name << " " << gqe::dtype_name(dtype);
+      }
+  }
+  EXPECT_THROW(gqe::save_checkpoint(model, dir, DType::I32), gqe::ConfigError);
+}
+
+TEST(Checkpoint, LeavesOtherFilesAloneAndLoadsNonFiniteWeights) {
+  const auto c = small_config(gqe::AttentionType::gqa);
+  auto model = random_model<float>(c, 4);
+  model.for_each_parameter([](const std::string& name, gqe::TensorView<float> w) {
+    if (name == "model.norm.weight") {
+      w.data()[0] = std::numeric_limits<float>::quiet_NaN();
+      w.data()[1] = -std::numeric_limits<float>::infinity();
+    }
+  });
+  const fs::path dir = scratch("others");
+  { std::ofstream(dir / "train_state.json") << "{\"step\": 3}"; }
   gqe::save_checkpoint(model, dir);
-  EXPECT_TRUE(fs::exists(dir / "train_state.json"));
-  const auto loaded = gqe::load_checkpoint<float>(dir);
-  std::vector<float> a, b;
-  model.for_each_parameter([&](const std::string&, gqe::TensorView<const float> w) { a.insert(a.end(), w.data(), w.data() + w.numel()); });
-  loaded.for_each_parameter([&](const std::string&, gqe::TensorView<const float> w) { b.insert(b.end(), w.data(), w.data() + w.numel()); });
-  EXPECT_EQ(a, b);
-  EXPECT_EQ(static_cast<gqe::Index>(a.size()), c.parameter_count());
-  EXPECT_FALSE(gqe::checkpoint_is_double(dir));
-  EXPECT_THROW(gqe::save_checkpoint(model, dir, gqe::DType::I32), gqe::ConfigError);
+  gqe::save_checkpoint(model, dir);  // over an existing checkpoint
+  EXPECT_EQ(file_bytes(dir / "train_state.json"), "{\"step\": 3}");
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir), fs::directory_iterator()), 3);  // no temporary files left
+  // A NaN weight is a strange model, not a malformed file.
+  const auto loaded = weights_of(gqe::load_checkpoint<float>(dir));
+  EXPECT_TRUE(std::isnan(loaded.at("model.norm.weight")[0]));
+  EXPECT_EQ(loaded.at("model.norm.weight")[1], -std::numeric_limits<float>::infinity());
+}
+
+TEST(Checkpoint, RefusesMissingExtraAndMisshapenTensorsByName) {
+  const auto c = small_config(gqe::AttentionType::gqe);
+  const auto model = random_model<float>(c, 5);
+  const fs::path dir = scratch("tensors");
+  const auto fresh = [&] { gqe::save_checkpoint(model, dir); };
+  const auto expect = [&](const std::vector<std::string>& says) {
+    const std::string message = load_refusal(dir);
+    ASSERT_NE(message, "") << "accepted";
+    for (const auto& piece : says) EXPECT_NE(message.find(piece), std::string::npos) << message;
+  };
+  const auto drop = [](const std::string& name) {
+    return [name](std::vector<gqe::EncodedTensor>& t) {
+      t.erase(std::remove_if(t.begin(), t.end(), [&](const auto& x) { return x.name == name; }), t.end());
+    };
+  };
+
+  fresh();
+  edit_tensors(dir, drop("model.layers.1.self_attn.q_shared.weight"));
+  expect({"tensor model.layers.1.self_attn.q_shared.weight is missing", "[4, 6]"});
+
+  fresh();
+  edit_tensors(dir, [](auto& t) {
+    const std::vector<float> v(3, 0.0f);
+    t.push_back(gqe::encode_tensor("model.layers.0.self_attn.q_proj.bias", DType::F32, {3}, v.data()));
+  });
+  expect({"tensor model.layers.0.self_attn.q_proj.bias", "not part of a gqe model"});
+
+  fresh();
+  edit_tensors(dir, [](auto& t) {
+    for (auto& x : t)
+      if (x.name == "model.layers.0.mlp.down_proj.weight") x.shape = {9, 6};  // [I, d] instead of [d, I]
+  });
+  expect({"tensor model.layers.0.mlp.down_proj.weight", "has shape [9, 6]", "config.json implies [6, 9]"});
+
+  fresh();
+  edit_tensors(dir, [](auto& t) {
+    for (auto& x : t)
+      if (x.name == "model.norm.weight") x.shape = {1, 6};
+  });
+  expect({"tensor model.norm.weight", "[1, 6]", "[6]"});
+
+  fresh();
+  edit_tensors(dir, [](auto& t) {
+    for (auto& x : t)
+      if (x.name == "model.norm.weight") {
+        x.dtype = DType::I32;  // same byte count as F32
+      }
+  });
+  expect({"tensor model.norm.weight", "dtype I32"});
+
+  // Tied: lm_head.weight must be absent.
+  const auto tied_config = small_config(gqe::AttentionType::gqe, gqe::GqeVariant::gqe, true);
+  gqe::save_checkpoint(random_model<float>(tied_config, 6), dir);
+  edit_tensors(dir, [](auto& t) {
+    const std::vector<float> v(66, 0.0f);
+    t.push_back(gqe::encode_tensor("lm_head.weight", DType::F32, {11, 6}, v.data()));
+  });
+  expect({"lm_head.weight", "tie_word_embeddings"});
+
+  // Untied: lm_head.weight must be present.
+  fresh();
+  edit_tensors(dir, drop("lm_head.weight"));
+  expect({"tensor lm_head.weight is missing", "[11, 6]"});
+
+  // Not a folder, or a folder without the files.
+  EXPECT_THROW(gqe::load_checkpoint<float>(dir / "model.safetensors"), gqe::IoError);
+  EXPECT_THROW(gqe::load_checkpoint<float>(dir / "nothing"), gqe::IoError);
+  fs::remove(dir / "config.json");
+  EXPECT_THROW(gqe::load_checkpoint<float>(dir), gqe::IoError);
+}
+
+// The fixtures of tests/data load in float and in double, hold the config's parameters, and save
+// back in their own dtype bit for bit.
+TEST(Checkpoint, LoadsEveryFixture) {
+  int folders = 0;
+  for (const auto& entry : fs::directory_iterator(GQE_TEST_DATA_DIR)) {
+    const fs::path dir = entry.path();
+    if (!fs::exists(dir / "config.json") || !fs::exists(dir / "model.safetensors")) continue;
+    ++folders;
+    const auto stored = gqe::SafetensorsFile::read(dir / "model.safetensors");
+    const DType dtype = stored.tensors().at(0).dtype;
+    const auto model = gqe::load_checkpoint<double>(dir);
+    const auto in_float = gqe::load_checkpoint<float>(dir);
+    EXPECT_EQ(gqe::checkpoint_is_double(dir), dtype == DType::F64) << dir;
+    std::size_t count = 0;
+    for (const auto& [name, v] : weights_of(model)) count += v.size();
+    EXPECT_EQ(static_cast<gqe::Index>(count), model.config().parameter_count()) << dir;
+    const fs::path copy = scratch("fixture-copy");
+    gqe::save_checkpoint(model, copy, dtype);
+    const auto again = gqe::SafetensorsFile::read(copy / "model.safetensors");
+    for (const auto& t : stored.tensors()) {
+      const gqe::TensorRecord& u = again.at(t.name);
+      EXPECT_EQ(u.shape, t.shape) << t.name;
+      EXPECT_EQ(again.raw_bytes(u), stored.raw_bytes(t)) << dir << " " << t.name;
+    }
+    EXPECT_EQ(again.tensors().size(), stored.tensors().size()) << dir;
+    (void)in_float;
+  }
+  if (folders == 0) GTEST_SKIP() << "no fixtures in " << GQE_TEST_DATA_DIR;
+}
+
+// Every folder of tests/bad_checkpoints is refused with a gqe::Error whose one-line message contains
+// what the folder's row of README.md says; the README lists every folder and no other.
+TEST(Checkpoint, EveryMalformedCheckpointIsRefusedAsItsReadmeSays) {
+  const fs::path root = fs::path(GQE_TEST_DATA_DIR) / ".." / "bad_checkpoints";
+  std::ifstream readme(root / "README.md");
+  ASSERT_TRUE(readme) << "no README.md in " << root;
+  std::map<std::string, std::vector<std::string>> says;
+  for (std::string line; std::getline(readme, line);) {
+    if (line.rfind("| ", 0) != 0 || line.rfind("| folder", 0) == 0) continue;
+    const std::string name = line.substr(2, line.find(' ', 2) - 2);
+    const std::string last = line.substr(line.rfind('|', line.size() - 2));
+    auto& pieces = says[name];
+    for (std::size_t open = last.find('`'); open != std::string::npos; open = last.find('`', open)) {
+      const std::size_t close = last.find('`', open + 1);
+      pieces.push_back(last.substr(open + 1, close - open - 1));
+      open = close + 1;
+    }
+  }
+  int folders = 0;
+  for (const auto& entry : fs::directory_iterator(root)) {
+    if (!entry.is_directory()) continue;
+    ++folders;
+    const std::string name = entry.path().filename().string();
+    SCOPED_TRACE(name);
+    std::string message;
+    EXPECT_THROW(
+        {
+          try {
+            gqe::load_checkpoint<float>(entry.path());
+          } catch (const gqe::Error& e) {
+            message = e.what();
+            throw;
+          }
+        },
+        gqe::Error);
+    EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+    ASSERT_TRUE(says.count(name)) << "README.md has no row for " << name;
+    EXPECT_FALSE(says[name].empty());
+    for (const auto& piece : says[name]) EXPECT_NE(message.find(piece), std::string::npos) << "`" << piece << "` in: " << message;
+    says.erase(name);
+  }
+  EXPECT_GE(folders, 30);
+  for (const auto& [name, pieces] : says) ADD_FAILURE() << "README.md lists " << name << ", which has no folder";
 }
 
 }  // namespace

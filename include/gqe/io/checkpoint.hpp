@@ -4,6 +4,7 @@
 // dtype converts to the model's scalar type. Other files in the folder are not read.
 #include <algorithm>
 #include <filesystem>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -47,9 +48,9 @@ Transformer<Scalar> load_checkpoint(const std::filesystem::path& dir) {
                       " parameters; expected the checkpoint of that config");
 
   Transformer<Scalar> model(config);
-  std::vector<std::string> expected;
+  std::set<std::string> expected;
   model.for_each_parameter([&](const std::string& name, TensorView<Scalar> w) {
-    expected.push_back(name);
+    expected.insert(name);
     const TensorRecord* t = file.find(name);
     if (!t) fail<FormatError>("tensor ", name, " is missing from ", file.source(), "; config.json needs it with shape ", w.shape().str());
     if (!is_float(t->dtype))
@@ -60,12 +61,12 @@ Transformer<Scalar> load_checkpoint(const std::filesystem::path& dir) {
     file.read_into(*t, w.data());
   });
   for (const auto& t : file.tensors())
-    if (std::find(expected.begin(), expected.end(), t.name) == expected.end()) {
-      if (t.name == "lm_head.weight")
+    if (!expected.count(t.name)) {
+      if (t.name == "lm_head.weight" && config.tie_word_embeddings)
         fail<FormatError>("tensor lm_head.weight in ", file.source(),
                           " is not expected: config.json sets tie_word_embeddings, so the embeddings serve as lm_head");
-      fail<FormatError>("tensor ", t.name, " in ", file.source(), " is not part of a ", to_string(config.attention_type),
-                        " model of this config; expected exactly the spec's tensors");
+      fail<FormatError>("tensor ", detail::printable(t.name), " in ", file.source(), " is not part of a ",
+                        to_string(config.attention_type), " model of this config; expected exactly the spec's tensors");
     }
   return model;
 }

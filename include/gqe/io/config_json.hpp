@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cmath>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -13,6 +14,7 @@
 
 #include "gqe/error.hpp"
 #include "gqe/io/atomic_file.hpp"
+#include "gqe/io/detail/json_text.hpp"
 #include "gqe/model/config.hpp"
 
 namespace gqe {
@@ -30,39 +32,39 @@ class ConfigReader {
     const auto& v = json_.at(key);
     if (v.is_number_integer()) {
       if (v.is_number_unsigned() && v.get<std::uint64_t>() > static_cast<std::uint64_t>(std::numeric_limits<Index>::max()))
-        fail<ConfigError>(source_, ": \"", key, "\" is ", v.dump(), "; expected an integer that fits 64 bits");
+        fail<ConfigError>(source_, ": \"", key, "\" is ", v.dump(), "; expected an integer that fits in 64 bits");
       return v.get<Index>();
     }
     if (v.is_number_float()) {  // 256.0 is an integer written as a float; 2.5 is not
       const double d = v.get<double>();
       if (std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 9.0e15) return static_cast<Index>(d);
     }
-    fail<ConfigError>(source_, ": \"", key, "\" is ", v.dump(), "; expected an integer");
+    fail<ConfigError>(source_, ": \"", key, "\" is ", describe_json(v), "; expected an integer");
   }
   Index integer(const char* key, Index fallback) const { return has(key) ? integer(key) : fallback; }
 
   double number(const char* key, double fallback) const {
     if (!has(key)) return fallback;
     const auto& v = json_.at(key);
-    if (!v.is_number()) fail<ConfigError>(source_, ": \"", key, "\" is ", v.dump(), "; expected a number");
+    if (!v.is_number()) fail<ConfigError>(source_, ": \"", key, "\" is ", describe_json(v), "; expected a number");
     return v.get<double>();
   }
   bool boolean(const char* key, bool fallback) const {
     if (!has(key)) return fallback;
     const auto& v = json_.at(key);
-    if (!v.is_boolean()) fail<ConfigError>(source_, ": \"", key, "\" is ", v.dump(), "; expected true or false");
+    if (!v.is_boolean()) fail<ConfigError>(source_, ": \"", key, "\" is ", describe_json(v), "; expected true or false");
     return v.get<bool>();
   }
   std::string string(const char* key, const char* fallback) const {
     if (!has(key)) return fallback;
     const auto& v = json_.at(key);
-    if (!v.is_string()) fail<ConfigError>(source_, ": \"", key, "\" is ", v.dump(), "; expected a string");
+    if (!v.is_string()) fail<ConfigError>(source_, ": \"", key, "\" is ", describe_json(v), "; expected a string");
     return v.get<std::string>();
   }
   // Keys that name features gqe does not implement: absent, null or false only.
   void refuse_feature(const char* key, const char* feature) const {
     if (has(key) && json_.at(key) != false)
-      fail<ConfigError>(source_, ": \"", key, "\" is ", json_.at(key).dump(), "; gqe does not implement ", feature,
+      fail<ConfigError>(source_, ": \"", key, "\" is ", describe_json(json_.at(key)), "; gqe does not implement ", feature,
                         " (expected null or false)");
   }
 
@@ -73,61 +75,69 @@ class ConfigReader {
 
 }  // namespace detail
 
-// A ModelConfig from parsed config.json; `source` names the file in messages.
+// A ModelConfig from parsed config.json, checked by ModelConfig::validate; `source` names the file
+// in messages. A value of the wrong JSON type is refused naming its key, never converted.
 inline ModelConfig parse_model_config(const nlohmann::json& json, const std::string& source = "config.json") {
-  if (!json.is_object()) fail<FormatError>(source, " is JSON but not an object");
+  if (!json.is_object()) fail<FormatError>(source, " is JSON but not an object; expected {\"vocab_size\": ..., ...}");
   const detail::ConfigReader r(json, source);
   r.refuse_feature("rope_scaling", "RoPE scaling");
   r.refuse_feature("attention_bias", "attention biases");
   r.refuse_feature("mlp_bias", "MLP biases");
   ModelConfig c;
   try {
-    c.attention_type = attention_type_from_string(r.string("attention_type", "gqa"));
-    c.gqe_variant = gqe_variant_from_string(r.string("gqe_variant", "gqe"));
-  } catch (const ConfigError& e) {
-    fail<ConfigError>(source, ": ", e.what());
-  }
-  c.vocab_size = r.integer("vocab_size");
-  c.hidden_size = r.integer("hidden_size");
-  c.intermediate_size = r.integer("intermediate_size");
-  c.num_layers = r.integer("num_hidden_layers");
-  c.num_heads = r.integer("num_attention_heads");
-  c.num_kv_heads = r.integer("num_key_value_heads", c.num_heads);
-  if (r.has("head_dim")) {
-    c.head_dim = r.integer("head_dim");
-  } else {
-    if (c.num_heads <= 0 || c.hidden_size % c.num_heads != 0)
-      fail<ConfigError>(source, ": \"head_dim\" is absent and hidden_size ", c.hidden_size,
-                        " is not a multiple of num_attention_heads ", c.num_heads, "; expected head_dim to be given");
-    c.head_dim = c.hidden_size / c.num_heads;
-  }
-  c.top_k = c.attention_type == AttentionType::gqe ? r.integer("gqe_top_k") : r.integer("gqe_top_k", 1);
-  c.rms_norm_eps = r.number("rms_norm_eps", 1e-6);
-  c.rope_theta = r.number("rope_theta", 10000.0);
-  c.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
-  c.max_position_embeddings = r.integer("max_position_embeddings", 4096);
-  try {
+    // printable(): an unknown name is quoted in the message, which must stay one line.
+    c.attention_type = attention_type_from_string(detail::printable(r.string("attention_type", "gqa")));
+    c.gqe_variant = gqe_variant_from_string(detail::printable(r.string("gqe_variant", "gqe")));
+    c.vocab_size = r.integer("vocab_size");
+    c.hidden_size = r.integer("hidden_size");
+    c.intermediate_size = r.integer("intermediate_size");
+    c.num_layers = r.integer("num_hidden_layers");
+    c.num_heads = r.integer("num_attention_heads");
+    c.num_kv_heads = r.integer("num_key_value_heads", c.num_heads);
+    if (r.has("head_dim")) {
+      c.head_dim = r.integer("head_dim");
+    } else {  // Hugging Face's default, defined only when the heads divide the hidden size
+      check_size("hidden_size", c.hidden_size, Limits::max_hidden);
+      check_size("num_attention_heads", c.num_heads, Limits::max_heads);
+      if (c.hidden_size % c.num_heads != 0)
+        fail<ConfigError>("\"head_dim\" is absent and hidden_size ", c.hidden_size, " is not a multiple of num_attention_heads ",
+                          c.num_heads, "; expected head_dim to be given");
+      c.head_dim = c.hidden_size / c.num_heads;
+    }
+    c.top_k = c.attention_type == AttentionType::gqe ? r.integer("gqe_top_k") : r.integer("gqe_top_k", 1);
+    c.rms_norm_eps = r.number("rms_norm_eps", 1e-6);
+    c.rope_theta = r.number("rope_theta", 10000.0);
+    c.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
+    c.max_position_embeddings = r.integer("max_position_embeddings", 4096);
     c.validate();
   } catch (const ConfigError& e) {
-    fail<ConfigError>(source, ": ", e.what());
+    const std::string message = e.what();
+    if (message.rfind(source + ": ", 0) == 0) throw;  // already names the file
+    fail<ConfigError>(source, ": ", message);
   }
   return c;
 }
 
+// config.json's text: FormatError when it is not JSON or names a key twice, else parse_model_config.
+inline ModelConfig parse_model_config_text(const std::string& text, const std::string& source = "config.json") {
+  return parse_model_config(detail::parse_json_unique_top_keys(text, source), source);
+}
+
 inline ModelConfig load_model_config(const std::filesystem::path& path) {
+  // Configs are a few hundred bytes; far more is not a config, and is not worth reading whole.
+  constexpr std::uintmax_t kMaxBytes = std::uintmax_t(16) << 20;
   std::error_code ec;
-  if (!std::filesystem::is_regular_file(path, ec)) fail<IoError>(path.string(), " does not exist or is not a file");
+  if (!std::filesystem::is_regular_file(path, ec))
+    fail<IoError>(path.string(), " does not exist or is not a file; expected the model's config.json");
+  const std::uintmax_t size = std::filesystem::file_size(path, ec);
+  if (ec) fail<IoError>("cannot read the size of ", path.string(), ": ", ec.message());
+  if (size > kMaxBytes) fail<FormatError>(path.string(), " is ", size, " bytes long; expected a config of at most ", kMaxBytes);
   std::ifstream in(path, std::ios::binary);
   if (!in) fail<IoError>("cannot open ", path.string());
   std::ostringstream text;
   text << in.rdbuf();
-  nlohmann::json json;
-  try {
-    json = nlohmann::json::parse(text.str());
-  } catch (const nlohmann::json::exception& e) {
-    fail<FormatError>(path.string(), " is not valid JSON (", e.what(), ")");
-  }
-  return parse_model_config(json, path.string());
+  if (in.bad()) fail<IoError>("cannot read ", path.string());
+  return parse_model_config_text(text.str(), path.string());
 }
 
 // Hugging Face keys first, so that a gqa checkpoint reads as a Llama model there.

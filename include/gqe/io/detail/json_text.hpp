@@ -1,0 +1,74 @@
+#pragma once
+// What the io headers say about JSON they did not write: error messages quote names and values
+// from a file, and must stay one short line (a CLI prints e.what() as its one line on stderr)
+// however long, nested or full of control characters the file's text is.
+#include <nlohmann/json.hpp>
+
+#include <cstddef>
+#include <set>
+#include <string>
+
+#include "gqe/error.hpp"
+
+namespace gqe::detail {
+
+// s with control characters escaped and cut after max_bytes (at a UTF-8 character boundary).
+inline std::string printable(const std::string& s, std::size_t max_bytes = 120) {
+  std::size_t n = s.size();
+  if (n > max_bytes) {
+    n = max_bytes;
+    while (n > 0 && (static_cast<unsigned char>(s[n]) & 0xc0u) == 0x80u) --n;  // not inside a character
+  }
+  std::string out;
+  static const char* hex = "0123456789abcdef";
+  for (std::size_t i = 0; i < n; ++i) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c < 0x20 || c == 0x7f) {
+      out += "\\x";
+      out += hex[c >> 4];
+      out += hex[c & 15u];
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  if (n < s.size()) out += "...";
+  return out;
+}
+
+// A JSON value as a message shows it: scalars and short flat arrays as JSON, anything larger by its
+// kind and size. Never recursive: a hostile file may nest values millions deep.
+inline std::string describe_json(const nlohmann::json& v) {
+  if (v.is_string()) return "\"" + printable(v.get_ref<const std::string&>(), 60) + "\"";
+  if (v.is_array()) {
+    bool flat = v.size() <= 8;
+    for (const auto& e : v) flat = flat && e.is_primitive();
+    if (!flat) return "an array of " + std::to_string(v.size()) + " values";
+    std::string out = "[";
+    for (std::size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + describe_json(v[i]);
+    return out + "]";
+  }
+  if (v.is_object()) return "an object of " + std::to_string(v.size()) + " keys";
+  if (v.is_binary()) return "binary data";
+  return v.dump();  // number, boolean or null
+}
+
+// Parses text, refusing a key that appears twice in the top-level object: nlohmann would keep the
+// last one silently, so a file could say two things and be read as one. `source` names the file.
+inline nlohmann::json parse_json_unique_top_keys(const std::string& text, const std::string& source) {
+  std::set<std::string> keys;
+  const nlohmann::json::parser_callback_t check = [&](int depth, nlohmann::json::parse_event_t event,
+                                                      nlohmann::json& parsed) {
+    if (event == nlohmann::json::parse_event_t::key && depth == 1 &&
+        !keys.insert(parsed.get_ref<const std::string&>()).second)
+      fail<FormatError>(source, " names \"", printable(parsed.get_ref<const std::string&>()),
+                        "\" twice; expected each key once");
+    return true;
+  };
+  try {
+    return nlohmann::json::parse(text, check);
+  } catch (const nlohmann::json::exception& e) {
+    fail<FormatError>(source, " is not valid JSON (", printable(e.what(), 200), ")");
+  }
+}
+
+}  // namespace gqe::detail
