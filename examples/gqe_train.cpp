@@ -8,8 +8,6 @@
 // a run (or a whole comparison) to bit-identically the result of an uninterrupted one.
 #include <CLI/CLI.hpp>
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -27,176 +25,22 @@
 #include "cli_common.hpp"
 #include "gqe/gqe.hpp"
 #include "gqe/training/trainer.hpp"
+#include "train_common.hpp"
 
 namespace {
 
 namespace fs = std::filesystem;
 using gqe::Index;
-using gqe::training::RunConfig;
-using Run = gqe::training::Run<float>;
+using gqe::cli::Options;
+using gqe::cli::Progress;
+using gqe::cli::RunConfig;
+using gqe::cli::make_run;
+using gqe::cli::run_name;
+using gqe::cli::train_flops;
+using Run = gqe::cli::TrainRun;
 
 volatile std::sig_atomic_t g_interrupted = 0;
 extern "C" void on_sigint(int) { g_interrupted = 1; }
-
-// Everything the command line sets; saved as comparison.json so that --resume OUT needs no flags.
-struct Options {
-  std::string task = "mqar";
-  std::string text;
-  Index steps = 1200;
-  Index batch = 32;
-  Index seeds = 3;
-  Index seq_len = 64;
-  std::string out = "gqe-train-out";
-  int threads = 0;
-  std::string resume;
-  double lr = 3e-3;
-  Index warmup = 0;  // 0: 5% of the steps
-  std::string schedule = "cosine";
-  double aux_coef = 0.01;
-  double weight_decay = 0.1;
-  Index eval_every = 0;
-  Index save_every = 200;
-  Index hidden = 64;
-  Index layers = 2;
-  Index heads = 8;
-  Index kv_heads = 4;
-  Index head_dim = 16;
-  Index intermediate = 128;
-  Index top_k = 1;
-  std::string variant = "gqe";
-  Index mqar_pairs = 16;
-  Index mqar_vocab = 128;
-  bool throughput = false;
-
-  nlohmann::ordered_json to_json() const {
-    return {{"task", task},       {"text", text},         {"steps", steps},     {"batch", batch},
-            {"seeds", seeds},     {"seq_len", seq_len},   {"lr", lr},           {"warmup", warmup},
-            {"schedule", schedule}, {"aux_coef", aux_coef}, {"weight_decay", weight_decay},
-            {"eval_every", eval_every}, {"save_every", save_every}, {"hidden", hidden}, {"layers", layers},
-            {"heads", heads},     {"kv_heads", kv_heads}, {"head_dim", head_dim}, {"intermediate", intermediate},
-            {"top_k", top_k},     {"variant", variant},   {"mqar_pairs", mqar_pairs}, {"mqar_vocab", mqar_vocab}};
-  }
-  void from_json(const nlohmann::json& j, const std::string& source) {
-    try {
-      task = j.at("task").get<std::string>();
-      text = j.at("text").get<std::string>();
-      steps = j.at("steps").get<Index>();
-      batch = j.at("batch").get<Index>();
-      seeds = j.at("seeds").get<Index>();
-      seq_len = j.at("seq_len").get<Index>();
-      lr = j.at("lr").get<double>();
-      warmup = j.at("warmup").get<Index>();
-      schedule = j.at("schedule").get<std::string>();
-      aux_coef = j.at("aux_coef").get<double>();
-      weight_decay = j.at("weight_decay").get<double>();
-      eval_every = j.at("eval_every").get<Index>();
-      save_every = j.at("save_every").get<Index>();
-      hidden = j.at("hidden").get<Index>();
-      layers = j.at("layers").get<Index>();
-      heads = j.at("heads").get<Index>();
-      kv_heads = j.at("kv_heads").get<Index>();
-      head_dim = j.at("head_dim").get<Index>();
-      intermediate = j.at("intermediate").get<Index>();
-      top_k = j.at("top_k").get<Index>();
-      variant = j.at("variant").get<std::string>();
-      mqar_pairs = j.at("mqar_pairs").get<Index>();
-      mqar_vocab = j.at("mqar_vocab").get<Index>();
-    } catch (const nlohmann::json::exception& e) {
-      gqe::fail<gqe::FormatError>(source, " is not a gqe-train comparison (", e.what(), ")");
-    }
-  }
-};
-
-// The run of one model and seed under the options.
-RunConfig make_run(const Options& o, gqe::AttentionType type, std::uint64_t seed) {
-  RunConfig r;
-  r.task = gqe::training::task_from_string(o.task);
-  gqe::ModelConfig& m = r.model;
-  m.attention_type = type;
-  m.gqe_variant = gqe::gqe_variant_from_string(o.variant);
-  m.vocab_size = r.task == gqe::training::Task::mqar ? o.mqar_vocab : 256;
-  m.hidden_size = o.hidden;
-  m.intermediate_size = o.intermediate;
-  m.num_layers = o.layers;
-  m.num_heads = o.heads;
-  m.num_kv_heads = o.kv_heads;
-  m.head_dim = o.head_dim;
-  m.top_k = o.top_k;
-  m.rms_norm_eps = 1e-5;
-  m.max_position_embeddings = std::max<Index>(4096, o.seq_len);
-  r.optimizer.lr = o.lr;
-  r.optimizer.weight_decay = o.weight_decay;
-  r.optimizer.total_steps = o.steps;
-  r.optimizer.warmup_steps = o.warmup > 0 ? o.warmup : std::max<Index>(1, o.steps / 20);
-  r.optimizer.schedule = gqe::training::schedule_from_string(o.schedule);
-  r.mqar.vocab_size = o.mqar_vocab;
-  r.mqar.seq_len = o.seq_len;
-  r.mqar.num_pairs = o.mqar_pairs;
-  r.text_path = o.text.empty() ? std::string() : fs::absolute(o.text).string();
-  r.batch = o.batch;
-  r.seq_len = o.seq_len;
-  r.aux_coef = o.aux_coef;
-  r.seed = seed;
-  r.eval_every = o.eval_every;
-  r.save_every = o.save_every;
-  r.validate();
-  return r;
-}
-
-std::string run_name(gqe::AttentionType type, Index seed) {
-  return std::string(type == gqe::AttentionType::gqa ? "gqa" : "gqe") + "-seed" + std::to_string(seed);
-}
-
-std::string duration(double seconds) {
-  char buf[32];
-  const long s = static_cast<long>(std::max(0.0, seconds) + 0.5);
-  if (s >= 3600)
-    std::snprintf(buf, sizeof buf, "%ldh%02ldm", s / 3600, (s / 60) % 60);
-  else
-    std::snprintf(buf, sizeof buf, "%ldm%02lds", s / 60, s % 60);
-  return buf;
-}
-
-// A progress bar on stderr: redrawn in place on a terminal, a line every tenth otherwise.
-class Progress {
- public:
-  explicit Progress(std::string label) : label_(std::move(label)), tty_(isatty(2) != 0) {}
-
-  void update(const gqe::training::StepInfo& s, const Run& run) {
-    const auto now = std::chrono::steady_clock::now();
-    const bool last = s.step == s.total;
-    const Index tenth = std::max<Index>(1, s.total / 10);
-    if (tty_ && !last && now - drawn_ < std::chrono::milliseconds(200)) return;
-    if (!tty_ && !last && s.step % tenth != 0) return;
-    drawn_ = now;
-    // EMA of the language-model loss, for a readable figure.
-    const auto& h = run.history();
-    double ema = 0, weight = 0;
-    for (std::size_t i = h.size() > 50 ? h.size() - 50 : 0; i < h.size(); ++i) {
-      ema = 0.9 * ema + 0.1 * h[i].lm_loss;
-      weight = 0.9 * weight + 0.1;
-    }
-    const double loss = weight > 0 ? ema / weight : s.lm_loss;
-    const int width = 24;
-    const int filled = static_cast<int>(width * static_cast<double>(s.step) / static_cast<double>(s.total));
-    std::string bar(static_cast<std::size_t>(filled), '#');
-    bar.append(static_cast<std::size_t>(width - filled), '-');
-    const double per_step = s.seconds / static_cast<double>(std::max<Index>(1, s.step));
-    const double left = per_step * static_cast<double>(s.total - s.step);
-    char acc[32] = "";
-    if (!run.evals().empty()) std::snprintf(acc, sizeof acc, "  acc %.3f", run.evals().back().accuracy);
-    std::fprintf(stderr, "%s%-12s [%s] %5ld/%ld  loss %.4f%s  %.1fk tok/s  left %s%s", tty_ ? "\r" : "", label_.c_str(),
-                 bar.c_str(), static_cast<long>(s.step), static_cast<long>(s.total), loss, acc, s.tokens_per_second / 1000,
-                 duration(left).c_str(), tty_ ? "\033[K" : "\n");
-    if (tty_ && last) std::fputc('\n', stderr);
-    std::fflush(stderr);
-  }
-
- private:
-  std::string label_;
-  bool tty_;
-  std::chrono::steady_clock::time_point drawn_{};
-};
 
 // Trains one run to its end (or until Ctrl-C). Returns false when interrupted.
 bool train_run(Run& run, const fs::path& dir, const std::string& label) {
@@ -224,15 +68,6 @@ Stats stats(const std::vector<double>& v) {
     s.sd = std::sqrt(s.sd / static_cast<double>(v.size() - 1));
   }
   return s;
-}
-
-// Whole-model training FLOPs per sequence (forward + backward = 3 x forward), from the spec's
-// attention FLOP model plus the feed-forward and lm_head.
-double train_flops(const gqe::ModelConfig& m, Index T) {
-  const double t = static_cast<double>(T), d = static_cast<double>(m.hidden_size);
-  const double ffn = 2 * t * 3 * d * static_cast<double>(m.intermediate_size);
-  const double layer = m.attention().prefill_flops(T) + ffn;
-  return 3 * (static_cast<double>(m.num_layers) * layer + 2 * t * d * static_cast<double>(m.vocab_size));
 }
 
 // The same with the attention as this implementation computes it: forward (scores, values), one

@@ -95,10 +95,14 @@ if(MODE STREQUAL "find_package")
     require_file("${prefix}/bin/${program}")
   endforeach()
   if("gqe-demo" IN_LIST programs)
-    run("installed gqe-demo" "${prefix}/bin/gqe-demo")
-    if(NOT run_output MATCHES "gqe ${EXPECT_VERSION}")
-      message(FATAL_ERROR "installed gqe-demo did not print 'gqe ${EXPECT_VERSION}':\n${run_output}")
-    endif()
+    # A short tour: every part runs, the training comparison reports both models.
+    run("installed gqe-demo" "${prefix}/bin/gqe-demo" --tokens 256 --repeats 1 --train-steps 20)
+    foreach(expected IN ITEMS "gqe ${EXPECT_VERSION}" "speed-up [0-9.]+x; FLOP ceiling"
+                              "dense GQA +[0-9]+ +8/8 " "GQE +[0-9]+ +5/8 ")
+      if(NOT run_output MATCHES "${expected}")
+        message(FATAL_ERROR "installed gqe-demo did not print '${expected}':\n${run_output}")
+      endif()
+    endforeach()
   endif()
 
   list(APPEND configure_args "-DCMAKE_PREFIX_PATH=${prefix}")
