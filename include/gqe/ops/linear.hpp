@@ -18,11 +18,20 @@ namespace detail {
 constexpr Index kLinearRowTile = 256;
 constexpr Index kLinearColTile = 256;
 
+// Products of fewer rows (a decode step's) stay with Eigen under GQE_USE_BLAS: each OpenBLAS call
+// has a fixed cost that a single row's product does not repay. Fixed by the shape alone, so
+// results stay bit-identical for every thread count.
+constexpr Index kBlasMinRows = 16;
+
 // One tile, single-threaded: y = x w^T.
 template <class Scalar, class X, class W, class Y>
 void gemm_tile(const X& x, const W& w, Y&& y) {
 #ifdef GQE_USE_BLAS
   if constexpr (std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>) {
+    if (x.rows() < kBlasMinRows) {
+      y.noalias() = x * w.transpose();
+      return;
+    }
     // The library parallelises over tiles itself: OpenBLAS's own threads would change its blocking
     // with the thread count (results no longer bit-identical) and oversubscribe the cores.
     static const bool pinned = (openblas_set_num_threads(1), true);
