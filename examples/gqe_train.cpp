@@ -16,7 +16,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <sstream>
 #include <string>
@@ -263,14 +262,8 @@ int run_comparison(Options o) {
   if (!o.resume.empty()) {
     const fs::path dir = o.resume;
     if (fs::is_regular_file(dir / "comparison.json", ec)) {
-      std::ifstream in(dir / "comparison.json");
-      nlohmann::json j;
-      try {
-        j = nlohmann::json::parse(in);
-      } catch (const nlohmann::json::exception& e) {
-        gqe::fail<gqe::FormatError>((dir / "comparison.json").string(), " is not valid JSON (", e.what(), ")");
-      }
-      o.from_json(j, (dir / "comparison.json").string());
+      const fs::path saved = dir / "comparison.json";
+      o.from_json(gqe::detail::read_json_file(saved, "the options of a gqe-train comparison", 1 << 20), saved.string());
       out = dir;
     } else {
       auto run = Run::load(dir);  // throws IoError naming dir when it is neither

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <functional>
 #include <map>
 #include <string>
@@ -628,6 +629,36 @@ TEST(TrainingRun, ResumeContinuesBitIdentically) {
     std::filesystem::remove_all(dir);
   }
   EXPECT_THROW(gqe::training::Run<float>::load(dir / "nothing"), gqe::IoError);
+}
+
+// A saved run whose train_state.json is damaged is refused with a FormatError that names the file
+// and what is wrong, never a JSON library exception or a crash.
+TEST(TrainingRun, DamagedStateIsRefused) {
+  const auto dir = std::filesystem::temp_directory_path() / "gqe_test_training_damaged";
+  std::filesystem::remove_all(dir);
+  gqe::training::Run<float> run(tiny_run(gqe::AttentionType::gqe, 2));
+  ASSERT_TRUE(run.train(dir, [] { return false; }, [](const auto&) {}));
+  std::ifstream in(dir / "train_state.json");
+  const std::string good((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {good.substr(0, good.size() / 2), "is not valid JSON"},
+      {"[1, 2]", "is not a gqe-train state"},
+      {R"({"format": 5})", "is not a gqe-train state"},
+      {"{\"format\": \"gqe-train-state\", " + good.substr(1), "names \"format\" twice"},
+      {R"({"format": "gqe-train-state", "scalar": ["F32"]})", "was saved by a run in [\"F32\"]"},
+  };
+  for (const auto& [text, says] : cases) {
+    std::ofstream(dir / "train_state.json", std::ios::trunc) << text;
+    try {
+      gqe::training::Run<float>::load(dir);
+      ADD_FAILURE() << "accepted: " << text.substr(0, 80);
+    } catch (const gqe::FormatError& e) {
+      const std::string message = e.what();
+      EXPECT_NE(message.find((dir / "train_state.json").string()), std::string::npos) << message;
+      EXPECT_NE(message.find(says), std::string::npos) << message;
+    }
+  }
+  std::filesystem::remove_all(dir);
 }
 
 TEST(TrainingRun, SameBitsForAnyThreadCount) {

@@ -7,9 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <limits>
-#include <sstream>
 #include <string>
 
 #include "gqe/error.hpp"
@@ -126,18 +124,7 @@ inline ModelConfig parse_model_config_text(const std::string& text, const std::s
 inline ModelConfig load_model_config(const std::filesystem::path& path) {
   // Configs are a few hundred bytes; far more is not a config, and is not worth reading whole.
   constexpr std::uintmax_t kMaxBytes = std::uintmax_t(16) << 20;
-  std::error_code ec;
-  if (!std::filesystem::is_regular_file(path, ec))
-    fail<IoError>(path.string(), " does not exist or is not a file; expected the model's config.json");
-  const std::uintmax_t size = std::filesystem::file_size(path, ec);
-  if (ec) fail<IoError>("cannot read the size of ", path.string(), ": ", ec.message());
-  if (size > kMaxBytes) fail<FormatError>(path.string(), " is ", size, " bytes long; expected a config of at most ", kMaxBytes);
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail<IoError>("cannot open ", path.string());
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (in.bad()) fail<IoError>("cannot read ", path.string());
-  return parse_model_config_text(text.str(), path.string());
+  return parse_model_config(detail::read_json_file(path, "the model's config.json", kMaxBytes), path.string());
 }
 
 // Hugging Face keys first, so that a gqa checkpoint reads as a Llama model there.

@@ -20,10 +20,8 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -32,6 +30,7 @@
 #include "gqe/io/atomic_file.hpp"
 #include "gqe/io/checkpoint.hpp"
 #include "gqe/io/config_json.hpp"
+#include "gqe/io/detail/json_text.hpp"
 #include "gqe/io/safetensors.hpp"
 #include "gqe/training/data.hpp"
 #include "gqe/training/model_grad.hpp"
@@ -213,21 +212,15 @@ class Run {
   static Run load(const std::filesystem::path& dir) {
     const auto folder = saved_run_folder(dir);
     const auto state_path = folder / "train_state.json";
-    std::ifstream in(state_path, std::ios::binary);
-    if (!in) fail<IoError>("cannot open ", state_path.string());
-    std::ostringstream text;
-    text << in.rdbuf();
-    nlohmann::json state;
-    try {
-      state = nlohmann::json::parse(text.str());
-    } catch (const nlohmann::json::exception& e) {
-      fail<FormatError>(state_path.string(), " is not valid JSON (", e.what(), ")");
-    }
-    if (!state.is_object() || state.value("format", "") != detail::kStateFormat)
+    const nlohmann::json state = gqe::detail::read_json_file(state_path, "a gqe-train state", std::uintmax_t(1) << 32);
+    const auto field_is = [&](const char* key, const char* expected) {
+      return state.is_object() && state.contains(key) && state[key].is_string() && state[key].get_ref<const std::string&>() == expected;
+    };
+    if (!field_is("format", detail::kStateFormat))
       fail<FormatError>(state_path.string(), " is not a gqe-train state (its \"format\" is not \"", detail::kStateFormat, "\")");
-    const std::string scalar = state.value("scalar", "");
-    if (scalar != dtype_name(kDType))
-      fail<FormatError>(state_path.string(), " was saved by a run in ", scalar, "; this run computes in ", dtype_name(kDType),
+    if (!field_is("scalar", dtype_name(kDType)))
+      fail<FormatError>(state_path.string(), " was saved by a run in ", gqe::detail::describe_json(state.value("scalar", nlohmann::json())),
+                        "; this run computes in ", dtype_name(kDType),
                         " and resumes only its own type (bit-identical continuation)");
     Run run(run_config_from_json(state.at("run"), state_path.string()));
     try {

@@ -5,7 +5,11 @@
 #include <nlohmann/json.hpp>
 
 #include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
 #include <set>
+#include <sstream>
 #include <string>
 
 #include "gqe/error.hpp"
@@ -69,6 +73,25 @@ inline nlohmann::json parse_json_unique_top_keys(const std::string& text, const 
   } catch (const nlohmann::json::exception& e) {
     fail<FormatError>(source, " is not valid JSON (", printable(e.what(), 200), ")");
   }
+}
+
+// The JSON of a file gqe reads whole (a config, a training state), parsed as above. `expected`
+// names what the file should be; a file over max_bytes is refused before it is read.
+inline nlohmann::json read_json_file(const std::filesystem::path& path, const std::string& expected,
+                                     std::uintmax_t max_bytes) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec))
+    fail<IoError>(path.string(), " does not exist or is not a file; expected ", expected);
+  const std::uintmax_t size = std::filesystem::file_size(path, ec);
+  if (ec) fail<IoError>("cannot read the size of ", path.string(), ": ", ec.message());
+  if (size > max_bytes)
+    fail<FormatError>(path.string(), " is ", size, " bytes long; expected ", expected, " of at most ", max_bytes);
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail<IoError>("cannot open ", path.string());
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (in.bad()) fail<IoError>("cannot read ", path.string());
+  return parse_json_unique_top_keys(text.str(), path.string());
 }
 
 }  // namespace gqe::detail
