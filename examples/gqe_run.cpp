@@ -1,11 +1,19 @@
 // gqe-run: runs a checkpoint folder on a prompt, as ../shared/spec (GQE.md, "The command-line
 // runner") defines: logits and expert choices to a safetensors file, routing statistics, and
-// sampled continuations streamed to stdout. Exit status 2, with one line on stderr, on any input
-// the user can fix.
+// sampled continuations streamed to stdout. With --perplexity FILE instead of a prompt, it reports
+// a byte-level model's nats per byte and perplexity on a text file. Exit status 2, with one line
+// on stderr, on any input the user can fix.
 #include <CLI/CLI.hpp>
 
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <iostream>
+#include <iterator>
 #include <optional>
 #include <string>
 #include <vector>
@@ -25,6 +33,7 @@ struct Options {
   std::string mode = "prefill";
   std::optional<std::string> logits_out;
   bool stats = false;
+  std::optional<std::string> perplexity;
 };
 
 // Per-layer routing statistics, one block per layer, to stderr.
@@ -113,6 +122,58 @@ int run(const Options& opt) {
   return 0;
 }
 
+
+// Nats per byte of a text file, the bytes read as token ids 0..255: every byte after the first is
+// predicted once, from the bytes before it in its window. Windows of up to max_position_embeddings
+// bytes (at most kPerplexityWindow) overlap by one byte, each starting from an empty cache.
+constexpr gqe::Index kPerplexityWindow = 1024;
+
+template <class Scalar>
+int perplexity(const Options& opt) {
+  const std::filesystem::path path = *opt.perplexity;
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec))
+    gqe::fail<gqe::IoError>("--perplexity ", path.string(), " does not exist or is not a file; expected a text file");
+  std::ifstream in(path, std::ios::binary);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad()) gqe::fail<gqe::IoError>("cannot read ", path.string());
+  if (text.size() < 2)
+    gqe::fail<gqe::InputError>("--perplexity ", path.string(), " holds ", text.size(),
+                               " bytes; expected at least 2 (one to predict from, one to predict)");
+  const gqe::Transformer<Scalar> model = gqe::load_checkpoint<Scalar>(opt.model);
+  const gqe::Index V = model.config().vocab_size;
+  if (V < 256)
+    gqe::fail<gqe::InputError>("--perplexity reads bytes as token ids 0..255; the model's vocab_size is ", V,
+                               ", expected at least 256");
+  const gqe::Index window = std::min(model.config().max_position_embeddings, kPerplexityWindow);
+  if (window < 2)
+    gqe::fail<gqe::InputError>("the model's max_position_embeddings is ", window, "; --perplexity needs at least 2");
+
+  const std::vector<std::int32_t> ids = gqe::cli::bytes_to_ids(text);
+  const gqe::Index n = static_cast<gqe::Index>(ids.size());
+  const bool tty = isatty(2) != 0;
+  double nats = 0;
+  for (gqe::Index start = 0; start + 1 < n; start += window - 1) {
+    const gqe::Index len = std::min(window, n - start);
+    std::vector<gqe::KVCache<Scalar>> caches{model.new_cache()};
+    gqe::Tensor<Scalar> logits(gqe::Shape{1, len, V});  // [1, len, V]
+    model.forward(gqe::TensorView<const std::int32_t>(ids.data() + start, gqe::Shape{1, len}), caches, logits.view(), false);
+    for (gqe::Index t = 0; t + 1 < len; ++t) {
+      const Scalar* row = logits.view()[0][t].data();
+      const double top = *std::max_element(row, row + V);
+      double sum = 0;
+      for (gqe::Index v = 0; v < V; ++v) sum += std::exp(static_cast<double>(row[v]) - top);
+      nats += top + std::log(sum) - static_cast<double>(row[ids[static_cast<std::size_t>(start + t + 1)]]);
+    }
+    if (tty) std::fprintf(stderr, "\rperplexity: %3.0f%%", 100.0 * static_cast<double>(start + len) / static_cast<double>(n));
+  }
+  if (tty) std::fprintf(stderr, "\n");
+  const double per_byte = nats / static_cast<double>(n - 1);
+  std::printf("%s: %td bytes predicted, %.6f nats per byte (%.6f bits per byte), perplexity %.6f\n", path.string().c_str(),
+              n - 1, per_byte, per_byte / std::log(2.0), std::exp(per_byte));
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -125,7 +186,7 @@ int main(int argc, char** argv) {
   auto* ids = app.add_option("--prompt-ids", opt.prompt_ids, "Prompt as comma-separated token ids, e.g. 1,2,3");
   prompt->excludes(ids);
   ids->excludes(prompt);
-  app.add_option("--generate", opt.generate, "Tokens to sample after the prompt, streamed to stdout")
+  auto* generate = app.add_option("--generate", opt.generate, "Tokens to sample after the prompt, streamed to stdout")
       ->check(CLI::Range(gqe::Index(0), gqe::Limits::max_positions));
   app.add_option("--temperature", opt.sampler.temperature, "Sampling temperature; 0 is greedy")->capture_default_str();
   app.add_option("--top-k", opt.sampler.top_k, "Keep the K most likely tokens; 0 is off")->capture_default_str();
@@ -135,16 +196,23 @@ int main(int argc, char** argv) {
       ->check(gqe::cli::non_negative_integer())->capture_default_str();
   app.add_option("--threads", opt.threads, "Worker threads (default: the machine's cores)")
       ->check(CLI::Range(1, 1024))->capture_default_str();
-  app.add_option("--mode", opt.mode, "prefill: the prompt at once; stepwise: one token at a time through the KV cache")
+  auto* mode = app.add_option("--mode", opt.mode, "prefill: the prompt at once; stepwise: one token at a time through the KV cache")
       ->check(CLI::IsMember({"prefill", "stepwise"}))->capture_default_str();
-  app.add_option("--logits-out", opt.logits_out,
+  auto* logits_out = app.add_option("--logits-out", opt.logits_out,
                  "Write the prompt's logits (F32 [T, V]) and, for GQE, expert_indices (I32 [L, T, G, k]) as safetensors");
-  app.add_flag("--stats", opt.stats, "Print per-layer routing statistics to stderr");
+  auto* stats = app.add_flag("--stats", opt.stats, "Print per-layer routing statistics to stderr");
+  auto* perplexity_file = app.add_option("--perplexity", opt.perplexity,
+                                         "Instead of a prompt: report the model's nats per byte and perplexity on "
+                                         "this text file (bytes as token ids 0..255)");
+  for (auto* other : {prompt, ids, generate, mode, logits_out, stats}) perplexity_file->excludes(other);
 
   return gqe::cli::run_main(app, argc, argv, [&] {
-    if (!opt.prompt && !opt.prompt_ids) gqe::fail<gqe::InputError>("no prompt; expected --prompt TEXT or --prompt-ids 1,2,3");
+    if (!opt.prompt && !opt.prompt_ids && !opt.perplexity)
+      gqe::fail<gqe::InputError>("no prompt; expected --prompt TEXT, --prompt-ids 1,2,3 or --perplexity FILE");
     opt.sampler.validate();
     gqe::set_num_threads(opt.threads);
-    return gqe::checkpoint_is_double(opt.model) ? run<double>(opt) : run<float>(opt);
+    const bool in_double = gqe::checkpoint_is_double(opt.model);
+    if (opt.perplexity) return in_double ? perplexity<double>(opt) : perplexity<float>(opt);
+    return in_double ? run<double>(opt) : run<float>(opt);
   });
 }

@@ -6,7 +6,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <limits>
 #include <set>
 #include <filesystem>
@@ -167,6 +170,54 @@ TEST_P(Golden, GqeRunLogitsOutMatchesReference) {
     EXPECT_EQ(file.metadata().at("format"), "pt");
     fs::remove(out);
   }
+}
+
+// gqe-run --perplexity on the prompt's bytes against the nats per byte that the reference logits
+// give: the mean over t of logsumexp(logits[t]) - logits[t][prompt[t + 1]]. Byte-level fixtures only.
+void check_perplexity(const std::string& name) {
+  const fs::path folder = fs::path(GQE_TEST_DATA_DIR) / name;
+  const Expected e = read_expected(folder);
+  const Index T = static_cast<Index>(e.prompt.size());
+  std::string bytes;
+  for (auto id : e.prompt) bytes += static_cast<char>(id);
+  const fs::path text = fs::temp_directory_path() / ("gqe-golden-" + name + ".txt");
+  const fs::path out = fs::temp_directory_path() / ("gqe-golden-" + name + ".out");
+  std::ofstream(text, std::ios::binary) << bytes;
+  const std::string command = std::string("\"") + GQE_RUN_PATH + "\" --model \"" + folder.string() + "\" --perplexity \"" +
+                              text.string() + "\" > \"" + out.string() + "\"";
+  ASSERT_EQ(std::system(command.c_str()), 0) << command;
+  std::ifstream in(out);
+  const std::string printed((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  long predicted = 0;
+  double nats = 0, bits = 0, ppl = 0;
+  const auto at = printed.find(": ");
+  ASSERT_NE(at, std::string::npos) << printed;
+  ASSERT_EQ(std::sscanf(printed.c_str() + at + 2, "%ld bytes predicted, %lf nats per byte (%lf bits per byte), perplexity %lf",
+                        &predicted, &nats, &bits, &ppl), 4)
+      << printed;
+  double want = 0;
+  for (Index t = 0; t + 1 < T; ++t) {
+    const double top = e.logits.row(t).maxCoeff();
+    want += top + std::log((e.logits.row(t).array() - top).exp().sum()) - e.logits(t, e.prompt[static_cast<std::size_t>(t + 1)]);
+  }
+  want /= static_cast<double>(T - 1);
+  EXPECT_EQ(predicted, T - 1);
+  EXPECT_NEAR(nats, want, 1e-5 * want) << printed;
+  EXPECT_NEAR(bits, want / std::log(2.0), 1e-5 * want) << printed;
+  EXPECT_NEAR(ppl, std::exp(want), 1e-4 * std::exp(want)) << printed;
+  fs::remove(text);
+  fs::remove(out);
+}
+
+TEST(GoldenRun, PerplexityMatchesReference) {
+  int checked = 0;
+  for (const auto& name : fixtures())
+    if (gqe::load_model_config(fs::path(GQE_TEST_DATA_DIR) / name / "config.json").vocab_size >= 256) {
+      SCOPED_TRACE(name);
+      check_perplexity(name);
+      ++checked;
+    }
+  EXPECT_GE(checked, 2) << "expected byte-level fixtures (vocab_size >= 256) in tests/data";
 }
 #endif
 
