@@ -11,9 +11,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
-#include <iterator>
 #include <optional>
 #include <string>
 #include <vector>
@@ -131,12 +129,7 @@ constexpr gqe::Index kPerplexityWindow = 1024;
 template <class Scalar>
 int perplexity(const Options& opt) {
   const std::filesystem::path path = *opt.perplexity;
-  std::error_code ec;
-  if (!std::filesystem::is_regular_file(path, ec))
-    gqe::fail<gqe::IoError>("--perplexity ", path.string(), " does not exist or is not a file; expected a text file");
-  std::ifstream in(path, std::ios::binary);
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (in.bad()) gqe::fail<gqe::IoError>("cannot read ", path.string());
+  const std::string text = gqe::read_whole_file(path, "a text file for --perplexity");
   if (text.size() < 2)
     gqe::fail<gqe::InputError>("--perplexity ", path.string(), " holds ", text.size(),
                                " bytes; expected at least 2 (one to predict from, one to predict)");
@@ -158,13 +151,12 @@ int perplexity(const Options& opt) {
     std::vector<gqe::KVCache<Scalar>> caches{model.new_cache()};
     gqe::Tensor<Scalar> logits(gqe::Shape{1, len, V});  // [1, len, V]
     model.forward(gqe::TensorView<const std::int32_t>(ids.data() + start, gqe::Shape{1, len}), caches, logits.view(), false);
-    for (gqe::Index t = 0; t + 1 < len; ++t) {
-      const Scalar* row = logits.view()[0][t].data();
-      const double top = *std::max_element(row, row + V);
-      double sum = 0;
-      for (gqe::Index v = 0; v < V; ++v) sum += std::exp(static_cast<double>(row[v]) - top);
-      nats += top + std::log(sum) - static_cast<double>(row[ids[static_cast<std::size_t>(start + t + 1)]]);
-    }
+    // Row t predicts byte start + t + 1; the window's last row predicts nothing here (weight 0).
+    std::vector<std::int32_t> targets(ids.begin() + start + 1, ids.begin() + start + len);
+    targets.push_back(0);
+    std::vector<float> weights(static_cast<std::size_t>(len), 1.0f);
+    weights.back() = 0.0f;
+    nats += gqe::training::cross_entropy<Scalar>(gqe::MatrixMap<Scalar>(logits.data(), len, V), targets, weights, 0.0).loss;
     if (tty) std::fprintf(stderr, "\rperplexity: %3.0f%%", 100.0 * static_cast<double>(start + len) / static_cast<double>(n));
   }
   if (tty) std::fprintf(stderr, "\n");

@@ -4,6 +4,7 @@
 #include "gqe/io/atomic_file.hpp"
 #include "gqe/io/checkpoint.hpp"
 #include "gqe/io/config_json.hpp"
+#include "gqe/io/read_file.hpp"
 #include "gqe/io/safetensors.hpp"
 #include "gqe/layers/attention_cache.hpp"
 #include "gqe/layers/attention_common.hpp"

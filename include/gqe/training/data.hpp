@@ -8,12 +8,11 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "gqe/error.hpp"
+#include "gqe/io/read_file.hpp"
 #include "gqe/training/model_grad.hpp"
 #include "gqe/training/rng.hpp"
 
@@ -99,14 +98,7 @@ class TextData {
     if (seq_len < 1) fail<ConfigError>("sequence length is ", seq_len, "; expected at least 1");
     if (!(heldout_fraction > 0 && heldout_fraction < 1))
       fail<ConfigError>("held-out fraction is ", heldout_fraction, "; expected a number in (0, 1)");
-    std::error_code ec;
-    if (!std::filesystem::is_regular_file(path, ec))
-      fail<IoError>("text file ", path.string(), " does not exist or is not a file");
-    std::ifstream in(path, std::ios::binary);
-    if (!in) fail<IoError>("cannot open text file ", path.string());
-    std::ostringstream text;
-    text << in.rdbuf();
-    bytes_ = text.str();
+    bytes_ = read_whole_file(path, "a text file");
     const auto size = static_cast<Index>(bytes_.size());
     split_ = size - static_cast<Index>(static_cast<double>(size) * heldout_fraction);
     const Index need = seq_len + 1;

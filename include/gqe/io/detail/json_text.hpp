@@ -7,12 +7,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <set>
-#include <sstream>
 #include <string>
 
 #include "gqe/error.hpp"
+#include "gqe/io/read_file.hpp"
 
 namespace gqe::detail {
 
@@ -79,19 +78,7 @@ inline nlohmann::json parse_json_unique_top_keys(const std::string& text, const 
 // names what the file should be; a file over max_bytes is refused before it is read.
 inline nlohmann::json read_json_file(const std::filesystem::path& path, const std::string& expected,
                                      std::uintmax_t max_bytes) {
-  std::error_code ec;
-  if (!std::filesystem::is_regular_file(path, ec))
-    fail<IoError>(path.string(), " does not exist or is not a file; expected ", expected);
-  const std::uintmax_t size = std::filesystem::file_size(path, ec);
-  if (ec) fail<IoError>("cannot read the size of ", path.string(), ": ", ec.message());
-  if (size > max_bytes)
-    fail<FormatError>(path.string(), " is ", size, " bytes long; expected ", expected, " of at most ", max_bytes);
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail<IoError>("cannot open ", path.string());
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (in.bad()) fail<IoError>("cannot read ", path.string());
-  return parse_json_unique_top_keys(text.str(), path.string());
+  return parse_json_unique_top_keys(read_whole_file(path, expected, max_bytes), path.string());
 }
 
 }  // namespace gqe::detail
