@@ -6,7 +6,7 @@
 //   attention_{gqa,gqe}/T    the causal attention kernel alone, with the layer's head layout;
 //   gemm_*/4096              a plain [4096 x 1024] x [1024 x 1024] product measured in the same run,
 //                            the machine's GEMM rate that the layer's GFLOP/s is compared with.
-#include <Eigen/Core>
+#include "gqe/tensor/eigen.hpp"
 
 #include "bench_common.hpp"
 #include "gqe/layers/gqa_attention.hpp"

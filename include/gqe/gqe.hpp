@@ -22,6 +22,7 @@
 #include "gqe/ops/linear.hpp"
 #include "gqe/ops/rmsnorm.hpp"
 #include "gqe/ops/rope.hpp"
+#include "gqe/tensor/eigen.hpp"
 #include "gqe/tensor/tensor.hpp"
 #include "gqe/training/attention_grad.hpp"
 #include "gqe/training/data.hpp"

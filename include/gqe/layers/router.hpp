@@ -6,7 +6,7 @@
 // can make different logits equal): descending, equal logits to the lower expert index. A NaN logit
 // ranks below every number, so the kept experts always lie inside their group; the group's
 // probabilities are NaN, and GQEAttention makes that token's output NaN (propagated, never hidden).
-#include <Eigen/Core>
+#include "gqe/tensor/eigen.hpp"
 
 #include <cmath>
 #include <cstdint>

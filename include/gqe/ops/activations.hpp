@@ -1,6 +1,6 @@
 #pragma once
 // Numerically stable softmax and SiLU.
-#include <Eigen/Core>
+#include "gqe/tensor/eigen.hpp"
 
 #include <cmath>
 

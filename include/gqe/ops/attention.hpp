@@ -9,7 +9,7 @@
 //
 // Masking is aligned bottom-right: with `past` keys already cached, query i of the chunk sits at
 // position past + i and sees keys 0 .. past + i.
-#include <Eigen/Core>
+#include "gqe/tensor/eigen.hpp"
 
 #include <algorithm>
 #include <cmath>

@@ -2,7 +2,7 @@
 // Y = X W^T, the projection of every layer (W is [out, in] like torch). The product is split into
 // tiles fixed by the shapes alone, each tile one single-threaded GEMM, and the tiles are spread over
 // the library's pool: the result is bit-identical whatever the thread count.
-#include <Eigen/Core>
+#include "gqe/tensor/eigen.hpp"
 
 #include "gqe/tensor/tensor.hpp"
 #include "gqe/util/thread_pool.hpp"

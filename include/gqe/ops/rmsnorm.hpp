@@ -1,6 +1,6 @@
 #pragma once
 // RMSNorm as Hugging Face Llama computes it: x * rsqrt(mean(x^2) + eps) * weight, per row.
-#include <Eigen/Core>
+#include "gqe/tensor/eigen.hpp"
 
 #include "gqe/tensor/tensor.hpp"
 

@@ -2,7 +2,7 @@
 // Rotary position embedding, rotate-half form (Hugging Face Llama): element i pairs with i + d_h/2,
 // x' = x*cos + rotate_half(x)*sin, rotate_half(x) = concat(-x2, x1), angle = position * theta^(-2i/d_h).
 // The angles are computed in double: in float their error grows with the position.
-#include <Eigen/Core>
+#include "gqe/tensor/eigen.hpp"
 
 #include <cmath>
 

@@ -3,7 +3,7 @@
 // TensorView. Views reshape and slice along the first axis without copying, and expose Eigen Maps
 // so that the maths is written with Eigen. Shapes are checked where user data enters (check_shape);
 // indexing inside the hot path is checked by debug asserts only.
-#include <Eigen/Core>
+#include "gqe/tensor/eigen.hpp"
 
 #include <algorithm>
 #include <array>

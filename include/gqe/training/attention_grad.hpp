@@ -8,7 +8,7 @@
 // One work unit is one entry (the query heads of one sequence that read one K/V head) with all its
 // query and key tiles, so that dK and dV are summed inside the unit: bit-identical results for any
 // thread count, and no locks.
-#include <Eigen/Core>
+#include "gqe/tensor/eigen.hpp"
 
 #include <algorithm>
 #include <cmath>

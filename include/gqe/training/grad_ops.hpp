@@ -6,7 +6,7 @@
 //
 // Parallel work is cut into units fixed by the shapes alone, and every sum over rows runs inside a
 // single unit, so that gradients are bit-identical whatever the thread count.
-#include <Eigen/Core>
+#include "gqe/tensor/eigen.hpp"
 
 #include <algorithm>
 #include <cmath>

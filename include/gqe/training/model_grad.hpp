@@ -17,7 +17,7 @@
 //  - an expert a token did not keep gets no gradient from that token, and its query is never
 //    computed: queries are projected (and back-propagated) by gathering each expert's rows;
 //  - the shared head reads the mean over groups of K and V, whose gradient returns 1/G to each.
-#include <Eigen/Core>
+#include "gqe/tensor/eigen.hpp"
 
 #include <cmath>
 #include <cstdint>
