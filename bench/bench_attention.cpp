@@ -9,8 +9,7 @@
 #include "gqe/tensor/eigen.hpp"
 
 #include "bench_common.hpp"
-#include "gqe/layers/gqa_attention.hpp"
-#include "gqe/layers/gqe_attention.hpp"
+#include "gqe/layers/attention.hpp"
 #include "gqe/ops/attention.hpp"
 #include "gqe/ops/linear.hpp"
 #include "gqe/ops/rope.hpp"
@@ -56,9 +55,9 @@ void prefill(benchmark::State& state, AttentionType type) {
   // One untimed call sizes the library's thread-local workspaces for T (they are shared by every
   // benchmark, so the previous one may have left them at another size). For GQE it also reports
   // how mixed the routing is: the share of (token, group) choices that went to expert 0 of 2.
-  if constexpr (std::is_same_v<Layer, GQEAttention<float>>) {
+  if (config.is_gqe()) {
     Routing<float> routing;
-    layer.forward(x, segments, rope, y, &routing);
+    layer.forward(x, segments, rope, y, nullptr, &routing);
     state.counters["expert0_share"] =
         static_cast<double>((routing.experts.array() == 0).count()) / static_cast<double>(routing.experts.size());
   } else {
@@ -97,15 +96,10 @@ void decode(benchmark::State& state, AttentionType type) {
   // depend on the values, and a real prefill of 16384 tokens would take most of the suite's time.
   AttentionCache<float> cache(config);
   cache.reserve(L + 1);
-  std::mt19937 rng(3);
   const Index dh = config.head_dim;
-  for (Index g = 0; g < config.num_kv_heads; ++g) {
-    bench::fill_random(cache.key(g), L * dh, 1, rng);
-    bench::fill_random(cache.value(g), L * dh, 1, rng);
-  }
-  if (cache.has_mean()) {
-    bench::fill_random(cache.mean_key(), L * dh, 1, rng);
-    bench::fill_random(cache.mean_value(), L * dh, 1, rng);
+  {
+    const Matrix<float> keys = random_input(L, config.num_kv_heads * dh, 3), values = random_input(L, config.num_kv_heads * dh, 4);
+    for (Index t = 0; t < L; ++t) cache.write(t, keys.row(t).data(), values.row(t).data());
   }
   const Matrix<float> x = random_input(1, config.hidden_size, 5);  // [1, d]
   Matrix<float> y(1, config.hidden_size);                          // [1, d]
@@ -139,18 +133,20 @@ void attention_kernel(benchmark::State& state, AttentionType type) {
   const Index dh = c.head_dim, G = c.num_kv_heads, per_kv = c.is_gqe() ? c.top_k : c.experts_per_group();
   const Index active = c.active_heads(), kv_heads = G + (c.has_shared_head() ? 1 : 0);
   const Matrix<float> query = random_input(T, active * dh, 11);   // [T, active*d_h]
-  const Matrix<float> keys = random_input(kv_heads * T, dh, 12);  // [kv_heads*T, d_h]
-  const Matrix<float> values = random_input(kv_heads * T, dh, 13);
+  AttentionCache<float> cache(c);  // [T] positions of G KV heads (and their mean)
+  cache.reserve(T);
+  {
+    const Matrix<float> keys = random_input(T, G * dh, 12), values = random_input(T, G * dh, 13);
+    for (Index t = 0; t < T; ++t) cache.write(t, keys.row(t).data(), values.row(t).data());
+  }
   Matrix<float> out(T, active * dh);  // [T, active*d_h]
-  std::vector<AttentionHead<float>> heads;
+  std::vector<QueryGroup<float>> heads;
   for (Index h = 0, col = 0; h < kv_heads; ++h) {
-    AttentionHead<float> head;
+    QueryGroup<float> head;
     head.heads = h < G ? per_kv : 1;
     head.query = query.data() + col;
     head.query_stride = query.cols();
-    head.key = keys.data() + h * T * dh;
-    head.value = values.data() + h * T * dh;
-    head.kv_stride = dh;
+    head.kv = cache.head(h);
     head.out = out.data() + col;
     head.out_stride = out.cols();
     head.count = T;
@@ -219,10 +215,10 @@ void gemm_openblas(benchmark::State& state) {
 }
 #endif
 
-void prefill_gqa(benchmark::State& s) { prefill<GQAAttention<float>>(s, AttentionType::gqa); }
-void prefill_gqe(benchmark::State& s) { prefill<GQEAttention<float>>(s, AttentionType::gqe); }
-void decode_gqa(benchmark::State& s) { decode<GQAAttention<float>>(s, AttentionType::gqa); }
-void decode_gqe(benchmark::State& s) { decode<GQEAttention<float>>(s, AttentionType::gqe); }
+void prefill_gqa(benchmark::State& s) { prefill<Attention<float>>(s, AttentionType::gqa); }
+void prefill_gqe(benchmark::State& s) { prefill<Attention<float>>(s, AttentionType::gqe); }
+void decode_gqa(benchmark::State& s) { decode<Attention<float>>(s, AttentionType::gqa); }
+void decode_gqe(benchmark::State& s) { decode<Attention<float>>(s, AttentionType::gqe); }
 void attention_gqa(benchmark::State& s) { attention_kernel(s, AttentionType::gqa); }
 void attention_gqe(benchmark::State& s) { attention_kernel(s, AttentionType::gqe); }
 

@@ -9,6 +9,7 @@
 
 #include "gqe/layers/attention_config.hpp"
 #include "gqe/tensor/tensor.hpp"
+#include "gqe/tensor/weight.hpp"
 
 namespace gqe::bench {
 
@@ -34,11 +35,11 @@ void fill_random(Scalar* data, Index size, Index fan_in, std::mt19937& rng) {
   for (Index i = 0; i < size; ++i) data[i] = static_cast<Scalar>(dist(rng));
 }
 
-// Every parameter a layer's static visit(layer, fn) yields, (name, Matrix&), made random.
+// Every weight a layer's static visit(layer, fn) yields, (name, Weight&), given random values.
 template <class Layer>
 void randomize_layer(Layer& layer, unsigned seed) {
   std::mt19937 rng(seed);
-  Layer::visit(layer, [&](const char*, auto& m) { fill_random(m.data(), m.size(), m.cols(), rng); });
+  Layer::visit(layer, [&](const char*, Weight& w) { fill_random(w.allocate<float>(), w.numel(), w.cols(), rng); });
 }
 
 // Positions first .. first + count - 1.

@@ -31,8 +31,12 @@ ModelConfig small_model(AttentionType type) {
 Transformer<float> random_model(AttentionType type) {
   Transformer<float> model(small_model(type));
   std::mt19937 rng(2);
-  model.for_each_parameter([&](const std::string&, TensorView<float> w) {
-    if (w.rank() == 2) bench::fill_random(w.data(), w.numel(), w.dim(1), rng);
+  model.for_each_parameter([&](const std::string&, Weight& w) {
+    float* data = w.allocate<float>();
+    if (w.shape().rank() == 2)
+      bench::fill_random(data, w.numel(), w.cols(), rng);
+    else
+      std::fill(data, data + w.numel(), 1.0f);
   });
   return model;
 }

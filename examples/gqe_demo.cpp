@@ -4,6 +4,7 @@
 // version of gqe-train's comparison trains a dense GQA and a GQE model side by side on MQAR.
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -24,16 +25,17 @@ using gqe::Index;
 template <class Scalar>
 void initialise(gqe::Transformer<Scalar>& model, unsigned seed) {
   std::mt19937_64 rng(seed);
-  model.for_each_parameter([&](const std::string& name, gqe::TensorView<Scalar> w) {
-    if (w.rank() == 1) {
-      w.flat().setOnes();
+  model.for_each_parameter([&](const std::string& name, gqe::Weight& w) {
+    Scalar* data = w.allocate<Scalar>();
+    if (w.shape().rank() == 1) {
+      std::fill(data, data + w.numel(), Scalar(1));
       return;
     }
-    const double fan_out = static_cast<double>(w.dim(0)), fan_in = static_cast<double>(w.dim(1));
+    const double fan_out = static_cast<double>(w.rows()), fan_in = static_cast<double>(w.cols());
     const bool router = name.find("router") != std::string::npos;
     const double bound = router ? 2.0 / std::sqrt(fan_in) : std::sqrt(6.0 / (fan_in + fan_out));
     std::uniform_real_distribution<double> dist(-bound, bound);
-    for (Index i = 0; i < w.numel(); ++i) w.data()[i] = static_cast<Scalar>(dist(rng));
+    for (Index i = 0; i < w.numel(); ++i) data[i] = static_cast<Scalar>(dist(rng));
   });
 }
 
@@ -123,13 +125,16 @@ void speed_tour(Index T, int repeats) {
   gqe::AttentionConfig routed = dense;
   routed.type = gqe::AttentionType::gqe;
   routed.top_k = 1;
-  gqe::GQAAttention<float> gqa(dense);
-  gqe::GQEAttention<float> gqe_layer(routed);
+  gqe::Attention<float> gqa(dense);
+  gqe::Attention<float> gqe_layer(routed);
   std::mt19937 rng(1);
   std::normal_distribution<float> dist(0.0f, 0.03f);
-  const auto fill = [&](const char*, gqe::Matrix<float>& m) { m = m.unaryExpr([&](float) { return dist(rng); }); };
-  gqe::GQAAttention<float>::visit(gqa, fill);
-  gqe::GQEAttention<float>::visit(gqe_layer, fill);
+  const auto fill = [&](const char*, gqe::Weight& w) {
+    float* data = w.allocate<float>();
+    for (Index i = 0; i < w.numel(); ++i) data[i] = dist(rng);
+  };
+  gqe::Attention<float>::visit(gqa, fill);
+  gqe::Attention<float>::visit(gqe_layer, fill);
 
   std::printf("== Prefill speed of one attention layer at T=%td (d=1024, d_h=64, N=16, G=8, k=1; %d threads) ==\n", T,
               gqe::num_threads());

@@ -156,7 +156,7 @@ int perplexity(const Options& opt) {
     targets.push_back(0);
     std::vector<float> weights(static_cast<std::size_t>(len), 1.0f);
     weights.back() = 0.0f;
-    nats += gqe::training::cross_entropy<Scalar>(gqe::MatrixMap<Scalar>(logits.data(), len, V), targets, weights, 0.0).loss;
+    nats += gqe::cross_entropy<Scalar>(gqe::MatrixMap<Scalar>(logits.data(), len, V), targets, weights, 0.0).loss;
     if (tty) std::fprintf(stderr, "\rperplexity: %3.0f%%", 100.0 * static_cast<double>(start + len) / static_cast<double>(n));
   }
   if (tty) std::fprintf(stderr, "\n");

@@ -22,8 +22,7 @@
 #include <vector>
 
 #include "cli_common.hpp"
-#include "gqe/gqe.hpp"
-#include "gqe/training/trainer.hpp"
+#include "gqe/training.hpp"
 #include "train_common.hpp"
 
 namespace {

@@ -9,8 +9,7 @@
 #include <filesystem>
 #include <string>
 
-#include "gqe/gqe.hpp"
-#include "gqe/training/trainer.hpp"
+#include "gqe/training.hpp"
 
 namespace gqe::cli {
 

@@ -1,6 +1,8 @@
-// The version macros agree with project(VERSION), and the umbrella header gqe/gqe.hpp includes every
-// public header. (That each header compiles on its own is shown by the generated translation units
-// linked into this same executable, one per header.)
+// The version macros agree with project(VERSION); the umbrella header of inference, gqe/gqe.hpp,
+// includes every public header outside gqe/training/ and no header of training, directly or through
+// another; gqe/training.hpp includes gqe/gqe.hpp and every training header. (That each header
+// compiles on its own is shown by the generated translation units linked into this same executable,
+// one per header.)
 #include <gtest/gtest.h>
 
 #include <fstream>
@@ -51,21 +53,41 @@ TEST(Version, MacrosMatchTheCMakeProjectVersion) {
   EXPECT_EQ(joined, GQE_VERSION_STRING);
 }
 
+bool is_training(const std::string& header) {
+  return header == "gqe/training.hpp" || header.rfind("gqe/training/", 0) == 0;
+}
+std::string path_of(const std::string& header) { return std::string(GQE_INCLUDE_DIR) + "/" + header; }
+
 TEST(Umbrella, IncludesEveryPublicHeader) {
   ASSERT_FALSE(kPublicHeaders.empty());
-  const std::set<std::string> included = included_paths(GQE_UMBRELLA_HEADER);
+  const std::set<std::string> inference = included_paths(GQE_UMBRELLA_HEADER);
+  const std::set<std::string> training = included_paths(path_of("gqe/training.hpp"));
+  EXPECT_EQ(training.count("gqe/gqe.hpp"), 1u) << "gqe/training.hpp does not include gqe/gqe.hpp";
   for (const std::string& header : kPublicHeaders) {
-    if (header == "gqe/gqe.hpp") continue;
-    EXPECT_EQ(included.count(header), 1u) << GQE_UMBRELLA_HEADER << " does not include " << header;
+    if (header == "gqe/gqe.hpp" || header == "gqe/training.hpp") continue;
+    if (is_training(header))
+      EXPECT_EQ(training.count(header), 1u) << "gqe/training.hpp does not include " << header;
+    else
+      EXPECT_EQ(inference.count(header), 1u) << GQE_UMBRELLA_HEADER << " does not include " << header;
   }
 }
 
 TEST(Umbrella, IncludesOnlyExistingPublicHeaders) {
   const std::set<std::string> known(kPublicHeaders.begin(), kPublicHeaders.end());
-  for (const std::string& path : included_paths(GQE_UMBRELLA_HEADER)) {
-    if (path.rfind("gqe/", 0) != 0) continue;
-    EXPECT_EQ(known.count(path), 1u) << GQE_UMBRELLA_HEADER << " includes " << path
-                                     << ", which is not a public header (detail/ headers are internal)";
+  for (const char* umbrella : {"gqe/gqe.hpp", "gqe/training.hpp"})
+    for (const std::string& path : included_paths(path_of(umbrella))) {
+      if (path.rfind("gqe/", 0) != 0) continue;
+      EXPECT_EQ(known.count(path), 1u) << umbrella << " includes " << path
+                                       << ", which is not a public header (detail/ headers are internal)";
+    }
+}
+
+// Inference brings in no training code: no header outside gqe/training/ includes one inside it.
+TEST(Umbrella, InferenceHeadersIncludeNoTrainingHeader) {
+  for (const std::string& header : kPublicHeaders) {
+    if (is_training(header)) continue;
+    for (const std::string& path : included_paths(path_of(header)))
+      EXPECT_FALSE(is_training(path)) << header << " includes " << path;
   }
 }
 

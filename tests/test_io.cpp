@@ -13,6 +13,7 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <set>
 #include <random>
 #include <sstream>
 #include <string>
@@ -608,8 +609,9 @@ gqe::Transformer<Scalar> random_model(const gqe::ModelConfig& c, unsigned seed) 
   gqe::Transformer<Scalar> model(c);
   std::mt19937 rng(seed);
   std::normal_distribution<double> dist(0.0, 1.0);
-  model.for_each_parameter([&](const std::string&, gqe::TensorView<Scalar> w) {
-    for (gqe::Index i = 0; i < w.numel(); ++i) w.data()[i] = static_cast<Scalar>(dist(rng));
+  model.for_each_parameter([&](const std::string&, gqe::Weight& w) {
+    Scalar* data = w.allocate<Scalar>();
+    for (gqe::Index i = 0; i < w.numel(); ++i) data[i] = static_cast<Scalar>(dist(rng));
   });
   return model;
 }
@@ -617,8 +619,9 @@ gqe::Transformer<Scalar> random_model(const gqe::ModelConfig& c, unsigned seed) 
 template <class Scalar>
 std::map<std::string, std::vector<Scalar>> weights_of(const gqe::Transformer<Scalar>& model) {
   std::map<std::string, std::vector<Scalar>> w;
-  model.for_each_parameter([&](const std::string& name, gqe::TensorView<const Scalar> v) {
-    w[name].assign(v.data(), v.data() + v.numel());
+  model.for_each_parameter([&](const std::string& name, const gqe::Weight& v) {  // any stored dtype, as Scalar
+    w[name].resize(static_cast<std::size_t>(v.numel()));
+    gqe::convert_values(v.raw(), v.dtype(), w[name].size(), w[name].data());
   });
   return w;
 }
@@ -700,10 +703,10 @@ TEST(Checkpoint, StoresEachFloatDtypeAndConvertsOnLoad) {
 TEST(Checkpoint, LeavesOtherFilesAloneAndLoadsNonFiniteWeights) {
   const auto c = small_config(gqe::AttentionType::gqa);
   auto model = random_model<float>(c, 4);
-  model.for_each_parameter([](const std::string& name, gqe::TensorView<float> w) {
+  model.for_each_parameter([](const std::string& name, gqe::Weight& w) {
     if (name == "model.norm.weight") {
-      w.data()[0] = std::numeric_limits<float>::quiet_NaN();
-      w.data()[1] = -std::numeric_limits<float>::infinity();
+      w.mutable_data<float>()[0] = std::numeric_limits<float>::quiet_NaN();
+      w.mutable_data<float>()[1] = -std::numeric_limits<float>::infinity();
     }
   });
   const fs::path dir = scratch("others");
@@ -787,6 +790,157 @@ TEST(Checkpoint, RefusesMissingExtraAndMisshapenTensorsByName) {
   EXPECT_THROW(gqe::load_checkpoint<float>(dir / "nothing"), gqe::IoError);
   fs::remove(dir / "config.json");
   EXPECT_THROW(gqe::load_checkpoint<float>(dir), gqe::IoError);
+}
+
+// Logits [T, V] of a fixed prompt, as the model computes them.
+template <class Scalar>
+std::vector<Scalar> logits_of(const gqe::Transformer<Scalar>& model) {
+  const std::vector<std::int32_t> prompt = {1, 5, 2, 9, 0, 3, 3, 7};
+  std::vector<gqe::KVCache<Scalar>> caches{model.new_cache()};
+  const auto logits = model.prefill(gqe::TensorView<const std::int32_t>(prompt.data(), gqe::Shape{1, 8}), caches);
+  return std::vector<Scalar>(logits.data(), logits.data() + logits.numel());
+}
+
+// Shards as Hugging Face writes them load to exactly the single file's model: the same weights, the
+// same logits bit for bit. Saving again in the other layout leaves no stale file of the first.
+TEST(Checkpoint, ShardedFoldersLoadExactlyAsTheSingleFile) {
+  const auto c = small_config(gqe::AttentionType::gqe);
+  const auto model = random_model<float>(c, 21);
+  const fs::path single = scratch("single"), sharded = scratch("sharded");
+  gqe::save_checkpoint(model, single);
+  gqe::save_checkpoint(model, sharded, gqe::SaveOptions{DType::F32, 700});
+  EXPECT_FALSE(fs::exists(sharded / "model.safetensors"));
+  const auto index = nlohmann::json::parse(file_bytes(sharded / "model.safetensors.index.json"));
+  std::set<std::string> shards;
+  for (const auto& [tensor, shard] : index.at("weight_map").items()) shards.insert(shard.get<std::string>());
+  ASSERT_GE(shards.size(), 3u);
+  for (std::size_t i = 1; i <= shards.size(); ++i) {
+    char name[64];
+    std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i, shards.size());
+    EXPECT_TRUE(shards.count(name)) << name;
+  }
+  std::size_t total = 0;
+  for (const auto& [name, values] : weights_of(model)) total += 4 * values.size();
+  EXPECT_EQ(index.at("metadata").at("total_size").get<std::size_t>(), total);
+  const auto a = gqe::load_checkpoint<float>(single), b = gqe::load_checkpoint<float>(sharded);
+  EXPECT_EQ(weights_of(b), weights_of(a));
+  EXPECT_EQ(logits_of(b), logits_of(a));
+  EXPECT_FALSE(gqe::checkpoint_is_double(sharded));
+  // The other layout over it: the old files go, other files stay.
+  { std::ofstream(sharded / "notes.txt") << "mine"; }
+  gqe::save_checkpoint(model, sharded);
+  for (const auto& shard : shards) EXPECT_FALSE(fs::exists(sharded / shard)) << shard;
+  EXPECT_FALSE(fs::exists(sharded / "model.safetensors.index.json"));
+  EXPECT_EQ(file_bytes(sharded / "notes.txt"), "mine");
+  EXPECT_EQ(logits_of(gqe::load_checkpoint<float>(sharded)), logits_of(a));
+  // BF16 shards keep their 16-bit values; double models read shards too.
+  gqe::save_checkpoint(model, sharded, gqe::SaveOptions{DType::BF16, 500});
+  EXPECT_EQ(weights_of(gqe::load_checkpoint<double>(sharded)), weights_of(gqe::load_checkpoint<double>(sharded)));
+  EXPECT_FALSE(fs::exists(sharded / "model.safetensors"));
+}
+
+TEST(Checkpoint, ShardedFoldersAreCheckedTensorByTensor) {
+  const auto c = small_config(gqe::AttentionType::gqa);
+  const auto model = random_model<float>(c, 22);
+  const fs::path dir = scratch("shard-checks");
+  const fs::path index_path = dir / "model.safetensors.index.json";
+  const auto fresh = [&] { gqe::save_checkpoint(model, dir, gqe::SaveOptions{DType::F32, 300}); };
+  const auto index = [&] { return nlohmann::ordered_json::parse(file_bytes(index_path)); };
+  const auto write_index = [&](const nlohmann::ordered_json& j) { std::ofstream(index_path) << j.dump(1); };
+  const auto expect = [&](const std::vector<std::string>& says) {
+    const std::string message = load_refusal(dir);
+    ASSERT_NE(message, "") << "accepted";
+    for (const auto& piece : says) EXPECT_NE(message.find(piece), std::string::npos) << message;
+  };
+  // Each edit of a shard: rewrite shard `name` after `edit` changed its tensors.
+  const auto edit_shard = [&](const std::string& name, const std::function<void(std::vector<gqe::EncodedTensor>&)>& edit) {
+    const auto file = gqe::SafetensorsFile::read(dir / name);
+    std::vector<gqe::EncodedTensor> tensors;
+    for (const auto& t : file.tensors()) tensors.push_back({t.name, t.dtype, t.shape, std::string(file.raw_bytes(t))});
+    edit(tensors);
+    gqe::write_safetensors(dir / name, tensors);
+  };
+
+  fresh();
+  const std::string first = index()["weight_map"]["model.embed_tokens.weight"];
+  const std::string norm_shard = index()["weight_map"]["model.norm.weight"];
+  ASSERT_NE(first, norm_shard);
+  // A tensor missing from the shard the index names.
+  edit_shard(norm_shard, [](auto& t) { t.erase(std::remove_if(t.begin(), t.end(), [](const auto& x) { return x.name == "model.norm.weight"; }), t.end()); });
+  expect({"tensor model.norm.weight is missing from", norm_shard});
+  // The same tensor also in a shard the index does not name for it.
+  fresh();
+  edit_shard(first, [](auto& t) {
+    const std::vector<float> v(6, 1.0f);
+    t.push_back(gqe::encode_tensor("model.norm.weight", DType::F32, {6}, v.data()));
+  });
+  expect({"tensor model.norm.weight", first, "does not name for it"});
+  // A tensor in a shard and not in the index at all.
+  fresh();
+  edit_shard(first, [](auto& t) {
+    const std::vector<float> v(3, 0.0f);
+    t.push_back(gqe::encode_tensor("model.extra", DType::F32, {3}, v.data()));
+  });
+  expect({"tensor model.extra", "the index does not list it"});
+  // Listed twice in the index.
+  fresh();
+  {
+    std::string text = file_bytes(index_path);
+    const auto at = text.find("\"model.norm.weight\"");
+    ASSERT_NE(at, std::string::npos);
+    text.insert(at, "\"model.norm.weight\": \"" + first + "\",\n");
+    std::ofstream(index_path) << text;
+  }
+  expect({"names \"model.norm.weight\" twice"});
+  // total_size that disagrees, a shard path outside the folder, no weight_map.
+  fresh();
+  auto j = index();
+  j["metadata"]["total_size"] = 12;
+  write_index(j);
+  expect({"metadata.total_size is 12"});
+  fresh();
+  j = index();
+  j["weight_map"]["model.norm.weight"] = "../model-00001-of-00002.safetensors";
+  write_index(j);
+  expect({"model.norm.weight", "expected the name of a file beside the index"});
+  fresh();
+  write_index(nlohmann::ordered_json{{"metadata", {{"total_size", 1}}}});
+  expect({"no \"weight_map\""});
+  // The index wins over a stray single file, however broken.
+  fresh();
+  std::ofstream(dir / "model.safetensors") << "not safetensors";
+  EXPECT_EQ(logits_of(gqe::load_checkpoint<float>(dir)), logits_of(model));
+}
+
+// A mapped checkpoint's F32, BF16 and F16 matrices are used in place: the model owns only its norm
+// vectors. Reading instead of mapping, or widening 16-bit weights at load, gives the same bits.
+TEST(Checkpoint, MapsWeightsAndKeepsSixteenBitOnes) {
+  const auto c = small_config(gqe::AttentionType::gqe);
+  const auto model = random_model<float>(c, 23);
+  const fs::path dir = scratch("mapped");
+  const std::size_t norms = static_cast<std::size_t>((2 * c.num_layers + 1) * c.hidden_size) * sizeof(float);
+  for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
+    SCOPED_TRACE(gqe::dtype_name(dtype));
+    gqe::save_checkpoint(model, dir, dtype);
+    const auto mapped = gqe::load_checkpoint<float>(dir);
+    EXPECT_EQ(mapped.owned_bytes(), norms);
+    mapped.for_each_parameter([&](const std::string& name, const gqe::Weight& w) {
+      EXPECT_EQ(w.dtype(), w.shape().rank() == 2 ? dtype : DType::F32) << name;
+    });
+    const auto read = gqe::load_checkpoint<float>(dir, gqe::LoadOptions{false, true, false});
+    const auto widened = gqe::load_checkpoint<float>(dir, gqe::LoadOptions{true, false, false});
+    const auto owned = gqe::load_checkpoint<float>(dir, gqe::LoadOptions{true, true, true});
+    EXPECT_EQ(owned.owned_bytes(), static_cast<std::size_t>(c.parameter_count()) * sizeof(float));
+    const auto want = logits_of(mapped);
+    EXPECT_EQ(logits_of(read), want);
+    EXPECT_EQ(logits_of(widened), want);
+    EXPECT_EQ(logits_of(owned), want);
+    EXPECT_EQ(weights_of(widened), weights_of(mapped));
+    // A mapped model saves back as any dtype (converted from what it holds).
+    const fs::path copy = scratch("mapped-copy");
+    gqe::save_checkpoint(mapped, copy, DType::F32);
+    EXPECT_EQ(logits_of(gqe::load_checkpoint<float>(copy)), want);
+  }
 }
 
 // The fixtures of tests/data load in float and in double, hold the config's parameters, and save

@@ -1,4 +1,4 @@
-// The layers (Router, RoutingStats, GQAAttention, GQEAttention in its three variants, FeedForward)
+// The layers (Router, RoutingStats, Attention as GQA and GQE in its three variants, FeedForward)
 // against a slow reference of the GQE specification's formulas, written in this file: per token,
 // per head, in plain loops over double, recomputing the whole sequence from position 0. The layers
 // run in float and double on weights and inputs drawn in that type, which the reference reads
@@ -20,11 +20,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "gqe/layers/attention.hpp"
 #include "gqe/layers/attention_cache.hpp"
 #include "gqe/layers/feed_forward.hpp"
-#include "gqe/layers/gqa_attention.hpp"
-#include "gqe/layers/gqe_attention.hpp"
 #include "gqe/layers/router.hpp"
+#include "support.hpp"
 
 namespace {
 
@@ -32,6 +32,7 @@ using gqe::AttentionConfig;
 using gqe::AttentionType;
 using gqe::GqeVariant;
 using gqe::Index;
+using gqe::testing::matrix_of;
 template <class S>
 using Matrix = gqe::Matrix<S>;
 using MatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -223,10 +224,7 @@ Matrix<S> run(const Layer& layer, const Matrix<S>& x, const Segments<S>& segment
   gqe::RopeTable<S> table;
   table.compute(positions, c.head_dim, c.rope_theta);
   Matrix<S> y(x.rows(), c.hidden_size);
-  if constexpr (std::is_same_v<Layer, gqe::GQEAttention<S>>)
-    layer.forward(x, segments, table, y, routing);
-  else
-    layer.forward(x, segments, table, y);
+  layer.forward(x, segments, table, y, nullptr, routing);
   return y;
 }
 
@@ -236,7 +234,8 @@ Matrix<S> run(const Layer& layer, const Matrix<S>& x, const Segments<S>& segment
 template <class S, class Layer>
 Weights randomise(Layer& layer, std::mt19937& rng) {
   Weights w;
-  Layer::visit(layer, [&](const char* name, Matrix<S>& m) {
+  Layer::visit(layer, [&](const char* name, gqe::Weight& weight) {
+    auto m = matrix_of<S>(weight);
     m = random_matrix<S>(m.rows(), m.cols(), rng, 1.4 / std::sqrt(static_cast<double>(m.cols())));
     if (std::string(name) == "router.weight") m *= S(2 / 1.4);
     w[name] = to_double(m);
@@ -312,7 +311,7 @@ template <class S, class Layer>
 void check_attention_layer(const LayerCase& lc, unsigned seed) {
   SCOPED_TRACE(lc.name);
   const AttentionConfig c = lc.config();
-  constexpr bool kGqe = std::is_same_v<Layer, gqe::GQEAttention<S>>;
+  const bool kGqe = c.is_gqe();
   std::mt19937 rng(seed);
   Layer layer(c);
   const Weights w = randomise<S>(layer, rng);
@@ -327,14 +326,14 @@ void check_attention_layer(const LayerCase& lc, unsigned seed) {
   const Matrix<S> prefill = run<S>(layer, x.topRows(270), Segments<S>{{&cache, 0, 270}}, &routing);  // [270, d]
   EXPECT_LT(relative_error(prefill, ref.y.topRows(270)), tol) << "prefill";
   EXPECT_EQ(cache.length(), 270);
-  if constexpr (kGqe) expect_routing(routing, 0, ref, 0, 270, c);
+  if (kGqe) expect_routing(routing, 0, ref, 0, 270, c);
 
   // A chunk of 140 after 130 cached tokens, then 5 decode steps continuing it.
   gqe::AttentionCache<S> chunked(c);
   run<S>(layer, x.topRows(130), Segments<S>{{&chunked, 0, 130}});
   const Matrix<S> chunk = run<S>(layer, x.middleRows(130, 140), Segments<S>{{&chunked, 0, 140}}, &routing);  // [140, d]
   EXPECT_LT(relative_error(chunk, ref.y.middleRows(130, 140)), tol) << "chunk after 130 cached";
-  if constexpr (kGqe) expect_routing(routing, 0, ref, 130, 140, c);
+  if (kGqe) expect_routing(routing, 0, ref, 130, 140, c);
   for (Index t = 270; t < T; ++t) {
     const Matrix<S> step = run<S>(layer, x.middleRows(t, 1), Segments<S>{{&chunked, 0, 1}});  // [1, d]
     EXPECT_LT(relative_error(step, ref.y.middleRows(t, 1)), tol) << "decode at position " << t;
@@ -361,7 +360,7 @@ void check_attention_layer(const LayerCase& lc, unsigned seed) {
   EXPECT_LT(relative_error(both.bottomRows(20), ref.y.middleRows(11, 20)), tol) << "batch, continued sequence";
   EXPECT_EQ(cache_a.length(), 65);
   EXPECT_EQ(cache_b.length(), 31);
-  if constexpr (kGqe) {
+  if (kGqe) {
     expect_routing(routing, 0, ref_a, 0, 65, c);
     expect_routing(routing, 65, ref, 11, 20, c);
   }
@@ -370,9 +369,9 @@ void check_attention_layer(const LayerCase& lc, unsigned seed) {
 template <class S>
 void check_case(const LayerCase& lc, unsigned seed) {
   if (lc.type == AttentionType::gqa)
-    check_attention_layer<S, gqe::GQAAttention<S>>(lc, seed);
+    check_attention_layer<S, gqe::Attention<S>>(lc, seed);
   else
-    check_attention_layer<S, gqe::GQEAttention<S>>(lc, seed);
+    check_attention_layer<S, gqe::Attention<S>>(lc, seed);
 }
 
 TYPED_TEST(LayersTest, AttentionLayersMatchTheReferenceInPrefillChunksDecodeAndBatches) {
@@ -395,8 +394,9 @@ void check_slot_order(const LayerCase& lc, unsigned seed) {
   const Matrix<S> x = random_matrix<S>(T, d, rng);  // [T, d]
   const Reference ref = reference_attention(c, w, to_double(x));  // ref.concat does not depend on o_proj
   for (Index slot = 0; slot < c.output_slots(); ++slot) {
-    Layer::visit(layer, [&](const char* name, Matrix<S>& m) {
+    Layer::visit(layer, [&](const char* name, gqe::Weight& weight) {
       if (std::string(name) != "o_proj.weight") return;
+      auto m = matrix_of<S>(weight);
       m.setZero();  // [d, S*d_h]
       for (Index i = 0; i < dh; ++i) m(i, slot * dh + i) = S(1);
     });
@@ -412,9 +412,9 @@ TYPED_TEST(LayersTest, OProjReadsTheSlotsInTheSpecOrder) {
   unsigned seed = 40;
   for (const auto& lc : layer_cases()) {
     if (lc.type == AttentionType::gqa)
-      check_slot_order<TypeParam, gqe::GQAAttention<TypeParam>>(lc, seed++);
+      check_slot_order<TypeParam, gqe::Attention<TypeParam>>(lc, seed++);
     else
-      check_slot_order<TypeParam, gqe::GQEAttention<TypeParam>>(lc, seed++);
+      check_slot_order<TypeParam, gqe::Attention<TypeParam>>(lc, seed++);
   }
 }
 
@@ -431,8 +431,8 @@ TYPED_TEST(LayersTest, RouterKeepsTheTopKPerGroupWithRenormalisedWeights) {
     const Index G = c.num_kv_heads, M = c.experts_per_group(), k = c.top_k, d = c.hidden_size, T = 130;
     SCOPED_TRACE("N = " + std::to_string(c.num_heads) + ", G = " + std::to_string(G) + ", k = " + std::to_string(k));
     gqe::Router<S> router(c);
-    ASSERT_EQ(router.weight().rows(), G * M);
-    router.weight() = random_matrix<S>(G * M, d, rng, 2 / std::sqrt(static_cast<double>(d)));  // [G*M, d]
+    ASSERT_EQ(matrix_of<S>(router.weight()).rows(), G * M);
+    matrix_of<S>(router.weight()) = random_matrix<S>(G * M, d, rng, 2 / std::sqrt(static_cast<double>(d)));  // [G*M, d]
     const Matrix<S> x = random_matrix<S>(T, d, rng);  // [T, d]
     gqe::Routing<S> r;
     router.route(x, r);
@@ -442,7 +442,7 @@ TYPED_TEST(LayersTest, RouterKeepsTheTopKPerGroupWithRenormalisedWeights) {
     ASSERT_EQ(r.experts_per_group, M);
     ASSERT_EQ(r.top_k, k);
 
-    const MatrixD logits = to_double(x) * to_double(router.weight()).transpose();  // [T, G*M]
+    const MatrixD logits = to_double(x) * to_double(matrix_of<S>(router.weight())).transpose();  // [T, G*M]
     const double prob_tol = (4 * std::sqrt(static_cast<double>(d)) + 8) * eps<S>();
     for (Index t = 0; t < T; ++t) {
       double kept_sum = 0;
@@ -517,7 +517,7 @@ TYPED_TEST(LayersTest, RouterBreaksTiesByLowerIndexAndRanksOnLogits) {
     SCOPED_TRACE("k = " + std::to_string(k));
     gqe::Router<S> router(gqe_config(4, 6, 2, k));
     for (Index e = 0; e < 6; ++e)
-      for (Index t = 0; t < 4; ++t) router.weight()(e, t) = logits[static_cast<std::size_t>(e)][static_cast<std::size_t>(t)];
+      for (Index t = 0; t < 4; ++t) matrix_of<S>(router.weight())(e, t) = logits[static_cast<std::size_t>(e)][static_cast<std::size_t>(t)];
     const Matrix<S> x = Matrix<S>::Identity(4, 4);  // [4, 4], one-hot tokens
     gqe::Routing<S> r;
     router.route(x, r);
@@ -538,10 +538,10 @@ TYPED_TEST(LayersTest, RouterKeepsChoicesInRangeWhenLogitsAreNaN) {
     SCOPED_TRACE("k = " + std::to_string(k));
     const AttentionConfig c = gqe_config(7, 12, 4, k);  // M = 3
     gqe::Router<S> router(c);
-    router.weight() = random_matrix<S>(12, 7, rng);  // [G*M, d]
-    router.weight()(1, 2) = nan;                     // group 0: one NaN logit
-    router.weight().middleRows(3, 3).setConstant(nan);  // group 1: all NaN
-    router.weight()(8, 0) = nan;                     // group 2: expert 2 NaN
+    matrix_of<S>(router.weight()) = random_matrix<S>(12, 7, rng);  // [G*M, d]
+    matrix_of<S>(router.weight())(1, 2) = nan;                     // group 0: one NaN logit
+    matrix_of<S>(router.weight()).middleRows(3, 3).setConstant(nan);  // group 1: all NaN
+    matrix_of<S>(router.weight())(8, 0) = nan;                     // group 2: expert 2 NaN
     const Matrix<S> x = random_matrix<S>(9, 7, rng);  // [9, d]
     gqe::Routing<S> r;
     router.route(x, r);
@@ -558,8 +558,8 @@ TYPED_TEST(LayersTest, RouterKeepsChoicesInRangeWhenLogitsAreNaN) {
       }
     // Group 3 has no NaN: it routes as it would without the others.
     gqe::Router<S> clean(c);
-    clean.weight() = router.weight();
-    clean.weight().topRows(9).setZero();
+    matrix_of<S>(clean.weight()) = matrix_of<S>(router.weight());
+    matrix_of<S>(clean.weight()).topRows(9).setZero();
     gqe::Routing<S> rc;
     clean.route(x, rc);
     EXPECT_TRUE((r.experts.rightCols(k).array() == rc.experts.rightCols(k).array()).all());
@@ -574,7 +574,7 @@ TYPED_TEST(LayersTest, RoutingStatsLoadAndAuxLossFollowTheSpecFormula) {
   const AttentionConfig c = gqe_config(37, 12, 4, 2);  // G = 4, M = 3, k = 2
   const Index G = 4, M = 3, k = 2, d = 37;
   gqe::Router<S> router(c);
-  router.weight() = random_matrix<S>(G * M, d, rng, 2 / std::sqrt(static_cast<double>(d)));
+  matrix_of<S>(router.weight()) = random_matrix<S>(G * M, d, rng, 2 / std::sqrt(static_cast<double>(d)));
   const Matrix<S> x1 = random_matrix<S>(130, d, rng), x2 = random_matrix<S>(7, d, rng);  // [130, d], [7, d]
   gqe::Routing<S> r1, r2;
   router.route(x1, r1);
@@ -588,7 +588,7 @@ TYPED_TEST(LayersTest, RoutingStatsLoadAndAuxLossFollowTheSpecFormula) {
   MatrixD x(137, d);
   x.topRows(130) = to_double(x1);
   x.bottomRows(7) = to_double(x2);
-  const MatrixD logits = x * to_double(router.weight()).transpose();  // [137, G*M]
+  const MatrixD logits = x * to_double(matrix_of<S>(router.weight())).transpose();  // [137, G*M]
   Eigen::ArrayXXd f = Eigen::ArrayXXd::Zero(G, M), P = Eigen::ArrayXXd::Zero(G, M);
   for (Index t = 0; t < 137; ++t)
     for (Index g = 0; g < G; ++g) {
@@ -626,8 +626,8 @@ TYPED_TEST(LayersTest, UniformRoutingGivesAuxLossK) {
   for (const auto& c : {gqe_config(37, 6, 3, 1), gqe_config(37, 12, 4, 2), gqe_config(29, 6, 2, 3)}) {
     const Index G = c.num_kv_heads, M = c.experts_per_group(), k = c.top_k;
     SCOPED_TRACE("M = " + std::to_string(M) + ", k = " + std::to_string(k));
-    const gqe::Router<S> router(c);  // zero weights, the authors' initialisation: p = 1/M everywhere
-    EXPECT_TRUE((router.weight().array() == S(0)).all());
+    gqe::Router<S> router(c);
+    matrix_of<S>(router.weight()).setZero();  // the authors' initialisation: p = 1/M everywhere
     const Matrix<S> x = random_matrix<S>(65, c.hidden_size, rng);
     gqe::Routing<S> r;
     router.route(x, r);
@@ -658,8 +658,8 @@ void expect_config_error(const AttentionConfig& c, const std::string& field) {
 }
 
 TEST(LayerConfig, InvalidConfigsThrowAConfigErrorNamingTheField) {
-  using GQE = gqe::GQEAttention<double>;
-  using GQA = gqe::GQAAttention<double>;
+  using GQE = gqe::Attention<double>;
+  using GQA = gqe::Attention<double>;
   const AttentionConfig good = gqe_config(37, 6, 3, 1);
   EXPECT_NO_THROW(GQE{good});
   AttentionConfig gqa_good = good;
@@ -692,9 +692,6 @@ TEST(LayerConfig, InvalidConfigsThrowAConfigErrorNamingTheField) {
       expect_config_error<GQA>(c, b.field);
     }
   }
-  // Each layer refuses the other attention type.
-  expect_config_error<GQA>(good, "attention_type");
-  expect_config_error<GQE>(gqa_good, "attention_type");
   EXPECT_THROW(gqe::FeedForward<double>(0, 5), gqe::ConfigError);
   EXPECT_THROW(gqe::FeedForward<double>(5, 0), gqe::ConfigError);
 }
@@ -727,7 +724,8 @@ TYPED_TEST(LayersTest, FeedForwardIsSwiGLU) {
     SCOPED_TRACE("rows = " + std::to_string(rows));
     gqe::FeedForward<S> ffn(d, I);
     Weights w;
-    gqe::FeedForward<S>::visit(ffn, [&](const char* name, Matrix<S>& m) {
+    gqe::FeedForward<S>::visit(ffn, [&](const char* name, gqe::Weight& weight) {
+      auto m = matrix_of<S>(weight);
       m = random_matrix<S>(m.rows(), m.cols(), rng, 1.5 / std::sqrt(static_cast<double>(m.cols())));
       w[name] = to_double(m);
     });

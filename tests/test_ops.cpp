@@ -5,7 +5,7 @@
 // arithmetic (u = epsilon / 2 is the unit roundoff of the scalar type).
 //
 // Sizes are deliberately not multiples of the SIMD width, and cross the tiles of linear (256 rows x
-// 256 outputs) and of attention (128 queries x 256 keys; 512 keys for a single query).
+// up to 256 outputs) and of attention (128 queries x 256 keys).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "gqe/layers/attention_cache.hpp"
 #include "gqe/ops/activations.hpp"
 #include "gqe/ops/attention.hpp"
 #include "gqe/ops/linear.hpp"
@@ -92,7 +93,7 @@ TYPED_TEST(OpsTest, RmsNormMatchesTheFormulaPerRow) {
       const Matrix<S> w_row = random_matrix<S>(1, d, rng, 0.2, 1.0);
       const gqe::Vector<S> w = w_row.transpose();  // [d]
       Matrix<S> y(6, d);                           // [6, d]
-      gqe::rms_norm<S>(x, w, norm_eps, y);
+      gqe::rms_norm<S>(x, w.data(), norm_eps, y);
 
       std::vector<double> wd(static_cast<std::size_t>(d));
       for (Index c = 0; c < d; ++c) wd[static_cast<std::size_t>(c)] = static_cast<double>(w(c));
@@ -107,7 +108,7 @@ TYPED_TEST(OpsTest, RmsNormMatchesTheFormulaPerRow) {
               << "row " << r << " col " << c << ": " << y(r, c) << " vs " << ref(r, c);
 
       Matrix<S> in_place = x;  // y may alias x
-      gqe::rms_norm<S>(in_place, w, norm_eps, in_place);
+      gqe::rms_norm<S>(in_place, w.data(), norm_eps, in_place);
       EXPECT_TRUE((in_place.array() == y.array()).all());
     }
   }
@@ -253,7 +254,7 @@ TYPED_TEST(OpsTest, SiluMatchesXTimesSigmoid) {
   const S extremes[] = {S(0), S(1e-30), S(-1e-30), S(20), S(-20), S(80), S(-80), S(100), S(-100), S(0.5)};
   for (Index i = 0; i < 10; ++i) x(6, i) = extremes[i];
   Matrix<S> y = x;
-  gqe::silu_inplace(y);
+  gqe::silu_inplace<S>(y);
   for (Index r = 0; r < x.rows(); ++r)
     for (Index c = 0; c < x.cols(); ++c) {
       const double xd = static_cast<double>(x(r, c));
@@ -264,9 +265,9 @@ TYPED_TEST(OpsTest, SiluMatchesXTimesSigmoid) {
                 8 * eps<S>() * std::abs(want) + static_cast<double>(std::numeric_limits<S>::min()))
           << "silu(" << xd << ") = " << y(r, c) << ", expected " << want;
     }
-  gqe::Vector<S> nan(1);
-  nan(0) = std::numeric_limits<S>::quiet_NaN();
-  gqe::silu_inplace(nan);
+  Matrix<S> nan(1, 1);
+  nan(0, 0) = std::numeric_limits<S>::quiet_NaN();
+  gqe::silu_inplace<S>(nan);
   EXPECT_TRUE(std::isnan(nan(0)));
 }
 
@@ -335,9 +336,59 @@ TYPED_TEST(OpsTest, LinearIsBitIdenticalForAnyThreadCount) {
         << "threads " << i + 1 << " differ from 1 thread";
 }
 
+// Batch invariance: a row of the product is the same bits whatever other rows share the call, how
+// many there are and where the row sits among them; and 16-bit weights used in place give the same
+// bits as the same values widened first.
+TYPED_TEST(OpsTest, LinearRowsAreTheSameWhateverElseSharesTheCall) {
+  using S = TypeParam;
+  std::mt19937 rng(8);
+  for (const Index in : {5, 64, 517}) {
+    SCOPED_TRACE("in = " + std::to_string(in));
+    const Matrix<S> x = random_matrix<S>(300, in, rng);  // [300, in]
+    const Matrix<S> w = random_matrix<S>(70, in, rng);   // [70, in]
+    Matrix<S> all(300, 70);
+    gqe::linear<S>(x, w, all);
+    for (const Index first : {0, 1, 13, 255, 299})
+      for (const Index count : {1, 2, 12, 13, 40}) {
+        if (first + count > 300) continue;
+        Matrix<S> part(count, 70);
+        gqe::linear<S>(x.middleRows(first, count), w, part);
+        ASSERT_TRUE((part.array() == all.middleRows(first, count).array()).all()) << "rows " << first << " + " << count;
+      }
+    // Another set of companions for the same rows: the rows in reverse order.
+    Matrix<S> reversed_x = x.colwise().reverse(), reversed_y(300, 70);
+    gqe::linear<S>(reversed_x, w, reversed_y);
+    ASSERT_TRUE((reversed_y.colwise().reverse().array() == all.array()).all());
+    // Columns: a subset of W's rows gives the same bits for those columns.
+    Matrix<S> cols(300, 9);
+    gqe::linear<S>(x, Matrix<S>(w.middleRows(31, 9)), cols);
+    ASSERT_TRUE((cols.array() == all.middleCols(31, 9).array()).all());
+  }
+}
+
+TEST(OpsBf16, SixteenBitWeightsInPlaceEqualTheirWidenedValues) {
+  std::mt19937 rng(9);
+  for (const gqe::DType dtype : {gqe::DType::BF16, gqe::DType::F16})
+    for (const Index rows : {1, 3, 40}) {
+      const Matrix<float> x = random_matrix<float>(rows, 67, rng);  // [R, 67]
+      const Matrix<float> w = random_matrix<float>(45, 67, rng);    // [45, 67]
+      std::vector<std::uint16_t> stored(static_cast<std::size_t>(w.size()));
+      Matrix<float> widened(45, 67);
+      for (Index i = 0; i < w.size(); ++i) {
+        const std::uint16_t h = dtype == gqe::DType::BF16 ? gqe::float_to_bf16(w.data()[i]) : gqe::float_to_half(w.data()[i]);
+        stored[static_cast<std::size_t>(i)] = h;
+        widened.data()[i] = dtype == gqe::DType::BF16 ? gqe::bf16_to_float(h) : gqe::half_to_float(h);
+      }
+      Matrix<float> in_place(rows, 45), reference(rows, 45);
+      gqe::linear<float>(x, gqe::WeightMatrix{stored.data(), dtype, 67}, in_place);
+      gqe::linear<float>(x, widened, reference);
+      EXPECT_TRUE((in_place.array() == reference.array()).all()) << gqe::dtype_name(dtype) << ", " << rows << " rows";
+    }
+}
+
 // ---- causal attention ---------------------------------------------------------------------------
 
-// One AttentionHead entry of a test: `heads` query heads over `past` cached keys and `count` new
+// One QueryGroup entry of a test: `heads` query heads over `past` cached keys and `count` new
 // queries, each in its own strided buffers.
 struct EntrySpec {
   Index past, count, heads;
@@ -353,20 +404,27 @@ struct EntryBuffers {
   Matrix<S> query;  // [count, heads*d_h + kQueryPad], heads at columns kQueryOffset + q*d_h
   Matrix<S> kv;     // [past + count, 3*d_h + 1]: K at columns 1.., V at columns 1 + 2*d_h..
   Matrix<S> out;    // [count, heads*d_h + kOutPad], heads at columns kOutOffset + q*d_h
+  gqe::AttentionCache<S> cache;  // kv's rows in the kernel's tiles, one KV head
 
-  EntryBuffers(EntrySpec s, Index dh, std::mt19937& rng) : spec(s), head_dim(dh) {
+  EntryBuffers(EntrySpec s, Index dh, std::mt19937& rng) : spec(s), head_dim(dh), cache(one_head(dh)) {
     // Scores q.k / sqrt(d_h) of standard deviation 1.5^2: peaked enough that the mask matters.
     query = random_matrix<S>(s.count, s.heads * dh + kQueryPad, rng, 1.5);
     kv = random_matrix<S>(s.past + s.count, 3 * dh + 1, rng, 1.5);
     out = Matrix<S>::Constant(s.count, s.heads * dh + kOutPad, kSentinel);
+    cache.reserve(s.past + s.count);
+    for (Index j = 0; j < s.past + s.count; ++j) cache.write(j, kv.row(j).data() + 1, kv.row(j).data() + 1 + 2 * dh);
   }
-  gqe::AttentionHead<S> head() {
-    gqe::AttentionHead<S> h;
+  static gqe::AttentionConfig one_head(Index dh) {
+    gqe::AttentionConfig c;
+    c.num_kv_heads = 1;
+    c.head_dim = dh;
+    return c;
+  }
+  gqe::QueryGroup<S> head() {
+    gqe::QueryGroup<S> h;
     h.query = query.data() + kQueryOffset;
     h.query_stride = query.cols();
-    h.key = kv.data() + 1;
-    h.value = kv.data() + 1 + 2 * head_dim;
-    h.kv_stride = kv.cols();
+    h.kv = cache.head(0);
     h.out = out.data() + kOutOffset;
     h.out_stride = out.cols();
     h.past = spec.past;
@@ -421,7 +479,7 @@ void check_attention(Index head_dim, const std::vector<EntrySpec>& specs, unsign
   std::mt19937 rng(seed);
   std::vector<EntryBuffers<S>> buffers;
   for (const auto& s : specs) buffers.emplace_back(s, head_dim, rng);
-  std::vector<gqe::AttentionHead<S>> heads;
+  std::vector<gqe::QueryGroup<S>> heads;
   for (auto& b : buffers) heads.push_back(b.head());
   gqe::causal_attention(heads, head_dim, S(1) / std::sqrt(S(head_dim)));
   for (const auto& b : buffers) {
@@ -457,7 +515,7 @@ TYPED_TEST(OpsTest, AttentionChunkAfterAPastIsAlignedBottomRight) {
 TYPED_TEST(OpsTest, AttentionDecodeSeesTheWholePast) {
   for (Index dh : {6, 10, 64})
     for (Index past : {0, 1, 6, 127, 255, 256, 511, 512, 600})
-      for (Index heads : {1, 3, 9})  // 9 rows take the GEMM path, fewer go row by row
+      for (Index heads : {1, 3, 13})  // 13 rows: more than one register tile of gemm
         check_attention<TypeParam>(dh, {{past, 1, heads}}, static_cast<unsigned>(300 + dh + past + heads));
 }
 
@@ -466,6 +524,35 @@ TYPED_TEST(OpsTest, AttentionEntriesOfDifferentLengthsInOneCall) {
   const std::vector<EntrySpec> mixed = {{0, 300, 2}, {130, 3, 1}, {600, 1, 3}, {5, 70, 3}, {0, 1, 1}};
   check_attention<TypeParam>(10, mixed, 400);
   check_attention<TypeParam>(64, mixed, 401);
+}
+
+// A query's output depends on its own position and values only: the same bits when its sequence
+// is run as one prefill, in chunks appended to the cache, or one token at a time.
+TYPED_TEST(OpsTest, AttentionGivesEachQueryTheSameBitsHoweverTheSequenceIsCut) {
+  using S = TypeParam;
+  for (const Index dh : {10, 64}) {
+    std::mt19937 rng(static_cast<unsigned>(600 + dh));
+    EntryBuffers<S> b({0, 300, 2}, dh, rng);
+    const auto run = [&](const std::vector<std::pair<Index, Index>>& cuts) {  // (past, count) pieces
+      b.out.setConstant(EntryBuffers<S>::kSentinel);
+      std::vector<gqe::QueryGroup<S>> groups;
+      for (const auto& [past, count] : cuts) {
+        gqe::QueryGroup<S> g = b.head();
+        g.query += past * g.query_stride;
+        g.out += past * g.out_stride;
+        g.past = past;
+        g.count = count;
+        groups.push_back(g);
+      }
+      gqe::causal_attention(groups, dh, S(1) / std::sqrt(S(dh)));
+      return Matrix<S>(b.result());
+    };
+    const Matrix<S> prefill = run({{0, 300}});
+    EXPECT_TRUE((run({{0, 1}, {1, 129}, {130, 71}, {201, 99}}).array() == prefill.array()).all()) << "chunks, d_h " << dh;
+    std::vector<std::pair<Index, Index>> steps;
+    for (Index t = 0; t < 300; ++t) steps.emplace_back(t, 1);
+    EXPECT_TRUE((run(steps).array() == prefill.array()).all()) << "one at a time, d_h " << dh;
+  }
 }
 
 TYPED_TEST(OpsTest, AttentionIsBitIdenticalForAnyThreadCount) {
@@ -477,7 +564,7 @@ TYPED_TEST(OpsTest, AttentionIsBitIdenticalForAnyThreadCount) {
     std::mt19937 rng(500);  // the same inputs every time
     std::vector<EntryBuffers<S>> buffers;
     for (const auto& s : mixed) buffers.emplace_back(s, 10, rng);
-    std::vector<gqe::AttentionHead<S>> heads;
+    std::vector<gqe::QueryGroup<S>> heads;
     for (auto& b : buffers) heads.push_back(b.head());
     gqe::causal_attention(heads, 10, S(1) / std::sqrt(S(10)));
     std::vector<S> all;

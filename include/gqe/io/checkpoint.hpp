@@ -1,91 +1,287 @@
 #pragma once
-// A checkpoint folder: config.json and model.safetensors with the spec's tensor names and shapes
-// ([out, in] like torch). Loading refuses a missing, extra or misshapen tensor by name; any float
-// dtype converts to the model's scalar type. Other files in the folder are not read.
+// A checkpoint folder: config.json and the weights with the spec's tensor names and shapes ([out,
+// in] like torch), either in model.safetensors or sharded as Hugging Face writes them
+// (model.safetensors.index.json naming, for every tensor, the model-0000i-of-0000K.safetensors
+// that holds it; the index wins over a stray model.safetensors).
+//
+// Loading maps the files and checks everything (config, index, every header and byte range, every
+// tensor's presence, dtype and shape, nothing extra) before a single weight byte is read. Then a
+// float model uses F32, BF16 and F16 matrices in place, straight from the mapped pages (16-bit ones
+// stay 16-bit and are widened in registers by the kernels), and converts what it cannot use as
+// stored (F64 matrices, and the small norm vectors) into memory of its own; a double model
+// converts everything but F64. Other files in the folder are not read.
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
+#include <map>
+#include <memory>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gqe/io/config_json.hpp"
+#include "gqe/io/detail/json_text.hpp"
 #include "gqe/io/safetensors.hpp"
 #include "gqe/model/transformer.hpp"
 
 namespace gqe {
 
+struct LoadOptions {
+  bool map = true;         // map the files; false reads them into memory
+  bool keep_16bit = true;  // a float model keeps BF16/F16 matrices 16-bit; false widens them to F32
+  bool owned = false;      // every weight converted into memory of the model's own (to train it)
+};
+
+struct SaveOptions {
+  DType dtype = DType::F32;    // F32, F64, F16 or BF16
+  std::size_t shard_bytes = 0;  // > 0: shards of at most about this many bytes (one tensor may exceed it)
+};
+
 namespace detail {
-inline std::filesystem::path checkpoint_file(const std::filesystem::path& dir, const char* name) {
+
+inline constexpr const char* kSingleFile = "model.safetensors";
+inline constexpr const char* kIndexFile = "model.safetensors.index.json";
+
+inline void require_folder(const std::filesystem::path& dir) {
   std::error_code ec;
   if (!std::filesystem::is_directory(dir, ec))
     fail<IoError>(dir.string(), " is not a folder; expected a checkpoint folder with config.json and model.safetensors");
-  return dir / name;
+}
+
+// The weight files of a checkpoint, opened and cross-checked, and where each tensor lives.
+struct CheckpointFiles {
+  std::vector<SafetensorsFile> files;
+  std::map<std::string, std::pair<const SafetensorsFile*, const TensorRecord*>> tensors;
+  std::size_t stored_values = 0;
+};
+
+// A shard name from the index: a plain file name inside the folder.
+inline std::string shard_name(const nlohmann::json& value, const std::string& tensor, const std::string& source) {
+  if (!value.is_string())
+    fail<FormatError>(source, ": weight_map entry of tensor ", printable(tensor), " is ", describe_json(value),
+                      "; expected a file name");
+  const std::string name = value.get<std::string>();
+  if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos || name.find('\\') != std::string::npos)
+    fail<FormatError>(source, ": tensor ", printable(tensor), " is mapped to \"", printable(name),
+                      "\"; expected the name of a file beside the index");
+  return name;
+}
+
+// Opens the shards an index names and checks that every tensor is in the shard the index names,
+// exactly once over all shards, and that metadata.total_size (when given) matches.
+inline CheckpointFiles open_sharded(const std::filesystem::path& dir, bool map) {
+  const std::filesystem::path index_path = dir / kIndexFile;
+  const nlohmann::json index = read_json_file(index_path, "a safetensors index", std::uintmax_t(64) << 20, 2);
+  const std::string source = index_path.string();
+  if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
+    fail<FormatError>(source, " has no \"weight_map\" object; expected {\"weight_map\": {tensor: shard file}}");
+  std::map<std::string, std::string> owner;  // tensor -> shard
+  std::set<std::string> shard_names;
+  for (const auto& [tensor, value] : index["weight_map"].items()) {
+    owner[tensor] = shard_name(value, tensor, source);
+    shard_names.insert(owner[tensor]);
+  }
+  CheckpointFiles out;
+  out.files.reserve(shard_names.size());
+  for (const auto& name : shard_names) out.files.push_back(SafetensorsFile::read(dir / name, false, map));
+  std::size_t total = 0;
+  for (const auto& file : out.files) {
+    const std::string shard = std::filesystem::path(file.source()).filename().string();
+    for (const auto& t : file.tensors()) {
+      const auto it = owner.find(t.name);
+      if (it == owner.end() || it->second != shard)
+        fail<FormatError>("tensor ", printable(t.name), " is in ", file.source(), ", which ", source, " does not name for it",
+                          it == owner.end() ? " (the index does not list it)" : "");
+      out.tensors[t.name] = {&file, &t};
+      total += t.end - t.begin;
+    }
+  }
+  for (const auto& [tensor, shard] : owner)
+    if (!out.tensors.count(tensor))
+      fail<FormatError>("tensor ", printable(tensor), " is missing from ", (dir / shard).string(), ", where ", source, " places it");
+  if (index.contains("metadata") && index["metadata"].is_object() && index["metadata"].contains("total_size")) {
+    const auto& declared = index["metadata"]["total_size"];
+    if (!declared.is_number_unsigned() || declared.get<std::uint64_t>() != total)
+      fail<FormatError>(source, ": metadata.total_size is ", describe_json(declared), "; the shards hold ", total,
+                        " bytes of tensors");
+  }
+  return out;
+}
+
+inline CheckpointFiles open_weights(const std::filesystem::path& dir, bool map) {
+  require_folder(dir);
+  std::error_code ec;
+  if (std::filesystem::exists(dir / kIndexFile, ec)) return open_sharded(dir, map);
+  CheckpointFiles out;
+  out.files.push_back(SafetensorsFile::read(dir / kSingleFile, false, map));
+  for (const auto& t : out.files.front().tensors()) out.tensors[t.name] = {&out.files.front(), &t};
+  return out;
+}
+
+// Every parameter present with a float dtype and its config's shape, nothing extra: checked before
+// any value is read.
+template <class Scalar>
+void check_tensors(const Transformer<Scalar>& model, const CheckpointFiles& files) {
+  const ModelConfig& config = model.config();
+  std::set<std::string> expected;
+  model.for_each_parameter([&](const std::string& name, const Weight& w) {
+    expected.insert(name);
+    const auto it = files.tensors.find(name);
+    const std::string where = files.files.size() == 1 ? files.files.front().source() : "the checkpoint's shards";
+    if (it == files.tensors.end())
+      fail<FormatError>("tensor ", name, " is missing from ", where, "; config.json needs it with shape ", w.shape().str());
+    const auto& [file, t] = it->second;
+    if (!is_float(t->dtype))
+      fail<FormatError>("tensor ", name, " in ", file->source(), " has dtype ", dtype_name(t->dtype), "; expected F32, F16, BF16 or F64");
+    if (t->shape.size() != static_cast<std::size_t>(w.shape().rank()) || Shape::of(t->shape) != w.shape())
+      fail<FormatError>("tensor ", name, " in ", file->source(), " has shape ", t->shape_str(), "; config.json implies ", w.shape().str());
+  });
+  for (const auto& file : files.files)  // in the files' own order
+    for (const auto& t : file.tensors())
+      if (!expected.count(t.name)) {
+        if (t.name == "lm_head.weight" && config.tie_word_embeddings)
+          fail<FormatError>("tensor lm_head.weight in ", file.source(),
+                            " is not expected: config.json sets tie_word_embeddings, so the embeddings serve as lm_head");
+        fail<FormatError>("tensor ", printable(t.name), " in ", file.source(), " is not part of a ",
+                          to_string(config.attention_type), " model of this config; expected exactly the spec's tensors");
+      }
+}
+
+// Binds one weight to its stored values: in place when the kernels take the dtype as stored, else
+// converted into memory of the weight's own.
+template <class Scalar>
+void bind_weight(Weight& w, const SafetensorsFile& file, const TensorRecord& t, const LoadOptions& options) {
+  const bool matrix = w.shape().rank() == 2 && !options.owned;
+  bool in_place = matrix && t.dtype == dtype_of<Scalar>();
+  if constexpr (std::is_same_v<Scalar, float>)
+    in_place = in_place || (matrix && options.keep_16bit && (t.dtype == DType::BF16 || t.dtype == DType::F16));
+  if (in_place)
+    w.borrow(file.data(t), t.dtype, file.keep_alive());
+  else
+    file.read_into(t, w.allocate<Scalar>());
 }
 
 }  // namespace detail
 
 // True when every tensor of the checkpoint is F64: such a model runs in double, any other in float.
 inline bool checkpoint_is_double(const std::filesystem::path& dir) {
-  const SafetensorsFile file = SafetensorsFile::read(detail::checkpoint_file(dir, "model.safetensors"), true);
-  if (file.tensors().empty()) return false;
-  for (const auto& t : file.tensors())
-    if (t.dtype != DType::F64) return false;
-  return true;
+  detail::require_folder(dir);
+  std::error_code ec;
+  std::vector<SafetensorsFile> headers;
+  if (std::filesystem::exists(dir / detail::kIndexFile, ec)) {
+    headers = std::move(detail::open_sharded(dir, true).files);
+  } else {
+    headers.push_back(SafetensorsFile::read(dir / detail::kSingleFile, true));
+  }
+  bool any = false;
+  for (const auto& file : headers)
+    for (const auto& t : file.tensors()) {
+      if (t.dtype != DType::F64) return false;
+      any = true;
+    }
+  return any;
 }
 
 template <class Scalar>
-Transformer<Scalar> load_checkpoint(const std::filesystem::path& dir) {
-  const ModelConfig config = load_model_config(detail::checkpoint_file(dir, "config.json"));
-  const SafetensorsFile file = SafetensorsFile::read(detail::checkpoint_file(dir, "model.safetensors"));
-  // A config may promise far more parameters than the file holds: refuse before allocating them.
-  // Short of that, the model is built so that the check below names the missing tensor.
-  const auto parameters = static_cast<std::size_t>(config.parameter_count());
+Transformer<Scalar> load_checkpoint(const std::filesystem::path& dir, const LoadOptions& options = {}) {
+  detail::require_folder(dir);
+  const ModelConfig config = load_model_config(dir / "config.json");
+  const detail::CheckpointFiles files = detail::open_weights(dir, options.map);
+  // A config may promise far more parameters than the files hold: refuse before building it.
   std::size_t stored = 0;
-  for (const auto& t : file.tensors()) stored += t.numel();
-  constexpr std::size_t kAlwaysAffordable = std::size_t(1) << 26;  // parameters: 256 MiB of float
+  for (const auto& [name, entry] : files.tensors) stored += entry.second->numel();
+  const auto parameters = static_cast<std::size_t>(config.parameter_count());
+  constexpr std::size_t kAlwaysAffordable = std::size_t(1) << 26;
   if (parameters > stored && parameters > std::max(kAlwaysAffordable, 2 * stored))
-    fail<FormatError>(file.source(), " holds ", stored, " values but config.json implies ", parameters,
+    fail<FormatError>(files.files.front().source(), " holds ", stored, " values but config.json implies ", parameters,
                       " parameters; expected the checkpoint of that config");
-
   Transformer<Scalar> model(config);
-  std::set<std::string> expected;
-  model.for_each_parameter([&](const std::string& name, TensorView<Scalar> w) {
-    expected.insert(name);
-    const TensorRecord* t = file.find(name);
-    if (!t) fail<FormatError>("tensor ", name, " is missing from ", file.source(), "; config.json needs it with shape ", w.shape().str());
-    if (!is_float(t->dtype))
-      fail<FormatError>("tensor ", name, " in ", file.source(), " has dtype ", dtype_name(t->dtype), "; expected F32, F16, BF16 or F64");
-    if (t->shape.size() != static_cast<std::size_t>(w.rank()) || Shape::of(t->shape) != w.shape())
-      fail<FormatError>("tensor ", name, " in ", file.source(), " has shape ", t->shape_str(), "; config.json implies ",
-                        w.shape().str());
-    file.read_into(*t, w.data());
+  detail::check_tensors(model, files);
+  model.for_each_parameter([&](const std::string& name, Weight& w) {
+    const auto& [file, t] = files.tensors.at(name);
+    detail::bind_weight<Scalar>(w, *file, *t, options);
   });
-  for (const auto& t : file.tensors())
-    if (!expected.count(t.name)) {
-      if (t.name == "lm_head.weight" && config.tie_word_embeddings)
-        fail<FormatError>("tensor lm_head.weight in ", file.source(),
-                          " is not expected: config.json sets tie_word_embeddings, so the embeddings serve as lm_head");
-      fail<FormatError>("tensor ", detail::printable(t.name), " in ", file.source(), " is not part of a ",
-                        to_string(config.attention_type), " model of this config; expected exactly the spec's tensors");
-    }
   return model;
 }
 
-// Writes config.json and model.safetensors into dir (created if needed), each atomically; other
-// files in dir are left alone. dtype: F32 (default), F64, F16 or BF16.
+// A weight's values encoded in `dtype` for writing.
+inline EncodedTensor encode_weight(const std::string& name, const Weight& w, DType dtype) {
+  const auto dims = w.shape().dims();
+  const std::vector<std::int64_t> shape(dims.begin(), dims.end());
+  if (w.dtype() == dtype) {
+    EncodedTensor t{name, dtype, shape, std::string(static_cast<const char*>(w.raw()), static_cast<std::size_t>(w.numel()) * dtype_size(dtype))};
+    return t;
+  }
+  if (w.dtype() == DType::F64) return encode_tensor(name, dtype, shape, w.data<double>());
+  std::vector<float> values(static_cast<std::size_t>(w.numel()));
+  convert_values(w.raw(), w.dtype(), values.size(), values.data());
+  return encode_tensor(name, dtype, shape, values.data());
+}
+
+// Writes config.json and the weights into dir (created if needed), every file atomically, the
+// weights in one file or (options.shard_bytes > 0) in shards with their index, which is written
+// last. The files of the other layout left from an earlier save are removed once the new ones are
+// complete; other files in dir are left alone.
+template <class Scalar>
+void save_checkpoint(const Transformer<Scalar>& model, const std::filesystem::path& dir, const SaveOptions& options) {
+  namespace fs = std::filesystem;
+  if (!is_float(options.dtype))
+    fail<ConfigError>("checkpoint dtype ", dtype_name(options.dtype), "; expected F32, F64, F16 or BF16");
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) fail<IoError>("cannot create folder ", dir.string(), ": ", ec.message());
+  std::vector<std::vector<EncodedTensor>> shards(1);
+  std::size_t bytes = 0, total = 0;
+  model.for_each_parameter([&](const std::string& name, const Weight& w) {
+    EncodedTensor t = encode_weight(name, w, options.dtype);
+    if (options.shard_bytes > 0 && bytes > 0 && bytes + t.bytes.size() > options.shard_bytes) {
+      shards.emplace_back();
+      bytes = 0;
+    }
+    bytes += t.bytes.size();
+    total += t.bytes.size();
+    shards.back().push_back(std::move(t));
+  });
+  const std::set<std::string> old_shards = [&] {
+    std::set<std::string> names;
+    if (!fs::exists(dir / detail::kIndexFile, ec)) return names;
+    try {
+      const auto index = detail::read_json_file(dir / detail::kIndexFile, "a safetensors index", std::uintmax_t(64) << 20);
+      for (const auto& [tensor, value] : index.at("weight_map").items()) names.insert(detail::shard_name(value, tensor, ""));
+    } catch (const std::exception&) {  // an unreadable old index: its shards are not ours to guess
+    }
+    return names;
+  }();
+  if (options.shard_bytes == 0) {
+    write_safetensors(dir / detail::kSingleFile, shards.front());
+    fs::remove(dir / detail::kIndexFile, ec);
+    for (const auto& name : old_shards) fs::remove(dir / name, ec);
+  } else {
+    nlohmann::ordered_json index;
+    index["metadata"] = {{"total_size", total}};
+    std::set<std::string> written;
+    for (std::size_t i = 0; i < shards.size(); ++i) {
+      char name[64];
+      std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i + 1, shards.size());
+      write_safetensors(dir / name, shards[i]);
+      written.insert(name);
+      for (const auto& t : shards[i]) index["weight_map"][t.name] = name;
+    }
+    const std::string text = index.dump(2) + "\n";
+    write_file_atomically(dir / detail::kIndexFile, [&](std::ostream& out) { out << text; });
+    fs::remove(dir / detail::kSingleFile, ec);
+    for (const auto& name : old_shards)
+      if (!written.count(name)) fs::remove(dir / name, ec);
+  }
+  save_model_config(dir / "config.json", model.config());
+}
+
 template <class Scalar>
 void save_checkpoint(const Transformer<Scalar>& model, const std::filesystem::path& dir, DType dtype = DType::F32) {
-  if (!is_float(dtype)) fail<ConfigError>("checkpoint dtype ", dtype_name(dtype), "; expected F32, F64, F16 or BF16");
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) fail<IoError>("cannot create folder ", dir.string(), ": ", ec.message());
-  std::vector<EncodedTensor> tensors;
-  model.for_each_parameter([&](const std::string& name, TensorView<const Scalar> w) {
-    const auto dims = w.shape().dims();
-    tensors.push_back(encode_tensor(name, dtype, std::vector<std::int64_t>(dims.begin(), dims.end()), w.data()));
-  });
-  write_safetensors(dir / "model.safetensors", tensors);
-  save_model_config(dir / "config.json", model.config());
+  save_checkpoint(model, dir, SaveOptions{dtype, 0});
 }
 
 }  // namespace gqe

@@ -118,7 +118,7 @@ inline ModelConfig parse_model_config(const nlohmann::json& json, const std::str
 
 // config.json's text: FormatError when it is not JSON or names a key twice, else parse_model_config.
 inline ModelConfig parse_model_config_text(const std::string& text, const std::string& source = "config.json") {
-  return parse_model_config(detail::parse_json_unique_top_keys(text, source), source);
+  return parse_model_config(detail::parse_json_unique_keys(text, source), source);
 }
 
 inline ModelConfig load_model_config(const std::filesystem::path& path) {

@@ -25,86 +25,10 @@
 #include "gqe/error.hpp"
 #include "gqe/io/atomic_file.hpp"
 #include "gqe/io/detail/json_text.hpp"
+#include "gqe/io/mapped_file.hpp"
+#include "gqe/tensor/dtype.hpp"
 
 namespace gqe {
-
-enum class DType { F64, F32, F16, BF16, I32 };
-
-inline const char* dtype_name(DType t) {
-  switch (t) {
-    case DType::F64: return "F64";
-    case DType::F32: return "F32";
-    case DType::F16: return "F16";
-    case DType::BF16: return "BF16";
-    case DType::I32: return "I32";
-  }
-  return "?";
-}
-inline std::size_t dtype_size(DType t) {
-  switch (t) {
-    case DType::F64: return 8;
-    case DType::F32: case DType::I32: return 4;
-    case DType::F16: case DType::BF16: return 2;
-  }
-  return 0;
-}
-inline std::optional<DType> dtype_from_name(const std::string& s) {
-  for (DType t : {DType::F64, DType::F32, DType::F16, DType::BF16, DType::I32})
-    if (s == dtype_name(t)) return t;
-  return std::nullopt;
-}
-inline bool is_float(DType t) { return t != DType::I32; }
-
-// ---- half and bfloat16 ------------------------------------------------------------------------
-
-inline float bits_to_float(std::uint32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-inline std::uint32_t float_to_bits(float f) {
-  std::uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  return bits;
-}
-
-// IEEE binary16 -> float, exact (every half is a float).
-inline float half_to_float(std::uint16_t h) {
-  const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
-  const std::uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
-  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
-    const float magnitude = std::ldexp(static_cast<float>(mantissa), -24);
-    return sign ? -magnitude : magnitude;
-  }
-  if (exponent == 31) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));  // inf, NaN
-  return bits_to_float(sign | ((exponent + 112) << 23) | (mantissa << 13));
-}
-
-// float -> IEEE binary16, round to nearest even; overflow to infinity, NaN stays NaN.
-inline std::uint16_t float_to_half(float f) {
-  const std::uint32_t x = float_to_bits(f);
-  const auto sign = static_cast<std::uint16_t>((x >> 16) & 0x8000u);
-  const float magnitude = std::fabs(f);
-  if (std::isnan(f)) return static_cast<std::uint16_t>(sign | 0x7e00u);
-  if (magnitude >= 65520.0f) return static_cast<std::uint16_t>(sign | 0x7c00u);  // rounds past 65504
-  if (magnitude < 0x1.0p-14f)  // subnormal half: a multiple of 2^-24 (1024 rounds up to the first normal)
-    return static_cast<std::uint16_t>(sign | static_cast<std::uint16_t>(std::nearbyint(magnitude * 0x1.0p24f)));
-  const std::uint32_t exponent = ((x >> 23) & 0xffu) - 127 + 15, mantissa = x & 0x7fffffu;
-  std::uint32_t half = (exponent << 10) | (mantissa >> 13);
-  const std::uint32_t rest = mantissa & 0x1fffu;
-  if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) ++half;  // a carry moves into the exponent
-  return static_cast<std::uint16_t>(sign | half);
-}
-
-inline float bf16_to_float(std::uint16_t b) { return bits_to_float(static_cast<std::uint32_t>(b) << 16); }
-
-// float -> bfloat16, round to nearest even; NaN stays NaN.
-inline std::uint16_t float_to_bf16(float f) {
-  const std::uint32_t x = float_to_bits(f);
-  if (std::isnan(f)) return static_cast<std::uint16_t>((x >> 16) | 0x40u);
-  const std::uint32_t rounding = 0x7fffu + ((x >> 16) & 1u);
-  return static_cast<std::uint16_t>((x + rounding) >> 16);
-}
 
 // ---- reading ----------------------------------------------------------------------------------
 
@@ -342,45 +266,37 @@ class SafetensorsFile {
   static SafetensorsFile parse(std::string bytes, const std::string& source) {
     SafetensorsFile file;
     file.source_ = source;
-    file.file_size_ = bytes.size();
-    file.bytes_ = std::move(bytes);
-    file.parse_header();
-    file.loaded_ = true;
+    file.bytes_ = FileBytes::hold(std::move(bytes));
+    file.file_size_ = file.bytes_->size();
+    file.parse_header(file.bytes_->data());
     return file;
   }
 
-  // Reads and checks a file. The header is read and checked first, so that a malformed file costs
-  // no more memory than its header; with header_only the values are not read at all (the records
-  // are still checked against the file's size).
-  static SafetensorsFile read(const std::filesystem::path& path, bool header_only = false) {
+  // Opens and checks a file: the header is parsed and every tensor's byte range checked against
+  // the file's size before any tensor byte is read. The values are mapped (map = true, falling
+  // back to reading where mapping fails) or read into memory; with header_only they are neither
+  // (the records are still checked against the file's size).
+  static SafetensorsFile read(const std::filesystem::path& path, bool header_only = false, bool map = true) {
+    SafetensorsFile file;
+    file.source_ = path.string();
+    if (!header_only) {
+      file.bytes_ = FileBytes::open(path, map);
+      file.file_size_ = file.bytes_->size();
+      file.parse_header(file.bytes_->data());
+      return file;
+    }
     std::error_code ec;
     if (!std::filesystem::is_regular_file(path, ec))
       fail<IoError>(path.string(), " does not exist or is not a file; expected a safetensors file");
-    const std::uintmax_t size = std::filesystem::file_size(path, ec);
+    file.file_size_ = static_cast<std::size_t>(std::filesystem::file_size(path, ec));
     if (ec) fail<IoError>("cannot read the size of ", path.string(), ": ", ec.message());
-    if (size > static_cast<std::uintmax_t>(PTRDIFF_MAX))
-      fail<IoError>(path.string(), " is ", size, " bytes long, more than this machine can address");
-    std::ifstream in(path, std::ios::binary);
-    if (!in) fail<IoError>("cannot open ", path.string());
-    SafetensorsFile file;
-    file.source_ = path.string();
-    file.file_size_ = static_cast<std::size_t>(size);
-    const auto read_more = [&](std::size_t until) {
-      const std::size_t have = file.bytes_.size();
-      file.bytes_.resize(until);
-      if (!in.read(file.bytes_.data() + have, static_cast<std::streamsize>(until - have)))
-        fail<IoError>("cannot read ", path.string(), " (", until, " of ", size, " bytes; did it change while being read?)");
-    };
-    if (file.file_size_ >= 8) {
-      read_more(8);
-      const std::uint64_t header = file.declared_header_size();
-      if (header <= kMaxHeaderBytes && header <= file.file_size_ - 8) read_more(8 + static_cast<std::size_t>(header));
+    std::string head = FileBytes::read_range(path, 0, std::min<std::size_t>(8, file.file_size_));
+    if (head.size() == 8) {
+      const std::uint64_t header = declared_header_size(reinterpret_cast<const unsigned char*>(head.data()));
+      if (header <= kMaxHeaderBytes && header <= file.file_size_ - 8)
+        head = FileBytes::read_range(path, 0, 8 + static_cast<std::size_t>(header));
     }
-    file.parse_header();  // refuses a short file or a bad length before anything else is read
-    if (!header_only) {
-      read_more(file.file_size_);
-      file.loaded_ = true;
-    }
+    file.parse_header(reinterpret_cast<const unsigned char*>(head.data()));  // refuses a short file or a bad length
     return file;
   }
 
@@ -388,6 +304,8 @@ class SafetensorsFile {
   // In the order of the header.
   const std::vector<TensorRecord>& tensors() const { return tensors_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  // Whether the values are mapped from the file (rather than read into memory).
+  bool mapped() const { return bytes_ && bytes_->mapped(); }
 
   const TensorRecord* find(const std::string& name) const {
     const auto it = index_.find(name);
@@ -398,10 +316,16 @@ class SafetensorsFile {
     fail<FormatError>("tensor ", detail::printable(name), " is missing from ", source_);
   }
 
-  // The record's bytes as stored (little-endian, row-major, any alignment).
+  // The record's bytes as stored (little-endian, row-major, any alignment), valid while the file
+  // (or a copy of keep_alive()) lives.
+  const unsigned char* data(const TensorRecord& t) const { return data_begin() + t.begin; }
   std::string_view raw_bytes(const TensorRecord& t) const {
+    return {reinterpret_cast<const char*>(data(t)), t.end - t.begin};
+  }
+  // Keeps the values alive (weights borrowed from the file hold it).
+  std::shared_ptr<const void> keep_alive() const {
     require_values();
-    return std::string_view(bytes_).substr(8 + header_size_ + t.begin, t.end - t.begin);
+    return bytes_;
   }
 
   // The record's values converted to Scalar, written to out[0 .. numel). Float types take any
@@ -409,21 +333,12 @@ class SafetensorsFile {
   template <class Scalar>
   void read_into(const TensorRecord& t, Scalar* out) const {
     static_assert(std::is_arithmetic_v<Scalar>, "read_into converts to a number type");
-    require_values();
     if constexpr (std::is_integral_v<Scalar>) {
       if (t.dtype != DType::I32)
         fail<FormatError>("tensor ", detail::printable(t.name), " in ", source_, " has dtype ", dtype_name(t.dtype),
                           "; expected I32 for integer values");
     }
-    const unsigned char* p = data_begin() + t.begin;  // any alignment: values are copied out
-    const std::size_t n = t.numel();
-    switch (t.dtype) {
-      case DType::F64: convert<double>(p, n, out, [](double v) { return v; }); break;
-      case DType::F32: convert<float>(p, n, out, [](float v) { return v; }); break;
-      case DType::I32: convert<std::int32_t>(p, n, out, [](std::int32_t v) { return v; }); break;
-      case DType::F16: convert<std::uint16_t>(p, n, out, half_to_float); break;
-      case DType::BF16: convert<std::uint16_t>(p, n, out, bf16_to_float); break;
-    }
+    convert_values(data(t), t.dtype, t.numel(), out);
   }
   template <class Scalar>
   std::vector<Scalar> read_as(const std::string& name) const {
@@ -434,31 +349,25 @@ class SafetensorsFile {
   }
 
  private:
-  template <class Stored, class Scalar, class Decode>
-  static void convert(const unsigned char* p, std::size_t n, Scalar* out, Decode decode) {
-    for (std::size_t i = 0; i < n; ++i) {
-      Stored v;
-      std::memcpy(&v, p + sizeof(Stored) * i, sizeof(Stored));
-      out[i] = static_cast<Scalar>(decode(v));
-    }
-  }
   void require_values() const {
-    if (!loaded_) fail<IoError>(source_, " was read for its header only; its values are not loaded");
+    if (!bytes_) fail<IoError>(source_, " was read for its header only; its values are not loaded");
   }
   const unsigned char* data_begin() const {
-    return reinterpret_cast<const unsigned char*>(bytes_.data()) + 8 + header_size_;
+    require_values();
+    return bytes_->data() + 8 + header_size_;
   }
-  std::uint64_t declared_header_size() const {
+  static std::uint64_t declared_header_size(const unsigned char* bytes) {
     std::uint64_t header = 0;
-    for (int i = 7; i >= 0; --i) header = (header << 8) | static_cast<unsigned char>(bytes_[static_cast<std::size_t>(i)]);
+    for (int i = 7; i >= 0; --i) header = (header << 8) | bytes[i];
     return header;
   }
 
-  // Needs bytes_ to hold at least the length and the header; file_size_ is the whole file's.
-  void parse_header() {
+  // `bytes` holds at least the length and the header (when the length is sane); file_size_ is
+  // the whole file's.
+  void parse_header(const unsigned char* bytes) {
     if (file_size_ < 8)
       fail<FormatError>(source_, " is ", file_size_, " bytes long; expected at least 8 (the header length)");
-    const std::uint64_t header = declared_header_size();
+    const std::uint64_t header = declared_header_size(bytes);
     if (header > kMaxHeaderBytes)
       fail<FormatError>(source_, ": header length ", header, " exceeds the format's limit of ", kMaxHeaderBytes, " bytes");
     if (header > file_size_ - 8)
@@ -466,7 +375,7 @@ class SafetensorsFile {
                         " bytes after the length); the file may be truncated");
     header_size_ = static_cast<std::size_t>(header);
     detail::SafetensorsHeaderReader reader(source_);
-    const char* text = bytes_.data() + 8;
+    const char* text = reinterpret_cast<const char*>(bytes) + 8;
     if (!nlohmann::json::sax_parse(text, text + header_size_, &reader))
       fail<FormatError>(source_, ": the header is not valid JSON");
     const std::uint64_t data_size = file_size_ - 8 - header_size_;
@@ -507,10 +416,9 @@ class SafetensorsFile {
   }
 
   std::string source_;
-  std::string bytes_;          // the length, the header and, once loaded, the data
-  std::size_t file_size_ = 0;  // of the whole file
+  std::shared_ptr<const FileBytes> bytes_;  // the whole file; null when read for its header only
+  std::size_t file_size_ = 0;               // of the whole file
   std::size_t header_size_ = 0;
-  bool loaded_ = false;
   std::vector<TensorRecord> tensors_;
   std::map<std::string, std::size_t> index_;
   std::map<std::string, std::string> metadata_;

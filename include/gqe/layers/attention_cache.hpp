@@ -1,9 +1,20 @@
 #pragma once
 // One layer's KV cache: exactly GQA's G heads per token, plus, for GQE's shared head, the derived
 // per-position mean over groups of K and V (2*d_h per token) so that decode never re-averages.
+//
+// Positions are kept in tiles of kKeyTile, the attention kernel's key blocks, each head's K
+// transposed [d_h][KT] and V [KT][d_h], so that the kernel reads both in place. Tiles are
+// allocated as positions arrive (never sized by max_position_embeddings, never copied when the
+// cache grows, never zero-filled: a tile's positions are written before they are read).
+//
+// Writing and committing are separate: a forward writes its new positions past length(), and
+// length() moves only once the whole forward has succeeded (Transformer commits, or rolls back).
 #include <algorithm>
+#include <memory>
+#include <vector>
 
 #include "gqe/layers/attention_config.hpp"
+#include "gqe/ops/attention.hpp"
 #include "gqe/tensor/tensor.hpp"
 
 namespace gqe {
@@ -12,63 +23,104 @@ template <class Scalar>
 class AttentionCache {
  public:
   AttentionCache() = default;
-  AttentionCache(const AttentionConfig& config)
+  explicit AttentionCache(const AttentionConfig& config)
       : kv_heads_(config.num_kv_heads), head_dim_(config.head_dim), with_mean_(config.has_shared_head()) {}
+  AttentionCache(const AttentionCache& other)
+      : kv_heads_(other.kv_heads_), head_dim_(other.head_dim_), with_mean_(other.with_mean_) {
+    reserve(other.capacity());
+    const auto filled = static_cast<std::size_t>(other.length_);
+    for (std::size_t t = 0; t * kKeyTile < filled; ++t)  // the tiles that hold positions
+      std::copy_n(other.tiles_[t].get(), tile_size(), tiles_[t].get());
+    length_ = other.length_;
+  }
+  AttentionCache& operator=(const AttentionCache& other) {
+    if (this != &other) *this = AttentionCache(other);
+    return *this;
+  }
+  AttentionCache(AttentionCache&&) noexcept = default;
+  AttentionCache& operator=(AttentionCache&&) noexcept = default;
 
   Index length() const { return length_; }
-  Index capacity() const { return capacity_; }
+  // Positions the allocated tiles hold.
+  Index capacity() const { return static_cast<Index>(tiles_.size()) * kKeyTile; }
   Index kv_heads() const { return kv_heads_; }
   Index head_dim() const { return head_dim_; }
   bool has_mean() const { return with_mean_; }
+  // Bytes of the allocated tiles.
+  std::size_t bytes() const { return tiles_.size() * static_cast<std::size_t>(tile_size()) * sizeof(Scalar); }
 
-  // Makes room for `capacity` positions, keeping the cached ones. Grows geometrically when asked
-  // through ensure(), so that decode allocates only O(log T) times.
-  void reserve(Index capacity) {
-    if (capacity <= capacity_) return;
-    regrow(key_, capacity, kv_heads_);
-    regrow(value_, capacity, kv_heads_);
-    if (with_mean_) {
-      regrow(mean_key_, capacity, 1);
-      regrow(mean_value_, capacity, 1);
+  // Allocates tiles until positions [0, positions) fit, so that decode up to there allocates nothing.
+  void reserve(Index positions) {
+    while (capacity() < positions) {
+      tiles_.emplace_back(new Scalar[static_cast<std::size_t>(tile_size())]);  // uninitialised
+      tile_pointers_.push_back(tiles_.back().get());
     }
-    capacity_ = capacity;
   }
-  void ensure(Index capacity) {
-    if (capacity > capacity_) reserve(std::max(capacity, std::max<Index>(64, 2 * capacity_)));
-  }
+  // Forgets every position (keeps the tiles).
   void clear() { length_ = 0; }
-  // Marks `count` more positions as filled (after the caller wrote them).
+  // Commits `count` written positions past length().
   void advance(Index count) {
-    assert(length_ + count <= capacity_);
+    assert(length_ + count <= capacity());
     length_ += count;
   }
+  // Forgets the positions from `length` on (a rolled-back forward).
+  void truncate(Index length) {
+    assert(length >= 0 && length <= length_);
+    length_ = length;
+  }
 
-  // Rows of KV head g: [capacity, d_h], contiguous.
-  Scalar* key(Index g) { return key_.data() + g * capacity_ * head_dim_; }
-  Scalar* value(Index g) { return value_.data() + g * capacity_ * head_dim_; }
-  const Scalar* key(Index g) const { return key_.data() + g * capacity_ * head_dim_; }
-  const Scalar* value(Index g) const { return value_.data() + g * capacity_ * head_dim_; }
-  Scalar* mean_key() { return mean_key_.data(); }
-  Scalar* mean_value() { return mean_value_.data(); }
-  const Scalar* mean_key() const { return mean_key_.data(); }
-  const Scalar* mean_value() const { return mean_value_.data(); }
+  // Writes position `pos` (at or past length(), within capacity()): key and value [G*d_h] after
+  // RoPE, and, when the cache keeps it, their mean over the groups.
+  void write(Index pos, const Scalar* key, const Scalar* value) {
+    assert(pos >= length_ && pos < capacity());
+    const Index dh = head_dim_, slot = pos % kKeyTile;
+    Scalar* tile = tiles_[static_cast<std::size_t>(pos / kKeyTile)].get();
+    for (Index g = 0; g < kv_heads_; ++g) write_head(tile, g, slot, key + g * dh, value + g * dh);
+    if (!with_mean_) return;
+    mean_.resize(static_cast<std::size_t>(2 * dh));
+    Scalar* mean_k = mean_.data();
+    Scalar* mean_v = mean_.data() + dh;
+    for (Index c = 0; c < dh; ++c) {
+      Scalar sk = 0, sv = 0;
+      for (Index g = 0; g < kv_heads_; ++g) {  // groups in order: the same sum for every position
+        sk += key[g * dh + c];
+        sv += value[g * dh + c];
+      }
+      mean_k[c] = sk / Scalar(kv_heads_);
+      mean_v[c] = sv / Scalar(kv_heads_);
+    }
+    write_head(tile, kv_heads_, slot, mean_k, mean_v);
+  }
+
+  // KV head g (0 .. G-1), or the mean over groups (g == G, when kept), for the attention kernel.
+  KeyValueTiles<Scalar> head(Index g) const {
+    assert(g >= 0 && g < kv_heads_ + (with_mean_ ? 1 : 0));
+    return {tile_pointers_.data(), g * head_size(), g * head_size() + head_dim_ * kKeyTile};
+  }
+
+  // The key (after RoPE) and value of KV head g at position pos, into key[d_h] and value[d_h].
+  void read(Index g, Index pos, Scalar* key, Scalar* value) const {
+    const Scalar* tile = tiles_[static_cast<std::size_t>(pos / kKeyTile)].get() + g * head_size();
+    const Index slot = pos % kKeyTile;
+    for (Index c = 0; c < head_dim_; ++c) key[c] = tile[c * kKeyTile + slot];
+    std::copy_n(tile + head_dim_ * kKeyTile + slot * head_dim_, head_dim_, value);
+  }
 
  private:
-  // Tensor [heads, capacity, d_h]: copy each head's filled rows into the larger buffer.
-  void regrow(Tensor<Scalar>& t, Index capacity, Index heads) {
-    Tensor<Scalar> grown(Shape{heads, capacity, head_dim_});
-    for (Index h = 0; h < heads; ++h)
-      std::copy_n(t.data() + h * capacity_ * head_dim_, length_ * head_dim_, grown.data() + h * capacity * head_dim_);
-    t = std::move(grown);
+  Index head_size() const { return 2 * head_dim_ * kKeyTile; }
+  Index tile_size() const { return (kv_heads_ + (with_mean_ ? 1 : 0)) * head_size(); }
+  void write_head(Scalar* tile, Index h, Index slot, const Scalar* key, const Scalar* value) {
+    Scalar* block = tile + h * head_size();
+    for (Index c = 0; c < head_dim_; ++c) block[c * kKeyTile + slot] = key[c];  // K^T [d_h][KT]
+    std::copy_n(value, head_dim_, block + head_dim_ * kKeyTile + slot * head_dim_);  // V [KT][d_h]
   }
 
   Index kv_heads_ = 0, head_dim_ = 0;
   bool with_mean_ = false;
-  Index length_ = 0, capacity_ = 0;
-  Tensor<Scalar> key_;         // [G, capacity, d_h], after RoPE
-  Tensor<Scalar> value_;       // [G, capacity, d_h]
-  Tensor<Scalar> mean_key_;    // [1, capacity, d_h], mean over groups of key_ (shared head only)
-  Tensor<Scalar> mean_value_;  // [1, capacity, d_h]
+  Index length_ = 0;
+  std::vector<std::unique_ptr<Scalar[]>> tiles_;
+  std::vector<const Scalar*> tile_pointers_;  // tiles_, as the kernel reads them
+  std::vector<Scalar> mean_;                  // [2*d_h]: write()'s mean K and V of one position
 };
 
 // A run of consecutive rows of a layer's input that continue one sequence: rows

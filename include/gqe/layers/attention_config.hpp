@@ -58,15 +58,29 @@ struct AttentionConfig {
   Index top_k = 1;         // k: experts kept per group per token (GQE only)
   double rope_theta = 10000.0;
 
+  // What differs between GQA and the GQE variants, in one table (the paper's Table 2 and the spec):
+  //
+  //                      query heads computed    weighted slot   shared head   hard slots
+  //                      per group (slots)       (renormalised)  (mean K/V)    scaled by p
+  //   gqa                M (all, dense)          -               -             -
+  //   gqe "gqe"          k (routed)              yes             yes           -
+  //   gqe "hard_concat"  k (routed)              -               -             -
+  //   gqe "weighted_concat" k (routed)           -               -             yes
+  //
+  // o_proj reads [slot(0,0) .. slot(G-1, per_group-1), weighted slot?, shared head?]. Every layer
+  // branch asks one of these predicates; none looks at the type or variant itself.
   bool is_gqe() const { return type == AttentionType::gqe; }
   // M = N / G. Query head e = g*M + m belongs to group g and reads KV head g = e / M.
   Index experts_per_group() const { return num_heads / num_kv_heads; }
+  // Query heads computed per group, each reading the group's KV head: M (gqa) or k (gqe).
+  Index slots_per_group() const { return is_gqe() ? top_k : experts_per_group(); }
   // Hard slots per token: G*k for GQE, N for GQA.
-  Index hard_slots() const { return is_gqe() ? num_kv_heads * top_k : num_heads; }
+  Index hard_slots() const { return num_kv_heads * slots_per_group(); }
   bool has_weighted_slot() const { return is_gqe() && variant == GqeVariant::gqe; }
   bool has_shared_head() const { return is_gqe() && variant == GqeVariant::gqe; }
+  bool scales_slots_by_prob() const { return is_gqe() && variant == GqeVariant::weighted_concat; }
   // Slots of head_dim concatenated into o_proj: N (gqa), kG+2 (gqe), kG (ablations).
-  Index output_slots() const { return hard_slots() + (has_weighted_slot() ? 2 : 0); }
+  Index output_slots() const { return hard_slots() + (has_weighted_slot() ? 1 : 0) + (has_shared_head() ? 1 : 0); }
   // Query-attention heads computed per token: N (gqa), kG+1 (gqe), kG (ablations).
   Index active_heads() const { return hard_slots() + (has_shared_head() ? 1 : 0); }
 

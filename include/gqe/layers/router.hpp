@@ -16,6 +16,7 @@
 #include "gqe/ops/activations.hpp"
 #include "gqe/ops/linear.hpp"
 #include "gqe/tensor/tensor.hpp"
+#include "gqe/tensor/weight.hpp"
 
 namespace gqe {
 
@@ -47,14 +48,14 @@ class Router {
     groups_ = config.num_kv_heads;
     experts_per_group_ = config.experts_per_group();
     top_k_ = config.top_k;
-    weight_.setZero(groups_ * experts_per_group_, config.hidden_size);  // the authors' initialisation
+    weight_ = Weight(Shape{groups_ * experts_per_group_, config.hidden_size});
   }
 
   Index groups() const { return groups_; }
   Index experts_per_group() const { return experts_per_group_; }
   Index top_k() const { return top_k_; }
-  Matrix<Scalar>& weight() { return weight_; }              // [G*M, d]
-  const Matrix<Scalar>& weight() const { return weight_; }  // [G*M, d]
+  Weight& weight() { return weight_; }              // [G*M, d]
+  const Weight& weight() const { return weight_; }  // [G*M, d]
 
   // Routes the rows of x [R, d].
   void route(const Eigen::Ref<const Matrix<Scalar>>& x, Routing<Scalar>& out) const {
@@ -105,8 +106,21 @@ class Router {
   }
 
   Index groups_ = 0, experts_per_group_ = 0, top_k_ = 0;
-  Matrix<Scalar> weight_;  // [G*M, d]
+  Weight weight_;  // [G*M, d]
 };
+
+// For p = softmax of each group's logits: d_logits [R, G*M] = p * (dp - sum_m p dp) per group.
+template <class Scalar>
+void group_softmax_backward(const Routing<Scalar>& route, const Matrix<Scalar>& d_probs, Matrix<Scalar>& d_logits) {
+  const Index G = route.groups, M = route.experts_per_group;
+  d_logits.resize(route.rows(), G * M);
+  for (Index r = 0; r < route.rows(); ++r)
+    for (Index g = 0; g < G; ++g) {
+      const auto p = route.probs.row(r).segment(g * M, M);
+      const auto dp = d_probs.row(r).segment(g * M, M);
+      d_logits.row(r).segment(g * M, M) = p.cwiseProduct(dp).array() - p.dot(dp) * p.array();
+    }
+}
 
 // Routing statistics over any number of routed tokens, accumulated call by call.
 struct RoutingStats {
@@ -144,6 +158,12 @@ struct RoutingStats {
   double aux_loss() const {
     if (groups == 0) return 0;
     return static_cast<double>(experts_per_group) * (load() * mean_prob()).sum() / static_cast<double>(groups);
+  }
+  // dL_aux / dp[t, g, m] for each of the `tokens` routed rows: (M / G) * f[g, m] / tokens, the
+  // dispatch fraction f held constant as in Switch. [G, M]
+  Eigen::ArrayXXd aux_loss_gradient() const {
+    return load() * (static_cast<double>(experts_per_group) / static_cast<double>(groups) /
+                     std::max<double>(1, static_cast<double>(tokens)));
   }
   // Mean entropy of a group's routing distribution (nats); log(M) is uniform.
   double mean_entropy() const {

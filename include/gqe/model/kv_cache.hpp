@@ -11,10 +11,11 @@ template <class Scalar>
 class KVCache {
  public:
   KVCache() = default;
-  explicit KVCache(const ModelConfig& config) : layers_(static_cast<std::size_t>(config.num_layers),
-                                                        AttentionCache<Scalar>(config.attention())) {}
+  explicit KVCache(const ModelConfig& config)
+      : layers_(static_cast<std::size_t>(config.num_layers), AttentionCache<Scalar>(config.attention())) {}
 
-  // Positions cached so far (the next token's position).
+  // Positions cached so far (the next token's position). Every layer holds as many: a forward that
+  // fails part-way leaves them all where they were.
   Index length() const { return layers_.empty() ? 0 : layers_.front().length(); }
   Index num_layers() const { return static_cast<Index>(layers_.size()); }
   // Allocates room for `positions` tokens at once, so that decode up to there allocates nothing.
@@ -23,6 +24,15 @@ class KVCache {
   }
   void clear() {
     for (auto& l : layers_) l.clear();
+  }
+  // Forgets the positions from `length` on, in every layer.
+  void truncate(Index length) {
+    for (auto& l : layers_) l.truncate(std::min(length, l.length()));
+  }
+  std::size_t bytes() const {
+    std::size_t n = 0;
+    for (const auto& l : layers_) n += l.bytes();
+    return n;
   }
   AttentionCache<Scalar>& layer(Index i) { return layers_[static_cast<std::size_t>(i)]; }
   const AttentionCache<Scalar>& layer(Index i) const { return layers_[static_cast<std::size_t>(i)]; }

@@ -4,18 +4,19 @@
 //
 // One forward call runs a batch of B sequences, each continuing its own KV cache by T tokens:
 // prefill (empty caches), a chunk appended to filled caches, or decode (T = 1). A loaded model is
-// read-only during inference: several threads may run it at once, each with its own caches.
+// read-only during inference: several threads may run it at once, each with its own caches. The
+// same forward, given a tape, keeps what backward() needs: training composes exactly the layers
+// that inference runs.
 #include <cstdint>
 #include <string>
-#include <variant>
 #include <vector>
 
+#include "gqe/layers/attention.hpp"
+#include "gqe/layers/embedding.hpp"
 #include "gqe/layers/feed_forward.hpp"
-#include "gqe/layers/gqa_attention.hpp"
-#include "gqe/layers/gqe_attention.hpp"
+#include "gqe/layers/norm.hpp"
 #include "gqe/model/config.hpp"
 #include "gqe/model/kv_cache.hpp"
-#include "gqe/ops/rmsnorm.hpp"
 
 namespace gqe {
 
@@ -25,31 +26,59 @@ struct ForwardTrace {
   std::vector<Routing<Scalar>> routing;  // [L], GQE models only; rows in batch order (b*T + t)
 };
 
+// What a training forward keeps for the backward pass.
+template <class Scalar>
+struct ModelTape {
+  struct Layer {
+    NormTape<Scalar> input_norm;
+    AttentionTape<Scalar> attention;
+    NormTape<Scalar> post_norm;
+    FeedForwardTape<Scalar> mlp;
+  };
+  std::vector<std::int32_t> tokens;  // [R]
+  RopeTable<Scalar> rope;            // the rows' angles
+  std::vector<Layer> layers;         // [L]
+  NormTape<Scalar> final_norm;
+  Matrix<Scalar> normed;             // [R, d]: the head's input
+};
+
 template <class Scalar>
 class Transformer {
  public:
-  // Validates the config and allocates zero weights of the spec's shapes.
+  // Validates the config; the weights get their shapes but no storage: load_checkpoint binds them,
+  // allocate_weights() gives them storage of their own.
   explicit Transformer(const ModelConfig& config) : config_(config) {
     config_.validate();
-    const Index d = config_.hidden_size, V = config_.vocab_size;
-    embed_tokens_.setZero(V, d);
-    for (Index i = 0; i < config_.num_layers; ++i) layers_.emplace_back(config_);
-    norm_.setOnes(d);
-    if (!config_.tie_word_embeddings) lm_head_.setZero(V, d);
+    embed_ = Embedding<Scalar>(config_.vocab_size, config_.hidden_size);
+    for (Index i = 0; i < config_.num_layers; ++i) blocks_.emplace_back(config_);
+    norm_ = RmsNorm<Scalar>(config_.hidden_size, config_.rms_norm_eps);
+    if (!config_.tie_word_embeddings) lm_head_ = Weight(Shape{config_.vocab_size, config_.hidden_size});
   }
 
   const ModelConfig& config() const { return config_; }
 
-  // Visits every parameter with its Hugging Face name and a view of its data in the spec's shape
-  // ([out, in] like torch): fn(const std::string& name, TensorView<Scalar> w).
+  // Every weight with its Hugging Face name, in the spec's order: fn(const std::string&, Weight&).
   template <class Fn>
   void for_each_parameter(Fn&& fn) {
     visit(*this, fn);
   }
-  // fn(const std::string& name, TensorView<const Scalar> w).
   template <class Fn>
   void for_each_parameter(Fn&& fn) const {
     visit(*this, fn);
+  }
+
+  // Owned Scalar storage for every weight: zeros, norm weights ones (a model to initialise or fill).
+  void allocate_weights() {
+    for_each_parameter([](const std::string&, Weight& w) {
+      Scalar* data = w.allocate<Scalar>();
+      std::fill(data, data + w.numel(), Scalar(w.shape().rank() == 1 ? 1 : 0));
+    });
+  }
+  // Bytes the weights keep in memory of their own (mapped ones are the file's).
+  std::size_t owned_bytes() const {
+    std::size_t n = 0;
+    for_each_parameter([&](const std::string&, const Weight& w) { n += w.owned_bytes(); });
+    return n;
   }
 
   // A cache for one sequence of this model.
@@ -57,48 +86,23 @@ class Transformer {
 
   // The forward pass, writing into caller-owned logits (no allocation once warm): tokens [B, T],
   // sequence b continuing caches[b] by T tokens; logits [B, T, V], or [B, V] with only each
-  // sequence's last token when last_only. A trace, when given, receives the routing.
+  // sequence's last token when last_only. A trace receives the routing; a tape keeps what backward()
+  // needs. On an exception every cache keeps its length.
   void forward(TensorView<const std::int32_t> tokens, std::vector<KVCache<Scalar>>& caches, TensorView<Scalar> logits,
-               bool last_only = false, ForwardTrace<Scalar>* trace = nullptr) const {
+               bool last_only = false, ForwardTrace<Scalar>* trace = nullptr, ModelTape<Scalar>* tape = nullptr) const {
     check_inputs(tokens, caches);
-    const Index B = tokens.dim(0), T = tokens.dim(1), d = config_.hidden_size, V = config_.vocab_size;
-    const Index rows = B * T, out_rows = last_only ? B : rows;
+    const Index B = tokens.dim(0), T = tokens.dim(1), V = config_.vocab_size;
     check_shape("logits", logits.shape(), last_only ? Shape{B, V} : Shape{B, T, V});
-    auto& ws = workspace();
-
-    ws.positions.clear();
-    for (Index b = 0; b < B; ++b)
-      for (Index t = 0; t < T; ++t) ws.positions.push_back(caches[static_cast<std::size_t>(b)].length() + t);
-    ws.rope.compute(ws.positions, config_.head_dim, config_.rope_theta);
-
-    ws.hidden.resize(rows, d);  // [R, d], the residual stream
-    for (Index r = 0; r < rows; ++r) ws.hidden.row(r) = embed_tokens_.row(tokens.data()[r]);
-    ws.normed.resize(rows, d);  // [R, d]
-    ws.delta.resize(rows, d);   // [R, d]
-    if (trace) trace->routing.resize(config_.attention_type == AttentionType::gqe ? static_cast<std::size_t>(config_.num_layers) : 0);
-
-    for (Index l = 0; l < config_.num_layers; ++l) {
-      const Block& block = layers_[static_cast<std::size_t>(l)];
-      ws.segments.clear();
-      for (Index b = 0; b < B; ++b) ws.segments.push_back({&caches[static_cast<std::size_t>(b)].layer(l), b * T, T});
-      rms_norm<Scalar>(ws.hidden, block.input_layernorm, config_.rms_norm_eps, ws.normed);
-      if (const auto* gqa = std::get_if<GQAAttention<Scalar>>(&block.attention))
-        gqa->forward(ws.normed, ws.segments, ws.rope, ws.delta);
-      else
-        std::get<GQEAttention<Scalar>>(block.attention)
-            .forward(ws.normed, ws.segments, ws.rope, ws.delta, trace ? &trace->routing[static_cast<std::size_t>(l)] : nullptr);
-      ws.hidden += ws.delta;
-      rms_norm<Scalar>(ws.hidden, block.post_attention_layernorm, config_.rms_norm_eps, ws.normed);
-      block.mlp.forward(ws.normed, ws.delta);
-      ws.hidden += ws.delta;
+    std::vector<Index>& lengths = workspace().lengths;
+    lengths.clear();
+    for (const auto& c : caches) lengths.push_back(c.length());
+    try {
+      run_blocks(tokens, caches, trace, tape);
+      head(B, T, last_only, logits, tape);
+    } catch (...) {
+      for (std::size_t b = 0; b < caches.size(); ++b) caches[b].truncate(lengths[b]);
+      throw;
     }
-
-    if (last_only)
-      for (Index b = 0; b < B; ++b) ws.delta.row(b) = ws.hidden.row(b * T + T - 1);
-    const auto final_rows = last_only ? ws.delta.topRows(B) : ws.hidden.topRows(rows);
-    rms_norm<Scalar>(final_rows, norm_, config_.rms_norm_eps, ws.normed.topRows(out_rows));
-    linear<Scalar>(ws.normed.topRows(out_rows), config_.tie_word_embeddings ? embed_tokens_ : lm_head_,
-                   logits.matrix(out_rows));
   }
 
   // Prefill (or a chunk appended to each cache): tokens [B, T] -> logits [B, T, V].
@@ -118,55 +122,112 @@ class Transformer {
     return logits;
   }
 
+  // The backward pass of a forward that filled `tape` (full logits, not last_only): from d_logits
+  // [R, V] = dL/dlogits, accumulates every weight's gradient (training attaches them). aux_coef
+  // weighs each layer's load-balancing loss (GQE).
+  void backward(ModelTape<Scalar>& tape, const Matrix<Scalar>& d_logits, double aux_coef) {
+    thread_local Matrix<Scalar> d_hidden, d_normed, d_inner;  // [R, d]
+    const Index R = d_logits.rows(), d = config_.hidden_size;
+    d_normed.resize(R, d);
+    d_hidden.resize(R, d);
+    Weight& head_weight = config_.tie_word_embeddings ? embed_.weight() : lm_head_;
+    linear_backward<Scalar>(tape.normed, head_weight.matrix(), d_logits, d_normed, false, head_weight.grad_matrix<Scalar>());
+    norm_.backward(tape.final_norm, d_normed, d_hidden, false);
+    for (Index l = config_.num_layers - 1; l >= 0; --l) {
+      Block& block = blocks_[static_cast<std::size_t>(l)];
+      auto& t = tape.layers[static_cast<std::size_t>(l)];
+      block.mlp.backward(t.mlp, d_hidden, d_inner);
+      block.post_norm.backward(t.post_norm, d_inner, d_hidden, true);
+      block.attention.backward(t.attention, d_hidden, d_inner, aux_coef);
+      block.input_norm.backward(t.input_norm, d_inner, d_hidden, true);
+    }
+    embed_.backward(tape.tokens.data(), d_hidden);
+  }
+
  private:
-  using Attention = std::variant<GQAAttention<Scalar>, GQEAttention<Scalar>>;
   struct Block {
     explicit Block(const ModelConfig& c)
-        : input_layernorm(Vector<Scalar>::Ones(c.hidden_size)),
-          attention(make_attention(c.attention())),
-          post_attention_layernorm(Vector<Scalar>::Ones(c.hidden_size)),
+        : input_norm(c.hidden_size, c.rms_norm_eps), attention(c.attention()), post_norm(c.hidden_size, c.rms_norm_eps),
           mlp(c.hidden_size, c.intermediate_size) {}
-    Vector<Scalar> input_layernorm;  // [d]
-    Attention attention;
-    Vector<Scalar> post_attention_layernorm;  // [d]
+    RmsNorm<Scalar> input_norm;
+    Attention<Scalar> attention;
+    RmsNorm<Scalar> post_norm;
     FeedForward<Scalar> mlp;
   };
+  // Scratch of one thread's calls, reused: a decode step allocates nothing once warm.
   struct Workspace {
     RopeTable<Scalar> rope;
     Matrix<Scalar> hidden, normed, delta;  // [R, d]
     std::vector<Segment<Scalar>> segments;
     std::vector<Index> positions;  // [R]
+    std::vector<Index> lengths;    // [B]: the caches' lengths before the call
   };
   static Workspace& workspace() {
-    thread_local Workspace ws;  // reused: a decode step allocates nothing once warm
+    thread_local Workspace ws;
     return ws;
   }
 
-  static Attention make_attention(const AttentionConfig& c) {
-    if (c.is_gqe()) return GQEAttention<Scalar>(c);
-    return GQAAttention<Scalar>(c);
+  // Embeddings, then every block (x += attn(norm(x)); x += mlp(norm(x))), into the workspace's
+  // hidden rows [B*T, d]; each cache gets its sequence's K and V.
+  void run_blocks(TensorView<const std::int32_t> tokens, std::vector<KVCache<Scalar>>& caches, ForwardTrace<Scalar>* trace,
+                  ModelTape<Scalar>* tape) const {
+    auto& ws = workspace();
+    const Index B = tokens.dim(0), T = tokens.dim(1), rows = B * T, d = config_.hidden_size;
+    ws.positions.clear();
+    for (Index b = 0; b < B; ++b)
+      for (Index t = 0; t < T; ++t) ws.positions.push_back(caches[static_cast<std::size_t>(b)].length() + t);
+    RopeTable<Scalar>& rope = tape ? tape->rope : ws.rope;
+    rope.compute(ws.positions, config_.head_dim, config_.rope_theta);
+    ws.hidden.resize(rows, d);
+    ws.normed.resize(rows, d);
+    ws.delta.resize(rows, d);
+    embed_.forward(tokens.data(), ws.hidden);
+    if (trace) trace->routing.resize(config_.attention().is_gqe() ? static_cast<std::size_t>(config_.num_layers) : 0);
+    if (tape) {
+      tape->tokens.assign(tokens.data(), tokens.data() + rows);
+      tape->layers.resize(static_cast<std::size_t>(config_.num_layers));
+    }
+    for (Index l = 0; l < config_.num_layers; ++l) {
+      const Block& block = blocks_[static_cast<std::size_t>(l)];
+      auto* t = tape ? &tape->layers[static_cast<std::size_t>(l)] : nullptr;
+      ws.segments.clear();
+      for (Index b = 0; b < B; ++b) ws.segments.push_back({&caches[static_cast<std::size_t>(b)].layer(l), b * T, T});
+      block.input_norm.forward(ws.hidden, ws.normed, t ? &t->input_norm : nullptr);
+      block.attention.forward(ws.normed, ws.segments, rope, ws.delta, t ? &t->attention : nullptr,
+                              trace && config_.attention().is_gqe() ? &trace->routing[static_cast<std::size_t>(l)] : nullptr);
+      ws.hidden += ws.delta;
+      block.post_norm.forward(ws.hidden, ws.normed, t ? &t->post_norm : nullptr);
+      block.mlp.forward(ws.normed, ws.delta, t ? &t->mlp : nullptr);
+      ws.hidden += ws.delta;
+    }
+  }
+
+  // The final norm and the lm_head, of every row or of each sequence's last.
+  void head(Index B, Index T, bool last_only, TensorView<Scalar> logits, ModelTape<Scalar>* tape) const {
+    auto& ws = workspace();
+    const Index rows = last_only ? B : B * T;
+    if (last_only)
+      for (Index b = 0; b < B; ++b) ws.delta.row(b) = ws.hidden.row(b * T + T - 1);
+    const auto final_rows = last_only ? ws.delta.topRows(B) : ws.hidden.topRows(rows);
+    Matrix<Scalar>& normed = tape ? tape->normed : ws.normed;
+    if (tape) normed.resize(rows, config_.hidden_size);
+    norm_.forward(final_rows, normed.topRows(rows), tape ? &tape->final_norm : nullptr);
+    linear<Scalar>(normed.topRows(rows), config_.tie_word_embeddings ? embed_.weight() : lm_head_, logits.matrix(rows));
   }
 
   template <class Self, class Fn>
   static void visit(Self& self, Fn& fn) {
-    using Value = std::conditional_t<std::is_const_v<Self>, const Scalar, Scalar>;
-    const auto matrix = [&](const std::string& name, auto& m) {
-      fn(name, TensorView<Value>(m.data(), Shape{m.rows(), m.cols()}));
-    };
-    const auto vector = [&](const std::string& name, auto& v) { fn(name, TensorView<Value>(v.data(), Shape{v.size()})); };
-    matrix("model.embed_tokens.weight", self.embed_tokens_);
-    for (std::size_t i = 0; i < self.layers_.size(); ++i) {
-      auto& block = self.layers_[i];
+    fn(std::string("model.embed_tokens.weight"), self.embed_.weight());
+    for (std::size_t i = 0; i < self.blocks_.size(); ++i) {
+      auto& block = self.blocks_[i];
       const std::string prefix = "model.layers." + std::to_string(i) + ".";
-      vector(prefix + "input_layernorm.weight", block.input_layernorm);
-      std::visit([&](auto& attn) {
-        std::decay_t<decltype(attn)>::visit(attn, [&](const char* name, auto& m) { matrix(prefix + "self_attn." + name, m); });
-      }, block.attention);
-      vector(prefix + "post_attention_layernorm.weight", block.post_attention_layernorm);
-      FeedForward<Scalar>::visit(block.mlp, [&](const char* name, auto& m) { matrix(prefix + "mlp." + name, m); });
+      fn(prefix + "input_layernorm.weight", block.input_norm.weight());
+      Attention<Scalar>::visit(block.attention, [&](const char* name, auto& w) { fn(prefix + "self_attn." + name, w); });
+      fn(prefix + "post_attention_layernorm.weight", block.post_norm.weight());
+      FeedForward<Scalar>::visit(block.mlp, [&](const char* name, auto& w) { fn(prefix + "mlp." + name, w); });
     }
-    vector("model.norm.weight", self.norm_);
-    if (!self.config_.tie_word_embeddings) matrix("lm_head.weight", self.lm_head_);
+    fn(std::string("model.norm.weight"), self.norm_.weight());
+    if (!self.config_.tie_word_embeddings) fn(std::string("lm_head.weight"), self.lm_head_);
   }
 
   void check_inputs(TensorView<const std::int32_t> tokens, const std::vector<KVCache<Scalar>>& caches) const {
@@ -192,10 +253,10 @@ class Transformer {
   }
 
   ModelConfig config_;
-  Matrix<Scalar> embed_tokens_;  // [V, d]
-  std::vector<Block> layers_;    // [L]
-  Vector<Scalar> norm_;          // [d]
-  Matrix<Scalar> lm_head_;       // [V, d], empty when tied
+  Embedding<Scalar> embed_;     // [V, d]
+  std::vector<Block> blocks_;   // [L]
+  RmsNorm<Scalar> norm_;        // [d]
+  Weight lm_head_;              // [V, d], unused when tied
 };
 
 }  // namespace gqe

@@ -1,161 +1,327 @@
 #pragma once
-// Causal attention for any number of query heads reading shared KV heads: one kernel for GQA, for
-// GQE's slots and shared head, for prefill, chunked prefill and decode.
+// Causal attention, forward and backward: one kernel for GQA's heads, GQE's slots and shared head,
+// prefill, chunks appended to a cache, decode and training.
 //
-// Tiled with an online softmax (no T x T score matrix is ever held): each work unit is one head and
-// one tile of queries; it walks the key tiles left of the diagonal, a GEMM each, keeping a running
-// maximum and sum per query row. Blocks above the diagonal are never computed. Units are fixed by the
-// shapes alone, so results are bit-identical whatever the thread count.
+// Keys and values live in tiles of kKeyTile positions (the KV cache's own layout): tile t holds
+// positions [t*KT, (t+1)*KT) as K transposed [d_h][KT] and V [KT][d_h], so that both products of a
+// tile read them in place: S = Q K^T and O += P V are gemm's [k][n] operands. Forward, per work unit
+// (one group of query heads sharing a KV head, one tile of queries): for each key tile left of the
+// diagonal, S = (Q * scale) K^T, an online softmax update per query row (running maximum m and sum
+// l), O = O * exp(m_old - m) + P V; finally O /= l and, for training, lse = m + log(l). No T x T
+// matrix is ever held; blocks above the diagonal are never computed.
 //
 // Masking is aligned bottom-right: with `past` keys already cached, query i of the chunk sits at
 // position past + i and sees keys 0 .. past + i.
-#include "gqe/tensor/eigen.hpp"
-
+//
+// Batch invariance: a query row's arithmetic depends only on its own position and values. Key
+// tiles start at fixed positions, masked keys contribute exact zeros, the row sums add packets in a
+// fixed lane order, and gemm's products are row-invariant; so prefill, chunks and decode give the
+// same bits for the same position, whatever the other rows of the tile.
+//
+// Backward (FlashAttention-2's, from the saved lse): P = exp(S - lse), dV += P^T dO,
+// dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ += dS K * scale, dK += dS^T (Q * scale).
+// One work unit per query group walks all its key tiles (outer) and query tiles (inner), so dK and
+// dV are summed inside the unit: bit-identical for any thread count, no locks.
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "gqe/ops/gemm.hpp"
+#include "gqe/tensor/eigen.hpp"
 #include "gqe/tensor/tensor.hpp"
 #include "gqe/util/thread_pool.hpp"
 
 namespace gqe {
 
-// `heads` query heads that read one KV head, over one run of queries. Pointers address row-major
-// blocks with the given row strides (heads' columns inside a wider matrix); the heads' query and
-// output columns are consecutive blocks of d_h. Heads sharing a KV head are computed together, so
-// each key tile is loaded once for all of them and the GEMMs are taller.
+// Positions per key tile: the KV cache's tiles and the kernel's key blocks.
+constexpr Index kKeyTile = 256;
+
+// The keys and values of one KV head, in tiles (see the file comment).
 template <class Scalar>
-struct AttentionHead {
-  const Scalar* query = nullptr;  // [count, heads*d_h], stride query_stride
+struct KeyValueTiles {
+  const Scalar* const* tiles = nullptr;  // tile t's block
+  Index key_offset = 0;                  // K^T [d_h][KT] of this head inside a block
+  Index value_offset = 0;                // V [KT][d_h] of this head inside a block
+  const Scalar* key(Index t) const { return tiles[t] + key_offset; }
+  const Scalar* value(Index t) const { return tiles[t] + value_offset; }
+};
+
+// `heads` query heads that read one KV head, over one run of `count` queries after `past` cached
+// positions. The heads' query and output columns are consecutive blocks of d_h.
+template <class Scalar>
+struct QueryGroup {
+  const Scalar* query = nullptr;  // [count, heads*d_h], row stride query_stride
   Index query_stride = 0;
-  const Scalar* key = nullptr;    // [past + count, d_h], stride kv_stride
-  const Scalar* value = nullptr;  // [past + count, d_h], stride kv_stride
-  Index kv_stride = 0;
-  Scalar* out = nullptr;  // [count, heads*d_h], stride out_stride
+  KeyValueTiles<Scalar> kv;       // positions 0 .. past + count - 1
+  Scalar* out = nullptr;          // [count, heads*d_h], row stride out_stride
   Index out_stride = 0;
-  Index past = 0;   // keys before the first query
-  Index count = 0;  // queries
-  Index heads = 1;  // query heads sharing this KV head
+  Scalar* lse = nullptr;          // optional: lse[t*lse_stride + h], log-sum-exp of query t of head h
+  Index lse_stride = 0;
+  Index past = 0;
+  Index count = 0;
+  Index heads = 1;
+};
+
+// What the backward pass reads and writes besides the forward's QueryGroup (past must be 0).
+template <class Scalar>
+struct QueryGroupGrad {
+  const Scalar* d_out = nullptr;  // [count, heads*d_h], row stride out_stride
+  Scalar* d_query = nullptr;      // [count, heads*d_h], row stride query_stride (written)
+  Scalar* d_key = nullptr;        // [count, d_h], row stride d_kv_stride (written)
+  Scalar* d_value = nullptr;      // [count, d_h], row stride d_kv_stride (written)
+  Index d_kv_stride = 0;
 };
 
 namespace detail {
 
 constexpr Index kQueryTile = 128;
-constexpr Index kKeyTile = 256;
-constexpr Index kDecodeKeyTile = 512;  // a single query row: longer key tiles, fewer GEMV calls
-constexpr Index kMinGemmRows = 8;      // below this many tile rows, products go row by row
 
-// Rows of a tile: head h's query i is row h*n + i. The buffers only grow, and a tile uses their
-// top rows, so that tiles of other sizes reuse them: no allocation per token.
+template <class Scalar>
+using RowPacket = typename Eigen::internal::packet_traits<Scalar>::type;
+template <class Scalar>
+constexpr int kRowLanes = Eigen::internal::unpacket_traits<RowPacket<Scalar>>::size;
+
+// Grow-only scratch, reused call after call: no allocation once warm.
 template <class Scalar>
 struct AttentionScratch {
-  Matrix<Scalar> query;    // [>= heads*n, d_h], scaled copy of the query tile
-  Matrix<Scalar> scores;   // [>= heads*n, kDecodeKeyTile]
-  Matrix<Scalar> acc;      // [>= heads*n, d_h], unnormalised output
-  Vector<Scalar> row_max;  // [>= heads*n]
-  Vector<Scalar> row_sum;  // [>= heads*n]
-
-  void reserve(Index rows, Index head_dim) {
-    if (rows <= query.rows() && head_dim == query.cols()) return;
-    rows = std::max(rows, query.rows());
-    query.resize(rows, head_dim);
-    scores.resize(rows, std::max(kKeyTile, kDecodeKeyTile));
-    acc.resize(rows, head_dim);
-    row_max.resize(rows);
-    row_sum.resize(rows);
+  std::vector<Scalar> query, scores, acc, row_max, row_sum, d_out, d_scores, delta, lse, d_query, d_key, d_value,
+      key_rows, value_t;
+  static void grow(std::vector<Scalar>& v, Index n) {
+    if (static_cast<Index>(v.size()) < n) v.resize(static_cast<std::size_t>(n));
   }
 };
-
 template <class Scalar>
 AttentionScratch<Scalar>& attention_scratch() {
-  thread_local AttentionScratch<Scalar> scratch;  // reused across calls: no allocation per token
+  thread_local AttentionScratch<Scalar> scratch;
   return scratch;
 }
 
-// Queries [first, first + n) of every head of h.
+// Stacks rows [first, first + n) of the heads' blocks: head h's row i -> dst row h*n + i (d_h wide),
+// times `scale`.
 template <class Scalar>
-void attention_tile(const AttentionHead<Scalar>& h, Index head_dim, Scalar scale, Index first, Index n) {
-  using ConstStrided = StridedMatrixMap<const Scalar>;
-  auto& s = attention_scratch<Scalar>();
-  const Index rows = h.heads * n;
-  const Index key_tile = n == 1 ? kDecodeKeyTile : kKeyTile;
-  s.reserve(rows, head_dim);
-  auto query = s.query.topRows(rows);      // [rows, d_h]
-  auto acc = s.acc.topRows(rows);          // [rows, d_h]
-  auto row_max = s.row_max.head(rows);     // [rows]
-  auto row_sum = s.row_sum.head(rows);     // [rows]
-  for (Index q = 0; q < h.heads; ++q)
-    query.middleRows(q * n, n) =
-        ConstStrided(h.query + first * h.query_stride + q * head_dim, n, head_dim, Eigen::OuterStride<>(h.query_stride)) *
-        scale;
-  acc.setZero();
-  row_max.setConstant(-std::numeric_limits<Scalar>::infinity());
-  row_sum.setZero();
+void stack_heads(const Scalar* src, Index stride, Index heads, Index head_dim, Index first, Index n, Scalar scale, Scalar* dst) {
+  for (Index h = 0; h < heads; ++h)
+    for (Index i = 0; i < n; ++i) {
+      const Scalar* row = src + (first + i) * stride + h * head_dim;
+      Scalar* out = dst + (h * n + i) * head_dim;
+      for (Index c = 0; c < head_dim; ++c) out[c] = row[c] * scale;
+    }
+}
 
-  const Index first_pos = h.past + first;  // position of query 0 of the tile
-  const Index keys = first_pos + n;        // keys seen by the last query
-  for (Index j0 = 0; j0 < keys; j0 += key_tile) {
-    const Index nk = std::min(key_tile, keys - j0);
-    const ConstStrided k(h.key + j0 * h.kv_stride, nk, head_dim, Eigen::OuterStride<>(h.kv_stride));
-    const ConstStrided v(h.value + j0 * h.kv_stride, nk, head_dim, Eigen::OuterStride<>(h.kv_stride));
-    auto scores = s.scores.topLeftCorner(rows, nk);  // [rows, nk]
-    // A few rows (decode): one GEMV per row. Eigen's GEMM path packs the key tile for every call,
-    // which costs several times the arithmetic when there are only one or two rows.
-    const bool by_row = rows < kMinGemmRows;
-    if (by_row)
-      for (Index r = 0; r < rows; ++r) scores.row(r).noalias() = query.row(r) * k.transpose();
-    else
-      scores.noalias() = query * k.transpose();
+// The maximum of row[0 .. valid) (NaN if any is NaN).
+template <class Scalar>
+Scalar row_maximum(const Scalar* row, Index valid) {
+  using namespace Eigen::internal;
+  using Packet = RowPacket<Scalar>;
+  constexpr int L = kRowLanes<Scalar>;
+  const Packet minus_inf = pset1<Packet>(-std::numeric_limits<Scalar>::infinity());
+  Packet best = minus_inf;
+  for (Index j = 0; j < valid; j += L) {
+    const Packet live = pcmp_lt(plset<Packet>(Scalar(j)), pset1<Packet>(Scalar(valid)));
+    best = pmax<Eigen::PropagateNaN>(best, pselect(live, ploadu<Packet>(row + j), minus_inf));
+  }
+  return predux_max<Eigen::PropagateNaN>(best);
+}
+
+// row[j] = exp(row[j] - shift) for j < valid and 0 for valid <= j < len; returns the sum of the
+// exponentials, added lane by lane from j = 0 and then across the lanes: a fixed order for a given
+// `valid`. Reads and writes whole packets up to `valid` (the row has room for them).
+template <class Scalar>
+Scalar exp_row(Scalar* row, Index valid, Index len, Scalar shift) {
+  using namespace Eigen::internal;
+  using Packet = RowPacket<Scalar>;
+  constexpr int L = kRowLanes<Scalar>;
+  const Packet sub = pset1<Packet>(shift);
+  Packet sum = pzero(sub);
+  Index j = 0;
+  for (; j < valid; j += L) {
+    const Packet live = pcmp_lt(plset<Packet>(Scalar(j)), pset1<Packet>(Scalar(valid)));
+    const Packet e = pand(live, pexp(psub(ploadu<Packet>(row + j), sub)));
+    pstoreu(row + j, e);
+    sum = padd(sum, e);
+  }
+  std::fill(row + std::min(j, len), row + len, Scalar(0));
+  return predux(sum);
+}
+
+// max(a, b), NaN when either is NaN.
+template <class Scalar>
+Scalar max_or_nan(Scalar a, Scalar b) {
+  return std::isnan(a) || std::isnan(b) ? std::numeric_limits<Scalar>::quiet_NaN() : std::max(a, b);
+}
+
+// Queries [first, first + n) of every head of g.
+template <class Scalar>
+void attention_tile(const QueryGroup<Scalar>& g, Index head_dim, Scalar scale, Index first, Index n) {
+  constexpr Index KT = kKeyTile, L = kRowLanes<Scalar>;
+  auto& s = attention_scratch<Scalar>();
+  const Index rows = g.heads * n, dh = head_dim;
+  s.grow(s.query, rows * dh);
+  s.grow(s.scores, rows * KT + L);
+  s.grow(s.acc, rows * dh);
+  s.grow(s.row_max, rows);
+  s.grow(s.row_sum, rows);
+  stack_heads(g.query, g.query_stride, g.heads, dh, first, n, scale, s.query.data());
+  std::fill_n(s.acc.data(), rows * dh, Scalar(0));
+  std::fill_n(s.row_max.data(), rows, -std::numeric_limits<Scalar>::infinity());
+  std::fill_n(s.row_sum.data(), rows, Scalar(0));
+
+  const Index first_pos = g.past + first, last_pos = first_pos + n - 1;
+  for (Index t = 0; t * KT <= last_pos; ++t) {
+    const Index j0 = t * KT, nk = std::min(KT, last_pos + 1 - j0);
+    gemm<Scalar>(rows, nk, dh, LhsMatrix<Scalar>{s.query.data(), dh, 1}, rhs_of(g.kv.key(t), KT, false), s.scores.data(), KT,
+                 false);
     for (Index r = 0; r < rows; ++r) {
-      // Query r % n sees keys up to first_pos + r % n: `valid` columns of this tile.
-      const Index valid = std::min(nk, first_pos + r % n - j0 + 1);
-      auto row = scores.row(r);
+      Scalar* row = s.scores.data() + r * KT;
+      const Index valid = std::min(nk, first_pos + r % n - j0 + 1);  // the row's keys in this tile
+      Scalar& m = s.row_max[static_cast<std::size_t>(r)];
       if (valid <= 0) {
-        row.setZero();
+        std::fill(row, row + nk, Scalar(0));
         continue;
       }
-      const Scalar tile_max = row.head(valid).maxCoeff();
-      const Scalar new_max = std::max(row_max(r), tile_max);
-      const Scalar correction = std::exp(row_max(r) - new_max);  // 0 on the first tile (exp(-inf))
-      row.head(valid) = (row.head(valid).array() - new_max).exp();
-      row.tail(nk - valid).setZero();
-      row_sum(r) = row_sum(r) * correction + row.head(valid).sum();
-      acc.row(r) *= correction;
-      row_max(r) = new_max;
+      const Scalar new_max = max_or_nan(m, row_maximum(row, valid));
+      const Scalar correction = std::exp(m - new_max);  // 0 on the first tile (exp(-inf))
+      const Scalar tile_sum = exp_row(row, valid, nk, new_max);
+      s.row_sum[static_cast<std::size_t>(r)] = s.row_sum[static_cast<std::size_t>(r)] * correction + tile_sum;
+      Scalar* acc = s.acc.data() + r * dh;
+      for (Index c = 0; c < dh; ++c) acc[c] *= correction;
+      m = new_max;
     }
-    if (by_row)
-      for (Index r = 0; r < rows; ++r) acc.row(r).noalias() += scores.row(r) * v;
-    else
-      acc.noalias() += scores * v;
+    gemm<Scalar>(rows, dh, nk, LhsMatrix<Scalar>{s.scores.data(), KT, 1}, rhs_of(g.kv.value(t), dh, false), s.acc.data(), dh,
+                 true);
   }
-  for (Index q = 0; q < h.heads; ++q) {
-    StridedMatrixMap<Scalar> out(h.out + first * h.out_stride + q * head_dim, n, head_dim,
-                                 Eigen::OuterStride<>(h.out_stride));
-    out = acc.middleRows(q * n, n).array().colwise() / row_sum.segment(q * n, n).array();
+  for (Index h = 0; h < g.heads; ++h)
+    for (Index i = 0; i < n; ++i) {
+      const Index r = h * n + i;
+      const Scalar sum = s.row_sum[static_cast<std::size_t>(r)];
+      const Scalar* acc = s.acc.data() + r * dh;
+      Scalar* out = g.out + (first + i) * g.out_stride + h * dh;
+      for (Index c = 0; c < dh; ++c) out[c] = acc[c] / sum;
+      if (g.lse) g.lse[(first + i) * g.lse_stride + h] = s.row_max[static_cast<std::size_t>(r)] + std::log(sum);
+    }
+}
+
+// dst [cols][rows] = src [rows][cols] (row strides given).
+template <class Scalar>
+void transpose_block(const Scalar* src, Index src_stride, Index rows, Index cols, Scalar* dst, Index dst_stride) {
+  for (Index r = 0; r < rows; ++r)
+    for (Index c = 0; c < cols; ++c) dst[c * dst_stride + r] = src[r * src_stride + c];
+}
+
+// Every gradient of one query group (past == 0).
+template <class Scalar>
+void attention_backward_group(const QueryGroup<Scalar>& g, const QueryGroupGrad<Scalar>& d, Index head_dim, Scalar scale) {
+  constexpr Index KT = kKeyTile, QT = kQueryTile, L = kRowLanes<Scalar>;
+  auto& s = attention_scratch<Scalar>();
+  const Index T = g.count, H = g.heads, dh = head_dim, rows_max = H * std::min(QT, T);
+  s.grow(s.query, rows_max * dh);
+  s.grow(s.d_out, rows_max * dh);
+  s.grow(s.scores, rows_max * KT + L);
+  s.grow(s.d_scores, rows_max * KT);
+  s.grow(s.delta, rows_max);
+  s.grow(s.lse, rows_max);
+  s.grow(s.d_query, T * H * dh);
+  s.grow(s.d_key, T * dh);
+  s.grow(s.d_value, T * dh);
+  s.grow(s.key_rows, KT * dh);
+  s.grow(s.value_t, dh * KT);
+  std::fill_n(s.d_query.data(), T * H * dh, Scalar(0));  // [T][H*d_h], unscaled dS K
+  std::fill_n(s.d_key.data(), T * dh, Scalar(0));
+  std::fill_n(s.d_value.data(), T * dh, Scalar(0));
+
+  for (Index t = 0; t * KT < T; ++t) {
+    const Index j0 = t * KT, nk = std::min(KT, T - j0);
+    transpose_block(g.kv.key(t), KT, dh, nk, s.key_rows.data(), dh);       // K [nk][d_h]
+    transpose_block(g.kv.value(t), dh, nk, dh, s.value_t.data(), KT);      // V^T [d_h][nk]
+    for (Index first = j0 / QT * QT; first < T; first += QT) {  // query tiles that see this key tile
+      const Index n = std::min(QT, T - first), rows = H * n;
+      stack_heads(g.query, g.query_stride, H, dh, first, n, scale, s.query.data());
+      stack_heads(d.d_out, g.out_stride, H, dh, first, n, Scalar(1), s.d_out.data());
+      for (Index h = 0; h < H; ++h)
+        for (Index i = 0; i < n; ++i) {
+          const Index r = h * n + i;
+          const Scalar* o = g.out + (first + i) * g.out_stride + h * dh;
+          const Scalar* dout = s.d_out.data() + r * dh;
+          Scalar dot = 0;
+          for (Index c = 0; c < dh; ++c) dot += dout[c] * o[c];
+          s.delta[static_cast<std::size_t>(r)] = dot;
+          s.lse[static_cast<std::size_t>(r)] = g.lse[(first + i) * g.lse_stride + h];
+        }
+      gemm<Scalar>(rows, nk, dh, LhsMatrix<Scalar>{s.query.data(), dh, 1}, rhs_of(g.kv.key(t), KT, false), s.scores.data(), KT,
+                   false);
+      for (Index r = 0; r < rows; ++r) {
+        const Index valid = std::max<Index>(0, std::min(nk, first + r % n - j0 + 1));
+        Scalar* row = s.scores.data() + r * KT;
+        if (valid == 0) {
+          std::fill(row, row + nk, Scalar(0));
+          continue;
+        }
+        exp_row(row, valid, nk, s.lse[static_cast<std::size_t>(r)]);  // P
+      }
+      // dV[keys] += P^T dO; dP = dO V^T; dS = P * (dP - delta).
+      gemm<Scalar>(nk, dh, rows, LhsMatrix<Scalar>{s.scores.data(), 1, KT}, rhs_of(s.d_out.data(), dh, false),
+                   s.d_value.data() + j0 * dh, dh, true);
+      gemm<Scalar>(rows, nk, dh, LhsMatrix<Scalar>{s.d_out.data(), dh, 1}, rhs_of(s.value_t.data(), KT, false),
+                   s.d_scores.data(), KT, false);
+      for (Index r = 0; r < rows; ++r) {
+        const Scalar* p = s.scores.data() + r * KT;
+        Scalar* ds = s.d_scores.data() + r * KT;
+        const Scalar delta = s.delta[static_cast<std::size_t>(r)];
+        for (Index j = 0; j < nk; ++j) ds[j] = p[j] * (ds[j] - delta);
+      }
+      // dQ += dS K (per head: its rows land in its own columns); dK[keys] += dS^T (Q * scale).
+      for (Index h = 0; h < H; ++h)
+        gemm<Scalar>(n, dh, nk, LhsMatrix<Scalar>{s.d_scores.data() + h * n * KT, KT, 1}, rhs_of(s.key_rows.data(), dh, false),
+                     s.d_query.data() + first * H * dh + h * dh, H * dh, true);
+      gemm<Scalar>(nk, dh, rows, LhsMatrix<Scalar>{s.d_scores.data(), 1, KT}, rhs_of(s.query.data(), dh, false),
+                   s.d_key.data() + j0 * dh, dh, true);
+    }
+  }
+  for (Index i = 0; i < T; ++i) {
+    for (Index c = 0; c < H * dh; ++c) d.d_query[i * g.query_stride + c] = s.d_query[static_cast<std::size_t>(i * H * dh + c)] * scale;
+    std::copy_n(s.d_key.data() + i * dh, dh, d.d_key + i * d.d_kv_stride);
+    std::copy_n(s.d_value.data() + i * dh, dh, d.d_value + i * d.d_kv_stride);
   }
 }
 
 }  // namespace detail
 
-// Runs every entry of `heads` (each over its own queries and keys) on the library's pool.
-// scale multiplies the scores (1/sqrt(d_h)).
+// Runs every group (each over its own queries and keys) on the library's pool; scale multiplies
+// the scores (1/sqrt(d_h)).
 template <class Scalar>
-void causal_attention(const std::vector<AttentionHead<Scalar>>& heads, Index head_dim, Scalar scale) {
-  // Work units: (head, query tile). Later tiles see more keys, so they go first for a better balance.
+void causal_attention(const std::vector<QueryGroup<Scalar>>& groups, Index head_dim, Scalar scale) {
+  // Work units: (group, query tile). Later tiles see more keys, so they go first for a better balance.
   Index max_tiles = 0;
   double flops = 0;  // score and value products of every query against the keys it sees
-  for (const auto& h : heads) {
-    max_tiles = std::max(max_tiles, (h.count + detail::kQueryTile - 1) / detail::kQueryTile);
-    flops += 4.0 * static_cast<double>(h.heads * h.count * head_dim) * static_cast<double>(h.past + h.count);
+  for (const auto& g : groups) {
+    max_tiles = std::max(max_tiles, (g.count + detail::kQueryTile - 1) / detail::kQueryTile);
+    flops += 4.0 * static_cast<double>(g.heads * g.count * head_dim) * static_cast<double>(g.past + g.count);
   }
-  const Index num_heads = static_cast<Index>(heads.size());
-  thread_pool().parallel_for(num_heads * max_tiles, [&](Index unit) {
-    const Index tile = max_tiles - 1 - unit / num_heads;
-    const auto& h = heads[static_cast<std::size_t>(unit % num_heads)];
+  const Index num_groups = static_cast<Index>(groups.size());
+  thread_pool().parallel_for(num_groups * max_tiles, [&](Index unit) {
+    const Index tile = max_tiles - 1 - unit / num_groups;
+    const auto& g = groups[static_cast<std::size_t>(unit % num_groups)];
     const Index first = tile * detail::kQueryTile;
-    if (first >= h.count) return;
-    detail::attention_tile(h, head_dim, scale, first, std::min(detail::kQueryTile, h.count - first));
+    if (first >= g.count) return;
+    detail::attention_tile(g, head_dim, scale, first, std::min(detail::kQueryTile, g.count - first));
+  }, flops);
+}
+
+// The gradients of every group (forward run with lse saved, past == 0): d_query, d_key and d_value
+// overwritten. Groups must not share d_key / d_value rows.
+template <class Scalar>
+void causal_attention_backward(const std::vector<QueryGroup<Scalar>>& groups, const std::vector<QueryGroupGrad<Scalar>>& grads,
+                               Index head_dim, Scalar scale) {
+  assert(groups.size() == grads.size());
+  double flops = 0;
+  for (const auto& g : groups) {
+    assert(g.past == 0 && g.lse);
+    flops += 5.0 * static_cast<double>(g.heads * head_dim) * static_cast<double>(g.count) * static_cast<double>(g.count);
+  }
+  thread_pool().parallel_for(static_cast<Index>(groups.size()), [&](Index unit) {
+    const auto u = static_cast<std::size_t>(unit);
+    detail::attention_backward_group(groups[u], grads[u], head_dim, scale);
   }, flops);
 }
 

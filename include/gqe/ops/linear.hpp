@@ -1,69 +1,91 @@
 #pragma once
-// Y = X W^T, the projection of every layer (W is [out, in] like torch). The product is split into
-// tiles fixed by the shapes alone, each tile one single-threaded GEMM, and the tiles are spread over
-// the library's pool: the result is bit-identical whatever the thread count.
+// y = x W^T, the projection of every layer (W is [out, in] like torch, in any stored dtype), and its
+// backward pass. The products are split into units of (rows, columns) fixed by the shapes alone,
+// each computed single-threaded by the kernels of gemm.hpp, and the units are spread over the
+// library's pool: bit-identical results whatever the thread count, and (the kernels' property)
+// whatever other rows share the call.
+#include <algorithm>
+
+#include "gqe/ops/gemm.hpp"
+#include "gqe/ops/gemm_backend.hpp"
 #include "gqe/tensor/eigen.hpp"
-
 #include "gqe/tensor/tensor.hpp"
+#include "gqe/tensor/weight.hpp"
 #include "gqe/util/thread_pool.hpp"
-
-#ifdef GQE_USE_BLAS
-#include <cblas.h>
-#endif
 
 namespace gqe {
 namespace detail {
-// Tile sizes: large enough that each GEMM runs near the machine's rate, small enough to share
-// out among threads. Rows of X per tile, output features per tile.
+// Rows of x per unit.
 constexpr Index kLinearRowTile = 256;
-constexpr Index kLinearColTile = 256;
-
-// Products of fewer rows (a decode step's) stay with Eigen under GQE_USE_BLAS: each OpenBLAS call
-// has a fixed cost that a single row's product does not repay. Fixed by the shape alone, so
-// results stay bit-identical for every thread count.
-constexpr Index kBlasMinRows = 16;
-
-// One tile, single-threaded: y = x w^T.
-template <class Scalar, class X, class W, class Y>
-void gemm_tile(const X& x, const W& w, Y&& y) {
-#ifdef GQE_USE_BLAS
-  if constexpr (std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>) {
-    if (x.rows() < kBlasMinRows) {
-      y.noalias() = x * w.transpose();
-      return;
-    }
-    // The library parallelises over tiles itself: OpenBLAS's own threads would change its blocking
-    // with the thread count (results no longer bit-identical) and oversubscribe the cores.
-    static const bool pinned = (openblas_set_num_threads(1), true);
-    (void)pinned;
-    const auto m = static_cast<int>(x.rows()), n = static_cast<int>(w.rows()), k = static_cast<int>(x.cols());
-    const auto lda = static_cast<int>(x.outerStride()), ldb = static_cast<int>(w.outerStride()),
-               ldc = static_cast<int>(y.outerStride());
-    if constexpr (std::is_same_v<Scalar, float>)
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x.data(), lda, w.data(), ldb, 0.0f,
-                  y.data(), ldc);
-    else
-      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0, x.data(), lda, w.data(), ldb, 0.0,
-                  y.data(), ldc);
-    return;
-  }
-#endif
-  y.noalias() = x * w.transpose();
+// Columns (rows of W) per unit: about 512 KB of W, the panels a unit packs and keeps in cache.
+inline Index linear_col_tile(Index in) {
+  constexpr Index kPanelBytes = Index(512) << 10;
+  return std::clamp<Index>(kPanelBytes / (4 * std::max<Index>(in, 1)) / 32 * 32, 32, 256);
 }
 }  // namespace detail
 
-// y [R, out] = x [R, in] * w^T, w [out, in]. y must not alias x or w.
+// y [R, out] = x [R, in] * W^T, W stored [out, in]. y must not alias x.
 template <class Scalar>
-void linear(const Eigen::Ref<const Matrix<Scalar>>& x, const Matrix<Scalar>& w, Eigen::Ref<Matrix<Scalar>> y) {
-  assert(x.cols() == w.cols() && y.rows() == x.rows() && y.cols() == w.rows());
-  const Index rows = x.rows(), cols = w.rows();
-  const Index row_tiles = (rows + detail::kLinearRowTile - 1) / detail::kLinearRowTile;
-  const Index col_tiles = (cols + detail::kLinearColTile - 1) / detail::kLinearColTile;
+void linear(const Eigen::Ref<const Matrix<Scalar>>& x, const WeightMatrix& w, Eigen::Ref<Matrix<Scalar>> y) {
+  assert(y.rows() == x.rows());
+  const Index rows = x.rows(), cols = y.cols(), in = x.cols();
+  const Index row_tile = rows <= detail::kLinearRowTile ? std::max<Index>(rows, 1) : detail::kLinearRowTile;
+  const Index col_tile = detail::linear_col_tile(in);
+  const Index row_tiles = (rows + row_tile - 1) / row_tile, col_tiles = (cols + col_tile - 1) / col_tile;
   thread_pool().parallel_for(row_tiles * col_tiles, [&](Index unit) {
-    const Index r0 = (unit / col_tiles) * detail::kLinearRowTile, c0 = (unit % col_tiles) * detail::kLinearColTile;
-    const Index nr = std::min(detail::kLinearRowTile, rows - r0), nc = std::min(detail::kLinearColTile, cols - c0);
-    detail::gemm_tile<Scalar>(x.middleRows(r0, nr), w.middleRows(c0, nc), y.block(r0, c0, nr, nc));
-  }, 2.0 * static_cast<double>(rows) * static_cast<double>(cols) * static_cast<double>(x.cols()));
+    const Index r0 = (unit / col_tiles) * row_tile, c0 = (unit % col_tiles) * col_tile;
+    const Index nr = std::min(row_tile, rows - r0), nc = std::min(col_tile, cols - c0);
+    const WeightMatrix block{static_cast<const unsigned char*>(w.data) + static_cast<std::size_t>(c0 * w.stride) * dtype_size(w.dtype),
+                             w.dtype, w.stride};
+    backend::weight_product<Scalar>(nr, nc, in, x.data() + r0 * x.outerStride(), x.outerStride(), block,
+                                    y.data() + r0 * y.outerStride() + c0, y.outerStride());
+  }, 2.0 * static_cast<double>(rows) * static_cast<double>(cols) * static_cast<double>(in));
+}
+
+template <class Scalar>
+void linear(const Eigen::Ref<const Matrix<Scalar>>& x, const Weight& w, Eigen::Ref<Matrix<Scalar>> y) {
+  assert(w.cols() == x.cols() && w.rows() == y.cols());
+  linear<Scalar>(x, w.matrix(), y);
+}
+// The same with the weight given as a matrix [out, in] of Scalar.
+template <class Scalar>
+void linear(const Eigen::Ref<const Matrix<Scalar>>& x, const Eigen::Ref<const Matrix<Scalar>>& w, Eigen::Ref<Matrix<Scalar>> y) {
+  assert(w.cols() == x.cols() && w.rows() == y.cols());
+  linear<Scalar>(x, WeightMatrix{w.data(), dtype_of<Scalar>(), w.outerStride()}, y);
+}
+
+// For y [R, out] = x [R, in] W^T: dx [R, in] = dy W (or += when accumulate_dx; skipped when dx is
+// empty) and dW [out, in] += dy^T x. Each unit owns whole output blocks and sums over all of its
+// depth, so the gradients are bit-identical for every thread count.
+template <class Scalar>
+void linear_backward(const Eigen::Ref<const Matrix<Scalar>>& x, const WeightMatrix& w, const Eigen::Ref<const Matrix<Scalar>>& dy,
+                     Eigen::Ref<Matrix<Scalar>> dx, bool accumulate_dx, Eigen::Ref<Matrix<Scalar>> dw) {
+  const Index rows = x.rows(), in = x.cols(), out = dy.cols();
+  assert(dy.rows() == rows && dw.rows() == out && dw.cols() == in);
+  constexpr Index kTile = 256;
+  const double flops = 2.0 * static_cast<double>(rows) * static_cast<double>(in) * static_cast<double>(out);
+  if (rows == 0) return;
+  const Index in_tiles = (in + kTile - 1) / kTile;
+  if (dx.size() > 0) {
+    assert(dx.rows() == rows && dx.cols() == in);
+    const Index row_tiles = (rows + kTile - 1) / kTile;
+    thread_pool().parallel_for(row_tiles * in_tiles, [&](Index unit) {
+      const Index r0 = (unit / in_tiles) * kTile, c0 = (unit % in_tiles) * kTile;
+      const Index nr = std::min(kTile, rows - r0), nc = std::min(kTile, in - c0);
+      const RhsMatrix b{static_cast<const unsigned char*>(w.data) + static_cast<std::size_t>(c0) * dtype_size(w.dtype), w.dtype,
+                        w.stride, false};
+      gemm<Scalar>(nr, nc, out, LhsMatrix<Scalar>{dy.data() + r0 * dy.outerStride(), dy.outerStride(), 1}, b,
+                   dx.data() + r0 * dx.outerStride() + c0, dx.outerStride(), accumulate_dx);
+    }, flops);
+  }
+  constexpr Index kOutTile = 64;
+  const Index out_tiles = (out + kOutTile - 1) / kOutTile;
+  thread_pool().parallel_for(out_tiles * in_tiles, [&](Index unit) {
+    const Index o0 = (unit / in_tiles) * kOutTile, c0 = (unit % in_tiles) * kTile;
+    const Index no = std::min(kOutTile, out - o0), nc = std::min(kTile, in - c0);
+    gemm<Scalar>(no, nc, rows, LhsMatrix<Scalar>{dy.data() + o0, 1, dy.outerStride()}, rhs_of(x.data() + c0, x.outerStride(), false),
+                 dw.data() + o0 * dw.outerStride() + c0, dw.outerStride(), true);
+  }, flops);
 }
 
 }  // namespace gqe

@@ -5,6 +5,7 @@
 #include "gqe/tensor/eigen.hpp"
 
 #include <cmath>
+#include <vector>
 
 #include "gqe/tensor/tensor.hpp"
 
@@ -29,6 +30,15 @@ struct RopeTable {
         sin(r, i) = static_cast<Scalar>(std::sin(angle));
       }
     }
+  }
+
+  // The table of the inverse rotation (angle -> -angle): RoPE is orthogonal, so its backward pass
+  // is apply_rope with this table.
+  RopeTable inverse() const {
+    RopeTable t;
+    t.cos = cos;
+    t.sin = -sin;
+    return t;
   }
 };
 

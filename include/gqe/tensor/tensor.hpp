@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <initializer_list>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -102,7 +103,8 @@ class Shape {
 };
 
 // Throws ShapeError unless `actual` equals `expected`; `what` names the tensor in the message.
-inline void check_shape(const std::string& what, const Shape& actual, const Shape& expected) {
+// (A string_view, so that the always-on checks of a decode step allocate nothing.)
+inline void check_shape(std::string_view what, const Shape& actual, const Shape& expected) {
   if (actual != expected)
     fail<ShapeError>(what, " has shape ", actual.str(), "; expected ", expected.str());
 }

@@ -13,7 +13,7 @@
 
 #include "gqe/error.hpp"
 #include "gqe/io/read_file.hpp"
-#include "gqe/training/model_grad.hpp"
+#include "gqe/training/loss.hpp"
 #include "gqe/training/rng.hpp"
 
 namespace gqe::training {

@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "gqe/error.hpp"
-#include "gqe/training/params.hpp"
+#include "gqe/model/transformer.hpp"
 #include "gqe/util/thread_pool.hpp"
 
 namespace gqe::training {
@@ -78,34 +78,56 @@ inline double learning_rate(const OptimizerConfig& c, Index step) {
   return c.lr + (lr_min - c.lr) * t;
 }
 
+// Attaches a zeroed gradient to every weight of the model (which must own Scalar weights).
+template <class Scalar>
+void attach_gradients(Transformer<Scalar>& model) {
+  model.for_each_parameter([](const std::string&, Weight& w) {
+    w.mutable_data<Scalar>();  // refuses weights it could not update
+    w.attach_grad<Scalar>();
+  });
+}
+
+template <class Scalar>
+void zero_gradients(Transformer<Scalar>& model) {
+  model.for_each_parameter([](const std::string&, Weight& w) { std::fill_n(w.grad<Scalar>(), w.numel(), Scalar(0)); });
+}
+
 // Global L2 norm of every gradient (in double, in a fixed order).
 template <class Scalar>
-double global_norm(const Params<Scalar>& grads) {
+double global_norm(const Transformer<Scalar>& model) {
   double sum = 0;
-  grads.for_each([&](const std::string&, TensorView<const Scalar> g) {
-    sum += g.flat().template cast<double>().squaredNorm();
+  model.for_each_parameter([&](const std::string&, const Weight& w) {
+    sum += Eigen::Map<const Vector<Scalar>>(w.grad<Scalar>(), w.numel()).template cast<double>().squaredNorm();
   });
   return std::sqrt(sum);
 }
 
 // Scales the gradients so that their global norm is at most max_norm; returns the norm before.
 template <class Scalar>
-double clip_global_norm(Params<Scalar>& grads, double max_norm) {
-  const double norm = global_norm(grads);
+double clip_global_norm(Transformer<Scalar>& model, double max_norm) {
+  const double norm = global_norm(model);
   if (!std::isfinite(norm)) fail<InputError>("the gradient's norm is ", norm, "; the loss diverged (lower --lr?)");
   if (max_norm > 0 && norm > max_norm) {
     const auto factor = static_cast<Scalar>(max_norm / (norm + 1e-6));
-    grads.for_each([&](const std::string&, TensorView<Scalar> g) { g.flat() *= factor; });
+    model.for_each_parameter([&](const std::string&, Weight& w) {
+      Eigen::Map<Vector<Scalar>>(w.grad<Scalar>(), w.numel()) *= factor;
+    });
   }
   return norm;
 }
 
+// AdamW over a model's own weights, updated in place; its moments lie beside them, one buffer per
+// weight in the model's parameter order.
 template <class Scalar>
 class AdamW {
  public:
   AdamW() = default;
-  AdamW(const ModelConfig& model, const OptimizerConfig& config) : config_(config), exp_avg_(model), exp_avg_sq_(model) {
+  AdamW(const Transformer<Scalar>& model, const OptimizerConfig& config) : config_(config) {
     config_.validate();
+    model.for_each_parameter([&](const std::string&, const Weight& w) {
+      exp_avg_.emplace_back(static_cast<std::size_t>(w.numel()), Scalar(0));
+      exp_avg_sq_.emplace_back(static_cast<std::size_t>(w.numel()), Scalar(0));
+    });
   }
 
   const OptimizerConfig& config() const { return config_; }
@@ -114,50 +136,47 @@ class AdamW {
     if (step < 0) fail<InputError>("optimizer step is ", step, "; expected >= 0");
     step_ = step;
   }
-  Params<Scalar>& exp_avg() { return exp_avg_; }
-  Params<Scalar>& exp_avg_sq() { return exp_avg_sq_; }
-  const Params<Scalar>& exp_avg() const { return exp_avg_; }
-  const Params<Scalar>& exp_avg_sq() const { return exp_avg_sq_; }
+  // The moments of parameter i (the model's order): [numel] each.
+  std::vector<Scalar>& exp_avg(std::size_t i) { return exp_avg_[i]; }
+  std::vector<Scalar>& exp_avg_sq(std::size_t i) { return exp_avg_sq_[i]; }
+  const std::vector<Scalar>& exp_avg(std::size_t i) const { return exp_avg_[i]; }
+  const std::vector<Scalar>& exp_avg_sq(std::size_t i) const { return exp_avg_sq_[i]; }
 
-  // One update of params from grads at learning rate lr (the step count advances first).
-  void update(Params<Scalar>& params, const Params<Scalar>& grads, double lr) {
+  // One update of the model's weights from their gradients at learning rate lr (the step count
+  // advances first).
+  void update(Transformer<Scalar>& model, double lr) {
     ++step_;
     const double c1 = 1 - std::pow(config_.beta1, static_cast<double>(step_));
     const double c2 = 1 - std::pow(config_.beta2, static_cast<double>(step_));
-    const auto b1 = static_cast<Scalar>(config_.beta1), b2 = static_cast<Scalar>(config_.beta2);
-    const auto step_size = static_cast<Scalar>(lr / c1);
-    const auto inv_sqrt_c2 = static_cast<Scalar>(1 / std::sqrt(c2));
-    const auto eps = static_cast<Scalar>(config_.eps);
-    auto p = params.views();
-    const auto g = grads.views();
-    auto m = exp_avg_.views();
-    auto v = exp_avg_sq_.views();
-    for (std::size_t t = 0; t < p.size(); ++t) {
-      const auto decay = static_cast<Scalar>(p[t].rank() == 2 ? 1 - lr * config_.weight_decay : 1.0);
-      auto pt = p[t].flat();
-      const auto gt = g[t].flat();
-      auto mt = m[t].flat();
-      auto vt = v[t].flat();
-      // Elementwise: any split of the elements gives the same bits.
-      constexpr Index kChunk = 1 << 14;
-      const Index n = pt.size(), chunks = (n + kChunk - 1) / kChunk;
-      thread_pool().parallel_for(chunks, [&](Index c) {
-        const Index b = c * kChunk, len = std::min(kChunk, n - b);
-        auto ps = pt.segment(b, len);
-        const auto gs = gt.segment(b, len);
-        auto ms = mt.segment(b, len);
-        auto vs = vt.segment(b, len);
-        ms = b1 * ms + (Scalar(1) - b1) * gs;
-        vs = b2 * vs + (Scalar(1) - b2) * gs.cwiseProduct(gs);
-        ps *= decay;
-        ps.array() -= step_size * ms.array() / (vs.array().sqrt() * inv_sqrt_c2 + eps);
-      }, 10.0 * static_cast<double>(n));
-    }
+    std::size_t i = 0;
+    model.for_each_parameter([&](const std::string&, Weight& w) {
+      const auto decay = static_cast<Scalar>(w.shape().rank() == 2 ? 1 - lr * config_.weight_decay : 1.0);
+      update_tensor(w.mutable_data<Scalar>(), w.grad<Scalar>(), exp_avg_[i].data(), exp_avg_sq_[i].data(), w.numel(), decay,
+                    static_cast<Scalar>(lr / c1), static_cast<Scalar>(1 / std::sqrt(c2)));
+      ++i;
+    });
   }
 
  private:
+  // Elementwise, in chunks over the pool: any split of the elements gives the same bits.
+  void update_tensor(Scalar* param, const Scalar* grad, Scalar* m, Scalar* v, Index n, Scalar decay, Scalar step_size,
+                     Scalar inv_sqrt_c2) const {
+    const auto b1 = static_cast<Scalar>(config_.beta1), b2 = static_cast<Scalar>(config_.beta2);
+    const auto eps = static_cast<Scalar>(config_.eps);
+    constexpr Index kChunk = 1 << 14;
+    thread_pool().parallel_for((n + kChunk - 1) / kChunk, [&](Index c) {
+      const Index b = c * kChunk, len = std::min(kChunk, n - b);
+      Eigen::Map<Vector<Scalar>> p(param + b, len), ms(m + b, len), vs(v + b, len);
+      const Eigen::Map<const Vector<Scalar>> g(grad + b, len);
+      ms = b1 * ms + (Scalar(1) - b1) * g;
+      vs = b2 * vs + (Scalar(1) - b2) * g.cwiseProduct(g);
+      p *= decay;
+      p.array() -= step_size * ms.array() / (vs.array().sqrt() * inv_sqrt_c2 + eps);
+    }, 10.0 * static_cast<double>(n));
+  }
+
   OptimizerConfig config_;
-  Params<Scalar> exp_avg_, exp_avg_sq_;
+  std::vector<std::vector<Scalar>> exp_avg_, exp_avg_sq_;
   Index step_ = 0;
 };
 

@@ -33,9 +33,9 @@
 #include "gqe/io/detail/json_text.hpp"
 #include "gqe/io/safetensors.hpp"
 #include "gqe/training/data.hpp"
-#include "gqe/training/model_grad.hpp"
+#include "gqe/training/initialize.hpp"
+#include "gqe/training/loss.hpp"
 #include "gqe/training/optimizer.hpp"
-#include "gqe/training/params.hpp"
 
 namespace gqe::training {
 
@@ -201,10 +201,10 @@ class Run {
   static constexpr DType kDType = std::is_same_v<Scalar, double> ? DType::F64 : DType::F32;
 
   // A fresh run: parameters initialised from the seed, step 0.
-  explicit Run(const RunConfig& config)
-      : config_((config.validate(), config)), params_(config.model), grads_(config.model),
-        adam_(config.model, config.optimizer), graph_(config.model) {
-    params_.init(config_.seed);
+  explicit Run(const RunConfig& config) : config_((config.validate(), config)), model_(config.model) {
+    initialize(model_, config_.seed);
+    attach_gradients(model_);
+    adam_ = AdamW<Scalar>(model_, config_.optimizer);
     open_data();
   }
 
@@ -247,25 +247,25 @@ class Run {
       if (t.dtype != kDType)
         fail<FormatError>(header.source(), ": tensor ", t.name, " is ", dtype_name(t.dtype), "; resuming needs the run's own ",
                           dtype_name(kDType));
-    const Transformer<Scalar> model = load_checkpoint<Scalar>(folder);
-    run.params_.copy_from(model);
+    run.model_ = load_checkpoint<Scalar>(folder, LoadOptions{true, false, true});
+    attach_gradients(run.model_);
     // Optimiser moments.
     const SafetensorsFile opt = SafetensorsFile::read(folder / "optimizer.safetensors");
-    const auto names = run.params_.names();
-    const auto read = [&](const std::string& prefix, Params<Scalar>& into) {
-      auto views = into.views();
-      for (std::size_t i = 0; i < views.size(); ++i) {
-        const TensorRecord& t = opt.at(prefix + names[i]);
-        if (t.dtype != kDType || Shape::of(t.shape) != views[i].shape())
-          fail<FormatError>(opt.source(), ": tensor ", t.name, " is ", dtype_name(t.dtype), " ", t.shape_str(), "; expected ",
-                            dtype_name(kDType), " ", views[i].shape().str());
-        opt.read_into(t, views[i].data());
-      }
+    std::size_t count = 0;
+    const auto read_moment = [&](const std::string& name, const Weight& w, std::vector<Scalar>& moment) {
+      const TensorRecord& t = opt.at(name);
+      if (t.dtype != kDType || Shape::of(t.shape) != w.shape())
+        fail<FormatError>(opt.source(), ": tensor ", t.name, " is ", dtype_name(t.dtype), " ", t.shape_str(), "; expected ",
+                          dtype_name(kDType), " ", w.shape().str());
+      opt.read_into(t, moment.data());
     };
-    read("exp_avg.", run.adam_.exp_avg());
-    read("exp_avg_sq.", run.adam_.exp_avg_sq());
-    if (opt.tensors().size() != 2 * names.size())
-      fail<FormatError>(opt.source(), " holds ", opt.tensors().size(), " tensors; expected ", 2 * names.size());
+    run.model_.for_each_parameter([&](const std::string& name, const Weight& w) {
+      read_moment("exp_avg." + name, w, run.adam_.exp_avg(count));
+      read_moment("exp_avg_sq." + name, w, run.adam_.exp_avg_sq(count));
+      ++count;
+    });
+    if (opt.tensors().size() != 2 * count)
+      fail<FormatError>(opt.source(), " holds ", opt.tensors().size(), " tensors; expected ", 2 * count);
     run.adam_.set_step(run.step_);
     return run;
   }
@@ -276,16 +276,16 @@ class Run {
     const fs::path saving = detail::sibling(dir, ".saving"), old = detail::sibling(dir, ".old");
     std::error_code ec;
     fs::remove_all(saving, ec);
-    save_checkpoint(params_.to_model(), saving, kDType);
+    save_checkpoint(model_, saving, kDType);
     std::vector<EncodedTensor> tensors;
-    const auto names = params_.names();
-    const auto m = adam_.exp_avg().views(), v = adam_.exp_avg_sq().views();
-    for (std::size_t i = 0; i < names.size(); ++i) {
-      const auto dims = m[i].shape().dims();
+    std::size_t i = 0;
+    model_.for_each_parameter([&](const std::string& name, const Weight& w) {
+      const auto dims = w.shape().dims();
       const std::vector<std::int64_t> shape(dims.begin(), dims.end());
-      tensors.push_back(encode_tensor("exp_avg." + names[i], kDType, shape, m[i].data()));
-      tensors.push_back(encode_tensor("exp_avg_sq." + names[i], kDType, shape, v[i].data()));
-    }
+      tensors.push_back(encode_tensor("exp_avg." + name, kDType, shape, adam_.exp_avg(i).data()));
+      tensors.push_back(encode_tensor("exp_avg_sq." + name, kDType, shape, adam_.exp_avg_sq(i).data()));
+      ++i;
+    });
     write_safetensors(saving / "optimizer.safetensors", tensors);
     const std::string state = state_json().dump(1) + "\n";
     write_file_atomically(saving / "train_state.json", [&](std::ostream& out) { out << state; });
@@ -303,7 +303,7 @@ class Run {
   const RunConfig& config() const { return config_; }
   Index step() const { return step_; }
   bool finished() const { return step_ >= config_.steps(); }
-  const Params<Scalar>& params() const { return params_; }
+  const Transformer<Scalar>& model() const { return model_; }
   const std::vector<HistoryPoint>& history() const { return history_; }
   const std::vector<EvalPoint>& evals() const { return evals_; }
   bool has_final_eval() const { return has_final_eval_; }
@@ -326,14 +326,14 @@ class Run {
     if (finished()) fail<InputError>("the run has done all its ", config_.steps(), " steps");
     const auto start = std::chrono::steady_clock::now();
     train_batch(step_, batch_);
-    grads_.set_zero();
-    const LossReport r = graph_.forward(params_, batch_, config_.aux_coef);
+    zero_gradients(model_);
+    const LossReport r = graph_.forward(model_, batch_, config_.aux_coef);
     if (!std::isfinite(r.loss))
       fail<InputError>("the loss is ", r.loss, " at step ", step_, "; training diverged (expected a finite loss; lower --lr?)");
-    graph_.backward(params_, grads_);
-    const double norm = clip_global_norm(grads_, config_.optimizer.clip_norm);
+    graph_.backward(model_);
+    const double norm = clip_global_norm(model_, config_.optimizer.clip_norm);
     const double lr = learning_rate(config_.optimizer, step_);
-    adam_.update(params_, grads_, lr);
+    adam_.update(model_, lr);
     ++step_;
     train_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     history_.push_back({step_, r.loss, r.lm_loss, r.aux_loss, lr, norm});
@@ -350,7 +350,7 @@ class Run {
         mqar_batch(config_.mqar, config_.batch, kEvalSeed, static_cast<std::uint64_t>(i), batch_);
       else
         text_->heldout_batch(config_.batch, i * config_.batch, batch_);
-      const LossReport r = graph_.forward(params_, batch_, 0.0);
+      const LossReport r = graph_.forward(model_, batch_, 0.0);
       loss += r.lm_loss * r.counted;
       correct += r.correct;
       counted += r.counted;
@@ -412,8 +412,8 @@ class Run {
   }
 
   RunConfig config_;
-  Params<Scalar> params_, grads_;
-  AdamW<Scalar> adam_;
+  Transformer<Scalar> model_;  // its own weights, each with its gradient attached
+  AdamW<Scalar> adam_;         // the moments beside them
   LossAndGrad<Scalar> graph_;
   std::shared_ptr<TextData> text_;
   Batch batch_;

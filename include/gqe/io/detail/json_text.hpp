@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "gqe/error.hpp"
 #include "gqe/io/read_file.hpp"
@@ -55,16 +56,18 @@ inline std::string describe_json(const nlohmann::json& v) {
   return v.dump();  // number, boolean or null
 }
 
-// Parses text, refusing a key that appears twice in the top-level object: nlohmann would keep the
-// last one silently, so a file could say two things and be read as one. `source` names the file.
-inline nlohmann::json parse_json_unique_top_keys(const std::string& text, const std::string& source) {
-  std::set<std::string> keys;
-  const nlohmann::json::parser_callback_t check = [&](int depth, nlohmann::json::parse_event_t event,
-                                                      nlohmann::json& parsed) {
-    if (event == nlohmann::json::parse_event_t::key && depth == 1 &&
-        !keys.insert(parsed.get_ref<const std::string&>()).second)
-      fail<FormatError>(source, " names \"", printable(parsed.get_ref<const std::string&>()),
-                        "\" twice; expected each key once");
+// Parses text, refusing a key that appears twice in one object (of the top `depth` levels, those
+// gqe reads): nlohmann would keep the last one silently, so a file could say two things and be read
+// as one. `source` names the file.
+inline nlohmann::json parse_json_unique_keys(const std::string& text, const std::string& source, int depth = 1) {
+  std::vector<std::set<std::string>> open;  // the keys seen so far in each object being parsed
+  const nlohmann::json::parser_callback_t check = [&](int, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+    using Event = nlohmann::json::parse_event_t;
+    if (event == Event::object_start) open.emplace_back();
+    if (event == Event::object_end && !open.empty()) open.pop_back();
+    if (event == Event::key && !open.empty() && static_cast<int>(open.size()) <= depth &&
+        !open.back().insert(parsed.get_ref<const std::string&>()).second)
+      fail<FormatError>(source, " names \"", printable(parsed.get_ref<const std::string&>()), "\" twice; expected each key once");
     return true;
   };
   try {
@@ -77,8 +80,8 @@ inline nlohmann::json parse_json_unique_top_keys(const std::string& text, const 
 // The JSON of a file gqe reads whole (a config, a training state), parsed as above. `expected`
 // names what the file should be; a file over max_bytes is refused before it is read.
 inline nlohmann::json read_json_file(const std::filesystem::path& path, const std::string& expected,
-                                     std::uintmax_t max_bytes) {
-  return parse_json_unique_top_keys(read_whole_file(path, expected, max_bytes), path.string());
+                                     std::uintmax_t max_bytes, int depth = 1) {
+  return parse_json_unique_keys(read_whole_file(path, expected, max_bytes), path.string(), depth);
 }
 
 }  // namespace gqe::detail

@@ -1,0 +1,106 @@
+#pragma once
+// A file's bytes, mapped read-only into memory (its pages come from the page cache as they are
+// first read, and are shared with every other process that maps the same file), or read into a
+// buffer where mapping is not available or not wanted. Weights borrowed from a checkpoint keep the
+// FileBytes alive through a shared pointer.
+//
+// While a file is mapped, replacing it by a rename (as gqe's own writers do: write beside, then
+// rename) does not affect the mapping, which keeps the old file's pages. Editing the file in place
+// or truncating it while a model uses it is not supported: changed bytes may show up in results,
+// and reading a page past a truncated end raises SIGBUS. Read the file instead of mapping it
+// (LoadOptions::map = false, gqe-run --no-mmap) where that can happen.
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <system_error>
+
+#include "gqe/error.hpp"
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#define GQE_HAS_MMAP 1
+#endif
+
+namespace gqe {
+
+class FileBytes {
+ public:
+  // The bytes of the regular file at path: mapped when `map` and the system can, else read.
+  static std::shared_ptr<const FileBytes> open(const std::filesystem::path& path, bool map = true) {
+    std::error_code ec;
+    if (!std::filesystem::is_regular_file(path, ec))
+      fail<IoError>(path.string(), " does not exist or is not a file; expected a safetensors file");
+    const std::uintmax_t size = std::filesystem::file_size(path, ec);
+    if (ec) fail<IoError>("cannot read the size of ", path.string(), ": ", ec.message());
+    if (size > static_cast<std::uintmax_t>(PTRDIFF_MAX))
+      fail<IoError>(path.string(), " is ", size, " bytes long, more than this machine can address");
+    std::shared_ptr<FileBytes> file(new FileBytes());
+    file->size_ = static_cast<std::size_t>(size);
+    if (map && file->try_map(path)) return file;
+    file->buffer_ = read_range(path, 0, file->size_);
+    file->data_ = reinterpret_cast<const unsigned char*>(file->buffer_.data());
+    return file;
+  }
+  // Bytes already in memory (a fuzzer's input, a test's file).
+  static std::shared_ptr<const FileBytes> hold(std::string bytes) {
+    std::shared_ptr<FileBytes> file(new FileBytes());
+    file->buffer_ = std::move(bytes);
+    file->size_ = file->buffer_.size();
+    file->data_ = reinterpret_cast<const unsigned char*>(file->buffer_.data());
+    return file;
+  }
+  // Bytes [offset, offset + count) of the file at path, read (not mapped).
+  static std::string read_range(const std::filesystem::path& path, std::size_t offset, std::size_t count) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) fail<IoError>("cannot open ", path.string());
+    std::string bytes(count, '\0');
+    if (!in.seekg(static_cast<std::streamoff>(offset)) || !in.read(bytes.data(), static_cast<std::streamsize>(count)))
+      fail<IoError>("cannot read ", path.string(), " (", count, " bytes from ", offset, "; did it change while being read?)");
+    return bytes;
+  }
+
+  FileBytes(const FileBytes&) = delete;
+  FileBytes& operator=(const FileBytes&) = delete;
+  ~FileBytes() {
+#ifdef GQE_HAS_MMAP
+    if (mapping_) ::munmap(mapping_, size_);
+#endif
+  }
+
+  const unsigned char* data() const { return data_; }
+  std::size_t size() const { return size_; }
+  bool mapped() const { return mapping_ != nullptr; }
+
+ private:
+  FileBytes() = default;
+
+  bool try_map(const std::filesystem::path& path) {
+#ifdef GQE_HAS_MMAP
+    if (size_ == 0) return false;
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return false;
+    void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    ::close(fd);  // the mapping keeps the file open
+    if (p == MAP_FAILED) return false;
+    mapping_ = p;
+    data_ = static_cast<const unsigned char*>(p);
+    return true;
+#else
+    (void)path;
+    return false;
+#endif
+  }
+
+  void* mapping_ = nullptr;
+  std::string buffer_;
+  const unsigned char* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+}  // namespace gqe

@@ -1,0 +1,60 @@
+#pragma once
+// Row-wise helpers whose arithmetic is the same for every row, wherever it sits in memory: each
+// runs over the row in whole packets from its first element (the last one masked), so the lanes a
+// value lands in, and the order of every sum, depend on the row's length alone. (Eigen's own
+// reductions align to the address, which would make a token's result depend on its row index.)
+#include "gqe/tensor/eigen.hpp"
+#include "gqe/tensor/tensor.hpp"
+
+namespace gqe::detail {
+
+template <class Scalar>
+using Packet = typename Eigen::internal::packet_traits<Scalar>::type;
+template <class Scalar>
+constexpr Index kPacketLanes = Eigen::internal::unpacket_traits<Packet<Scalar>>::size;
+
+// Lanes j .. j+L-1 that lie below n, as a mask packet.
+template <class Scalar>
+Packet<Scalar> lanes_below(Index j, Index n) {
+  using namespace Eigen::internal;
+  return pcmp_lt(plset<Packet<Scalar>>(Scalar(j)), pset1<Packet<Scalar>>(Scalar(n)));
+}
+
+// The packet of x at j, with zeros past n (reads only below n).
+template <class Scalar>
+Packet<Scalar> load_partial(const Scalar* x, Index j, Index n) {
+  using namespace Eigen::internal;
+  constexpr Index L = kPacketLanes<Scalar>;
+  if (j + L <= n) return ploadu<Packet<Scalar>>(x + j);
+  alignas(64) Scalar part[L] = {};
+  for (Index i = j; i < n; ++i) part[i - j] = x[i];
+  return pload<Packet<Scalar>>(part);
+}
+
+// Writes the lanes of v that lie below n to x + j.
+template <class Scalar>
+void store_partial(Scalar* x, Index j, Index n, const Packet<Scalar>& v) {
+  using namespace Eigen::internal;
+  constexpr Index L = kPacketLanes<Scalar>;
+  if (j + L <= n) return pstoreu(x + j, v);
+  alignas(64) Scalar part[L];
+  pstore(part, v);
+  for (Index i = j; i < n; ++i) x[i] = part[i - j];
+}
+
+// sum of x[i] * y[i] over i < n.
+template <class Scalar>
+Scalar row_dot(const Scalar* x, const Scalar* y, Index n) {
+  using namespace Eigen::internal;
+  Packet<Scalar> sum = pset1<Packet<Scalar>>(Scalar(0));
+  for (Index j = 0; j < n; j += kPacketLanes<Scalar>) sum = pmadd(load_partial(x, j, n), load_partial(y, j, n), sum);
+  return predux(sum);
+}
+
+// y[i] = f(x[i]) for i < n, f taking and returning packets. y may be x.
+template <class Scalar, class F>
+void map_row(const Scalar* x, Scalar* y, Index n, F f) {
+  for (Index j = 0; j < n; j += kPacketLanes<Scalar>) store_partial(y, j, n, f(load_partial(x, j, n)));
+}
+
+}  // namespace gqe::detail

@@ -1,0 +1,168 @@
+#pragma once
+// A model's parameter tensor ([out, in] matrix or [n] vector, torch's layout) in the dtype it is
+// kept in. Either owned (initialised, trained or converted weights: an aligned buffer, never
+// zero-filled before it is written) or borrowed from a mapped checkpoint file, which it keeps
+// alive: F32, BF16 and F16 weights are used in place, straight from the file's pages.
+//
+// Training attaches a gradient of the same shape (Scalar, owned) to each weight: the layers'
+// backward passes accumulate into it, the optimiser reads it beside the weight it updates in place.
+#include <algorithm>
+#include <cstddef>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <utility>
+
+#include "gqe/error.hpp"
+#include "gqe/tensor/dtype.hpp"
+#include "gqe/tensor/tensor.hpp"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace gqe {
+
+namespace detail {
+// Uninitialised bytes aligned to 64 (one cache line, one AVX-512 packet). Large buffers ask for
+// transparent huge pages: far fewer page faults on first touch.
+struct AlignedBytes {
+  struct Free {
+    void operator()(unsigned char* p) const { std::free(p); }
+  };
+  static std::unique_ptr<unsigned char[], Free> allocate(std::size_t bytes) {
+    constexpr std::size_t kAlign = 64, kHugePage = std::size_t(2) << 20;
+    const std::size_t align = bytes >= kHugePage ? kHugePage : kAlign;
+    const std::size_t rounded = (std::max<std::size_t>(bytes, 1) + align - 1) / align * align;
+    auto* p = static_cast<unsigned char*>(std::aligned_alloc(align, rounded));
+    if (!p) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (align == kHugePage) ::madvise(p, rounded, MADV_HUGEPAGE);
+#endif
+    return std::unique_ptr<unsigned char[], Free>(p);
+  }
+};
+}  // namespace detail
+
+class Weight {
+ public:
+  Weight() = default;
+  // A weight of this shape with no storage yet (a loader binds it, or allocate() gives it some).
+  explicit Weight(Shape shape) : shape_(shape) {}
+
+  Weight(const Weight& other) : shape_(other.shape_), dtype_(other.dtype_), data_(other.data_), keep_alive_(other.keep_alive_) {
+    if (other.owned_) copy_owned(other);
+    if (other.grad_) {
+      grad_bytes_ = other.grad_bytes_;
+      grad_ = detail::AlignedBytes::allocate(grad_bytes_);
+      std::memcpy(grad_.get(), other.grad_.get(), grad_bytes_);
+    }
+  }
+  Weight& operator=(const Weight& other) {
+    if (this != &other) *this = Weight(other);
+    return *this;
+  }
+  Weight(Weight&&) noexcept = default;
+  Weight& operator=(Weight&&) noexcept = default;
+
+  const Shape& shape() const { return shape_; }
+  DType dtype() const { return dtype_; }
+  Index numel() const { return shape_.numel(); }
+  Index rows() const { return shape_[0]; }
+  Index cols() const { return shape_.rank() > 1 ? shape_[1] : 1; }
+  bool bound() const { return data_ != nullptr || numel() == 0; }
+  bool owned() const { return owned_ != nullptr; }
+  // Bytes this weight keeps in memory of its own (borrowed weights live in the mapped file).
+  std::size_t owned_bytes() const { return owned_ ? bytes() : 0; }
+
+  // Owned storage of element type T, uninitialised: the caller writes every value.
+  template <class T>
+  T* allocate() {
+    dtype_ = dtype_of<T>();
+    owned_ = detail::AlignedBytes::allocate(bytes());
+    keep_alive_.reset();
+    data_ = owned_.get();
+    return reinterpret_cast<T*>(owned_.get());
+  }
+  // Owned storage in any float dtype, filled from `values` (its bytes, in dtype).
+  void allocate_bytes(DType dtype, const void* values) {
+    dtype_ = dtype;
+    owned_ = detail::AlignedBytes::allocate(bytes());
+    keep_alive_.reset();
+    std::memcpy(owned_.get(), values, bytes());
+    data_ = owned_.get();
+  }
+  // Borrowed storage: `data` (any alignment) stays valid while `keep_alive` does.
+  void borrow(const void* data, DType dtype, std::shared_ptr<const void> keep_alive) {
+    dtype_ = dtype;
+    owned_.reset();
+    data_ = data;
+    keep_alive_ = std::move(keep_alive);
+  }
+
+  const void* raw() const { return data_; }
+  // The values as T; the weight must be stored as T (loaders guarantee it for vectors).
+  template <class T>
+  const T* data() const {
+    assert(dtype_ == dtype_of<T>() && bound());
+    return static_cast<const T*>(data_);
+  }
+  // Values that training updates in place: owned, stored as T.
+  template <class T>
+  T* mutable_data() {
+    if (!owned_ || dtype_ != dtype_of<T>())
+      fail<InputError>("a ", dtype_name(dtype_), owned_ ? " owned" : " borrowed", " weight cannot be updated in place; expected ",
+                       dtype_name(dtype_of<T>()), " weights of the model's own (load with conversion to train)");
+    return reinterpret_cast<T*>(owned_.get());
+  }
+  template <class T>
+  TensorView<const T> view() const {
+    return {data<T>(), shape_};
+  }
+  // The matrix for the kernels: rows of `cols()` values in the stored dtype.
+  WeightMatrix matrix() const { return {data_, dtype_, cols()}; }
+  // Row r (of a matrix) converted to T into out[0 .. cols()).
+  template <class T>
+  void row(Index r, T* out) const {
+    assert(r >= 0 && r < rows());
+    convert_values(static_cast<const unsigned char*>(data_) + static_cast<std::size_t>(r * cols()) * dtype_size(dtype_),
+                   dtype_, static_cast<std::size_t>(cols()), out);
+  }
+
+  // Gradient of the same shape (training): attached once, zeroed by the trainer each step.
+  template <class T>
+  void attach_grad() {
+    grad_bytes_ = static_cast<std::size_t>(numel()) * sizeof(T);
+    grad_ = detail::AlignedBytes::allocate(grad_bytes_);
+    std::memset(grad_.get(), 0, grad_bytes_);
+  }
+  bool has_grad() const { return grad_ != nullptr; }
+  template <class T>
+  T* grad() const {
+    assert(grad_ && grad_bytes_ == static_cast<std::size_t>(numel()) * sizeof(T));
+    return reinterpret_cast<T*>(grad_.get());
+  }
+  template <class T>
+  MatrixMap<T> grad_matrix() const {
+    return {grad<T>(), rows(), cols()};
+  }
+
+ private:
+  std::size_t bytes() const { return static_cast<std::size_t>(numel()) * dtype_size(dtype_); }
+  void copy_owned(const Weight& other) {
+    owned_ = detail::AlignedBytes::allocate(bytes());
+    std::memcpy(owned_.get(), other.owned_.get(), bytes());
+    data_ = owned_.get();
+  }
+
+  Shape shape_{};
+  DType dtype_ = DType::F32;
+  const void* data_ = nullptr;
+  std::unique_ptr<unsigned char[], detail::AlignedBytes::Free> owned_;
+  std::shared_ptr<const void> keep_alive_;  // the mapped file of a borrowed weight
+  std::unique_ptr<unsigned char[], detail::AlignedBytes::Free> grad_;
+  std::size_t grad_bytes_ = 0;
+};
+
+}  // namespace gqe
