@@ -12,7 +12,7 @@ PYTHON_DIR = os.path.dirname(HERE)
 ROOT = os.path.dirname(PYTHON_DIR)
 FIXTURES = os.path.join(ROOT, "tests", "data")
 sys.path.insert(0, PYTHON_DIR)
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+sys.path.append(os.path.join(ROOT, "tools"))  # after tests/: tools/ has a test_reference.py too
 
 import gqe_reference as ref  # noqa: E402
 import gqe_torch as gt  # noqa: E402
@@ -60,6 +60,26 @@ def run_module(module, args, env=None, timeout=240):
     full_env = dict(os.environ, PYTHONPATH=PYTHON_DIR, **(env or {}))
     return subprocess.run([sys.executable, "-m", f"gqe_torch.{module}"] + list(args), capture_output=True,
                           text=True, env=full_env, timeout=timeout, cwd=PYTHON_DIR)
+
+
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def call_module(module, args):
+    """gqe_torch.<module>'s command line run in this process (as `python -m` runs it, without
+    the cost of starting Python and torch again); returns returncode, stdout and stderr."""
+    import contextlib
+    import importlib
+    import io
+
+    from gqe_torch import cli
+    main = importlib.import_module(f"gqe_torch.{module}").main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.run(f"gqe_torch.{module}", main, list(args))
+    return Result(code, out.getvalue(), err.getvalue())
 
 
 def config(**kw):
