@@ -7,6 +7,7 @@ names the file and the tensor; the writer replaces the file atomically.
 """
 
 import json
+import math
 import os
 import struct
 
@@ -88,7 +89,7 @@ def parse_header(blob, source):
         begin, end = offsets
         if not begin <= end <= data_size:
             raise BadInput(f"{what} has data_offsets [{begin}, {end}] outside the {data_size} data bytes")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype][0].itemsize
+        nbytes = math.prod(shape) * DTYPES[dtype][0].itemsize  # exact: no int64 overflow
         if end - begin != nbytes:
             raise BadInput(f"{what} has shape {shape} of {dtype} ({nbytes} bytes) but {end - begin} data bytes")
         entries.append(TensorEntry(name, dtype, tuple(shape), begin, end))

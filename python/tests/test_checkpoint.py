@@ -95,6 +95,8 @@ class Safetensors(unittest.TestCase):
             "trailing bytes": raw_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, four + four),
             "extra field": raw_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": 1}}, four),
             "metadata not strings": raw_file({"__metadata__": {"n": 1}}),
+            # 2^62 * 2^2 elements of 4 bytes wrap to 0 in 64 bits; the count must not.
+            "overflowing shape": raw_file({"a": {"dtype": "F32", "shape": [2 ** 62, 4], "data_offsets": [0, 0]}}),
         }
         for what, blob in cases.items():
             with self.subTest(case=what):
