@@ -12,7 +12,8 @@ Installs the missing Debian packages for building gqe and running its tests:
   libbenchmark-dev
 
   --sanitizers  also clang-14 and libclang-rt-14-dev (AddressSanitizer, UBSan, libFuzzer)
-  --python      also python3-numpy (the float64 reference in tools/)
+  --python      also python3-numpy and python3-torch (the float64 reference in tools/ and the
+                PyTorch bridge in python/)
   --bench       also libopenblas-dev gnuplot-nox python3-numpy (benchmarks and their plots)
   --help        print this text
 
@@ -25,7 +26,7 @@ packages=(build-essential g++ cmake libeigen3-dev nlohmann-json3-dev libcli11-de
 for arg in "$@"; do
   case "$arg" in
     --sanitizers) packages+=(clang-14 libclang-rt-14-dev) ;;  # the runtime is only recommended by clang
-    --python) packages+=(python3-numpy) ;;
+    --python) packages+=(python3-numpy python3-torch) ;;
     --bench) packages+=(libopenblas-dev gnuplot-nox python3-numpy) ;;
     -h | --help) usage; exit 0 ;;
     *) echo "install-deps.sh: unknown option '$arg'" >&2; usage >&2; exit 2 ;;

@@ -1,0 +1,215 @@
+"""GQEConfig: the keys of gqe's config.json, with the spec's defaults and refusals."""
+
+import json
+import math
+
+from .errors import BadInput
+
+# The C++ library's size limits, so that a config gqe-run refuses is refused here too.
+_LIMITS = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 16,
+    "intermediate_size": 1 << 18,
+    "num_hidden_layers": 1 << 10,
+    "num_attention_heads": 1 << 10,
+    "num_key_value_heads": 1 << 10,
+    "head_dim": 1 << 11,
+    "max_position_embeddings": 1 << 24,
+}
+VARIANTS = ("gqe", "hard_concat", "weighted_concat")
+# Keys this class reads; any other key is kept in `extra` and ignored, as Hugging Face does.
+KNOWN_KEYS = ("attention_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "gqe_top_k", "gqe_variant",
+              "rms_norm_eps", "rope_theta", "tie_word_embeddings", "max_position_embeddings",
+              "rope_scaling", "attention_bias", "mlp_bias")
+# Written by to_dict() from the model itself, so not carried over from `extra`.
+_DERIVED_KEYS = ("architectures", "model_type", "hidden_act", "torch_dtype")
+
+
+def _describe(v):
+    return json.dumps(v) if isinstance(v, (str, bool, int, float, type(None))) else type(v).__name__
+
+
+class GQEConfig:
+    """GQEConfig(**config_json): e.g. GQEConfig(**json.load(open("config.json"))).
+
+    Required: vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+    num_attention_heads, and gqe_top_k when attention_type is "gqe". Defaults: attention_type
+    "gqa", num_key_value_heads = num_attention_heads, head_dim = hidden_size /
+    num_attention_heads, gqe_variant "gqe", rms_norm_eps 1e-6, rope_theta 10000,
+    tie_word_embeddings false, max_position_embeddings 4096. rope_scaling, attention_bias and
+    mlp_bias must be absent, null or false. Raises BadInput naming the key.
+    """
+
+    def __init__(self, **config):
+        self._d = config
+        for key, feature in (("rope_scaling", "RoPE scaling"), ("attention_bias", "attention biases"),
+                             ("mlp_bias", "MLP biases")):
+            if config.get(key) not in (None, False):
+                raise BadInput(f'config: "{key}" is {_describe(config[key])}; gqe does not implement {feature} '
+                               "(expected null or false)")
+        self.attention_type = self._string("attention_type", "gqa")
+        if self.attention_type not in ("gqa", "gqe"):
+            raise BadInput(f'config: "attention_type" is {_describe(self.attention_type)}; expected "gqa" or "gqe"')
+        self.gqe_variant = self._string("gqe_variant", "gqe")
+        if self.gqe_variant not in VARIANTS:
+            raise BadInput(f'config: "gqe_variant" is {_describe(self.gqe_variant)}; expected one of {", ".join(VARIANTS)}')
+        self.vocab_size = self._size("vocab_size")
+        self.hidden_size = self._size("hidden_size")
+        self.intermediate_size = self._size("intermediate_size")
+        self.num_hidden_layers = self._size("num_hidden_layers")
+        self.num_attention_heads = self._size("num_attention_heads")
+        self.num_key_value_heads = self._size("num_key_value_heads", self.num_attention_heads)
+        if self._has("head_dim"):
+            self.head_dim = self._size("head_dim")
+        elif self.hidden_size % self.num_attention_heads != 0:
+            raise BadInput(f'config: "head_dim" is absent and hidden_size {self.hidden_size} is not a multiple of '
+                           f"num_attention_heads {self.num_attention_heads}; expected head_dim to be given")
+        else:
+            self.head_dim = self._size("head_dim", self.hidden_size // self.num_attention_heads)
+        if self.head_dim % 2 != 0:
+            raise BadInput(f'config: "head_dim" is {self.head_dim}; expected an even number (RoPE pairs)')
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise BadInput(f'config: "num_attention_heads" is {self.num_attention_heads}; expected a multiple of '
+                           f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.attention_type == "gqe":
+            self.gqe_top_k = self._integer("gqe_top_k")
+            if not 1 <= self.gqe_top_k <= self.experts_per_group:
+                raise BadInput(f'config: "gqe_top_k" is {self.gqe_top_k}; expected 1 to num_attention_heads / '
+                               f"num_key_value_heads = {self.experts_per_group}")
+        else:
+            self.gqe_top_k = self._integer("gqe_top_k", 1)
+        self.rms_norm_eps = self._number("rms_norm_eps", 1e-6)
+        if not 0 < self.rms_norm_eps <= 1:
+            raise BadInput(f'config: "rms_norm_eps" is {self.rms_norm_eps}; expected a number in (0, 1]')
+        self.rope_theta = self._number("rope_theta", 10000.0)
+        if not 0 < self.rope_theta <= 1e12:
+            raise BadInput(f'config: "rope_theta" is {self.rope_theta}; expected a positive finite number')
+        self.tie_word_embeddings = self._boolean("tie_word_embeddings", False)
+        self.max_position_embeddings = self._size("max_position_embeddings", 4096)
+        self.extra = {k: v for k, v in config.items() if k not in KNOWN_KEYS}
+        del self._d
+
+    # -- derived sizes --------------------------------------------------------------------------
+    @property
+    def is_gqe(self):
+        return self.attention_type == "gqe"
+
+    @property
+    def experts_per_group(self):  # M
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def num_output_slots(self):  # S: d_h-wide slots entering o_proj
+        if not self.is_gqe:
+            return self.num_attention_heads
+        kg = self.gqe_top_k * self.num_key_value_heads
+        return kg + 2 if self.gqe_variant == "gqe" else kg
+
+    def to_dict(self):
+        """config.json's contents: the keys gqe-run writes, in its order, then the unknown keys."""
+        d = {
+            "architectures": ["GQEForCausalLM" if self.is_gqe else "LlamaForCausalLM"],
+            "model_type": "gqe" if self.is_gqe else "llama",
+            "attention_type": self.attention_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+        }
+        if self.is_gqe:
+            d["gqe_top_k"] = self.gqe_top_k
+            d["gqe_variant"] = self.gqe_variant
+        d.update({
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "attention_bias": False,
+            "mlp_bias": False,
+        })
+        for k, v in self.extra.items():
+            if k not in _DERIVED_KEYS:
+                d[k] = v
+        return d
+
+    def __getattr__(self, name):
+        # Unknown keys read like known ones (config.eos_token_id), as in Hugging Face.
+        extra = self.__dict__.get("extra", {})
+        if name in extra:
+            return extra[name]
+        raise AttributeError(name)
+
+    def __repr__(self):
+        return f"GQEConfig(**{self.to_dict()!r})"
+
+    # -- readers: each refuses a value of the wrong JSON type, naming its key -------------------
+    def _has(self, key):
+        return self._d.get(key) is not None
+
+    def _integer(self, key, default=None):
+        if not self._has(key):
+            if default is None:
+                raise BadInput(f'config: "{key}" is required')
+            return default
+        v = self._d[key]
+        if isinstance(v, float) and math.isfinite(v) and v == math.floor(v) and abs(v) < 9e15:
+            return int(v)  # 256.0 is an integer written as a float; 2.5 is not
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise BadInput(f'config: "{key}" is {_describe(v)}; expected an integer')
+        return v
+
+    def _size(self, key, default=None):
+        v = self._integer(key, default)
+        if not 1 <= v <= _LIMITS[key]:
+            raise BadInput(f'config: "{key}" is {v}; expected 1 to {_LIMITS[key]}')
+        return v
+
+    def _number(self, key, default):
+        if not self._has(key):
+            return default
+        v = self._d[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise BadInput(f'config: "{key}" is {_describe(v)}; expected a number')
+        return float(v)
+
+    def _boolean(self, key, default):
+        if not self._has(key):
+            return default
+        v = self._d[key]
+        if not isinstance(v, bool):
+            raise BadInput(f'config: "{key}" is {_describe(v)}; expected true or false')
+        return v
+
+    def _string(self, key, default):
+        if not self._has(key):
+            return default
+        v = self._d[key]
+        if not isinstance(v, str):
+            raise BadInput(f'config: "{key}" is {_describe(v)}; expected a string')
+        return v
+
+
+def load_config(path):
+    """GQEConfig from a config.json file; BadInput names the file on any problem."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise BadInput(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"{path} is not UTF-8 text") from None
+    try:
+        d = json.loads(text)
+    except ValueError as e:
+        raise BadInput(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise BadInput(f"{path} is JSON but not an object")
+    try:
+        return GQEConfig(**d)
+    except BadInput as e:
+        raise BadInput(str(e).replace("config:", f"{path}:", 1)) from None
