@@ -5,7 +5,10 @@
 //   decode_{gqa,gqe}/L       one token against a cache of L positions, GB/s of weights and cache read;
 //   attention_{gqa,gqe}/T    the causal attention kernel alone, with the layer's head layout;
 //   gemm_*/4096              a plain [4096 x 1024] x [1024 x 1024] product measured in the same run,
-//                            the machine's GEMM rate that the layer's GFLOP/s is compared with.
+//                            the machine's GEMM rate that the layer's GFLOP/s is compared with
+//                            (Eigen's own product on one thread, gqe::linear, and the GEMM
+//                            backend's own sgemm when gqe is built with one).
+// Every rate also appears as a share of the machine's measured FMA peak or read bandwidth.
 #include "gqe/tensor/eigen.hpp"
 
 #include "bench_common.hpp"
@@ -15,9 +18,7 @@
 #include "gqe/ops/rope.hpp"
 #include "gqe/util/thread_pool.hpp"
 
-#ifdef GQE_USE_BLAS
-#include <cblas.h>
-#endif
+#include "gqe/ops/gemm_backend.hpp"  // the backend's own headers, when one is built in
 
 namespace {
 
@@ -71,7 +72,7 @@ void prefill(benchmark::State& state, AttentionType type) {
     benchmark::ClobberMemory();
   }
   const double dense = paper_layer(AttentionType::gqa).prefill_flops(T), routed = paper_layer(AttentionType::gqe).prefill_flops(T);
-  state.counters["GFLOPS"] = bench::rate(config.prefill_flops(T) * 1e-9);  // useful work, spec's model
+  bench::report_flops(state, config.prefill_flops(T));  // useful work, the FLOP model's
   state.counters["active_heads"] = static_cast<double>(config.active_heads());
   state.counters["flop_ceiling"] = dense / routed;
 }
@@ -121,7 +122,7 @@ void decode(benchmark::State& state, AttentionType type) {
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
-  state.counters["GBps"] = bench::rate(decode_bytes(config, L) * 1e-9);
+  bench::report_bytes(state, decode_bytes(config, L));
   state.counters["active_heads"] = static_cast<double>(config.active_heads());
 }
 
@@ -161,7 +162,7 @@ void attention_kernel(benchmark::State& state, AttentionType type) {
     benchmark::ClobberMemory();
   }
   const double Td = static_cast<double>(T);
-  state.counters["GFLOPS"] = bench::rate(4.0 * static_cast<double>(active * dh) * Td * (Td + 1) / 2 * 1e-9);
+  bench::report_flops(state, 4.0 * static_cast<double>(active * dh) * Td * (Td + 1) / 2);
   state.counters["active_heads"] = static_cast<double>(active);
 }
 
@@ -180,11 +181,12 @@ void gemm_eigen_1thread(benchmark::State& state) {
     benchmark::DoNotOptimize(g.y.data());
     benchmark::ClobberMemory();
   }
-  state.counters["GFLOPS"] = bench::rate(g.flops() * 1e-9);
+  state.counters["GFLOP"] = bench::rate(g.flops() * 1e-9);
+  state.counters["of_peak"] = bench::rate(g.flops() * 1e-9 / bench::machine_peaks().fma_gflops_one);
   state.counters["threads"] = 1;
 }
 
-// gqe::linear: the library's projection, 256 x 256 tiles spread over its pool.
+// gqe::linear: the library's projection (its kernels, or the GEMM backend's), tiles spread over its pool.
 void gemm_gqe_linear(benchmark::State& state) {
   GemmOperands g(state.range(0));
   for (auto _ : state) {
@@ -192,16 +194,17 @@ void gemm_gqe_linear(benchmark::State& state) {
     benchmark::DoNotOptimize(g.y.data());
     benchmark::ClobberMemory();
   }
-  state.counters["GFLOPS"] = bench::rate(g.flops() * 1e-9);
+  bench::report_flops(state, g.flops());
   state.counters["threads"] = num_threads();
 }
 
-#ifdef GQE_USE_BLAS
-// OpenBLAS's sgemm with as many threads as the library's pool. gqe::linear pins OpenBLAS to one
-// thread per tile, so the count is put back to 1 afterwards.
-void gemm_openblas(benchmark::State& state) {
+#if defined(GQE_GEMM_OPENBLAS)
+// The backend's own sgemm over the whole product with as many threads as the library's pool (the
+// host's OpenBLAS thread count is put back afterwards): the rate the backend reaches on its own.
+void gemm_backend(benchmark::State& state) {
   GemmOperands g(state.range(0));
   const int m = static_cast<int>(g.x.rows()), n = static_cast<int>(g.w.rows()), k = static_cast<int>(g.x.cols());
+  const int saved = openblas_get_num_threads();
   openblas_set_num_threads(num_threads());
   for (auto _ : state) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, g.x.data(), k, g.w.data(), k, 0.0f,
@@ -209,8 +212,23 @@ void gemm_openblas(benchmark::State& state) {
     benchmark::DoNotOptimize(g.y.data());
     benchmark::ClobberMemory();
   }
-  openblas_set_num_threads(1);
-  state.counters["GFLOPS"] = bench::rate(g.flops() * 1e-9);
+  openblas_set_num_threads(saved);
+  bench::report_flops(state, g.flops());
+  state.counters["threads"] = num_threads();
+}
+#elif defined(GQE_GEMM_ONEDNN)
+void gemm_backend(benchmark::State& state) {
+  GemmOperands g(state.range(0));
+  const dnnl_dim_t m = g.x.rows(), n = g.w.rows(), k = g.x.cols();
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(num_threads());
+  for (auto _ : state) {
+    dnnl_sgemm('N', 'T', m, n, k, 1.0f, g.x.data(), k, g.w.data(), k, 0.0f, g.y.data(), n);
+    benchmark::DoNotOptimize(g.y.data());
+    benchmark::ClobberMemory();
+  }
+  omp_set_num_threads(saved);
+  bench::report_flops(state, g.flops());
   state.counters["threads"] = num_threads();
 }
 #endif
@@ -249,6 +267,6 @@ BENCHMARK(attention_gqa)->Apply(kernel_args);
 BENCHMARK(attention_gqe)->Apply(kernel_args);
 BENCHMARK(gemm_eigen_1thread)->Apply(gemm_args);
 BENCHMARK(gemm_gqe_linear)->Apply(gemm_args);
-#ifdef GQE_USE_BLAS
-BENCHMARK(gemm_openblas)->Apply(gemm_args);
+#if defined(GQE_GEMM_OPENBLAS) || defined(GQE_GEMM_ONEDNN)
+BENCHMARK(gemm_backend)->Apply(gemm_args);
 #endif

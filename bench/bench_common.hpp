@@ -1,6 +1,7 @@
 #pragma once
-// What the benchmarks share: the paper's layer shape, random weights, positions, and a counter of
-// useful work per iteration. The run's context (CPU, compiler, flags, threads) is added by main.cpp.
+// What the benchmarks share: the paper's layer shape, random weights, positions, and counters of
+// useful work per iteration beside the machine's measured ceilings. The run's context (CPU,
+// compiler, flags, SIMD level, backend, threads, ceilings) is added by main.cpp.
 #include <benchmark/benchmark.h>
 
 #include <cmath>
@@ -8,6 +9,7 @@
 #include <vector>
 
 #include "gqe/layers/attention_config.hpp"
+#include "probes.hpp"
 #include "gqe/tensor/tensor.hpp"
 #include "gqe/tensor/weight.hpp"
 
@@ -52,6 +54,24 @@ inline std::vector<Index> positions(Index first, Index count) {
 // `amount` of something done by one iteration, reported per second of (real) time.
 inline benchmark::Counter rate(double amount) {
   return benchmark::Counter(amount, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// The machine's ceilings measured at the start of the run (main.cpp).
+inline MachinePeaks& machine_peaks() {
+  static MachinePeaks peaks;
+  return peaks;
+}
+
+// Useful GFLOP/s of `flops` per iteration, and their share of the measured FMA peak of the
+// library's threads.
+inline void report_flops(benchmark::State& state, double flops) {
+  state.counters["GFLOP"] = rate(flops * 1e-9);
+  if (machine_peaks().fma_gflops_all > 0) state.counters["of_peak"] = rate(flops * 1e-9 / machine_peaks().fma_gflops_all);
+}
+// GB/s of `bytes` read per iteration, and their share of the measured read bandwidth.
+inline void report_bytes(benchmark::State& state, double bytes) {
+  state.counters["GB"] = rate(bytes * 1e-9);
+  if (machine_peaks().read_gbps > 0) state.counters["of_bandwidth"] = rate(bytes * 1e-9 / machine_peaks().read_gbps);
 }
 
 }  // namespace gqe::bench

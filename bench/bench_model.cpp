@@ -63,7 +63,7 @@ void model_prefill(benchmark::State& state, AttentionType type) {
     benchmark::DoNotOptimize(logits.data());
     benchmark::ClobberMemory();
   }
-  state.counters["tokens_per_s"] = bench::rate(static_cast<double>(T));
+  state.counters["tokens"] = bench::rate(static_cast<double>(T));
 }
 
 void model_decode(benchmark::State& state, AttentionType type) {
@@ -91,7 +91,7 @@ void model_decode(benchmark::State& state, AttentionType type) {
     benchmark::DoNotOptimize(logits.data());
     benchmark::ClobberMemory();
   }
-  state.counters["tokens_per_s"] = bench::rate(1.0);
+  state.counters["tokens"] = bench::rate(1.0);
 }
 
 void model_prefill_gqa(benchmark::State& s) { model_prefill(s, AttentionType::gqa); }

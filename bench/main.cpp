@@ -1,19 +1,65 @@
-// gqe-bench: Google Benchmark's main, plus the thread count of the library's pool and the run's
-// context (CPU, compiler, flags) in the JSON beside the figures.
-//
-//   gqe-bench [--threads N] [Google Benchmark flags]     (or GQE_THREADS=N; default: the machine's cores)
+// gqe-bench: the Google Benchmark suite of gqe (bench_*.cpp) with the machine's FMA peak and read
+// bandwidth measured in the same run, and two modes of its own: timing a user's checkpoint folder
+// (--model) and one attention layer of any shape, dense against GQE (--layer-speedup).
 #include <benchmark/benchmark.h>
 
+#include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
-#include <iostream>
+#include <limits>
 #include <string>
 #include <vector>
 
-#include "gqe/util/thread_pool.hpp"
+#include "bench_common.hpp"
+#include "checkpoint_bench.hpp"
+#include "gqe/util/build_info.hpp"
+#include "gqe/version.hpp"
+#include "layer_speedup.hpp"
 
 namespace {
+
+constexpr const char* kUsage = R"(Usage:
+  gqe-bench [--threads N] [--no-probe] [Google Benchmark flags]   the suite (see below)
+  gqe-bench --model DIR [--prompt-tokens T] [--decode-tokens N] [--no-mmap] [--dtype stored|f32] [--threads N]
+  gqe-bench --layer-speedup [--hidden D] [--heads N] [--kv-heads G] [--head-dim DH] [--top-k K]
+            [--variant gqe|hard_concat|weighted_concat] [--tokens T] [--rounds R] [--threads N]
+  gqe-bench --version | --help
+
+The suite times one attention layer of the paper's shape (d=1024, d_h=64, N=16, G=8, k=1) dense and
+GQE in prefill and decode, the attention kernel alone, plain GEMMs and a small whole model. Before it
+runs, the machine's float32 FMA peak and memory read bandwidth are measured (--no-probe skips that),
+and every rate is also given as a share of them (of_peak, of_bandwidth). Counters print as
+"GFLOP=81.7/s": 81.7 GFLOP per second.
+
+--model DIR       time a checkpoint folder as gqe-run uses it: load, first and warm prefill of T
+                  tokens (default 128), N decode steps (default 64) against the read bandwidth,
+                  peak resident memory. --no-mmap reads the files instead of mapping them;
+                  --dtype f32 widens BF16/F16 weights at load instead of keeping them 16-bit.
+--layer-speedup   print, as JSON, the prefill time of one dense GQA layer and one GQE layer of
+                  the given shape (defaults: the paper's), the median speed-up over R interleaved
+                  rounds (default 5) and its FLOP ceiling.
+--threads N       the library's threads (default: the processor's cores; or GQE_THREADS=N).
+
+Google Benchmark's own flags follow. Its "library was built as DEBUG" warning and the JSON field
+library_build_type describe Debian's build of Google Benchmark itself, not gqe's code, which is
+compiled as the context's build_type and flags say.
+)";
+
+// A decimal integer in [lo, hi] (no sign, no leading zero but "0"), or a message on stderr.
+bool parse_integer(const char* flag, const char* text, long lo, long hi, long& out) {
+  const std::string s = text;
+  const bool digits = !s.empty() && s.find_first_not_of("0123456789") == std::string::npos && (s == "0" || s[0] != '0');
+  errno = 0;
+  const long value = digits ? std::strtol(text, nullptr, 10) : 0;
+  if (!digits || errno == ERANGE || value < lo || value > hi) {
+    std::fprintf(stderr, "gqe-bench: error: %s is \"%s\"; expected a whole number from %ld to %ld\n", flag, text, lo, hi);
+    return false;
+  }
+  out = value;
+  return true;
+}
 
 std::string cpu_name() {
   std::ifstream in("/proc/cpuinfo");
@@ -25,56 +71,104 @@ std::string cpu_name() {
   return "unknown";
 }
 
-// A thread count from the command line or the environment: 1 to 1024, or -1 when malformed.
-int parse_threads(const char* text) {
-  char* end = nullptr;
-  const long n = std::strtol(text, &end, 10);
-  return (end == text || *end != '\0' || n < 1 || n > 1024) ? -1 : static_cast<int>(n);
+void add_context(const gqe::bench::MachinePeaks& peaks, bool probed) {
+  benchmark::AddCustomContext("gqe_version", GQE_VERSION_STRING);
+  benchmark::AddCustomContext("cpu", cpu_name());
+  benchmark::AddCustomContext("simd_level", gqe::simd_level());
+  benchmark::AddCustomContext("gemm_backend", gqe::gemm_backend());
+  benchmark::AddCustomContext("compiler", gqe::compiler_name());
+  benchmark::AddCustomContext("build_type", GQE_BENCH_BUILD_TYPE);
+  benchmark::AddCustomContext("flags", GQE_BENCH_FLAGS);
+  benchmark::AddCustomContext("gqe_threads", std::to_string(gqe::num_threads()));
+  benchmark::AddCustomContext("library_build_type_note",
+                              "library_build_type is Google Benchmark's own build; gqe's code is build_type with flags");
+  if (!probed) return;
+  benchmark::AddCustomContext("fma_peak_gflops_1_thread", std::to_string(peaks.fma_gflops_one));
+  benchmark::AddCustomContext("fma_peak_gflops", std::to_string(peaks.fma_gflops_all));
+  benchmark::AddCustomContext("read_bandwidth_gbps", std::to_string(peaks.read_gbps));
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  // --threads N / --threads=N is ours; every other argument goes to Google Benchmark.
-  int threads = gqe::default_thread_count();
-  const char* source = nullptr;
-  if (const char* env = std::getenv("GQE_THREADS")) threads = parse_threads(source = env);
+  long threads = gqe::default_thread_count(), value = 0;
+  if (const char* env = std::getenv("GQE_THREADS"))
+    if (!parse_integer("GQE_THREADS", env, 1, 1024, threads)) return 2;
+  bool probe = true, checkpoint = false, layer = false, help = false;
+  gqe::bench::CheckpointOptions model;
+  gqe::bench::LayerShape shape;
   std::vector<char*> args{argv[0]};
+  const auto integer_flag = [&](int& i, const char* flag, long lo, long hi, auto& out) {
+    if (i + 1 >= argc) {
+      std::fprintf(stderr, "gqe-bench: error: %s needs a value\n", flag);
+      return false;
+    }
+    if (!parse_integer(flag, argv[++i], lo, hi, value)) return false;
+    out = static_cast<std::remove_reference_t<decltype(out)>>(value);
+    return true;
+  };
   for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--threads") == 0 && i + 1 < argc)
-      threads = parse_threads(source = argv[++i]);
-    else if (std::strncmp(argv[i], "--threads=", 10) == 0)
-      threads = parse_threads(source = argv[i] + 10);
-    else
+    const std::string a = argv[i];
+    bool ok = true;
+    if (a == "--version") {
+      std::printf("gqe-bench %s (gqe %s, SIMD %s, GEMM backend %s)\n", GQE_VERSION_STRING, GQE_VERSION_STRING,
+                  gqe::simd_level().c_str(), gqe::gemm_backend());
+      return 0;
+    } else if (a == "--help" || a == "-h") {
+      help = true;
       args.push_back(argv[i]);
+    } else if (a == "--threads") ok = integer_flag(i, "--threads", 1, 1024, threads);
+    else if (a == "--no-probe") probe = false;
+    else if (a == "--model" && i + 1 < argc) checkpoint = true, model.dir = argv[++i];
+    else if (a == "--prompt-tokens") ok = integer_flag(i, "--prompt-tokens", 1, 1 << 24, model.prompt_tokens);
+    else if (a == "--decode-tokens") ok = integer_flag(i, "--decode-tokens", 1, 1 << 24, model.decode_tokens);
+    else if (a == "--no-mmap") model.load.map = false;
+    else if (a == "--dtype" && i + 1 < argc) {
+      const std::string d = argv[++i];
+      if (d != "stored" && d != "f32") {
+        std::fprintf(stderr, "gqe-bench: error: --dtype is \"%s\"; expected stored or f32\n", d.c_str());
+        return 2;
+      }
+      model.load.keep_16bit = d == "stored";
+    } else if (a == "--layer-speedup") layer = true;
+    else if (a == "--hidden") ok = integer_flag(i, "--hidden", 1, 1 << 16, shape.hidden);
+    else if (a == "--heads") ok = integer_flag(i, "--heads", 1, 1024, shape.heads);
+    else if (a == "--kv-heads") ok = integer_flag(i, "--kv-heads", 1, 1024, shape.kv_heads);
+    else if (a == "--head-dim") ok = integer_flag(i, "--head-dim", 2, 2048, shape.head_dim);
+    else if (a == "--top-k") ok = integer_flag(i, "--top-k", 1, 1024, shape.top_k);
+    else if (a == "--tokens") ok = integer_flag(i, "--tokens", 1, 1 << 20, shape.tokens);
+    else if (a == "--rounds") ok = integer_flag(i, "--rounds", 1, 1000, shape.rounds);
+    else if (a == "--variant" && i + 1 < argc) {
+      try {
+        shape.variant = gqe::gqe_variant_from_string(argv[++i]);
+      } catch (const gqe::Error& e) {
+        std::fprintf(stderr, "gqe-bench: error: %s\n", e.what());
+        return 2;
+      }
+    } else args.push_back(argv[i]);
+    if (!ok) return 2;
   }
-  if (threads < 0) {
-    std::cerr << "gqe-bench: thread count \"" << source << "\" is not a number from 1 to 1024\n";
+  if (help) std::fputs(kUsage, stdout);
+  gqe::set_num_threads(static_cast<int>(threads));
+  try {
+    if (checkpoint) return gqe::bench::run_checkpoint_benchmark(model);
+    if (layer) return gqe::bench::run_layer_speedup(shape);
+  } catch (const gqe::Error& e) {
+    std::fprintf(stderr, "gqe-bench: error: %s\n", e.what());
     return 2;
   }
-  gqe::set_num_threads(threads);
-
-  benchmark::AddCustomContext("cpu", cpu_name());
-#if defined(__clang__)
-  benchmark::AddCustomContext("compiler", std::string("clang ") + __VERSION__);
-#elif defined(__GNUC__)
-  benchmark::AddCustomContext("compiler", std::string("GCC ") + __VERSION__);
-#else
-  benchmark::AddCustomContext("compiler", "unknown");
-#endif
-  benchmark::AddCustomContext("build_type", GQE_BENCH_BUILD_TYPE);
-  benchmark::AddCustomContext("flags", GQE_BENCH_FLAGS);
-  benchmark::AddCustomContext("gqe_threads", std::to_string(gqe::num_threads()));
-#ifdef GQE_USE_BLAS
-  benchmark::AddCustomContext("projections", "OpenBLAS (GQE_USE_BLAS)");
-#else
-  benchmark::AddCustomContext("projections", "Eigen");
-#endif
-
   int count = static_cast<int>(args.size());
   args.push_back(nullptr);
-  benchmark::Initialize(&count, args.data());
+  benchmark::Initialize(&count, args.data());  // --help prints Google Benchmark's flags and exits
   if (benchmark::ReportUnrecognizedArguments(count, args.data())) return 2;
+  if (probe) {
+    std::fprintf(stderr, "gqe-bench: measuring the FMA peak and the read bandwidth (--no-probe skips this)...\n");
+    gqe::bench::machine_peaks() = gqe::bench::measure_peaks(static_cast<int>(threads));
+    const auto& p = gqe::bench::machine_peaks();
+    std::fprintf(stderr, "gqe-bench: FMA peak %.1f GFLOP/s on 1 thread, %.1f on %ld; read bandwidth %.1f GB/s\n",
+                 p.fma_gflops_one, p.fma_gflops_all, threads, p.read_gbps);
+  }
+  add_context(gqe::bench::machine_peaks(), probe);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

@@ -40,10 +40,6 @@ int main() {
 
   std::printf("gqe %s\n", GQE_VERSION_STRING);
   std::printf("active heads per token %td\n", config.attention().active_heads());
-#ifdef GQE_USE_BLAS
-  std::printf("blas ON\n");
-#else
-  std::printf("blas OFF\n");
-#endif
+  std::printf("gemm %s\n", gqe::backend::kName);
   return 0;
 }

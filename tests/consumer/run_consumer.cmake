@@ -1,13 +1,13 @@
 # Builds and runs one consumer project of gqe the way a user would; any failed step fails loudly.
 # cmake -DMODE=find_package|add_subdirectory -DGQE_SOURCE_DIR=... -DGQE_BINARY_DIR=... -DWORK_DIR=...
 #       -DCXX=... -DBUILD_TYPE=... -DGENERATOR=... [-DMAKE_PROGRAM=...] [-DCXX_FLAGS=...]
-#       -DEXPECT_VERSION=x.y.z -DEXPECT_BLAS=ON|OFF [-DPROGRAMS=a|b] -P run_consumer.cmake
+#       -DEXPECT_VERSION=x.y.z -DEXPECT_GEMM=eigen|openblas|onednn [-DPROGRAMS=a|b] -P run_consumer.cmake
 # find_package: installs GQE_BINARY_DIR into WORK_DIR/prefix, checks the installed package (config,
 # arch-independent version file, headers, the example programs in PROGRAMS), then builds the consumer
 # against it. add_subdirectory: builds the consumer with the gqe source tree inside it.
 cmake_minimum_required(VERSION 3.21)
 
-foreach(var MODE GQE_SOURCE_DIR WORK_DIR CXX GENERATOR EXPECT_VERSION EXPECT_BLAS)
+foreach(var MODE GQE_SOURCE_DIR WORK_DIR CXX GENERATOR EXPECT_VERSION EXPECT_GEMM)
   if(NOT DEFINED ${var} OR "${${var}}" STREQUAL "")
     message(FATAL_ERROR "run_consumer.cmake: -D${var}=... is required")
   endif()
@@ -29,11 +29,6 @@ function(require_file path)
   endif()
 endfunction()
 
-if(EXPECT_BLAS)
-  set(blas ON)
-else()
-  set(blas OFF)
-endif()
 
 # Evaluates a version file as find_package would for EXPECT_VERSION from a project whose pointer
 # size differs from this machine's: it must accept.
@@ -86,8 +81,9 @@ if(MODE STREQUAL "find_package")
   # Asked for by a 32-bit project, the version file must still answer "compatible".
   check_version_file("${package_dir}/gqeConfigVersion.cmake")
   file(READ "${package_dir}/gqeTargets.cmake" targets_file)
-  if(EXPECT_BLAS AND NOT targets_file MATCHES "GQE_USE_BLAS=1")
-    message(FATAL_ERROR "gqe::gqe was exported without the INTERFACE definition GQE_USE_BLAS=1")
+  string(TOUPPER "${EXPECT_GEMM}" gemm_macro)
+  if(NOT EXPECT_GEMM STREQUAL "eigen" AND NOT targets_file MATCHES "GQE_GEMM_${gemm_macro}=1")
+    message(FATAL_ERROR "gqe::gqe was exported without the INTERFACE definition GQE_GEMM_${gemm_macro}=1")
   endif()
 
   string(REPLACE "|" ";" programs "${PROGRAMS}")
@@ -107,7 +103,7 @@ if(MODE STREQUAL "find_package")
 
   list(APPEND configure_args "-DCMAKE_PREFIX_PATH=${prefix}")
 elseif(MODE STREQUAL "add_subdirectory")
-  list(APPEND configure_args "-DGQE_SOURCE_DIR=${GQE_SOURCE_DIR}" "-DGQE_USE_BLAS=${blas}")
+  list(APPEND configure_args "-DGQE_SOURCE_DIR=${GQE_SOURCE_DIR}" "-DGQE_GEMM=${EXPECT_GEMM}")
 else()
   message(FATAL_ERROR "run_consumer.cmake: MODE is '${MODE}'; expected find_package or add_subdirectory")
 endif()
@@ -126,6 +122,6 @@ message(STATUS "${MODE} consumer says:\n${run_output}")
 if(NOT run_output MATCHES "gqe ${EXPECT_VERSION}\n")
   message(FATAL_ERROR "the consumer did not print 'gqe ${EXPECT_VERSION}'")
 endif()
-if(NOT run_output MATCHES "blas ${blas}\n")
-  message(FATAL_ERROR "the consumer did not see GQE_USE_BLAS as ${blas}: the option must reach it")
+if(NOT run_output MATCHES "gemm ${EXPECT_GEMM}\n")
+  message(FATAL_ERROR "the consumer did not see GQE_GEMM as ${EXPECT_GEMM}: the option must reach it")
 endif()

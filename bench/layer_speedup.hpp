@@ -1,0 +1,75 @@
+#pragma once
+// gqe-bench --layer-speedup: one attention layer of any shape, dense GQA (N query heads over G KV
+// heads) against GQE (N experts in G groups, k kept, a variant), prefill of T tokens from an empty
+// cache. Interleaved rounds after a warm-up; the speed-up is the median of the rounds' ratios,
+// printed as one JSON object beside the FLOP model's ceiling.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <vector>
+
+#include "bench_common.hpp"
+#include "gqe/layers/attention.hpp"
+
+namespace gqe::bench {
+
+struct LayerShape {
+  Index hidden = 1024, heads = 16, kv_heads = 8, head_dim = 64, top_k = 1, tokens = 4096;
+  GqeVariant variant = GqeVariant::gqe;
+  int rounds = 5;
+};
+
+namespace detail {
+
+inline double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
+
+// Seconds of one prefill of x through the layer from an empty cache.
+inline double time_prefill(const Attention<float>& layer, const Matrix<float>& x, const RopeTable<float>& rope) {
+  Matrix<float> y(x.rows(), x.cols());
+  AttentionCache<float> cache(layer.config());
+  cache.reserve(x.rows());
+  const std::vector<Segment<float>> segments{{&cache, 0, x.rows()}};
+  const auto start = std::chrono::steady_clock::now();
+  layer.forward(x, segments, rope, y);
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace detail
+
+inline int run_layer_speedup(const LayerShape& s) {
+  AttentionConfig dense;
+  dense.hidden_size = s.hidden;
+  dense.num_heads = s.heads;
+  dense.num_kv_heads = s.kv_heads;
+  dense.head_dim = s.head_dim;
+  AttentionConfig routed = dense;
+  routed.type = AttentionType::gqe;
+  routed.top_k = s.top_k;
+  routed.variant = s.variant;
+  Attention<float> gqa(dense), gqe_layer(routed);  // validate the shape
+  randomize_layer(gqa, 1);
+  randomize_layer(gqe_layer, 2);
+  Matrix<float> x(s.tokens, s.hidden);  // [T, d]
+  std::mt19937 rng(3);
+  fill_random(x.data(), x.size(), 1, rng);
+  RopeTable<float> rope;
+  rope.compute(positions(0, s.tokens), s.head_dim, dense.rope_theta);
+  detail::time_prefill(gqa, x, rope);  // warm-up: workspaces sized
+  detail::time_prefill(gqe_layer, x, rope);
+  std::vector<double> dense_s, gqe_s, ratios;
+  for (int r = 0; r < s.rounds; ++r) {
+    dense_s.push_back(detail::time_prefill(gqa, x, rope));
+    gqe_s.push_back(detail::time_prefill(gqe_layer, x, rope));
+    ratios.push_back(dense_s.back() / gqe_s.back());
+  }
+  std::printf("{\"tokens\": %td, \"dense_ms\": %.3f, \"gqe_ms\": %.3f, \"speedup\": %.4f, \"flop_ceiling\": %.4f, "
+              "\"active_query_heads\": %td, \"rounds\": %d, \"threads\": %d}\n",
+              s.tokens, 1e3 * detail::median(dense_s), 1e3 * detail::median(gqe_s), detail::median(ratios),
+              dense.prefill_flops(s.tokens) / routed.prefill_flops(s.tokens), routed.active_heads(), s.rounds, num_threads());
+  return 0;
+}
+
+}  // namespace gqe::bench

@@ -1,0 +1,43 @@
+#pragma once
+// What a build of gqe computes with, for reports: the SIMD level the compiler targeted, the GEMM
+// backend and the compiler. Results are bit-identical within one build; they may differ between
+// SIMD levels (wider packets add the same terms in another order) and between backends.
+#include <string>
+
+#include "gqe/ops/gemm_backend.hpp"
+
+namespace gqe {
+
+// The widest vector instructions this build uses: "avx512f" (with "+bf16" when the compiler may use
+// AVX-512 BF16), "avx2" (with FMA, x86-64-v3), "sse4.2" (x86-64-v2), "neon", or "scalar".
+inline std::string simd_level() {
+#if defined(__AVX512F__)
+#if defined(__AVX512BF16__)
+  return "avx512f+bf16";
+#else
+  return "avx512f";
+#endif
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#elif defined(__SSE4_2__)
+  return "sse4.2";
+#elif defined(__ARM_NEON)
+  return "neon";
+#else
+  return "scalar";
+#endif
+}
+
+inline std::string compiler_name() {
+#if defined(__clang__)
+  return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return std::string("GCC ") + __VERSION__;
+#else
+  return "unknown";
+#endif
+}
+
+inline const char* gemm_backend() { return backend::kName; }
+
+}  // namespace gqe
