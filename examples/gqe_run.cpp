@@ -32,6 +32,7 @@ struct Options {
   std::optional<std::string> logits_out;
   bool stats = false;
   std::optional<std::string> perplexity;
+  gqe::LoadOptions load;  // --no-mmap, --dtype f32
 };
 
 // Per-layer routing statistics, one block per layer, to stderr.
@@ -51,7 +52,7 @@ void print_stats(const std::vector<gqe::RoutingStats>& layers) {
 
 template <class Scalar>
 int run(const Options& opt) {
-  const gqe::Transformer<Scalar> model = gqe::load_checkpoint<Scalar>(opt.model);
+  const gqe::Transformer<Scalar> model = gqe::load_checkpoint<Scalar>(opt.model, opt.load);
   const gqe::ModelConfig& config = model.config();
   const std::vector<std::int32_t> prompt =
       opt.prompt ? gqe::cli::bytes_to_ids(*opt.prompt) : gqe::cli::parse_ids(*opt.prompt_ids);
@@ -133,7 +134,7 @@ int perplexity(const Options& opt) {
   if (text.size() < 2)
     gqe::fail<gqe::InputError>("--perplexity ", path.string(), " holds ", text.size(),
                                " bytes; expected at least 2 (one to predict from, one to predict)");
-  const gqe::Transformer<Scalar> model = gqe::load_checkpoint<Scalar>(opt.model);
+  const gqe::Transformer<Scalar> model = gqe::load_checkpoint<Scalar>(opt.model, opt.load);
   const gqe::Index V = model.config().vocab_size;
   if (V < 256)
     gqe::fail<gqe::InputError>("--perplexity reads bytes as token ids 0..255; the model's vocab_size is ", V,
@@ -193,6 +194,13 @@ int main(int argc, char** argv) {
   auto* logits_out = app.add_option("--logits-out", opt.logits_out,
                  "Write the prompt's logits (F32 [T, V]) and, for GQE, expert_indices (I32 [L, T, G, k]) as safetensors");
   auto* stats = app.add_flag("--stats", opt.stats, "Print per-layer routing statistics to stderr");
+  std::string dtype = "stored";
+  app.add_option("--dtype", dtype,
+                 "Weights in memory: stored (F32, BF16 and F16 used as the file stores them) or f32 (16-bit ones widened "
+                 "at load)")
+      ->check(CLI::IsMember({"stored", "f32"}))->capture_default_str();
+  bool no_mmap = false;
+  app.add_flag("--no-mmap", no_mmap, "Read the checkpoint's files into memory instead of mapping them");
   auto* perplexity_file = app.add_option("--perplexity", opt.perplexity,
                                          "Instead of a prompt: report the model's nats per byte and perplexity on "
                                          "this text file (bytes as token ids 0..255)");
@@ -202,6 +210,8 @@ int main(int argc, char** argv) {
     if (!opt.prompt && !opt.prompt_ids && !opt.perplexity)
       gqe::fail<gqe::InputError>("no prompt; expected --prompt TEXT, --prompt-ids 1,2,3 or --perplexity FILE");
     opt.sampler.validate();
+    opt.load.keep_16bit = dtype == "stored";
+    opt.load.map = !no_mmap;
     gqe::set_num_threads(opt.threads);
     const bool in_double = gqe::checkpoint_is_double(opt.model);
     if (opt.perplexity) return in_double ? perplexity<double>(opt) : perplexity<float>(opt);

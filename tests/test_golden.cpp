@@ -172,6 +172,25 @@ TEST_P(Golden, GqeRunLogitsOutMatchesReference) {
   }
 }
 
+// How the weights are held changes nothing: mapped or read, 16-bit kept or widened at load, the
+// logits file is the same, byte for byte.
+TEST_P(Golden, GqeRunGivesTheSameBitsWhateverTheLoadOptions) {
+  const Expected e = read_expected(dir());
+  std::string ids;
+  for (auto id : e.prompt) ids += (ids.empty() ? "" : ",") + std::to_string(id);
+  std::vector<std::string> files;
+  for (const char* options : {"", "--no-mmap", "--dtype f32", "--no-mmap --dtype f32"}) {
+    const fs::path out = fs::temp_directory_path() / ("gqe-golden-load-" + GetParam() + std::to_string(files.size()) + ".st");
+    const std::string command = std::string("\"") + GQE_RUN_PATH + "\" --model \"" + dir().string() + "\" --prompt-ids " +
+                                ids + " " + options + " --logits-out \"" + out.string() + "\"";
+    ASSERT_EQ(std::system(command.c_str()), 0) << command;
+    std::ifstream in(out, std::ios::binary);
+    files.emplace_back((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    fs::remove(out);
+    EXPECT_EQ(files.back(), files.front()) << options;
+  }
+}
+
 // gqe-run --perplexity on the prompt's bytes against the nats per byte that the reference logits
 // give: the mean over t of logsumexp(logits[t]) - logits[t][prompt[t + 1]]. Byte-level fixtures only.
 void check_perplexity(const std::string& name) {

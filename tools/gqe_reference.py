@@ -384,12 +384,69 @@ def check_weights(cfg: Config, weights: Dict[str, np.ndarray]) -> None:
             raise BadInput(f"model.safetensors: {name} is not a float tensor")
 
 
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def read_sharded(model_dir: str) -> Dict[str, np.ndarray]:
+    """The tensors of a sharded folder: every tensor in the shard the index names, exactly once."""
+    path = os.path.join(model_dir, INDEX_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+        weight_map = index["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BadInput(f"{path}: not a safetensors index ({e})") from None
+    weights: Dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+        if "/" in shard or shard in ("", ".", ".."):
+            raise BadInput(f"{path}: shard name {shard!r} is not a file beside the index")
+        for name, value in read_safetensors(os.path.join(model_dir, shard)).items():
+            if weight_map.get(name) != shard or name in weights:
+                raise BadInput(f"tensor {name} is in {shard}, which the index does not name for it")
+            weights[name] = value
+    missing = sorted(set(weight_map) - set(weights))
+    if missing:
+        raise BadInput(f"tensor {missing[0]} is missing from the shard the index names")
+    return weights
+
+
 def load_model(model_dir: str) -> Tuple[Config, Dict[str, np.ndarray]]:
-    """Read config.json and model.safetensors; weights come back as float64."""
+    """Read config.json and the weights (model.safetensors, or the shards of an index, which wins);
+    weights come back as float64."""
     cfg = load_config(os.path.join(model_dir, "config.json"))
-    weights = read_safetensors(os.path.join(model_dir, "model.safetensors"))
+    if os.path.exists(os.path.join(model_dir, INDEX_FILE)):
+        weights = read_sharded(model_dir)
+    else:
+        weights = read_safetensors(os.path.join(model_dir, "model.safetensors"))
     check_weights(cfg, weights)
     return cfg, weights
+
+
+def write_weights(model_dir: str, weights: Dict[str, np.ndarray], dtype: str, shard_bytes: Optional[int] = None) -> None:
+    """model.safetensors, or with shard_bytes shards of about that many bytes (in the weights'
+    order) named model-0000i-of-0000K.safetensors and the index naming each tensor's shard."""
+    if not shard_bytes:
+        write_safetensors(os.path.join(model_dir, "model.safetensors"), weights, {name: dtype for name in weights})
+        return
+    size = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}[dtype]
+    shards: List[Dict[str, np.ndarray]] = [{}]
+    used = 0
+    for name, w in weights.items():
+        nbytes = w.size * size
+        if shards[-1] and used + nbytes > shard_bytes:
+            shards.append({})
+            used = 0
+        shards[-1][name] = w
+        used += nbytes
+    weight_map: Dict[str, str] = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(os.path.join(model_dir, file), shard, {name: dtype for name in shard})
+        weight_map.update({name: file for name in shard})
+    total = sum(w.size * size for w in weights.values())
+    with open(os.path.join(model_dir, INDEX_FILE), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        f.write("\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -649,9 +706,10 @@ def random_weights(cfg: Config, seed: int) -> Dict[str, np.ndarray]:
 
 
 def make_random_checkpoint(
-    model_dir: str, config_dict: dict, seed: int, dtype: str = "F32"
+    model_dir: str, config_dict: dict, seed: int, dtype: str = "F32", shard_bytes: Optional[int] = None
 ) -> Tuple[Config, Dict[str, np.ndarray]]:
-    """Write config.json (config_dict verbatim) and model.safetensors (given dtype) to model_dir.
+    """Write config.json (config_dict verbatim) and the weights (given dtype; in shards of about
+    shard_bytes when given) to model_dir.
 
     Returns the config and the weights as stored (float64 holding the rounded values).
     """
@@ -663,9 +721,8 @@ def make_random_checkpoint(
     with open(os.path.join(model_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config_dict, f, indent=2)
         f.write("\n")
-    path = os.path.join(model_dir, "model.safetensors")
-    write_safetensors(path, weights, {name: dtype for name in weights})
-    return cfg, read_safetensors(path)
+    write_weights(model_dir, weights, dtype, shard_bytes)
+    return cfg, load_model(model_dir)[1]
 
 
 # --------------------------------------------------------------------------------------------

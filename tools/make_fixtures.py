@@ -34,7 +34,7 @@ def _gqe(**kw):
     return base
 
 
-# (name, config.json contents, storage dtype, prompt length T or prompt text, base seed)
+# (name, config.json contents, storage dtype, prompt length T or prompt text, base seed[, shard bytes])
 FIXTURES = [
     ("gqa_small",
      {"attention_type": "gqa", "vocab_size": 37, "hidden_size": 24, "intermediate_size": 45,
@@ -81,6 +81,8 @@ FIXTURES = [
      _gqe(num_attention_heads=8, num_key_value_heads=4, head_dim=6, rms_norm_eps=0.01, rope_theta=500.0,
           max_position_embeddings=64),
      "F32", 25, 116),
+    # Hugging Face's sharded layout: an index and three shards of BF16 weights.
+    ("gqe_bf16_sharded", _gqe(num_hidden_layers=3, gqe_top_k=1), "BF16", 15, 117, 16000),
 ]
 
 
@@ -95,13 +97,13 @@ def min_router_gap(result: ref.ForwardResult, k: int) -> float:
     return float(gaps[..., : min(k, M - 1)].min())
 
 
-def make_fixture(out_dir: str, name: str, config: dict, dtype: str, prompt, seed: int) -> dict:
+def make_fixture(out_dir: str, name: str, config: dict, dtype: str, prompt, seed: int, shard_bytes=None) -> dict:
     folder = os.path.join(out_dir, name)
     for attempt in range(MAX_ATTEMPTS):
         s = seed + 1000 * attempt
         if os.path.isdir(folder):
             shutil.rmtree(folder)
-        cfg, _ = ref.make_random_checkpoint(folder, config, s, dtype)
+        cfg, _ = ref.make_random_checkpoint(folder, config, s, dtype, shard_bytes)
         if isinstance(prompt, str):
             ids = np.frombuffer(prompt.encode("utf-8"), dtype=np.uint8).astype(np.int32)
         else:
@@ -121,7 +123,7 @@ def make_fixture(out_dir: str, name: str, config: dict, dtype: str, prompt, seed
             dtypes.update(expert_indices="I32", router_probs="F64", aux_loss="F64")
         ref.write_safetensors(os.path.join(folder, "expected.safetensors"), expected, dtypes)
         return {"name": name, "cfg": cfg, "dtype": dtype, "T": len(ids), "text": isinstance(prompt, str),
-                "seed": s}
+                "seed": s, "shards": shard_bytes is not None}
     raise RuntimeError(f"{name}: no seed without a near-tie router choice in {MAX_ATTEMPTS} attempts")
 
 
@@ -136,7 +138,8 @@ Do not edit by hand; regenerate with
 (deterministic: seeded weights and prompts); `/usr/bin/python3 -m unittest tools/test_reference.py`
 checks that these files still match the reference. Each folder `<name>/` holds:
 
-- `config.json`, `model.safetensors`: a small random checkpoint (weights stored in the listed dtype).
+- `config.json`, `model.safetensors`: a small random checkpoint (weights stored in the listed dtype;
+  a sharded one has `model.safetensors.index.json` and its shards instead).
 - `expected.safetensors`, the reference's answers (float64, from the stored weights):
   - `prompt_ids` I32 [T]: the prompt, positions 0..T-1.
   - `logits` F64 [T, V]: logits at every prompt position.
@@ -172,6 +175,8 @@ def write_readme(out_dir: str, rows) -> None:
             other.append("Llama config, defaults")
         if r["text"]:
             other.append("text prompt")
+        if r["shards"]:
+            other.append("sharded (index + shards)")
         lines.append(
             f"| {r['name']} | {c.attention_type} | {c.gqe_variant if gqe else '-'} | {c.vocab_size} | "
             f"{c.hidden_size} | {c.intermediate_size} | {c.num_hidden_layers} | {c.num_attention_heads} | "
@@ -189,8 +194,8 @@ def main() -> int:
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     rows = []
-    for name, config, dtype, prompt, seed in FIXTURES:
-        rows.append(make_fixture(args.out, name, config, dtype, prompt, seed))
+    for name, config, dtype, prompt, seed, *shards in FIXTURES:
+        rows.append(make_fixture(args.out, name, config, dtype, prompt, seed, *shards))
         print(f"{name}: seed {rows[-1]['seed']}, T = {rows[-1]['T']}")
     write_readme(args.out, rows)
     return 0

@@ -474,17 +474,16 @@ WeightTile<Scalar, Weights> weight_tile_for(Index rows, std::index_sequence<R...
 }
 
 // dst [steps][width][G] = `count` rows (any float dtype) starting at `first`, each row's values
-// p = q*G + g at dst[(q*width + r)*G + g]; zeros past k and for rows past count.
+// p = q*G + g at dst[(q*width + r)*G + g], zeros past k. Lanes of rows past `count` are left as they
+// are: the micro-kernels never store what they compute from them.
 template <class Scalar>
 void pack_groups(const void* data, DType dtype, Index stride, Index first, Index count, Index k, Index width,
                  Scalar* dst, Scalar* row) {
   constexpr int G = WeightShape<Scalar>::kGroup;
   const Index steps = WeightShape<Scalar>::steps(k);
-  for (Index r = 0; r < width; ++r) {
+  for (Index r = 0; r < count; ++r) {
     const Scalar* src = row;
-    if (r >= count) {
-      std::fill(row, row + steps * G, Scalar(0));
-    } else if (dtype == dtype_of<Scalar>() && k % G == 0) {  // read in place
+    if (dtype == dtype_of<Scalar>() && k % G == 0) {  // read in place
       src = static_cast<const Scalar*>(data) + (first + r) * stride;
     } else {
       stage_row(data, dtype, stride, first + r, 0, k, row);
