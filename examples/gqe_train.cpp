@@ -322,6 +322,7 @@ int run_comparison(Options o) {
 int main(int argc, char** argv) {
   CLI::App app{"Trains a dense GQA and a GQE transformer of the same shape on the same tokens and seeds, and compares them",
                "gqe-train"};
+  app.set_version_flag("--version", GQE_VERSION_STRING);
   Options o;
   app.add_option("--task", o.task, "mqar (multi-query associative recall) or text (byte-level LM on --text)")
       ->check(CLI::IsMember({"mqar", "text"}))->capture_default_str();
