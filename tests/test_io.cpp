@@ -139,7 +139,7 @@ TEST(BFloat16, RandomFloatsRoundToNearestEven) {
 
 // ---- safetensors files ------------------------------------------------------------------------
 
-// A file whose header is written by hand, as the spec's layout says.
+// A file whose header is written by hand, as docs/checkpoints.md lays it out.
 std::string raw_file(const std::string& header, const std::string& data) {
   std::string s(8, '\0');
   const std::uint64_t n = header.size();

@@ -26,7 +26,7 @@ BASE_CONFIG = {
 
 
 def base_tensors():
-    """The valid model's tensors as (name, float32 array), in the spec's order."""
+    """The valid model's tensors as (name, float32 array), in docs/checkpoints.md's order."""
     cfg = ref.config_from_dict(BASE_CONFIG)
     weights = ref.random_weights(cfg, seed=3)
     return [(name, weights[name].astype(np.float32)) for name in ref.weight_shapes(cfg)]
