@@ -137,6 +137,9 @@ run_ok(out err "${GQE_RUN}" -m "${SHORT_MODEL}" --prompt-ids ${ids64})
 expect_equal("${out}" "" "a prompt that fills the context gets no continuation")
 expect_match("${err}" "^gqe-run: the prompt fills all 64 positions of the model; no room for a continuation\n$"
              "... and gqe-run says so in one line")
+run_ok(out err "${GQE_RUN}" -m "${SHORT_MODEL}" --prompt-ids ${ids64} --top-k 3)
+expect_match("${err}" "^gqe-run: the prompt fills all 64 positions[^\n]*\n$"
+             "... with that one line only, not a warning that --top-k needs --generate")
 
 # ---- --print-ids on a vocabulary below 256 ----------------------------------------------------
 run_ok(ids_text err "${GQE_RUN}" -m "${SMALL_MODEL}" --prompt-ids 1,2,3 -n 10 --temperature 1 -s 3 --print-ids)
