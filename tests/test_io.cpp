@@ -439,7 +439,7 @@ std::string config_refusal(const std::string& text) {
 const std::string kBase =
     R"("vocab_size": 32, "hidden_size": 64, "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 4)";
 
-TEST(ConfigJson, PlainLlamaConfigGetsTheSpecDefaults) {
+TEST(ConfigJson, PlainLlamaConfigGetsTheDocumentedDefaults) {
   const auto c = parse("{" + kBase + R"(, "model_type": "llama", "rope_scaling": null, "attention_bias": false,
                           "mlp_bias": null, "torch_dtype": "bfloat16", "unknown": {"deep": [1, {"x": 2}]}})");
   EXPECT_EQ(c.attention_type, gqe::AttentionType::gqa);

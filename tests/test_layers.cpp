@@ -408,7 +408,7 @@ void check_slot_order(const LayerCase& lc, unsigned seed) {
   }
 }
 
-TYPED_TEST(LayersTest, OProjReadsTheSlotsInTheSpecOrder) {
+TYPED_TEST(LayersTest, OProjReadsTheSlotsInTheDocumentedOrder) {
   unsigned seed = 40;
   for (const auto& lc : layer_cases()) {
     if (lc.type == AttentionType::gqa)
@@ -568,7 +568,7 @@ TYPED_TEST(LayersTest, RouterKeepsChoicesInRangeWhenLogitsAreNaN) {
 
 // ---- RoutingStats -----------------------------------------------------------------------------------
 
-TYPED_TEST(LayersTest, RoutingStatsLoadAndAuxLossFollowTheSpecFormula) {
+TYPED_TEST(LayersTest, RoutingStatsLoadAndAuxLossFollowTheDocumentedFormula) {
   using S = TypeParam;
   std::mt19937 rng(62);
   const AttentionConfig c = gqe_config(37, 12, 4, 2);  // G = 4, M = 3, k = 2

@@ -38,7 +38,7 @@ struct ModelConfig {
     return a;
   }
 
-  // Parameters the model holds, by the spec's tensor list (checked against Transformer's own list).
+  // Parameters the model holds, by docs/checkpoints.md's tensor list (checked against Transformer's own).
   Index parameter_count() const {
     const AttentionConfig a = attention();
     const Index d = hidden_size, dh = head_dim;
