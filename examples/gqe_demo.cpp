@@ -116,6 +116,12 @@ double time_prefill(const Layer& layer, const gqe::AttentionConfig& config, cons
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
+// Below this many tokens, or when the faster layer's run takes less than this many seconds, the
+// ratio of two timings says more about noise (thread wake-up, caches, other programs) than about
+// the layers: it is printed with that caveat instead of a share of the FLOP ceiling.
+constexpr Index kMeaningfulTokens = 512;
+constexpr double kMeaningfulSeconds = 0.02;
+
 void speed_tour(Index T, int repeats) {
   gqe::AttentionConfig dense;
   dense.hidden_size = 1024;
@@ -136,8 +142,8 @@ void speed_tour(Index T, int repeats) {
   gqe::Attention<float>::visit(gqa, fill);
   gqe::Attention<float>::visit(gqe_layer, fill);
 
-  std::printf("== Prefill speed of one attention layer at T=%td (d=1024, d_h=64, N=16, G=8, k=1; %d threads) ==\n", T,
-              gqe::num_threads());
+  std::printf("== Prefill speed of one attention layer at T=%td (d=1024, d_h=64, N=16, G=8, k=1; %d thread%s) ==\n", T,
+              gqe::num_threads(), gqe::num_threads() == 1 ? "" : "s");
   const gqe::Matrix<float> x = gqe::Matrix<float>::Random(T, dense.hidden_size);  // [T, d]
   std::vector<Index> positions(static_cast<std::size_t>(T));
   for (Index t = 0; t < T; ++t) positions[static_cast<std::size_t>(t)] = t;
@@ -152,8 +158,13 @@ void speed_tour(Index T, int repeats) {
   const double ceiling = dense.prefill_flops(T) / routed.prefill_flops(T);
   std::printf("  dense GQA (16 heads): %7.1f ms  %6.1f GFLOP/s\n", 1e3 * t_dense, dense.prefill_flops(T) / t_dense / 1e9);
   std::printf("  GQE (9 heads active): %7.1f ms  %6.1f GFLOP/s (useful)\n", 1e3 * t_gqe, routed.prefill_flops(T) / t_gqe / 1e9);
-  std::printf("  speed-up %.2fx; FLOP ceiling %.2fx (%.0f%% of it)\n\n", t_dense / t_gqe, ceiling,
-              100 * t_dense / t_gqe / ceiling);
+  if (T < kMeaningfulTokens || t_gqe < kMeaningfulSeconds)
+    std::printf("  speed-up %.2fx; FLOP ceiling %.2fx. Not a measurement: a run of %.1f ms at T=%td is too short for\n"
+                "  the ratio to mean anything (noise dominates); use --tokens %td or more, or gqe-bench\n\n",
+                t_dense / t_gqe, ceiling, 1e3 * t_gqe, T, std::max<Index>(2048, 2 * T));
+  else
+    std::printf("  speed-up %.2fx; FLOP ceiling %.2fx (%.0f%% of it)\n\n", t_dense / t_gqe, ceiling,
+                100 * t_dense / t_gqe / ceiling);
 }
 
 // gqe-train's comparison in miniature: one seed, an easier MQAR (fewer pairs, shorter sequences)
@@ -211,7 +222,7 @@ int main(int argc, char** argv) {
   int threads = gqe::default_thread_count();
   Index train_steps = 300;
   app.add_option("--seed", seed, "Seed of the built-in model")->capture_default_str();
-  app.add_option("--tokens", tokens, "Context length of the speed comparison")
+  app.add_option("--tokens", tokens, "Context length of the speed comparison (below 512 the ratio is noise, and said so)")
       ->check(CLI::Range(Index(16), Index(65536)))->capture_default_str();
   app.add_option("--repeats", repeats, "Timed runs per layer (the best counts)")->check(CLI::Range(1, 100))->capture_default_str();
   app.add_option("--train-steps", train_steps, "Steps of the training comparison (0 skips it)")

@@ -1,13 +1,14 @@
-// gqe-run: runs a checkpoint folder on a prompt, as ../shared/spec (GQE.md, "The command-line
-// runner") defines: logits and expert choices to a safetensors file, routing statistics, and
-// sampled continuations streamed to stdout. With --perplexity FILE instead of a prompt, it reports
-// a byte-level model's nats per byte and perplexity on a text file. Exit status 2, with one line
-// on stderr, on any input the user can fix.
+// gqe-run: runs a checkpoint folder on a prompt, as docs/gqe-run.md describes: logits and expert
+// choices to a safetensors file, routing statistics and timings, and sampled continuations streamed
+// to stdout (stopping at the model's eos_token_id). With --perplexity FILE instead of a prompt, it
+// reports a byte-level model's nats per byte and perplexity on a text file. Exit status 2, with one
+// line on stderr, on any input the user can fix.
 #include <CLI/CLI.hpp>
 
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -21,19 +22,55 @@
 
 namespace {
 
+// Tokens generated when a prompt comes with no output flag at all (no --generate, --logits-out or
+// --stats), so that a first call shows something; fewer when the context is shorter.
+constexpr gqe::Index kDefaultContinuation = 32;
+
 struct Options {
   std::string model;
   std::optional<std::string> prompt;
   std::optional<std::string> prompt_ids;
-  gqe::Index generate = 0;
+  std::optional<gqe::Index> generate;  // absent: kDefaultContinuation or nothing, as above
   gqe::SamplerConfig sampler;
   int threads = gqe::default_thread_count();
   std::string mode = "prefill";
   std::optional<std::string> logits_out;
   bool stats = false;
+  bool print_ids = false;
+  bool ignore_eos = false;
   std::optional<std::string> perplexity;
   gqe::LoadOptions load;  // --no-mmap, --dtype f32
+  // Sampling flags given on the command line, for the warnings of those that have no effect.
+  bool top_k_given = false, top_p_given = false, seed_given = false, temperature_given = false;
 };
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+// One line per sampling flag that the run ignores: greedy decoding ignores --top-k, --top-p and
+// --seed; without generation every sampling flag is ignored.
+std::vector<std::string> ignored_flags(const Options& opt, gqe::Index generate, gqe::Index vocab) {
+  std::vector<std::string> lines;
+  if (generate == 0) {
+    for (const auto& [given, flag] : {std::pair{opt.temperature_given, "--temperature"}, std::pair{opt.top_k_given, "--top-k"},
+                                      std::pair{opt.top_p_given, "--top-p"}, std::pair{opt.seed_given, "--seed"},
+                                      std::pair{opt.print_ids, "--print-ids"}, std::pair{opt.ignore_eos, "--ignore-eos"}})
+      if (given) lines.push_back(std::string(flag) + " has no effect: no tokens are generated (add --generate N)");
+    return lines;
+  }
+  if (opt.sampler.temperature == 0) {
+    for (const auto& [given, flag] : {std::pair{opt.top_k_given, "--top-k"}, std::pair{opt.top_p_given, "--top-p"},
+                                      std::pair{opt.seed_given, "--seed"}})
+      if (given)
+        lines.push_back(std::string(flag) +
+                        " has no effect with temperature 0 (greedy decoding: always the most likely token); "
+                        "add --temperature T > 0 to sample");
+  } else if (opt.sampler.top_k >= vocab) {
+    lines.push_back("--top-k " + std::to_string(opt.sampler.top_k) + " has no effect: the vocabulary has only " +
+                    std::to_string(vocab) + " tokens");
+  }
+  return lines;
+}
 
 // Per-layer routing statistics, one block per layer, to stderr.
 void print_stats(const std::vector<gqe::RoutingStats>& layers) {
@@ -52,7 +89,9 @@ void print_stats(const std::vector<gqe::RoutingStats>& layers) {
 
 template <class Scalar>
 int run(const Options& opt) {
+  const auto load_start = Clock::now();
   const gqe::Transformer<Scalar> model = gqe::load_checkpoint<Scalar>(opt.model, opt.load);
+  const double load_seconds = seconds_since(load_start);
   const gqe::ModelConfig& config = model.config();
   const std::vector<std::int32_t> prompt =
       opt.prompt ? gqe::cli::bytes_to_ids(*opt.prompt) : gqe::cli::parse_ids(*opt.prompt_ids);
@@ -62,13 +101,17 @@ int run(const Options& opt) {
     if (prompt[static_cast<std::size_t>(t)] >= V)
       gqe::fail<gqe::InputError>("prompt token ", t, " is ", prompt[static_cast<std::size_t>(t)],
                                  "; expected an id below vocab_size = ", V);
-  if (T + opt.generate > config.max_position_embeddings)
-    gqe::fail<gqe::InputError>("prompt of ", T, " tokens plus ", opt.generate,
+  if (T > config.max_position_embeddings || (opt.generate && T + *opt.generate > config.max_position_embeddings))
+    gqe::fail<gqe::InputError>("prompt of ", T, " tokens plus ", opt.generate.value_or(0),
                                " generated ones exceeds max_position_embeddings = ", config.max_position_embeddings);
+  const bool continuation_by_default = !opt.generate && !opt.logits_out && !opt.stats;
+  const gqe::Index generate =
+      opt.generate ? *opt.generate
+                   : (continuation_by_default ? std::min(kDefaultContinuation, config.max_position_embeddings - T) : 0);
   gqe::Sampler sampler(opt.sampler);
 
   std::vector<gqe::KVCache<Scalar>> caches{model.new_cache()};
-  caches[0].reserve(T + opt.generate);
+  caches[0].reserve(T + generate);
   gqe::Tensor<Scalar> logits(gqe::Shape{1, T, V});  // [1, T, V]
   const bool routed = config.attention_type == gqe::AttentionType::gqe;
   const gqe::Index L = config.num_layers, G = config.num_kv_heads, k = config.top_k;
@@ -85,6 +128,7 @@ int run(const Options& opt) {
     }
   };
   const gqe::TensorView<const std::int32_t> ids(prompt.data(), gqe::Shape{1, T});
+  const auto prompt_start = Clock::now();
   if (opt.mode == "prefill") {
     model.forward(ids, caches, logits.view(), false, &trace);
     record(0, T);
@@ -94,30 +138,65 @@ int run(const Options& opt) {
       record(t, 1);
     }
   }
+  const double prompt_seconds = seconds_since(prompt_start);
   if (opt.logits_out) gqe::cli::write_logits(*opt.logits_out, logits, routed ? &experts : nullptr);
-  if (opt.stats) {
+
+  if (continuation_by_default && generate == 0)  // this note says why nothing follows; no warnings besides
+    std::fprintf(stderr, "gqe-run: the prompt fills all %td positions of the model; no room for a continuation\n",
+                 config.max_position_embeddings);
+  else
+    for (const auto& line : ignored_flags(opt, generate, V)) std::fprintf(stderr, "gqe-run: warning: %s\n", line.c_str());
+
+  // Generation: stream each token as it comes, as bytes when the vocabulary is byte-level and
+  // --print-ids is not given, else as space-separated ids. An eos token ends it, unprinted.
+  const bool as_text = V <= 256 && !opt.print_ids;
+  const std::vector<std::int32_t>& eos = config.eos_token_ids;
+  gqe::Tensor<Scalar> step_logits(gqe::Shape{1, V});
+  const Scalar* last = logits.view()[0][T - 1].data();
+  gqe::Index printed = 0, decode_steps = 0;
+  std::optional<std::int32_t> stopped_at;
+  double decode_seconds = 0;
+  for (gqe::Index i = 0; i < generate; ++i) {
+    const std::int32_t next = sampler.sample(last, V);
+    if (!opt.ignore_eos && std::find(eos.begin(), eos.end(), next) != eos.end()) {
+      stopped_at = next;
+      break;
+    }
+    if (as_text)
+      std::fputc(static_cast<unsigned char>(next), stdout);
+    else
+      std::fprintf(stdout, printed ? " %d" : "%d", next);
+    std::fflush(stdout);
+    ++printed;
+    if (i + 1 == generate) break;
+    const auto step_start = Clock::now();
+    model.forward(gqe::TensorView<const std::int32_t>(&next, gqe::Shape{1, 1}), caches, step_logits.view(), true);
+    decode_seconds += seconds_since(step_start);
+    ++decode_steps;
+    last = step_logits.data();
+  }
+  if (printed > 0 && !as_text) std::fputc('\n', stdout);
+  std::fflush(stdout);
+
+  if (opt.stats) {  // routing statistics of the prompt, then timings (wall-clock)
     if (routed)
       print_stats(stats);
     else
       std::fprintf(stderr, "attention_type is gqa: every query head is active, no routing statistics\n");
-  }
-
-  // Generation: stream each token as it comes, as bytes when the vocabulary is byte-level.
-  const bool as_text = V <= 256;
-  gqe::Tensor<Scalar> step_logits(gqe::Shape{1, V});
-  const Scalar* last = logits.view()[0][T - 1].data();
-  for (gqe::Index i = 0; i < opt.generate; ++i) {
-    const std::int32_t next = sampler.sample(last, V);
-    if (as_text)
-      std::fputc(static_cast<unsigned char>(next), stdout);
+    const auto rate = [](gqe::Index tokens, double seconds) { return seconds > 0 ? static_cast<double>(tokens) / seconds : 0.0; };
+    const auto tokens = [](gqe::Index n) { return std::to_string(n) + (n == 1 ? " token" : " tokens"); };
+    std::fprintf(stderr, "load: %.1f ms (%s, %td parameters)\n", 1e3 * load_seconds, opt.model.c_str(),
+                 config.parameter_count());
+    std::fprintf(stderr, "%s: %s in %.2f ms, %.1f tokens/s\n", opt.mode == "prefill" ? "prefill" : "prompt, stepwise",
+                 tokens(T).c_str(), 1e3 * prompt_seconds, rate(T, prompt_seconds));
+    if (decode_steps > 0)
+      std::fprintf(stderr, "decode: %s in %.2f ms, %.1f tokens/s\n", tokens(decode_steps).c_str(), 1e3 * decode_seconds,
+                   rate(decode_steps, decode_seconds));
     else
-      std::fprintf(stdout, i ? " %d" : "%d", next);
-    std::fflush(stdout);
-    if (i + 1 == opt.generate) break;
-    model.forward(gqe::TensorView<const std::int32_t>(&next, gqe::Shape{1, 1}), caches, step_logits.view(), true);
-    last = step_logits.data();
+      std::fprintf(stderr, "decode: no step (%s generated)\n", tokens(printed).c_str());
+    if (stopped_at)
+      std::fprintf(stderr, "generation: stopped at eos_token_id %d after %s\n", *stopped_at, tokens(printed).c_str());
   }
-  if (opt.generate > 0 && !as_text) std::fputc('\n', stdout);
   return 0;
 }
 
@@ -174,26 +253,35 @@ int main(int argc, char** argv) {
                "gqe-run"};
   app.set_version_flag("--version", GQE_VERSION_STRING);
   Options opt;
-  app.add_option("--model", opt.model, "Checkpoint folder (config.json + model.safetensors)")->required();
-  auto* prompt = app.add_option("--prompt", opt.prompt, "Prompt text, one token per byte (ids 0..255)");
+  app.add_option("-m,--model", opt.model, "Checkpoint folder (config.json + model.safetensors)")->required();
+  auto* prompt = app.add_option("-p,--prompt", opt.prompt, "Prompt text, one token per byte (ids 0..255)");
   auto* ids = app.add_option("--prompt-ids", opt.prompt_ids, "Prompt as comma-separated token ids, e.g. 1,2,3");
   prompt->excludes(ids);
   ids->excludes(prompt);
-  auto* generate = app.add_option("--generate", opt.generate, "Tokens to sample after the prompt, streamed to stdout")
+  auto* generate = app.add_option("-n,--generate", opt.generate,
+                                  "Tokens to sample after the prompt, streamed to stdout; fewer when an eos token comes "
+                                  "(default: " + std::to_string(kDefaultContinuation) +
+                                      " when neither --logits-out nor --stats is given, else 0)")
       ->check(CLI::Range(gqe::Index(0), gqe::Limits::max_positions));
-  app.add_option("--temperature", opt.sampler.temperature, "Sampling temperature; 0 is greedy")->capture_default_str();
-  app.add_option("--top-k", opt.sampler.top_k, "Keep the K most likely tokens; 0 is off")->capture_default_str();
-  app.add_option("--top-p", opt.sampler.top_p, "Keep the smallest set of tokens with probability >= P; 1 is off")
+  auto* temperature = app.add_option("--temperature", opt.sampler.temperature, "Sampling temperature; 0 is greedy")
       ->capture_default_str();
-  app.add_option("--seed", opt.sampler.seed, "Seed of the sampler (a non-negative integer)")
+  auto* top_k = app.add_option("--top-k", opt.sampler.top_k, "Keep the K most likely tokens; 0 is off")->capture_default_str();
+  auto* top_p = app.add_option("--top-p", opt.sampler.top_p, "Keep the smallest set of tokens with probability >= P; 1 is off")
+      ->capture_default_str();
+  auto* seed = app.add_option("-s,--seed", opt.sampler.seed, "Seed of the sampler (a non-negative integer)")
       ->check(gqe::cli::non_negative_integer())->capture_default_str();
-  app.add_option("--threads", opt.threads, "Worker threads (default: the machine's cores)")
+  auto* ignore_eos = app.add_flag("--ignore-eos", opt.ignore_eos,
+                                  "Do not stop at config.json's eos_token_id: generate all --generate tokens");
+  auto* print_ids = app.add_flag("--print-ids", opt.print_ids,
+                                 "Print the generated tokens as space-separated ids, not as bytes");
+  app.add_option("-t,--threads", opt.threads, "Worker threads (default: the machine's cores)")
       ->check(CLI::Range(1, 1024))->capture_default_str();
   auto* mode = app.add_option("--mode", opt.mode, "prefill: the prompt at once; stepwise: one token at a time through the KV cache")
       ->check(CLI::IsMember({"prefill", "stepwise"}))->capture_default_str();
   auto* logits_out = app.add_option("--logits-out", opt.logits_out,
                  "Write the prompt's logits (F32 [T, V]) and, for GQE, expert_indices (I32 [L, T, G, k]) as safetensors");
-  auto* stats = app.add_flag("--stats", opt.stats, "Print per-layer routing statistics to stderr");
+  auto* stats = app.add_flag("--stats", opt.stats,
+                             "Print timings (load, prefill and decode tokens/s) and per-layer routing statistics to stderr");
   std::string dtype = "stored";
   app.add_option("--dtype", dtype,
                  "Weights in memory: stored (F32, BF16 and F16 used as the file stores them) or f32 (16-bit ones widened "
@@ -204,7 +292,8 @@ int main(int argc, char** argv) {
   auto* perplexity_file = app.add_option("--perplexity", opt.perplexity,
                                          "Instead of a prompt: report the model's nats per byte and perplexity on "
                                          "this text file (bytes as token ids 0..255)");
-  for (auto* other : {prompt, ids, generate, mode, logits_out, stats}) perplexity_file->excludes(other);
+  for (auto* other : {prompt, ids, generate, mode, logits_out, stats, temperature, top_k, top_p, seed, ignore_eos, print_ids})
+    perplexity_file->excludes(other);
 
   return gqe::cli::run_main(app, argc, argv, [&] {
     if (!opt.prompt && !opt.prompt_ids && !opt.perplexity)
@@ -212,6 +301,10 @@ int main(int argc, char** argv) {
     opt.sampler.validate();
     opt.load.keep_16bit = dtype == "stored";
     opt.load.map = !no_mmap;
+    opt.temperature_given = temperature->count() > 0;
+    opt.top_k_given = top_k->count() > 0;
+    opt.top_p_given = top_p->count() > 0;
+    opt.seed_given = seed->count() > 0;
     gqe::set_num_threads(opt.threads);
     const bool in_double = gqe::checkpoint_is_double(opt.model);
     if (opt.perplexity) return in_double ? perplexity<double>(opt) : perplexity<float>(opt);

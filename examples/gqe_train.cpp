@@ -245,7 +245,7 @@ int measure_throughput(const Options& o) {
   const double ceiling = train_flops(gqa, o.seq_len) / train_flops(gqe_model, o.seq_len);
   const double recompute = train_flops_recompute(gqa, o.seq_len) / train_flops_recompute(gqe_model, o.seq_len);
   const double g = median(wall[0]), e = median(wall[1]);
-  std::printf("| seq len | GQA tokens/s | GQE tokens/s | GQE/GQA wall | GQE/GQA CPU time | FLOP ceiling (spec model, fwd+bwd) | FLOP ceiling (as computed) |\n");
+  std::printf("| seq len | GQA tokens/s | GQE tokens/s | GQE/GQA wall | GQE/GQA CPU time | FLOP ceiling (FLOP model, fwd+bwd) | FLOP ceiling (as computed) |\n");
   std::printf("|--------:|-------------:|-------------:|-------------:|-----------------:|-----------------------------------:|---------------------------:|\n");
   std::printf("| %7ld | %12.0f | %12.0f | %12.3f | %16.3f | %34.3f | %26.3f |\n", static_cast<long>(o.seq_len), g, e, e / g,
               median(cpu[1]) / median(cpu[0]), ceiling, recompute);
@@ -321,6 +321,7 @@ int run_comparison(Options o) {
 int main(int argc, char** argv) {
   CLI::App app{"Trains a dense GQA and a GQE transformer of the same shape on the same tokens and seeds, and compares them",
                "gqe-train"};
+  app.set_version_flag("--version", GQE_VERSION_STRING);
   Options o;
   app.add_option("--task", o.task, "mqar (multi-query associative recall) or text (byte-level LM on --text)")
       ->check(CLI::IsMember({"mqar", "text"}))->capture_default_str();

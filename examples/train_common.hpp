@@ -176,8 +176,8 @@ class Progress {
   std::chrono::steady_clock::time_point drawn_{};
 };
 
-// Whole-model training FLOPs per sequence (forward + backward = 3 x forward), from the spec's
-// attention FLOP model plus the feed-forward and lm_head.
+// Whole-model training FLOPs per sequence (forward + backward = 3 x forward), from the attention
+// FLOP model of docs/flop-model.md plus the feed-forward and lm_head.
 inline double train_flops(const ModelConfig& m, Index T) {
   const double t = static_cast<double>(T), d = static_cast<double>(m.hidden_size);
   const double ffn = 2 * t * 3 * d * static_cast<double>(m.intermediate_size);

@@ -140,7 +140,7 @@ TEST(BFloat16, RandomFloatsRoundToNearestEven) {
 
 // ---- safetensors files ------------------------------------------------------------------------
 
-// A file whose header is written by hand, as the spec's layout says.
+// A file whose header is written by hand, as docs/checkpoints.md lays it out.
 std::string raw_file(const std::string& header, const std::string& data) {
   std::string s(8, '\0');
   const std::uint64_t n = header.size();
@@ -440,7 +440,7 @@ std::string config_refusal(const std::string& text) {
 const std::string kBase =
     R"("vocab_size": 32, "hidden_size": 64, "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 4)";
 
-TEST(ConfigJson, PlainLlamaConfigGetsTheSpecDefaults) {
+TEST(ConfigJson, PlainLlamaConfigGetsTheDocumentedDefaults) {
   const auto c = parse("{" + kBase + R"(, "model_type": "llama", "rope_scaling": null, "attention_bias": false,
                           "mlp_bias": null, "torch_dtype": "bfloat16", "unknown": {"deep": [1, {"x": 2}]}})");
   EXPECT_EQ(c.attention_type, gqe::AttentionType::gqa);
@@ -561,6 +561,50 @@ TEST(ConfigJson, RefusesBadValuesNamingTheKey) {
   }
   EXPECT_EQ(config_refusal("{" + kBase + "}"), "");
   EXPECT_THROW(parse("{" + kBase + R"(, "num_key_value_heads": 3})"), gqe::ConfigError);
+}
+
+// eos_token_id as Hugging Face writes it: an id, a list of ids, or null; written back in the same form.
+TEST(ConfigJson, EosTokenIdIsAnIdOrAList) {
+  EXPECT_TRUE(parse("{" + kBase + "}").eos_token_ids.empty());
+  EXPECT_TRUE(parse("{" + kBase + R"(, "eos_token_id": null})").eos_token_ids.empty());
+  EXPECT_TRUE(parse("{" + kBase + R"(, "eos_token_id": []})").eos_token_ids.empty());
+  EXPECT_EQ(parse("{" + kBase + R"(, "eos_token_id": 2})").eos_token_ids, (std::vector<std::int32_t>{2}));
+  EXPECT_EQ(parse("{" + kBase + R"(, "eos_token_id": 31.0})").eos_token_ids, (std::vector<std::int32_t>{31}));
+  EXPECT_EQ(parse("{" + kBase + R"(, "eos_token_id": [0, 7, 31]})").eos_token_ids, (std::vector<std::int32_t>{0, 7, 31}));
+
+  for (const char* value : {"2", "[3,5]", "[]"}) {
+    const auto c = parse("{" + kBase + R"(, "eos_token_id": )" + value + "}");
+    const auto j = gqe::to_json(c);
+    EXPECT_EQ(gqe::to_json(parse(j.dump())), j) << value;
+    if (c.eos_token_ids.empty())
+      EXPECT_FALSE(j.contains("eos_token_id"));
+    else
+      EXPECT_EQ(j["eos_token_id"].dump(), value);
+  }
+
+  const std::vector<std::pair<std::string, std::vector<std::string>>> refused = {
+      {"32", {"eos_token_id 32 is not a token of this model", "0 to vocab_size - 1 = 31"}},
+      {"[1, 32]", {"eos_token_id 32 is not a token"}},
+      {"-1", {"\"eos_token_id\" holds -1", "expected token ids from 0"}},
+      {"[1, -2]", {"\"eos_token_id\" holds -2"}},
+      {"4294967296", {"\"eos_token_id\" holds 4294967296"}},
+      {"2.5", {"\"eos_token_id\" is 2.5", "expected a token id or a list of token ids"}},
+      {"\"2\"", {"\"eos_token_id\" is \"2\"", "expected a token id"}},
+      {"true", {"\"eos_token_id\" is true"}},
+      {"[1, null]", {"\"eos_token_id\" is [1, null]"}},
+      {"[[1]]", {"\"eos_token_id\" is an array of 1 values"}},
+      {"{\"id\": 1}", {"\"eos_token_id\" is an object of 1 keys"}},
+  };
+  for (const auto& [value, says] : refused) {
+    const std::string message = config_refusal("{" + kBase + R"(, "eos_token_id": )" + value + "}");
+    ASSERT_NE(message, "") << value;
+    EXPECT_EQ(message.rfind("config.json: ", 0), 0u) << message;
+    EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+    for (const auto& piece : says) EXPECT_NE(message.find(piece), std::string::npos) << value << " -> " << message;
+  }
+  gqe::ModelConfig c = parse("{" + kBase + "}");
+  c.eos_token_ids = {32};
+  EXPECT_THROW(c.validate(), gqe::ConfigError);
 }
 
 TEST(ConfigJson, MalformedFilesAreFormatErrorsNamingTheFile) {

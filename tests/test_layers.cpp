@@ -1,5 +1,5 @@
 // The layers (Router, RoutingStats, Attention as GQA and GQE in its three variants, FeedForward)
-// against a slow reference of the GQE specification's formulas, written in this file: per token,
+// against a slow reference of docs/model.md's formulas, written in this file: per token,
 // per head, in plain loops over double, recomputing the whole sequence from position 0. The layers
 // run in float and double on weights and inputs drawn in that type, which the reference reads
 // exactly; each tolerance is derived from the length of the products involved.
@@ -112,14 +112,14 @@ Vec attend(const Vec& q, const std::vector<Vec>& keys, const std::vector<Vec>& v
 }
 
 struct Reference {
-  MatrixD concat;  // [T, S*d_h]: o_proj's input, slots in the spec's order
+  MatrixD concat;  // [T, S*d_h]: o_proj's input, slots in docs/model.md's order
   MatrixD y;       // [T, d]
   MatrixD probs;   // [T, G*M], GQE only
   std::vector<std::vector<Index>> kept;  // [T][G*k]: m of slot (g, j), GQE only
   MatrixD weights;                       // [T, G*k]: renormalised slot weights, GQE only
 };
 
-// The attention layer of the spec over a whole sequence x [T, d] starting at position 0.
+// The attention layer of docs/model.md over a whole sequence x [T, d] starting at position 0.
 Reference reference_attention(const AttentionConfig& c, const Weights& w, const MatrixD& x) {
   const Index T = x.rows(), N = c.num_heads, G = c.num_kv_heads, M = N / G, dh = c.head_dim, k = c.top_k;
   const bool gqe = c.type == AttentionType::gqe;
@@ -408,7 +408,7 @@ void check_slot_order(const LayerCase& lc, unsigned seed) {
   }
 }
 
-TYPED_TEST(LayersTest, OProjReadsTheSlotsInTheSpecOrder) {
+TYPED_TEST(LayersTest, OProjReadsTheSlotsInTheDocumentedOrder) {
   unsigned seed = 40;
   for (const auto& lc : layer_cases()) {
     if (lc.type == AttentionType::gqa)
@@ -568,7 +568,7 @@ TYPED_TEST(LayersTest, RouterKeepsChoicesInRangeWhenLogitsAreNaN) {
 
 // ---- RoutingStats -----------------------------------------------------------------------------------
 
-TYPED_TEST(LayersTest, RoutingStatsLoadAndAuxLossFollowTheSpecFormula) {
+TYPED_TEST(LayersTest, RoutingStatsLoadAndAuxLossFollowTheDocumentedFormula) {
   using S = TypeParam;
   std::mt19937 rng(62);
   const AttentionConfig c = gqe_config(37, 12, 4, 2);  // G = 4, M = 3, k = 2

@@ -1,5 +1,5 @@
 // The stateless ops (rms_norm, RoPE, softmax, SiLU, linear, causal_attention) against slow
-// references written in this file from the formulas of the GQE specification, in plain loops over
+// references written in this file from the formulas of docs/model.md, in plain loops over
 // double. Inputs are generated in the op's scalar type and converted exactly to double, so that the
 // difference measures only the op's own rounding; each tolerance below is derived from the op's
 // arithmetic (u = epsilon / 2 is the unit roundoff of the scalar type).

@@ -11,8 +11,8 @@ ratio, printed with its range; times are medians over rounds. Wall-clock time is
 counts; the ratio of process CPU times (summed over the library's threads) is printed beside it,
 the steadier one when other programs compete for the cores.
 
-The FLOP ceiling of GQE's speed-up is computed here from the spec's FLOP model (docs: GQE.md,
-"FLOP model"), and checked against the one gqe-bench recorded.
+The FLOP ceiling of GQE's speed-up is computed here from the FLOP model of docs/flop-model.md, and
+checked against the one gqe-bench recorded. docs/benchmarks.md says how to read the report.
 
 Writes bench.json and bench.log (when it runs the suite), report.md, speedup.dat, speedup.gp and speedup.png
 (gnuplot; apt-get install gnuplot-nox) into --out, and prints the report.
@@ -32,7 +32,7 @@ M = N // G
 UNIT = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
-# ---- the spec's FLOP model (a multiply-add is 2 FLOPs; causal attention has T(T+1)/2 pairs) ------
+# ---- the FLOP model of docs/flop-model.md (a multiply-add is 2 FLOPs; causal attention has T(T+1)/2 pairs)
 def pairs(T):
     return T * (T + 1) / 2
 
@@ -159,7 +159,7 @@ def report(data, command=None):
         c = ceiling(T)
         recorded = runs.median("prefill_gqe", T, "flop_ceiling")
         if recorded and abs(recorded / c - 1) > 1e-6:
-            print(f"bench_report: T={T}: gqe-bench recorded a ceiling of {recorded:.4f}, the spec's model gives "
+            print(f"bench_report: T={T}: gqe-bench recorded a ceiling of {recorded:.4f}, the FLOP model gives "
                   f"{c:.4f}", file=sys.stderr)
         cpu = runs.ratio("prefill_gqa", "prefill_gqe", T, "cpu")
         dense_rate = runs.median("prefill_gqa", T, "GFLOPS")
@@ -265,7 +265,7 @@ set style line 2 lw 2 dt 2 pt 6 lc rgb '#d62728'
 set style line 3 lw 1.5 dt 3 pt 4 lc rgb '#7f7f7f'
 set style line 4 lw 1.5 pt 9 ps 1.2 lc rgb '#2ca02c'
 plot 1 with lines lw 1 lc rgb '#000000' notitle, \\
-     '{data}' using 1:5 with linespoints ls 2 title 'FLOP ceiling (spec model, kept queries only)', \\
+     '{data}' using 1:5 with linespoints ls 2 title 'FLOP ceiling (FLOP model, kept queries only)', \\
      '{data}' using 1:6 with linespoints ls 3 title "FLOP ceiling of the authors' module (all queries, gather)", \\
      '{data}' using 1:7 with linespoints ls 4 title 'measured in process CPU time (median of per-round ratios)', \\
      '{data}' using 1:2:3:4 with yerrorlines ls 1 title 'measured in wall-clock time: median of per-round ratios (bar: range)'

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Float64 NumPy reference of the whole GQE model described in GQE.md.
+"""Float64 NumPy reference of the whole GQE model described in docs/model.md.
 
-Deliberately slow and literal: every step follows the spec's wording so that the
+Deliberately slow and literal: every step follows docs/model.md's wording so that the
 C++ library can be checked against it. Nothing here is optimised; loops are kept
 where they make the maths easier to read.
 
@@ -277,7 +277,7 @@ def _get_float(d: dict, key: str, default: float) -> float:
 
 
 def config_from_dict(d: dict) -> Config:
-    """Apply the spec's defaults and checks to a parsed config.json (unknown keys ignored)."""
+    """Apply docs/checkpoints.md's defaults and checks to a parsed config.json (unknown keys ignored)."""
     if not isinstance(d, dict):
         raise BadInput("config.json: not a JSON object")
     for key in ("rope_scaling", "attention_bias", "mlp_bias"):
@@ -342,7 +342,7 @@ def load_config(path: str) -> Config:
 
 
 def weight_shapes(cfg: Config) -> Dict[str, Tuple[int, ...]]:
-    """Every tensor the checkpoint must hold, in the spec's order, with its [out, in] shape."""
+    """Every tensor the checkpoint must hold, in docs/checkpoints.md's order, with its [out, in] shape."""
     V, d, I = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
     N, G, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     shapes: Dict[str, Tuple[int, ...]] = {"model.embed_tokens.weight": (V, d)}

@@ -8,7 +8,7 @@ usage() {
 Usage: tools/install-deps.sh [--sanitizers] [--python] [--bench] [--help]
 
 Installs the missing Debian packages for building gqe and running its tests:
-  build-essential g++ cmake libeigen3-dev nlohmann-json3-dev libcli11-dev libgtest-dev
+  build-essential g++ cmake pkgconf libeigen3-dev nlohmann-json3-dev libcli11-dev libgtest-dev
   libbenchmark-dev
 
   --sanitizers  also clang-14 and libclang-rt-14-dev (AddressSanitizer, UBSan, libFuzzer)
@@ -21,7 +21,7 @@ Runs apt-get as root, or through sudo when run by another user.
 EOF
 }
 
-packages=(build-essential g++ cmake libeigen3-dev nlohmann-json3-dev libcli11-dev libgtest-dev
+packages=(build-essential g++ cmake pkgconf libeigen3-dev nlohmann-json3-dev libcli11-dev libgtest-dev
           libbenchmark-dev)
 for arg in "$@"; do
   case "$arg" in

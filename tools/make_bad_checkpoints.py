@@ -26,7 +26,7 @@ BASE_CONFIG = {
 
 
 def base_tensors():
-    """The valid model's tensors as (name, float32 array), in the spec's order."""
+    """The valid model's tensors as (name, float32 array), in docs/checkpoints.md's order."""
     cfg = ref.config_from_dict(BASE_CONFIG)
     weights = ref.random_weights(cfg, seed=3)
     return [(name, weights[name].astype(np.float32)) for name in ref.weight_shapes(cfg)]
@@ -248,6 +248,10 @@ def main():
                config=with_config(attention_bias=True), model_bytes=good)
     write_case("mlp_bias", "mlp_bias true (not implemented)", ['"mlp_bias" is true', "does not implement"],
                config=with_config(mlp_bias=True), model_bytes=good)
+    write_case("eos_out_of_vocab", "eos_token_id 16 with vocab_size 16", ["eos_token_id 16", "vocab_size - 1 = 15"],
+               config=with_config(eos_token_id=16), model_bytes=good)
+    write_case("eos_not_ids", "eos_token_id a list holding a string", ['"eos_token_id" is [1, "2"]', "token ids"],
+               config=with_config(eos_token_id=[1, "2"]), model_bytes=good)
     write_case("unknown_attention_type", "attention_type \"mla\"", 'attention_type is "mla"',
                config=with_config(attention_type="mla"), model_bytes=good)
     write_case("unknown_variant", "gqe_variant \"soft\"", 'gqe_variant is "soft"', config=with_config(gqe_variant="soft"),

@@ -35,7 +35,7 @@ THETA = 10000.0
 
 
 def rope_tables(T):
-    """cos, sin [T, 1, d_h] of rotate-half RoPE, angles in double as the spec asks."""
+    """cos, sin [T, 1, d_h] of rotate-half RoPE, angles in double as docs/model.md asks."""
     inv_freq = THETA ** (-torch.arange(0, DH, 2, dtype=torch.float64) / DH)
     angles = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]
     emb = torch.cat([angles, angles], -1)

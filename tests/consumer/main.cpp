@@ -1,5 +1,5 @@
-// Uses gqe through its public headers only, as any consumer project would; built by both consumer
-// projects (find_package and add_subdirectory).
+// Uses gqe through its public headers only, as any consumer project would; built by every consumer
+// project (find_package, add_subdirectory, FetchContent and pkg-config).
 #include <cstdio>
 
 #include "gqe/gqe.hpp"

@@ -1,14 +1,17 @@
 #pragma once
-// config.json <-> ModelConfig, with Hugging Face names (so plain Llama configs load) and the keys
-// gqe adds: attention_type, gqe_top_k, gqe_variant. Every value is checked for its JSON type and
-// range; unknown keys are ignored; features gqe does not implement are refused by name.
+// config.json <-> ModelConfig, with Hugging Face names (so plain Llama configs load, eos_token_id
+// included) and the keys gqe adds: attention_type, gqe_top_k, gqe_variant. Every value is checked
+// for its JSON type and range; unknown keys are ignored; features gqe does not implement are
+// refused by name.
 #include <nlohmann/json.hpp>
 
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <limits>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "gqe/error.hpp"
 #include "gqe/io/atomic_file.hpp"
@@ -27,17 +30,9 @@ class ConfigReader {
 
   Index integer(const char* key) const {
     if (!has(key)) fail<ConfigError>(source_, ": \"", key, "\" is required");
-    const auto& v = json_.at(key);
-    if (v.is_number_integer()) {
-      if (v.is_number_unsigned() && v.get<std::uint64_t>() > static_cast<std::uint64_t>(std::numeric_limits<Index>::max()))
-        fail<ConfigError>(source_, ": \"", key, "\" is ", v.dump(), "; expected an integer that fits in 64 bits");
-      return v.get<Index>();
-    }
-    if (v.is_number_float()) {  // 256.0 is an integer written as a float; 2.5 is not
-      const double d = v.get<double>();
-      if (std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 9.0e15) return static_cast<Index>(d);
-    }
-    fail<ConfigError>(source_, ": \"", key, "\" is ", describe_json(v), "; expected an integer");
+    const auto value = integer_value(json_.at(key), key);
+    if (!value) fail<ConfigError>(source_, ": \"", key, "\" is ", describe_json(json_.at(key)), "; expected an integer");
+    return *value;
   }
   Index integer(const char* key, Index fallback) const { return has(key) ? integer(key) : fallback; }
 
@@ -59,6 +54,27 @@ class ConfigReader {
     if (!v.is_string()) fail<ConfigError>(source_, ": \"", key, "\" is ", describe_json(v), "; expected a string");
     return v.get<std::string>();
   }
+  // Token ids, as Hugging Face writes eos_token_id: an integer or a list of integers; absent or null
+  // is none. Each must fit a token id; ModelConfig::validate checks it against vocab_size.
+  std::vector<std::int32_t> token_ids(const char* key) const {
+    std::vector<std::int32_t> ids;
+    if (!has(key)) return ids;
+    const auto& v = json_.at(key);
+    const auto add = [&](const nlohmann::json& item) {
+      const auto id = integer_value(item, key);
+      if (!id)
+        fail<ConfigError>(source_, ": \"", key, "\" is ", describe_json(v), "; expected a token id or a list of token ids");
+      if (*id < 0 || *id > std::numeric_limits<std::int32_t>::max())
+        fail<ConfigError>(source_, ": \"", key, "\" holds ", *id, "; expected token ids from 0 to vocab_size - 1");
+      ids.push_back(static_cast<std::int32_t>(*id));
+    };
+    if (v.is_array()) {
+      for (const auto& item : v) add(item);
+    } else {
+      add(v);
+    }
+    return ids;
+  }
   // Keys that name features gqe does not implement: absent, null or false only.
   void refuse_feature(const char* key, const char* feature) const {
     if (has(key) && json_.at(key) != false)
@@ -67,6 +83,21 @@ class ConfigReader {
   }
 
  private:
+  // An integer (256.0 counts: an integer written as a float; 2.5 does not), or nothing when v is
+  // not one. Refused here only when it is an integer that does not fit 64 bits.
+  std::optional<Index> integer_value(const nlohmann::json& v, const char* key) const {
+    if (v.is_number_integer()) {
+      if (v.is_number_unsigned() && v.get<std::uint64_t>() > static_cast<std::uint64_t>(std::numeric_limits<Index>::max()))
+        fail<ConfigError>(source_, ": \"", key, "\" is ", v.dump(), "; expected an integer that fits in 64 bits");
+      return v.get<Index>();
+    }
+    if (v.is_number_float()) {
+      const double d = v.get<double>();
+      if (std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 9.0e15) return static_cast<Index>(d);
+    }
+    return std::nullopt;
+  }
+
   const nlohmann::json& json_;
   std::string source_;
 };
@@ -107,6 +138,7 @@ inline ModelConfig parse_model_config(const nlohmann::json& json, const std::str
     c.rope_theta = r.number("rope_theta", 10000.0);
     c.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
     c.max_position_embeddings = r.integer("max_position_embeddings", 4096);
+    c.eos_token_ids = r.token_ids("eos_token_id");
     c.validate();
   } catch (const ConfigError& e) {
     const std::string message = e.what();
@@ -150,6 +182,10 @@ inline nlohmann::ordered_json to_json(const ModelConfig& c) {
   j["rope_theta"] = c.rope_theta;
   j["tie_word_embeddings"] = c.tie_word_embeddings;
   j["max_position_embeddings"] = c.max_position_embeddings;
+  if (c.eos_token_ids.size() == 1)
+    j["eos_token_id"] = c.eos_token_ids.front();
+  else if (!c.eos_token_ids.empty())
+    j["eos_token_id"] = c.eos_token_ids;
   j["attention_bias"] = false;
   j["mlp_bias"] = false;
   return j;

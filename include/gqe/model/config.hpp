@@ -1,5 +1,8 @@
 #pragma once
 // The configuration of a whole model, the C++ face of config.json.
+#include <cstdint>
+#include <vector>
+
 #include "gqe/layers/attention_config.hpp"
 
 namespace gqe {
@@ -19,6 +22,8 @@ struct ModelConfig {
   double rope_theta = 10000.0;
   bool tie_word_embeddings = false;
   Index max_position_embeddings = 4096;
+  // Token ids that end generation (config.json's eos_token_id, an int or a list); empty: none.
+  std::vector<std::int32_t> eos_token_ids;
 
   AttentionConfig attention() const {
     AttentionConfig a;
@@ -33,7 +38,7 @@ struct ModelConfig {
     return a;
   }
 
-  // Parameters the model holds, by the spec's tensor list (checked against Transformer's own list).
+  // Parameters the model holds, by docs/checkpoints.md's tensor list (checked against Transformer's own).
   Index parameter_count() const {
     const AttentionConfig a = attention();
     const Index d = hidden_size, dh = head_dim;
@@ -50,6 +55,10 @@ struct ModelConfig {
     check_size("max_position_embeddings", max_position_embeddings, Limits::max_positions);
     if (!(rms_norm_eps > 0) || rms_norm_eps > 1)
       fail<ConfigError>("rms_norm_eps is ", rms_norm_eps, "; expected a number in (0, 1]");
+    for (const std::int32_t id : eos_token_ids)
+      if (id < 0 || id >= vocab_size)
+        fail<ConfigError>("eos_token_id ", id, " is not a token of this model; expected an id from 0 to vocab_size - 1 = ",
+                          vocab_size - 1);
     attention().validate();
   }
 };
