@@ -1,7 +1,7 @@
 // One attention layer of the paper's shape (d=1024, d_h=64, N=16, G=8; GQE keeps k=1 of M=2: 9 of
 // 16 query heads per token), dense GQA against GQE:
 //   prefill_{gqa,gqe}/T      one forward over T tokens from an empty cache, useful GFLOP/s of the
-//                            spec's FLOP model, active heads per token, the FLOP ceiling at T;
+//                            the FLOP model's, active heads per token, the FLOP ceiling at T;
 //   decode_{gqa,gqe}/L       one token against a cache of L positions, GB/s of weights and cache read;
 //   attention_{gqa,gqe}/T    the causal attention kernel alone, with the layer's head layout;
 //   gemm_*/4096              a plain [4096 x 1024] x [1024 x 1024] product measured in the same run,

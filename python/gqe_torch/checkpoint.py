@@ -1,5 +1,5 @@
 """gqe checkpoint folders: config.json plus model.safetensors, or plus a Hugging Face shard index
-(model.safetensors.index.json) and its shards. Loading checks everything the spec lists and
+(model.safetensors.index.json) and its shards. Loading checks everything docs/checkpoints.md lists and
 refuses by name; saving writes every file atomically."""
 
 import json
@@ -19,7 +19,7 @@ CONFIG = "config.json"
 
 
 def weight_shapes(c):
-    """Every tensor of a checkpoint of config c, in the spec's order, with its [out, in] shape."""
+    """Every tensor of a checkpoint of config c, in the checkpoint format's order, with its [out, in] shape."""
     V, d, I = c.vocab_size, c.hidden_size, c.intermediate_size
     N, G, dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     shapes = {"model.embed_tokens.weight": (V, d)}

@@ -1,4 +1,4 @@
-"""GQEConfig: the keys of gqe's config.json, with the spec's defaults and refusals."""
+"""GQEConfig: the keys of gqe's config.json, with gqe's defaults and refusals."""
 
 import json
 import math

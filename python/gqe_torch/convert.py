@@ -8,7 +8,7 @@ torch -> gqe: SRC is a file saved with torch.save (a state_dict of tensors, e.g.
 gqe -> torch: SRC is a gqe checkpoint folder (single file or sharded); DST is the state_dict file
   to write, with config.json beside it.
 
-Names are the spec's, which are Hugging Face Llama's plus the GQE layer's router and q_shared: a
+Names are gqe's, which are Hugging Face Llama's plus the GQE layer's router and q_shared: a
 model built on the authors' GQE module (use_rope=True, bias=False) inside a Llama-style decoder
 maps as it is. Prefixes "module." (DistributedDataParallel) and "_orig_mod." (torch.compile) are
 dropped, and so are rotary_emb.inv_freq buffers once checked against rope_theta. What gqe cannot
@@ -36,7 +36,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 def refuse_unsupported_config(path):
     """Keys of a Hugging Face or GQE-module config that name something gqe does not compute (the
-    spec's own three, rope_scaling, attention_bias and mlp_bias, GQEConfig refuses)."""
+    gqe's own three, rope_scaling, attention_bias and mlp_bias, GQEConfig refuses)."""
     try:
         with open(path, "r", encoding="utf-8") as f:
             d = json.load(f)
@@ -84,7 +84,7 @@ def read_state_dict(path):
 
 
 def to_gqe_tensors(state, config, source):
-    """The state_dict's tensors under the spec's names, after refusing what gqe cannot run."""
+    """The state_dict's tensors under gqe's names, after refusing what gqe cannot run."""
     state = dict(state)
     for name in state:
         if name.endswith(".bias"):

@@ -1,6 +1,6 @@
-"""The spec's model in PyTorch: a Llama-style decoder whose attention is GQA or GQE.
+"""gqe's model (docs/model.md) in PyTorch: a Llama-style decoder whose attention is GQA or GQE.
 
-Parameter names are the spec's (Hugging Face Llama names plus the GQE layer's router and
+Parameter names are gqe's (Hugging Face Llama names plus the GQE layer's router and
 q_shared), so `model.state_dict()` is exactly a checkpoint's tensor set. Every sequence starts at
 position 0 and attends causally to itself; there is no KV cache here (training and scoring).
 """
@@ -51,7 +51,7 @@ def causal_attention(q, k, v):
 
 
 def select_experts(logits, k):
-    """The spec's selection: in each group the k experts of largest router logit, in descending
+    """gqe's selection: in each group the k experts of largest router logit, in descending
     order, equal logits going to the lower expert index.
 
     logits [..., M] -> indices [..., k] (int64). torch.topk leaves the order of ties open, so each
@@ -238,7 +238,7 @@ class GQEForCausalLM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """The spec's initialisation, as gqe-train's: router zeros, every other matrix
+        """gqe-train's initialisation: router zeros, every other matrix
         Xavier-uniform, norms ones; token embeddings N(0, 1) like nn.Embedding's, Xavier-uniform
         when tied (they then produce the logits too)."""
         for name, p in self.named_parameters():

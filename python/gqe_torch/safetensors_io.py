@@ -1,4 +1,4 @@
-"""A small reader and writer of the safetensors format, as the spec describes it.
+"""A small reader and writer of the safetensors format, as docs/checkpoints.md describes it.
 
 Layout: 8-byte little-endian header length, a JSON header {name: {"dtype", "shape",
 "data_offsets"}, optional "__metadata__": {str: str}}, then the row-major data. Offsets are

@@ -23,7 +23,7 @@ LOGITS_RTOL = 1e-5
 
 
 def rel_err(ours, reference):
-    """||ours - reference|| / ||reference|| over whole arrays (the spec's norm-wise measure)."""
+    """||ours - reference|| / ||reference|| over whole arrays (the norm-wise measure of docs/gqe-run.md)."""
     ours, reference = np.asarray(ours, dtype=np.float64), np.asarray(reference, dtype=np.float64)
     return float(np.linalg.norm(ours - reference) / np.linalg.norm(reference))
 
@@ -92,7 +92,7 @@ def config(**kw):
 
 
 def random_model(cfg, seed):
-    """A gqe_torch model with the spec's initialisation, then a random router (logit std about 3,
+    """A gqe_torch model with gqe's initialisation, then a random router (logit std about 3,
     so that routing varies per token) and norm weights away from one, so both matter."""
     torch.manual_seed(seed)
     model = gt.GQEForCausalLM(cfg)

@@ -113,7 +113,7 @@ class TorchToReference(unittest.TestCase):
         self.check("gqe_k2_m4_bf16", config(gqe_top_k=2), dtype="BF16")
 
     def test_spec_initialisation_ties(self):
-        # A fresh model's router is zero: every expert ties, and the spec keeps the lower indices
+        # A fresh model's router is zero: every expert ties, and the tie rule keeps the lower indices
         # in order. The reference ranks with a stable sort; gqe_torch counts ranks.
         for k in (1, 4):
             with self.subTest(k=k):

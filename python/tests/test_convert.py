@@ -77,7 +77,7 @@ class Convert(unittest.TestCase):
         self.assertLess(rel_err(logits, ours), LOGITS_RTOL)
         np.testing.assert_array_equal(experts, torch.stack(model.expert_indices)[:, 0].numpy())
 
-        # And back: the spec's names, the same values, config.json beside the file.
+        # And back: gqe's names, the same values, config.json beside the file.
         r = self.convert(self.path("gqe"), self.path("back", "model.pt"))
         self.assertEqual(r.returncode, 0, r.stderr)
         back = torch.load(self.path("back", "model.pt"), weights_only=True)

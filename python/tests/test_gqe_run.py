@@ -18,7 +18,7 @@ CASES = [
     ("hard_concat_k4_m4", dict(gqe_variant="hard_concat", gqe_top_k=4)),
     ("weighted_concat_k1", dict(gqe_variant="weighted_concat", gqe_top_k=1)),
 ]
-# The spec's bound for 16-bit weights (gqe-run may keep them 16-bit and accumulate in float32),
+# The bound for 16-bit weights (docs/checkpoints.md) (gqe-run may keep them 16-bit and accumulate in float32),
 # plus gqe_torch's own distance to the float64 reference.
 BF16_RTOL = 1e-2 + LOGITS_RTOL
 FIGURES = []
@@ -66,7 +66,7 @@ class GqeRun(unittest.TestCase):
                 self.compare(name, self.saved(name, config(**overrides)), LOGITS_RTOL)
 
     def test_bf16_model(self):
-        # The spec lets 16-bit choices differ where two router logits are within 1e-3.
+        # docs/checkpoints.md lets 16-bit choices differ where two router logits are within 1e-3.
         folder = self.saved("gqe_k2_bf16", config(gqe_top_k=2), dtype="BF16", min_gap=1e-3)
         self.compare("gqe_k2_bf16 (BF16 file)", folder, BF16_RTOL)
 

@@ -10,7 +10,7 @@ from common import config, gt, random_model
 
 
 def spec_order(logits):
-    """The spec's slot order for one group, by plain Python: descending logit, lower index first."""
+    """The slot order of docs/model.md for one group, by plain Python: descending logit, lower index first."""
     return sorted(range(len(logits)), key=lambda m: (-logits[m], m))
 
 
@@ -25,7 +25,7 @@ class Selection(unittest.TestCase):
 
     def test_ranks_on_logits_not_probabilities(self):
         # Logits 1e-9 apart: exp rounds both to the same float32, so the probabilities tie, but the
-        # logits do not, and the spec ranks on the logits: expert 1 first.
+        # logits do not, and gqe ranks on the logits: expert 1 first.
         logits = torch.tensor([[0.0, 1e-9]], dtype=torch.float32)
         probs = torch.softmax(logits, dim=-1)
         self.assertEqual(probs[0, 0].item(), probs[0, 1].item())

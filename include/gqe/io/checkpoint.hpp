@@ -1,5 +1,5 @@
 #pragma once
-// A checkpoint folder: config.json and the weights with the spec's tensor names and shapes ([out,
+// A checkpoint folder: config.json and the weights with the tensor names and shapes of docs/checkpoints.md ([out,
 // in] like torch), either in model.safetensors or sharded as Hugging Face writes them
 // (model.safetensors.index.json naming, for every tensor, the model-0000i-of-0000K.safetensors
 // that holds it; the index wins over a stray model.safetensors).
@@ -146,7 +146,7 @@ void check_tensors(const Transformer<Scalar>& model, const CheckpointFiles& file
           fail<FormatError>("tensor lm_head.weight in ", file.source(),
                             " is not expected: config.json sets tie_word_embeddings, so the embeddings serve as lm_head");
         fail<FormatError>("tensor ", printable(t.name), " in ", file.source(), " is not part of a ",
-                          to_string(config.attention_type), " model of this config; expected exactly the spec's tensors");
+                          to_string(config.attention_type), " model of this config; expected exactly the tensors of the checkpoint format");
       }
 }
 

@@ -60,7 +60,7 @@ class Attention {
   const AttentionConfig& config() const { return config_; }
   const Router<Scalar>& router() const { return router_; }
 
-  // Visits the parameters with their names under self_attn. and the spec's shapes.
+  // Visits the parameters with their names under self_attn. and their shapes ([out, in], docs/checkpoints.md).
   template <class Self, class Fn>
   static void visit(Self& self, Fn&& fn) {
     fn("q_proj.weight", self.q_proj_);

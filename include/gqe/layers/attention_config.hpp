@@ -58,7 +58,7 @@ struct AttentionConfig {
   Index top_k = 1;         // k: experts kept per group per token (GQE only)
   double rope_theta = 10000.0;
 
-  // What differs between GQA and the GQE variants, in one table (the paper's Table 2 and the spec):
+  // What differs between GQA and the GQE variants, in one table (the paper's Table 2; docs/model.md):
   //
   //                      query heads computed    weighted slot   shared head   hard slots
   //                      per group (slots)       (renormalised)  (mean K/V)    scaled by p
@@ -84,7 +84,7 @@ struct AttentionConfig {
   // Query-attention heads computed per token: N (gqa), kG+1 (gqe), kG (ablations).
   Index active_heads() const { return hard_slots() + (has_shared_head() ? 1 : 0); }
 
-  // The spec's FLOP model of one layer's prefill over T tokens (a multiply-add is 2 FLOPs; causal
+  // The FLOP model (docs/flop-model.md) of one layer's prefill over T tokens (a multiply-add is 2 FLOPs; causal
   // attention counts T(T+1)/2 score pairs): projections of the computed query heads, K, V and
   // o_proj, the router, and attention of every active head.
   double prefill_flops(Index tokens) const {

@@ -1,5 +1,5 @@
 #pragma once
-// Sampling of the next token from one row of logits, in the spec's order: temperature (0 = greedy),
+// Sampling of the next token from one row of logits, in gqe-run's order: temperature (0 = greedy),
 // then top-k, then top-p, drawing from a seeded generator. Reproducible: the same seed and logits
 // give the same tokens on every platform (no std:: distribution, whose output is unspecified).
 #include <algorithm>

@@ -57,7 +57,7 @@ class Transformer {
 
   const ModelConfig& config() const { return config_; }
 
-  // Every weight with its Hugging Face name, in the spec's order: fn(const std::string&, Weight&).
+  // Every weight with its Hugging Face name, in the checkpoint format's order (docs/checkpoints.md): fn(const std::string&, Weight&).
   template <class Fn>
   void for_each_parameter(Fn&& fn) {
     visit(*this, fn);
