@@ -5,7 +5,7 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: tools/install-deps.sh [--sanitizers] [--python] [--bench] [--help]
+Usage: tools/install-deps.sh [--sanitizers] [--python] [--bench] [--backends] [--help]
 
 Installs the missing Debian packages for building gqe and running its tests:
   build-essential g++ cmake pkgconf libeigen3-dev nlohmann-json3-dev libcli11-dev libgtest-dev
@@ -15,6 +15,7 @@ Installs the missing Debian packages for building gqe and running its tests:
   --python      also python3-numpy and python3-torch (the float64 reference in tools/ and the
                 PyTorch bridge in python/)
   --bench       also libopenblas-dev gnuplot-nox python3-numpy (benchmarks and their plots)
+  --backends    also libopenblas-dev and libdnnl-dev (the GEMM backends: -DGQE_GEMM=openblas|onednn)
   --help        print this text
 
 Runs apt-get as root, or through sudo when run by another user.
@@ -28,6 +29,7 @@ for arg in "$@"; do
     --sanitizers) packages+=(clang-14 libclang-rt-14-dev) ;;  # the runtime is only recommended by clang
     --python) packages+=(python3-numpy python3-torch) ;;
     --bench) packages+=(libopenblas-dev gnuplot-nox python3-numpy) ;;
+    --backends) packages+=(libopenblas-dev libdnnl-dev) ;;
     -h | --help) usage; exit 0 ;;
     *) echo "install-deps.sh: unknown option '$arg'" >&2; usage >&2; exit 2 ;;
   esac

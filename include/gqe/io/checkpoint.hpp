@@ -221,6 +221,64 @@ inline EncodedTensor encode_weight(const std::string& name, const Weight& w, DTy
   return encode_tensor(name, dtype, shape, values.data());
 }
 
+namespace detail {
+
+// The model's tensors encoded in `dtype`, in its parameter order, cut into shards of about
+// shard_bytes (one shard when 0).
+template <class Scalar>
+std::vector<std::vector<EncodedTensor>> encode_shards(const Transformer<Scalar>& model, DType dtype, std::size_t shard_bytes) {
+  std::vector<std::vector<EncodedTensor>> shards(1);
+  std::size_t bytes = 0;
+  model.for_each_parameter([&](const std::string& name, const Weight& w) {
+    EncodedTensor t = encode_weight(name, w, dtype);
+    if (shard_bytes > 0 && bytes > 0 && bytes + t.bytes.size() > shard_bytes) {
+      shards.emplace_back();
+      bytes = 0;
+    }
+    bytes += t.bytes.size();
+    shards.back().push_back(std::move(t));
+  });
+  return shards;
+}
+
+// The shard files an existing index in dir names (none when there is none or it cannot be read:
+// they are not ours to guess).
+inline std::set<std::string> indexed_shards(const std::filesystem::path& dir) {
+  std::set<std::string> names;
+  std::error_code ec;
+  if (!std::filesystem::exists(dir / kIndexFile, ec)) return names;
+  try {
+    const auto index = read_json_file(dir / kIndexFile, "a safetensors index", std::uintmax_t(64) << 20, 2);
+    for (const auto& [tensor, value] : index.at("weight_map").items()) names.insert(shard_name(value, tensor, ""));
+  } catch (const std::exception&) {
+    names.clear();
+  }
+  return names;
+}
+
+// Writes the shards and their index (last: it publishes them); returns the shard names.
+inline std::set<std::string> write_shards(const std::filesystem::path& dir, const std::vector<std::vector<EncodedTensor>>& shards) {
+  nlohmann::ordered_json index;
+  std::size_t total = 0;
+  std::set<std::string> written;
+  for (std::size_t i = 0; i < shards.size(); ++i) {
+    char name[64];
+    std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i + 1, shards.size());
+    write_safetensors(dir / name, shards[i]);
+    written.insert(name);
+    for (const auto& t : shards[i]) {
+      index["weight_map"][t.name] = name;
+      total += t.bytes.size();
+    }
+  }
+  index["metadata"] = {{"total_size", total}};
+  const std::string text = index.dump(2) + "\n";
+  write_file_atomically(dir / kIndexFile, [&](std::ostream& out) { out << text; });
+  return written;
+}
+
+}  // namespace detail
+
 // Writes config.json and the weights into dir (created if needed), every file atomically, the
 // weights in one file or (options.shard_bytes > 0) in shards with their index, which is written
 // last. The files of the other layout left from an earlier save are removed once the new ones are
@@ -233,49 +291,18 @@ void save_checkpoint(const Transformer<Scalar>& model, const std::filesystem::pa
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) fail<IoError>("cannot create folder ", dir.string(), ": ", ec.message());
-  std::vector<std::vector<EncodedTensor>> shards(1);
-  std::size_t bytes = 0, total = 0;
-  model.for_each_parameter([&](const std::string& name, const Weight& w) {
-    EncodedTensor t = encode_weight(name, w, options.dtype);
-    if (options.shard_bytes > 0 && bytes > 0 && bytes + t.bytes.size() > options.shard_bytes) {
-      shards.emplace_back();
-      bytes = 0;
-    }
-    bytes += t.bytes.size();
-    total += t.bytes.size();
-    shards.back().push_back(std::move(t));
-  });
-  const std::set<std::string> old_shards = [&] {
-    std::set<std::string> names;
-    if (!fs::exists(dir / detail::kIndexFile, ec)) return names;
-    try {
-      const auto index = detail::read_json_file(dir / detail::kIndexFile, "a safetensors index", std::uintmax_t(64) << 20);
-      for (const auto& [tensor, value] : index.at("weight_map").items()) names.insert(detail::shard_name(value, tensor, ""));
-    } catch (const std::exception&) {  // an unreadable old index: its shards are not ours to guess
-    }
-    return names;
-  }();
+  const auto shards = detail::encode_shards(model, options.dtype, options.shard_bytes);
+  const std::set<std::string> old_shards = detail::indexed_shards(dir);
+  std::set<std::string> written;
   if (options.shard_bytes == 0) {
     write_safetensors(dir / detail::kSingleFile, shards.front());
     fs::remove(dir / detail::kIndexFile, ec);
-    for (const auto& name : old_shards) fs::remove(dir / name, ec);
   } else {
-    nlohmann::ordered_json index;
-    index["metadata"] = {{"total_size", total}};
-    std::set<std::string> written;
-    for (std::size_t i = 0; i < shards.size(); ++i) {
-      char name[64];
-      std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i + 1, shards.size());
-      write_safetensors(dir / name, shards[i]);
-      written.insert(name);
-      for (const auto& t : shards[i]) index["weight_map"][t.name] = name;
-    }
-    const std::string text = index.dump(2) + "\n";
-    write_file_atomically(dir / detail::kIndexFile, [&](std::ostream& out) { out << text; });
+    written = detail::write_shards(dir, shards);
     fs::remove(dir / detail::kSingleFile, ec);
-    for (const auto& name : old_shards)
-      if (!written.count(name)) fs::remove(dir / name, ec);
   }
+  for (const auto& name : old_shards)
+    if (!written.count(name)) fs::remove(dir / name, ec);
   save_model_config(dir / "config.json", model.config());
 }
 

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "gqe/ops/gemm.hpp"
+#include "gqe/ops/rows.hpp"
 #include "gqe/tensor/eigen.hpp"
 #include "gqe/tensor/tensor.hpp"
 #include "gqe/util/thread_pool.hpp"
@@ -77,10 +78,6 @@ namespace detail {
 
 constexpr Index kQueryTile = 128;
 
-template <class Scalar>
-using RowPacket = typename Eigen::internal::packet_traits<Scalar>::type;
-template <class Scalar>
-constexpr int kRowLanes = Eigen::internal::unpacket_traits<RowPacket<Scalar>>::size;
 
 // Grow-only scratch, reused call after call: no allocation once warm.
 template <class Scalar>
@@ -109,42 +106,6 @@ void stack_heads(const Scalar* src, Index stride, Index heads, Index head_dim, I
     }
 }
 
-// The maximum of row[0 .. valid) (NaN if any is NaN).
-template <class Scalar>
-Scalar row_maximum(const Scalar* row, Index valid) {
-  using namespace Eigen::internal;
-  using Packet = RowPacket<Scalar>;
-  constexpr int L = kRowLanes<Scalar>;
-  const Packet minus_inf = pset1<Packet>(-std::numeric_limits<Scalar>::infinity());
-  Packet best = minus_inf;
-  for (Index j = 0; j < valid; j += L) {
-    const Packet live = pcmp_lt(plset<Packet>(Scalar(j)), pset1<Packet>(Scalar(valid)));
-    best = pmax<Eigen::PropagateNaN>(best, pselect(live, ploadu<Packet>(row + j), minus_inf));
-  }
-  return predux_max<Eigen::PropagateNaN>(best);
-}
-
-// row[j] = exp(row[j] - shift) for j < valid and 0 for valid <= j < len; returns the sum of the
-// exponentials, added lane by lane from j = 0 and then across the lanes: a fixed order for a given
-// `valid`. Reads and writes whole packets up to `valid` (the row has room for them).
-template <class Scalar>
-Scalar exp_row(Scalar* row, Index valid, Index len, Scalar shift) {
-  using namespace Eigen::internal;
-  using Packet = RowPacket<Scalar>;
-  constexpr int L = kRowLanes<Scalar>;
-  const Packet sub = pset1<Packet>(shift);
-  Packet sum = pzero(sub);
-  Index j = 0;
-  for (; j < valid; j += L) {
-    const Packet live = pcmp_lt(plset<Packet>(Scalar(j)), pset1<Packet>(Scalar(valid)));
-    const Packet e = pand(live, pexp(psub(ploadu<Packet>(row + j), sub)));
-    pstoreu(row + j, e);
-    sum = padd(sum, e);
-  }
-  std::fill(row + std::min(j, len), row + len, Scalar(0));
-  return predux(sum);
-}
-
 // max(a, b), NaN when either is NaN.
 template <class Scalar>
 Scalar max_or_nan(Scalar a, Scalar b) {
@@ -154,7 +115,7 @@ Scalar max_or_nan(Scalar a, Scalar b) {
 // Queries [first, first + n) of every head of g.
 template <class Scalar>
 void attention_tile(const QueryGroup<Scalar>& g, Index head_dim, Scalar scale, Index first, Index n) {
-  constexpr Index KT = kKeyTile, L = kRowLanes<Scalar>;
+  constexpr Index KT = kKeyTile, L = kPacketLanes<Scalar>;
   auto& s = attention_scratch<Scalar>();
   const Index rows = g.heads * n, dh = head_dim;
   s.grow(s.query, rows * dh);
@@ -209,74 +170,77 @@ void transpose_block(const Scalar* src, Index src_stride, Index rows, Index cols
     for (Index c = 0; c < cols; ++c) dst[c * dst_stride + r] = src[r * src_stride + c];
 }
 
-// Every gradient of one query group (past == 0).
+// One (key tile, query tile) block of a group's backward pass: dV, dK and (unscaled) dQ of the
+// block accumulated into the scratch's [T][...] buffers. The key tile's K rows and V^T are in
+// s.key_rows and s.value_t.
+template <class Scalar>
+void attention_backward_block(const QueryGroup<Scalar>& g, const QueryGroupGrad<Scalar>& d, Index head_dim, Scalar scale,
+                              Index t, Index first) {
+  constexpr Index KT = kKeyTile, QT = kQueryTile;
+  auto& s = attention_scratch<Scalar>();
+  const Index T = g.count, H = g.heads, dh = head_dim, j0 = t * KT, nk = std::min(KT, T - j0);
+  const Index n = std::min(QT, T - first), rows = H * n;
+  stack_heads(g.query, g.query_stride, H, dh, first, n, scale, s.query.data());
+  stack_heads(d.d_out, g.out_stride, H, dh, first, n, Scalar(1), s.d_out.data());
+  for (Index r = 0; r < rows; ++r) {  // delta = rowsum(dO * O), and the forward's lse
+    const Index h = r / n, i = r % n;
+    const Scalar* o = g.out + (first + i) * g.out_stride + h * dh;
+    s.delta[static_cast<std::size_t>(r)] = row_dot(s.d_out.data() + r * dh, o, dh);
+    s.lse[static_cast<std::size_t>(r)] = g.lse[(first + i) * g.lse_stride + h];
+  }
+  // P = exp(Q K^T * scale - lse), masked.
+  gemm<Scalar>(rows, nk, dh, LhsMatrix<Scalar>{s.query.data(), dh, 1}, rhs_of(g.kv.key(t), KT, false), s.scores.data(), KT, false);
+  for (Index r = 0; r < rows; ++r) {
+    const Index valid = std::max<Index>(0, std::min(nk, first + r % n - j0 + 1));
+    Scalar* row = s.scores.data() + r * KT;
+    if (valid == 0)
+      std::fill(row, row + nk, Scalar(0));
+    else
+      exp_row(row, valid, nk, s.lse[static_cast<std::size_t>(r)]);
+  }
+  // dV[keys] += P^T dO; dP = dO V^T; dS = P * (dP - delta).
+  gemm<Scalar>(nk, dh, rows, LhsMatrix<Scalar>{s.scores.data(), 1, KT}, rhs_of(s.d_out.data(), dh, false),
+               s.d_value.data() + j0 * dh, dh, true);
+  gemm<Scalar>(rows, nk, dh, LhsMatrix<Scalar>{s.d_out.data(), dh, 1}, rhs_of(s.value_t.data(), KT, false), s.d_scores.data(),
+               KT, false);
+  for (Index r = 0; r < rows; ++r) {
+    const Scalar* p = s.scores.data() + r * KT;
+    Scalar* ds = s.d_scores.data() + r * KT;
+    const Scalar delta = s.delta[static_cast<std::size_t>(r)];
+    for (Index j = 0; j < nk; ++j) ds[j] = p[j] * (ds[j] - delta);
+  }
+  // dQ += dS K (per head: its rows land in its own columns); dK[keys] += dS^T (Q * scale).
+  for (Index h = 0; h < H; ++h)
+    gemm<Scalar>(n, dh, nk, LhsMatrix<Scalar>{s.d_scores.data() + h * n * KT, KT, 1}, rhs_of(s.key_rows.data(), dh, false),
+                 s.d_query.data() + first * H * dh + h * dh, H * dh, true);
+  gemm<Scalar>(nk, dh, rows, LhsMatrix<Scalar>{s.d_scores.data(), 1, KT}, rhs_of(s.query.data(), dh, false),
+               s.d_key.data() + j0 * dh, dh, true);
+}
+
+// Every gradient of one query group (past == 0): key tiles outer (each tile's K and V transposed
+// once), the query tiles that see it inner.
 template <class Scalar>
 void attention_backward_group(const QueryGroup<Scalar>& g, const QueryGroupGrad<Scalar>& d, Index head_dim, Scalar scale) {
-  constexpr Index KT = kKeyTile, QT = kQueryTile, L = kRowLanes<Scalar>;
+  constexpr Index KT = kKeyTile, QT = kQueryTile, L = kPacketLanes<Scalar>;
   auto& s = attention_scratch<Scalar>();
   const Index T = g.count, H = g.heads, dh = head_dim, rows_max = H * std::min(QT, T);
-  s.grow(s.query, rows_max * dh);
-  s.grow(s.d_out, rows_max * dh);
+  for (auto* v : {&s.query, &s.d_out}) s.grow(*v, rows_max * dh);
   s.grow(s.scores, rows_max * KT + L);
   s.grow(s.d_scores, rows_max * KT);
   s.grow(s.delta, rows_max);
   s.grow(s.lse, rows_max);
   s.grow(s.d_query, T * H * dh);
-  s.grow(s.d_key, T * dh);
-  s.grow(s.d_value, T * dh);
+  for (auto* v : {&s.d_key, &s.d_value}) s.grow(*v, T * dh);
   s.grow(s.key_rows, KT * dh);
   s.grow(s.value_t, dh * KT);
   std::fill_n(s.d_query.data(), T * H * dh, Scalar(0));  // [T][H*d_h], unscaled dS K
   std::fill_n(s.d_key.data(), T * dh, Scalar(0));
   std::fill_n(s.d_value.data(), T * dh, Scalar(0));
-
   for (Index t = 0; t * KT < T; ++t) {
     const Index j0 = t * KT, nk = std::min(KT, T - j0);
-    transpose_block(g.kv.key(t), KT, dh, nk, s.key_rows.data(), dh);       // K [nk][d_h]
-    transpose_block(g.kv.value(t), dh, nk, dh, s.value_t.data(), KT);      // V^T [d_h][nk]
-    for (Index first = j0 / QT * QT; first < T; first += QT) {  // query tiles that see this key tile
-      const Index n = std::min(QT, T - first), rows = H * n;
-      stack_heads(g.query, g.query_stride, H, dh, first, n, scale, s.query.data());
-      stack_heads(d.d_out, g.out_stride, H, dh, first, n, Scalar(1), s.d_out.data());
-      for (Index h = 0; h < H; ++h)
-        for (Index i = 0; i < n; ++i) {
-          const Index r = h * n + i;
-          const Scalar* o = g.out + (first + i) * g.out_stride + h * dh;
-          const Scalar* dout = s.d_out.data() + r * dh;
-          Scalar dot = 0;
-          for (Index c = 0; c < dh; ++c) dot += dout[c] * o[c];
-          s.delta[static_cast<std::size_t>(r)] = dot;
-          s.lse[static_cast<std::size_t>(r)] = g.lse[(first + i) * g.lse_stride + h];
-        }
-      gemm<Scalar>(rows, nk, dh, LhsMatrix<Scalar>{s.query.data(), dh, 1}, rhs_of(g.kv.key(t), KT, false), s.scores.data(), KT,
-                   false);
-      for (Index r = 0; r < rows; ++r) {
-        const Index valid = std::max<Index>(0, std::min(nk, first + r % n - j0 + 1));
-        Scalar* row = s.scores.data() + r * KT;
-        if (valid == 0) {
-          std::fill(row, row + nk, Scalar(0));
-          continue;
-        }
-        exp_row(row, valid, nk, s.lse[static_cast<std::size_t>(r)]);  // P
-      }
-      // dV[keys] += P^T dO; dP = dO V^T; dS = P * (dP - delta).
-      gemm<Scalar>(nk, dh, rows, LhsMatrix<Scalar>{s.scores.data(), 1, KT}, rhs_of(s.d_out.data(), dh, false),
-                   s.d_value.data() + j0 * dh, dh, true);
-      gemm<Scalar>(rows, nk, dh, LhsMatrix<Scalar>{s.d_out.data(), dh, 1}, rhs_of(s.value_t.data(), KT, false),
-                   s.d_scores.data(), KT, false);
-      for (Index r = 0; r < rows; ++r) {
-        const Scalar* p = s.scores.data() + r * KT;
-        Scalar* ds = s.d_scores.data() + r * KT;
-        const Scalar delta = s.delta[static_cast<std::size_t>(r)];
-        for (Index j = 0; j < nk; ++j) ds[j] = p[j] * (ds[j] - delta);
-      }
-      // dQ += dS K (per head: its rows land in its own columns); dK[keys] += dS^T (Q * scale).
-      for (Index h = 0; h < H; ++h)
-        gemm<Scalar>(n, dh, nk, LhsMatrix<Scalar>{s.d_scores.data() + h * n * KT, KT, 1}, rhs_of(s.key_rows.data(), dh, false),
-                     s.d_query.data() + first * H * dh + h * dh, H * dh, true);
-      gemm<Scalar>(nk, dh, rows, LhsMatrix<Scalar>{s.d_scores.data(), 1, KT}, rhs_of(s.query.data(), dh, false),
-                   s.d_key.data() + j0 * dh, dh, true);
-    }
+    transpose_block(g.kv.key(t), KT, dh, nk, s.key_rows.data(), dh);   // K [nk][d_h]
+    transpose_block(g.kv.value(t), dh, nk, dh, s.value_t.data(), KT);  // V^T [d_h][nk]
+    for (Index first = j0 / QT * QT; first < T; first += QT) attention_backward_block(g, d, head_dim, scale, t, first);
   }
   for (Index i = 0; i < T; ++i) {
     for (Index c = 0; c < H * dh; ++c) d.d_query[i * g.query_stride + c] = s.d_query[static_cast<std::size_t>(i * H * dh + c)] * scale;

@@ -424,10 +424,14 @@ struct WeightsInPlace {
   Packet tail(int v) const { return Eigen::internal::pload<Packet>(last + v * W::kLanes); }
 };
 
-// C[0..Rows)[0..cols) = A_panel x W^T over `steps` groups of G: A_panel [steps][MR][G] (zero past
-// k), W from `weights`. Columns past `cols` are computed and not stored.
+// Steps [q0, q1) of C[0..Rows)[0..cols) = A_panel x W^T, of `steps` groups of G in all: A_panel
+// [steps][MR][G] (zero past k), W from `weights`. The partial sums start at zero (q0 == 0) or from
+// `partial` [Rows][V][L], and end in `partial` or, after the last step, added up into C. Keeping
+// them in `partial` between depth blocks continues the same chains: the result does not depend on
+// the blocks. Columns past `cols` are computed and not stored.
 template <class Scalar, int Rows, class Weights>
-void weight_tile(Index steps, const Scalar* a, const Weights& weights, Scalar* c, Index ldc, Index cols) {
+void weight_tile(Index q0, Index q1, Index steps, const Scalar* a, const Weights& weights, Scalar* partial, Scalar* c,
+                 Index ldc, Index cols) {
   using W = WeightShape<Scalar>;
   using Packet = typename W::Packet;
   using namespace Eigen::internal;
@@ -436,7 +440,7 @@ void weight_tile(Index steps, const Scalar* a, const Weights& weights, Scalar* c
 #pragma GCC unroll 16
   for (int i = 0; i < Rows; ++i)
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) acc[i][v] = pzero(Packet{});
+    for (int v = 0; v < V; ++v) acc[i][v] = q0 == 0 ? pzero(Packet{}) : ploadu<Packet>(partial + (i * V + v) * L);
   const auto step = [&](Index q, const Packet* wv) {
 #pragma GCC unroll 16
     for (int i = 0; i < Rows; ++i) {
@@ -445,17 +449,24 @@ void weight_tile(Index steps, const Scalar* a, const Weights& weights, Scalar* c
       for (int v = 0; v < V; ++v) acc[i][v] = pmadd(ai, wv[v], acc[i][v]);
     }
   };
-  const Index full = weights.full_steps();
-  for (Index q = 0; q < full; ++q) {
+  const Index full = std::min(q1, weights.full_steps());
+  for (Index q = q0; q < full; ++q) {
     Packet wv[V];
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) wv[v] = weights.load(q, v);
     step(q, wv);
   }
-  if (full < steps) {
+  if (q1 == steps && weights.full_steps() < steps) {
     Packet wv[V];
     for (int v = 0; v < V; ++v) wv[v] = weights.tail(v);
-    step(full, wv);
+    step(steps - 1, wv);
+  }
+  if (q1 < steps) {
+#pragma GCC unroll 16
+    for (int i = 0; i < Rows; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) pstoreu(partial + (i * V + v) * L, acc[i][v]);
+    return;
   }
   alignas(64) Scalar sums[V * L];
   for (int i = 0; i < Rows; ++i) {
@@ -465,7 +476,7 @@ void weight_tile(Index steps, const Scalar* a, const Weights& weights, Scalar* c
 }
 
 template <class Scalar, class Weights>
-using WeightTile = void (*)(Index, const Scalar*, const Weights&, Scalar*, Index, Index);
+using WeightTile = void (*)(Index, Index, Index, const Scalar*, const Weights&, Scalar*, Scalar*, Index, Index);
 
 template <class Scalar, class Weights, std::size_t... R>
 WeightTile<Scalar, Weights> weight_tile_for(Index rows, std::index_sequence<R...>) {
@@ -506,7 +517,7 @@ void gemm_bt_in_place(Index m, Index n, Index k, const Scalar* a_panel, const We
   for (Index j0 = 0; j0 < n; j0 += W::kCols) {
     const Index cols = std::min<Index>(W::kCols, n - j0);
     const WeightsInPlace<Scalar, Stored> weights(base + j0 * w.stride, w.stride, cols, k);
-    tile(W::steps(k), a_panel, weights, c + j0, ldc, cols);
+    tile(0, W::steps(k), W::steps(k), a_panel, weights, nullptr, c + j0, ldc, cols);
   }
 }
 
@@ -524,7 +535,7 @@ void gemm_bt(Index m, Index n, Index k, const Scalar* a, Index lda, const Weight
   assert(m >= 0 && n >= 0 && k >= 0 && is_float(w.dtype));
   if (m == 0 || n == 0) return;
   const Index steps = W::steps(k), panels = (n + NR - 1) / NR;
-  thread_local std::vector<Scalar> a_panel, w_panels, row;
+  thread_local std::vector<Scalar> a_panel, w_panels, row, partials;
   const auto grow = [](std::vector<Scalar>& v, Index size) {
     if (static_cast<Index>(v.size()) < size) v.resize(static_cast<std::size_t>(size));
   };
@@ -542,14 +553,20 @@ void gemm_bt(Index m, Index n, Index k, const Scalar* a, Index lda, const Weight
   for (Index jp = 0; jp < panels; ++jp)
     detail::pack_groups(w.data, w.dtype, w.stride, jp * NR, std::min<Index>(NR, n - jp * NR), k, NR,
                         w_panels.data() + jp * steps * NR * G, row.data());
+  // Per panel of A's rows, depth blocks of kDepthSteps: the block's part of the A panel stays in L1
+  // while every W panel's part streams past it, the partial sums parked in `partials` in between.
+  constexpr Index kDepthSteps = 64;
+  grow(partials, panels * MR * W::kVectors * W::kLanes);
   for (Index i0 = 0; i0 < m; i0 += MR) {
     const Index rows = std::min<Index>(MR, m - i0);
     detail::pack_groups(a, dtype_of<Scalar>(), lda, i0, rows, k, Index(MR), a_panel.data(), row.data());
     const auto tile = detail::weight_tile_for<Scalar, detail::PackedWeights<Scalar>>(rows, std::make_index_sequence<MR>{});
-    for (Index jp = 0; jp < panels; ++jp) {
-      const detail::PackedWeights<Scalar> weights{w_panels.data() + jp * steps * NR * G, steps};
-      tile(steps, a_panel.data(), weights, c + i0 * ldc + jp * NR, ldc, std::min<Index>(NR, n - jp * NR));
-    }
+    for (Index q0 = 0; q0 < steps; q0 += kDepthSteps)
+      for (Index jp = 0; jp < panels; ++jp) {
+        const detail::PackedWeights<Scalar> weights{w_panels.data() + jp * steps * NR * G, steps};
+        tile(q0, std::min(steps, q0 + kDepthSteps), steps, a_panel.data(), weights,
+             partials.data() + jp * MR * W::kVectors * W::kLanes, c + i0 * ldc + jp * NR, ldc, std::min<Index>(NR, n - jp * NR));
+      }
   }
 }
 

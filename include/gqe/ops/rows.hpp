@@ -3,6 +3,9 @@
 // runs over the row in whole packets from its first element (the last one masked), so the lanes a
 // value lands in, and the order of every sum, depend on the row's length alone. (Eigen's own
 // reductions align to the address, which would make a token's result depend on its row index.)
+#include <algorithm>
+#include <limits>
+
 #include "gqe/tensor/eigen.hpp"
 #include "gqe/tensor/tensor.hpp"
 
@@ -55,6 +58,39 @@ Scalar row_dot(const Scalar* x, const Scalar* y, Index n) {
 template <class Scalar, class F>
 void map_row(const Scalar* x, Scalar* y, Index n, F f) {
   for (Index j = 0; j < n; j += kPacketLanes<Scalar>) store_partial(y, j, n, f(load_partial(x, j, n)));
+}
+
+// The maximum of row[0 .. valid) (NaN if any is NaN).
+template <class Scalar>
+Scalar row_maximum(const Scalar* row, Index valid) {
+  using namespace Eigen::internal;
+  using P = Packet<Scalar>;
+  constexpr int L = kPacketLanes<Scalar>;
+  const P minus_inf = pset1<P>(-std::numeric_limits<Scalar>::infinity());
+  P best = minus_inf;
+  for (Index j = 0; j < valid; j += L)
+    best = pmax<Eigen::PropagateNaN>(best, pselect(lanes_below<Scalar>(j, valid), ploadu<P>(row + j), minus_inf));
+  return predux_max<Eigen::PropagateNaN>(best);
+}
+
+// row[j] = exp(row[j] - shift) for j < valid and 0 for valid <= j < len; returns the sum of the
+// exponentials, added lane by lane from j = 0 and then across the lanes: a fixed order for a given
+// `valid`. Reads and writes whole packets up to `valid` (the row has room for them).
+template <class Scalar>
+Scalar exp_row(Scalar* row, Index valid, Index len, Scalar shift) {
+  using namespace Eigen::internal;
+  using P = Packet<Scalar>;
+  constexpr int L = kPacketLanes<Scalar>;
+  const P sub = pset1<P>(shift);
+  P sum = pzero(sub);
+  Index j = 0;
+  for (; j < valid; j += L) {
+    const P e = pand(lanes_below<Scalar>(j, valid), pexp(psub(ploadu<P>(row + j), sub)));
+    pstoreu(row + j, e);
+    sum = padd(sum, e);
+  }
+  std::fill(row + std::min(j, len), row + len, Scalar(0));
+  return predux(sum);
 }
 
 }  // namespace gqe::detail

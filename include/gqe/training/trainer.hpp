@@ -212,60 +212,11 @@ class Run {
   static Run load(const std::filesystem::path& dir) {
     const auto folder = saved_run_folder(dir);
     const auto state_path = folder / "train_state.json";
-    const nlohmann::json state = gqe::detail::read_json_file(state_path, "a gqe-train state", std::uintmax_t(1) << 32);
-    const auto field_is = [&](const char* key, const char* expected) {
-      return state.is_object() && state.contains(key) && state[key].is_string() && state[key].get_ref<const std::string&>() == expected;
-    };
-    if (!field_is("format", detail::kStateFormat))
-      fail<FormatError>(state_path.string(), " is not a gqe-train state (its \"format\" is not \"", detail::kStateFormat, "\")");
-    if (!field_is("scalar", dtype_name(kDType)))
-      fail<FormatError>(state_path.string(), " was saved by a run in ", gqe::detail::describe_json(state.value("scalar", nlohmann::json())),
-                        "; this run computes in ", dtype_name(kDType),
-                        " and resumes only its own type (bit-identical continuation)");
+    const nlohmann::json state = read_state(state_path);
     Run run(run_config_from_json(state.at("run"), state_path.string()));
-    try {
-      run.step_ = state.at("step").get<Index>();
-      run.train_seconds_ = state.at("train_seconds").get<double>();
-      for (const auto& h : state.at("history"))
-        run.history_.push_back({h.at(0).get<Index>(), h.at(1).get<double>(), h.at(2).get<double>(), h.at(3).get<double>(),
-                                h.at(4).get<double>(), h.at(5).get<double>()});
-      for (const auto& e : state.at("evals")) run.evals_.push_back({e.at(0).get<Index>(), e.at(1).get<double>(), e.at(2).get<double>()});
-      if (state.contains("final_eval") && !state.at("final_eval").is_null()) {
-        const auto& f = state.at("final_eval");
-        run.final_eval_ = EvalPoint{f.at(0).get<Index>(), f.at(1).get<double>(), f.at(2).get<double>()};
-        run.has_final_eval_ = true;
-      }
-    } catch (const nlohmann::json::exception& e) {
-      fail<FormatError>(state_path.string(), ": the training state is malformed (", e.what(), ")");
-    }
-    if (run.step_ < 0 || run.step_ > run.config_.steps())
-      fail<FormatError>(state_path.string(), ": step ", run.step_, " is outside the run's 0 to ", run.config_.steps());
-
-    // Parameters: the checkpoint, in this run's own dtype (a converted one would not continue exactly).
-    const SafetensorsFile header = SafetensorsFile::read(folder / "model.safetensors", true);
-    for (const auto& t : header.tensors())
-      if (t.dtype != kDType)
-        fail<FormatError>(header.source(), ": tensor ", t.name, " is ", dtype_name(t.dtype), "; resuming needs the run's own ",
-                          dtype_name(kDType));
-    run.model_ = load_checkpoint<Scalar>(folder, LoadOptions{true, false, true});
-    attach_gradients(run.model_);
-    // Optimiser moments.
-    const SafetensorsFile opt = SafetensorsFile::read(folder / "optimizer.safetensors");
-    std::size_t count = 0;
-    const auto read_moment = [&](const std::string& name, const Weight& w, std::vector<Scalar>& moment) {
-      const TensorRecord& t = opt.at(name);
-      if (t.dtype != kDType || Shape::of(t.shape) != w.shape())
-        fail<FormatError>(opt.source(), ": tensor ", t.name, " is ", dtype_name(t.dtype), " ", t.shape_str(), "; expected ",
-                          dtype_name(kDType), " ", w.shape().str());
-      opt.read_into(t, moment.data());
-    };
-    run.model_.for_each_parameter([&](const std::string& name, const Weight& w) {
-      read_moment("exp_avg." + name, w, run.adam_.exp_avg(count));
-      read_moment("exp_avg_sq." + name, w, run.adam_.exp_avg_sq(count));
-      ++count;
-    });
-    if (opt.tensors().size() != 2 * count)
-      fail<FormatError>(opt.source(), " holds ", opt.tensors().size(), " tensors; expected ", 2 * count);
+    run.restore_progress(state, state_path.string());
+    run.load_parameters(folder);
+    run.load_moments(folder / "optimizer.safetensors");
     run.adam_.set_step(run.step_);
     return run;
   }
@@ -389,6 +340,73 @@ class Run {
   void open_data() {
     if (config_.task == Task::text)
       text_ = std::make_shared<TextData>(config_.text_path, config_.seq_len, config_.heldout_fraction);
+  }
+
+  // train_state.json, checked to be a gqe-train state of this run's scalar type.
+  static nlohmann::json read_state(const std::filesystem::path& state_path) {
+    nlohmann::json state = gqe::detail::read_json_file(state_path, "a gqe-train state", std::uintmax_t(1) << 32);
+    const auto field_is = [&](const char* key, const char* expected) {
+      return state.is_object() && state.contains(key) && state[key].is_string() && state[key].get_ref<const std::string&>() == expected;
+    };
+    if (!field_is("format", detail::kStateFormat))
+      fail<FormatError>(state_path.string(), " is not a gqe-train state (its \"format\" is not \"", detail::kStateFormat, "\")");
+    if (!field_is("scalar", dtype_name(kDType)))
+      fail<FormatError>(state_path.string(), " was saved by a run in ", gqe::detail::describe_json(state.value("scalar", nlohmann::json())),
+                        "; this run computes in ", dtype_name(kDType),
+                        " and resumes only its own type (bit-identical continuation)");
+    return state;
+  }
+
+  // Step, clock, loss history and evaluations from the state.
+  void restore_progress(const nlohmann::json& state, const std::string& source) {
+    try {
+      step_ = state.at("step").get<Index>();
+      train_seconds_ = state.at("train_seconds").get<double>();
+      for (const auto& h : state.at("history"))
+        history_.push_back({h.at(0).get<Index>(), h.at(1).get<double>(), h.at(2).get<double>(), h.at(3).get<double>(),
+                            h.at(4).get<double>(), h.at(5).get<double>()});
+      for (const auto& e : state.at("evals")) evals_.push_back({e.at(0).get<Index>(), e.at(1).get<double>(), e.at(2).get<double>()});
+      if (state.contains("final_eval") && !state.at("final_eval").is_null()) {
+        const auto& f = state.at("final_eval");
+        final_eval_ = EvalPoint{f.at(0).get<Index>(), f.at(1).get<double>(), f.at(2).get<double>()};
+        has_final_eval_ = true;
+      }
+    } catch (const nlohmann::json::exception& e) {
+      fail<FormatError>(source, ": the training state is malformed (", e.what(), ")");
+    }
+    if (step_ < 0 || step_ > config_.steps())
+      fail<FormatError>(source, ": step ", step_, " is outside the run's 0 to ", config_.steps());
+  }
+
+  // Parameters: the checkpoint, in this run's own dtype (a converted one would not continue exactly).
+  void load_parameters(const std::filesystem::path& folder) {
+    const SafetensorsFile header = SafetensorsFile::read(folder / "model.safetensors", true);
+    for (const auto& t : header.tensors())
+      if (t.dtype != kDType)
+        fail<FormatError>(header.source(), ": tensor ", t.name, " is ", dtype_name(t.dtype), "; resuming needs the run's own ",
+                          dtype_name(kDType));
+    model_ = load_checkpoint<Scalar>(folder, LoadOptions{true, false, true});
+    attach_gradients(model_);
+  }
+
+  // The AdamW moments, one pair per parameter, in the model's parameter order.
+  void load_moments(const std::filesystem::path& path) {
+    const SafetensorsFile opt = SafetensorsFile::read(path);
+    std::size_t count = 0;
+    const auto read_moment = [&](const std::string& name, const Weight& w, std::vector<Scalar>& moment) {
+      const TensorRecord& t = opt.at(name);
+      if (t.dtype != kDType || Shape::of(t.shape) != w.shape())
+        fail<FormatError>(opt.source(), ": tensor ", t.name, " is ", dtype_name(t.dtype), " ", t.shape_str(), "; expected ",
+                          dtype_name(kDType), " ", w.shape().str());
+      opt.read_into(t, moment.data());
+    };
+    model_.for_each_parameter([&](const std::string& name, const Weight& w) {
+      read_moment("exp_avg." + name, w, adam_.exp_avg(count));
+      read_moment("exp_avg_sq." + name, w, adam_.exp_avg_sq(count));
+      ++count;
+    });
+    if (opt.tensors().size() != 2 * count)
+      fail<FormatError>(opt.source(), " holds ", opt.tensors().size(), " tensors; expected ", 2 * count);
   }
 
   nlohmann::ordered_json state_json() const {
