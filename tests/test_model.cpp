@@ -374,6 +374,42 @@ TEST(Sampler, FollowsTheDistributionAndIsSeeded) {
   EXPECT_NEAR(counts[2] / double(n), 0.1, 0.011);
 }
 
+// exp(inf - inf) would be NaN: every comparison with it is false, and the draw fell through to the
+// last candidate. A +inf logit wins; several share equally; a tiny temperature is nearly greedy.
+TEST(Sampler, InfiniteLogitsAndTinyTemperaturesDrawTheLimit) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> one_inf = {0.0f, inf, 1.0f, -inf};
+  for (double t : {1.0, 1e-300}) {
+    gqe::Sampler s({t, 0, 1.0, 7});
+    for (int i = 0; i < 50; ++i) EXPECT_EQ(s.sample(one_inf.data(), 4), 1) << "temperature " << t;
+  }
+  gqe::Sampler greedy({});
+  EXPECT_EQ(greedy.sample(one_inf.data(), 4), 1);
+  // Two +inf logits share the draws; the finite ones (even the larger 5) get none.
+  const std::vector<double> two_inf = {5.0, std::numeric_limits<double>::infinity(), 0.0,
+                                       std::numeric_limits<double>::infinity()};
+  gqe::Sampler shared({0.8, 0, 1.0, 3});
+  int first = 0;
+  for (int i = 0; i < 400; ++i) {
+    const int id = shared.sample(two_inf.data(), 4);
+    ASSERT_TRUE(id == 1 || id == 3) << id;
+    first += id == 1;
+  }
+  EXPECT_GT(first, 120);
+  EXPECT_LT(first, 280);
+  // Finite logits whose quotients by the temperature overflow to +inf: the largest one wins.
+  const std::vector<double> large = {1.0, 3.0, 2.0, -1.0};
+  gqe::Sampler tiny({1e-310, 0, 1.0, 11});
+  for (int i = 0; i < 50; ++i) EXPECT_EQ(tiny.sample(large.data(), 4), 1);
+  // A -inf logit is never drawn; all of them -inf is no distribution at all.
+  const std::vector<float> minus = {-inf, 0.0f, -inf};
+  gqe::Sampler s({2.0, 0, 1.0, 1});
+  for (int i = 0; i < 50; ++i) EXPECT_EQ(s.sample(minus.data(), 3), 1);
+  const std::vector<float> none = {-inf, -inf};
+  EXPECT_THROW(s.sample(none.data(), 2), gqe::InputError);
+  EXPECT_THROW(greedy.sample(none.data(), 2), gqe::InputError);
+}
+
 TEST(Sampler, RejectsBadSettingsAndNaN) {
   EXPECT_THROW(gqe::Sampler({-1.0, 0, 1.0, 0}), gqe::ConfigError);
   EXPECT_THROW(gqe::Sampler({1.0, -2, 1.0, 0}), gqe::ConfigError);
