@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# gqe-train against faults beyond malformed files: threads the system refuses, two processes on one
+# --out, "--resume ." inside a run's folder, --resume with flags it cannot honour and with --steps,
+# an edited train_state.json promising a huge model, a text comparison resumed from another working
+# folder, one seed (no spread to show). Refusals are exit status 2 with one line on stderr.
+# Usage: check_train_faults.sh GQE_TRAIN SCRATCH [sanitized]
+set -u
+train=$(realpath "$1") tmp=$2 sanitized=${3:-}
+rm -rf "$tmp" && mkdir -p "$tmp" || exit 1
+background=
+cleanup() {
+  if [[ -n $background ]]; then kill "$background" 2> /dev/null; wait "$background" 2> /dev/null; fi
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+failures=0 cases=0
+fail() { echo "FAIL $1: $2"; failures=$((failures + 1)); }
+ok() { echo "ok   $1"; }
+refused() {  # refused NAME SUBSTRING CMD...: exit 2, one line on stderr holding SUBSTRING
+  local name=$1 says=$2
+  shift 2
+  cases=$((cases + 1))
+  timeout 120 "$@" > "$tmp/stdout" 2> "$tmp/stderr"
+  local status=$? lines
+  lines=$(wc -l < "$tmp/stderr")
+  if [[ $status != 2 ]]; then fail "$name" "exit status $status, expected 2; stderr: $(head -c 300 "$tmp/stderr")"; return 1; fi
+  if [[ $lines != 1 ]]; then fail "$name" "$lines lines on stderr, expected 1: $(head -c 300 "$tmp/stderr")"; return 1; fi
+  if ! grep -qF -- "$says" "$tmp/stderr"; then fail "$name" "stderr lacks '$says': $(cat "$tmp/stderr")"; return 1; fi
+  ok "$name: $(cat "$tmp/stderr")"
+}
+succeeds() {  # succeeds NAME CMD...: exit 0
+  local name=$1
+  shift
+  cases=$((cases + 1))
+  timeout 300 "$@" > "$tmp/stdout" 2> "$tmp/stderr"
+  local status=$?
+  if [[ $status != 0 ]]; then fail "$name" "exit status $status, expected 0; stderr: $(tail -c 300 "$tmp/stderr")"; return 1; fi
+  ok "$name"
+}
+check() {  # check NAME CONDITION-CMD...
+  local name=$1
+  shift
+  cases=$((cases + 1))
+  if "$@"; then ok "$name"; else fail "$name" "condition failed: $*"; fi
+}
+state_step() { grep -o '"step": *[0-9]*' "$1/train_state.json" | head -n 1 | grep -o '[0-9]*$'; }
+
+# A small shape, so that every run takes seconds.
+small=(--hidden 16 --layers 1 --heads 2 --kv-heads 1 --head-dim 8 --intermediate 32 --batch 4 --seq-len 32
+       --mqar-pairs 4 --mqar-vocab 32 --seeds 1 --save-every 0 --warmup 2)
+
+# Threads the system refuses: exit 2 and one line, before any output folder is made.
+if [[ -n $sanitized ]]; then
+  echo "skip threads_refused: sanitizers reserve terabytes of address space, so ulimit -v cannot be set"
+else
+  refused threads_refused "the system refused to start thread" \
+    bash -c 'ulimit -v 400000 && exec "$0" --threads 512 --steps 2 --out "$1/threads"' "$train" "$tmp"
+  check threads_refused_made_no_folder test ! -e "$tmp/threads"
+fi
+
+echo "$cases checks, $failures failed"
+[[ $failures == 0 ]]
