@@ -8,7 +8,9 @@
 #include <cstdio>
 #include <limits>
 #include <new>
+#include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "gqe/gqe.hpp"
@@ -18,10 +20,14 @@ namespace gqe::cli {
 // Exit status for every input or condition the user can fix.
 constexpr int kUsageError = 2;
 
-// Runs body() after parsing; maps every failure to one line on stderr. --help and --version exit 0.
+// Runs body() after parsing; maps every failure to one line on stderr (control characters escaped).
+// --help and --version exit 0.
 template <class Body>
 int run_main(CLI::App& app, int argc, char** argv, Body&& body) {
   const std::string program = app.get_name().empty() ? "gqe" : app.get_name();
+  const auto say = [&](const char* kind, const std::string& message) {
+    std::fprintf(stderr, "%s: %s: %s\n", program.c_str(), kind, gqe::detail::one_line(message).c_str());
+  };
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -31,32 +37,51 @@ int run_main(CLI::App& app, int argc, char** argv, Body&& body) {
   } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "%s: error: %s (see --help)\n", program.c_str(), e.what());
+    say("error", std::string(e.what()) + " (see --help)");
     return kUsageError;
   }
   try {
     return body();
   } catch (const gqe::Error& e) {
-    std::fprintf(stderr, "%s: error: %s\n", program.c_str(), e.what());
+    say("error", e.what());
     return kUsageError;
   } catch (const std::bad_alloc&) {
-    std::fprintf(stderr, "%s: error: out of memory; expected a model and prompt that fit in memory\n", program.c_str());
+    say("error", "out of memory; expected a model and prompt that fit in memory");
     return kUsageError;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "%s: internal error: %s\n", program.c_str(), e.what());
+    say("internal error", e.what());
     return 1;
   }
 }
 
-// Refuses a leading minus sign, which CLI11 would wrap around into an unsigned option.
-inline CLI::Validator non_negative_integer() {
+// An integer option in [lo, hi], written in decimal digits alone. CLI11 by itself reads a leading
+// zero as octal ("010" is 8) and "0x10" as hex, and clamps what overflows; here "010" is 10, a sign,
+// a prefix or a value out of range is refused. Passes the value on without its leading zeros.
+template <class T>
+CLI::Validator integer_in(T lo, T hi) {
+  static_assert(std::is_integral_v<T>, "integer_in is for integer options");
+  if constexpr (std::is_signed_v<T>) {
+    if (lo < 0) throw std::logic_error("integer_in: expected lo >= 0");
+  }
+  if (hi < lo) throw std::logic_error("integer_in: expected lo <= hi");
+  const auto low = static_cast<std::uint64_t>(lo), high = static_cast<std::uint64_t>(hi);
   return CLI::Validator(
-      [](std::string& value) -> std::string {
+      [low, high](std::string& value) -> std::string {
+        const std::string expected = "; expected a decimal integer from " + std::to_string(low) + " to " + std::to_string(high);
         if (value.empty() || value.find_first_not_of("0123456789") != std::string::npos)
-          return "value " + value + " is not a non-negative integer";
+          return "value \"" + gqe::detail::printable(value, 40) + "\" is not a decimal integer" + expected;
+        std::uint64_t v = 0;
+        bool over = false;
+        for (const char c : value) {
+          const auto digit = static_cast<std::uint64_t>(c - '0');
+          over = over || v > (UINT64_MAX - digit) / 10;
+          if (!over) v = v * 10 + digit;
+        }
+        if (over || v < low || v > high) return "value " + gqe::detail::printable(value, 40) + " is out of range" + expected;
+        value = std::to_string(v);
         return "";
       },
-      "UINT");
+      "INT in [" + std::to_string(low) + " - " + std::to_string(high) + "]");
 }
 
 // Byte-level tokens: each byte of the text is a token id 0..255.

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -179,15 +180,16 @@ int main(int argc, char** argv) {
   prompt->excludes(ids);
   ids->excludes(prompt);
   auto* generate = app.add_option("--generate", opt.generate, "Tokens to sample after the prompt, streamed to stdout")
-      ->check(CLI::Range(gqe::Index(0), gqe::Limits::max_positions));
+      ->transform(gqe::cli::integer_in(gqe::Index(0), gqe::Limits::max_positions));
   app.add_option("--temperature", opt.sampler.temperature, "Sampling temperature; 0 is greedy")->capture_default_str();
-  app.add_option("--top-k", opt.sampler.top_k, "Keep the K most likely tokens; 0 is off")->capture_default_str();
+  app.add_option("--top-k", opt.sampler.top_k, "Keep the K most likely tokens; 0 is off")
+      ->transform(gqe::cli::integer_in(gqe::Index(0), std::numeric_limits<gqe::Index>::max()))->capture_default_str();
   app.add_option("--top-p", opt.sampler.top_p, "Keep the smallest set of tokens with probability >= P; 1 is off")
       ->capture_default_str();
-  app.add_option("--seed", opt.sampler.seed, "Seed of the sampler (a non-negative integer)")
-      ->check(gqe::cli::non_negative_integer())->capture_default_str();
-  app.add_option("--threads", opt.threads, "Worker threads (default: the machine's cores)")
-      ->check(CLI::Range(1, 1024))->capture_default_str();
+  app.add_option("--seed", opt.sampler.seed, "Seed of the sampler (a decimal integer, 0 to 2^64 - 1)")
+      ->transform(gqe::cli::integer_in(std::uint64_t(0), UINT64_MAX))->capture_default_str();
+  app.add_option("--threads", opt.threads, "Worker threads (default: the CPUs this process may use)")
+      ->transform(gqe::cli::integer_in(1, 1024))->capture_default_str();
   auto* mode = app.add_option("--mode", opt.mode, "prefill: the prompt at once; stepwise: one token at a time through the KV cache")
       ->check(CLI::IsMember({"prefill", "stepwise"}))->capture_default_str();
   auto* logits_out = app.add_option("--logits-out", opt.logits_out,

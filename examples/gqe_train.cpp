@@ -16,7 +16,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <limits>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -326,34 +328,34 @@ int main(int argc, char** argv) {
   app.add_option("--task", o.task, "mqar (multi-query associative recall) or text (byte-level LM on --text)")
       ->check(CLI::IsMember({"mqar", "text"}))->capture_default_str();
   app.add_option("--text", o.text, "text file for --task text (its last 10% is held out)");
-  app.add_option("--steps", o.steps, "optimiser steps per run")->check(CLI::Range(1, 10000000))->capture_default_str();
-  app.add_option("--batch", o.batch, "sequences per step")->check(CLI::Range(1, 65536))->capture_default_str();
-  app.add_option("--seeds", o.seeds, "runs seeds 0..N-1 of each model")->check(CLI::Range(1, 1000))->capture_default_str();
-  app.add_option("--seq-len", o.seq_len, "tokens per sequence")->check(CLI::Range(1, 1 << 20))->capture_default_str();
+  app.add_option("--steps", o.steps, "optimiser steps per run")->transform(gqe::cli::integer_in<Index>(1, 10000000))->capture_default_str();
+  app.add_option("--batch", o.batch, "sequences per step")->transform(gqe::cli::integer_in<Index>(1, 65536))->capture_default_str();
+  app.add_option("--seeds", o.seeds, "runs seeds 0..N-1 of each model")->transform(gqe::cli::integer_in<Index>(1, 1000))->capture_default_str();
+  app.add_option("--seq-len", o.seq_len, "tokens per sequence")->transform(gqe::cli::integer_in<Index>(1, 1 << 20))->capture_default_str();
   app.add_option("--out", o.out, "output folder: checkpoints, curves, plot, results")->capture_default_str();
-  app.add_option("--threads", o.threads, "threads (default: all cores)")->check(CLI::Range(1, 1024));
+  app.add_option("--threads", o.threads, "threads (default: the CPUs this process may use)")->transform(gqe::cli::integer_in<Index>(1, 1024));
   app.add_option("--resume", o.resume, "continue a run's folder (out/gqe-seed0) or a whole comparison's (out)");
   app.add_option("--lr", o.lr, "peak learning rate")->capture_default_str();
-  app.add_option("--warmup", o.warmup, "warm-up steps (0: 5% of the steps)")->check(gqe::cli::non_negative_integer());
+  app.add_option("--warmup", o.warmup, "warm-up steps (0: 5% of the steps)")->transform(gqe::cli::integer_in<Index>(0, std::numeric_limits<Index>::max()));
   app.add_option("--schedule", o.schedule, "cosine or wsd (warmup-stable-decay)")
       ->check(CLI::IsMember({"cosine", "wsd"}))->capture_default_str();
   app.add_option("--aux-coef", o.aux_coef, "load-balancing loss coefficient (GQE)")->capture_default_str();
   app.add_option("--weight-decay", o.weight_decay, "AdamW weight decay (matrices only)")->capture_default_str();
   app.add_option("--eval-every", o.eval_every, "steps between held-out evaluations (0: a tenth of the run)")
-      ->check(gqe::cli::non_negative_integer());
+      ->transform(gqe::cli::integer_in<Index>(0, std::numeric_limits<Index>::max()));
   app.add_option("--save-every", o.save_every, "steps between checkpoints (0: at the end and on Ctrl-C only)")
-      ->check(gqe::cli::non_negative_integer())->capture_default_str();
-  app.add_option("--hidden", o.hidden, "hidden size d")->check(CLI::Range(1, 65536))->capture_default_str();
-  app.add_option("--layers", o.layers, "transformer blocks")->check(CLI::Range(1, 1024))->capture_default_str();
-  app.add_option("--heads", o.heads, "query heads N (GQE: routed experts)")->check(CLI::Range(1, 1024))->capture_default_str();
-  app.add_option("--kv-heads", o.kv_heads, "KV heads G")->check(CLI::Range(1, 1024))->capture_default_str();
-  app.add_option("--head-dim", o.head_dim, "head dimension d_h")->check(CLI::Range(2, 2048))->capture_default_str();
-  app.add_option("--intermediate", o.intermediate, "feed-forward size")->check(CLI::Range(1, 1 << 18))->capture_default_str();
-  app.add_option("--top-k", o.top_k, "GQE experts kept per group")->check(CLI::Range(1, 1024))->capture_default_str();
+      ->transform(gqe::cli::integer_in<Index>(0, std::numeric_limits<Index>::max()))->capture_default_str();
+  app.add_option("--hidden", o.hidden, "hidden size d")->transform(gqe::cli::integer_in<Index>(1, 65536))->capture_default_str();
+  app.add_option("--layers", o.layers, "transformer blocks")->transform(gqe::cli::integer_in<Index>(1, 1024))->capture_default_str();
+  app.add_option("--heads", o.heads, "query heads N (GQE: routed experts)")->transform(gqe::cli::integer_in<Index>(1, 1024))->capture_default_str();
+  app.add_option("--kv-heads", o.kv_heads, "KV heads G")->transform(gqe::cli::integer_in<Index>(1, 1024))->capture_default_str();
+  app.add_option("--head-dim", o.head_dim, "head dimension d_h")->transform(gqe::cli::integer_in<Index>(2, 2048))->capture_default_str();
+  app.add_option("--intermediate", o.intermediate, "feed-forward size")->transform(gqe::cli::integer_in<Index>(1, 1 << 18))->capture_default_str();
+  app.add_option("--top-k", o.top_k, "GQE experts kept per group")->transform(gqe::cli::integer_in<Index>(1, 1024))->capture_default_str();
   app.add_option("--variant", o.variant, "GQE variant: gqe, hard_concat or weighted_concat")
       ->check(CLI::IsMember({"gqe", "hard_concat", "weighted_concat"}))->capture_default_str();
-  app.add_option("--mqar-pairs", o.mqar_pairs, "MQAR key-value pairs per sequence")->check(CLI::Range(1, 1 << 20))->capture_default_str();
-  app.add_option("--mqar-vocab", o.mqar_vocab, "MQAR vocabulary (keys and values split it)")->check(CLI::Range(5, 1 << 20))->capture_default_str();
+  app.add_option("--mqar-pairs", o.mqar_pairs, "MQAR key-value pairs per sequence")->transform(gqe::cli::integer_in<Index>(1, 1 << 20))->capture_default_str();
+  app.add_option("--mqar-vocab", o.mqar_vocab, "MQAR vocabulary (keys and values split it)")->transform(gqe::cli::integer_in<Index>(5, 1 << 20))->capture_default_str();
   app.add_flag("--throughput", o.throughput, "only time training steps of both models at this shape and print the ratio beside the FLOP ceiling");
   return gqe::cli::run_main(app, argc, argv, [&]() -> int {
     if (o.task == "text" && o.text.empty() && o.resume.empty())

@@ -423,6 +423,22 @@ TEST(AtomicWrite, UnwritableFolderLeavesNoFile) {
   }
 }
 
+// Messages are one line: a path or a name with a newline or an escape sequence comes out escaped.
+TEST(Errors, ControlCharactersInMessagesAreEscaped) {
+  const fs::path dir = scratch("newline");
+  try {
+    gqe::load_checkpoint<float>(dir / "a\nb\x1b[31m");
+    ADD_FAILURE() << "a missing folder was loaded";
+  } catch (const gqe::IoError& e) {
+    const std::string message = e.what();
+    EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+    EXPECT_EQ(message.find('\x1b'), std::string::npos) << message;
+    EXPECT_NE(message.find("a\\x0ab\\x1b[31m"), std::string::npos) << message;
+  }
+  EXPECT_STREQ(gqe::InputError("tab\there").what(), "tab\\x09here");
+  fs::remove_all(dir);
+}
+
 // ---- config.json --------------------------------------------------------------------------------
 
 gqe::ModelConfig parse(const std::string& text) { return gqe::parse_model_config_text(text, "config.json"); }

@@ -51,5 +51,19 @@ else
     bash -c 'ulimit -v 400000 && exec "$0" --model "$1" --prompt-ids 1 --threads 512' "$run" "$good"
 fi
 
+# Integer flags are decimal: a leading zero is not octal.
+succeeds generate_010 "$run" --model "$good" --prompt-ids 1 --generate 010
+check generate_010_gives_10_tokens test "$(wc -c < "$tmp/stdout")" = 10  # vocabulary <= 256: one byte each
+succeeds seed_010 "$run" --model "$good" --prompt-ids 1 --generate 12 --temperature 1 --seed 010
+cp "$tmp/stdout" "$tmp/seed_010"
+succeeds seed_10 "$run" --model "$good" --prompt-ids 1 --generate 12 --temperature 1 --seed 10
+check seed_010_is_seed_10 cmp -s "$tmp/stdout" "$tmp/seed_010"
+rm -f "$tmp/seed_010"
+
+# Paths with a newline or an escape sequence: one line on stderr, the characters escaped.
+refused model_path_with_newline 'a\x0ab' "$run" --model "$tmp/a"$'\n'"b" --prompt-ids 1
+refused model_path_with_escape '\x1b[31m' "$run" --model "$tmp/"$'\e'"[31mred" --prompt-ids 1
+refused flag_value_with_newline '\x0a' "$run" --model "$good" --prompt-ids 1 --mode $'pre\nfill'
+
 echo "$cases checks, $failures failed"
 [[ $failures == 0 ]]
