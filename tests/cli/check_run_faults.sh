@@ -65,5 +65,37 @@ refused model_path_with_newline 'a\x0ab' "$run" --model "$tmp/a"$'\n'"b" --promp
 refused model_path_with_escape '\x1b[31m' "$run" --model "$tmp/"$'\e'"[31mred" --prompt-ids 1
 refused flag_value_with_newline '\x0a' "$run" --model "$good" --prompt-ids 1 --mode $'pre\nfill'
 
+# Non-regular files are written through, never replaced: a FIFO read by another process, and
+# devices made with mknod here (as root; never the machine's own /dev/null).
+succeeds logits_to_regular_file "$run" --model "$good" --prompt-ids 1,2,3 --logits-out "$tmp/regular.safetensors"
+mkfifo "$tmp/fifo"
+# This script holds the FIFO open (read-write, which does not block) until gqe-run is done, so that
+# the reader ends whether or not gqe-run wrote into the FIFO.
+exec 3<> "$tmp/fifo"
+cat "$tmp/fifo" > "$tmp/from_fifo" 3>&- &
+reader=$!
+succeeds logits_to_fifo "$run" --model "$good" --prompt-ids 1,2,3 --logits-out "$tmp/fifo"
+exec 3>&-
+wait "$reader"
+check fifo_is_still_a_fifo test -p "$tmp/fifo"
+check fifo_got_the_file cmp -s "$tmp/from_fifo" "$tmp/regular.safetensors"
+if mknod "$tmp/null" c 1 3 2> /dev/null && mknod "$tmp/full" c 1 7 2> /dev/null; then
+  succeeds logits_to_null_device "$run" --model "$good" --prompt-ids 1,2,3 --logits-out "$tmp/null"
+  check null_device_is_still_a_device test -c "$tmp/null"
+  refused logits_to_full_device "No space left on device" \
+    "$run" --model "$good" --prompt-ids 1,2,3 --logits-out "$tmp/full"
+  check full_device_is_still_a_device test -c "$tmp/full"
+else
+  echo "skip device cases: mknod needs root (CAP_MKNOD)"
+fi
+rm -f "$tmp/fifo" "$tmp/from_fifo" "$tmp/null" "$tmp/full" "$tmp/regular.safetensors"
+
+# A 250-byte file name: the temporary name beside it stays within the 255-byte limit.
+long=$(printf 'L%.0s' $(seq 238)).safetensors
+mkdir "$tmp/long"
+succeeds logits_out_250_byte_name "$run" --model "$good" --prompt-ids 1,2 --logits-out "$tmp/long/$long"
+check long_name_exists test -s "$tmp/long/$long"
+check long_name_written_alone test "$(ls -A "$tmp/long" | wc -l)" = 1
+
 echo "$cases checks, $failures failed"
 [[ $failures == 0 ]]
