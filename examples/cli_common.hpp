@@ -3,9 +3,13 @@
 // prompt parsing, and the logits file of gqe-run.
 #include <CLI/CLI.hpp>
 
+#include <sys/stat.h>
+
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <limits>
 #include <new>
 #include <stdexcept>
@@ -20,8 +24,19 @@ namespace gqe::cli {
 // Exit status for every input or condition the user can fix.
 constexpr int kUsageError = 2;
 
+// Output that went wrong after the fact: a full disk or a closed pipe behind stdout shows only when
+// the buffered bytes are flushed. IoError naming the error, unless everything was written.
+inline void check_stdout() {
+  errno = 0;
+  if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
+    const int error = errno;
+    std::clearerr(stdout);
+    fail<IoError>("cannot write to standard output: ", error ? std::strerror(error) : "write error");
+  }
+}
+
 // Runs body() after parsing; maps every failure to one line on stderr (control characters escaped).
-// --help and --version exit 0.
+// --help and --version exit 0. Standard output is checked before a success is reported.
 template <class Body>
 int run_main(CLI::App& app, int argc, char** argv, Body&& body) {
   const std::string program = app.get_name().empty() ? "gqe" : app.get_name();
@@ -29,19 +44,27 @@ int run_main(CLI::App& app, int argc, char** argv, Body&& body) {
     std::fprintf(stderr, "%s: %s: %s\n", program.c_str(), kind, gqe::detail::one_line(message).c_str());
   };
   try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::CallForAllHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::CallForVersion& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    say("error", std::string(e.what()) + " (see --help)");
-    return kUsageError;
-  }
-  try {
-    return body();
+    try {
+      app.parse(argc, argv);
+    } catch (const CLI::CallForHelp& e) {
+      const int status = app.exit(e);
+      check_stdout();
+      return status;
+    } catch (const CLI::CallForAllHelp& e) {
+      const int status = app.exit(e);
+      check_stdout();
+      return status;
+    } catch (const CLI::CallForVersion& e) {
+      const int status = app.exit(e);
+      check_stdout();
+      return status;
+    } catch (const CLI::ParseError& e) {
+      say("error", std::string(e.what()) + " (see --help)");
+      return kUsageError;
+    }
+    const int status = body();
+    check_stdout();
+    return status;
   } catch (const gqe::Error& e) {
     say("error", e.what());
     return kUsageError;
@@ -108,6 +131,21 @@ inline std::vector<std::int32_t> parse_ids(const std::string& text) {
     pos = comma + 1;
   }
   return ids;
+}
+
+// Refuses an output path at which an input of the same run already stands: the same file by device
+// and inode, whatever name leads to it (a link, "dir/../dir/file"), so that a run never destroys
+// what it reads. Nothing at the path yet is fine.
+inline void refuse_overwriting_inputs(const std::string& flag, const std::filesystem::path& out,
+                                      const std::vector<std::filesystem::path>& inputs) {
+  struct stat target {};
+  if (::stat(out.c_str(), &target) != 0) return;
+  for (const auto& input : inputs) {
+    struct stat in {};
+    if (::stat(input.c_str(), &in) == 0 && in.st_dev == target.st_dev && in.st_ino == target.st_ino)
+      fail<InputError>(flag, " ", out.string(), " is ", input.string(),
+                       ", an input of this run; expected a path that is not one of the run's inputs");
+  }
 }
 
 // gqe-run's logits file: "logits" F32 [T, V] and, for GQE models, "expert_indices" I32 [L, T, G, k].

@@ -94,14 +94,6 @@ int run(const Options& opt) {
       record(t, 1);
     }
   }
-  if (opt.logits_out) gqe::cli::write_logits(*opt.logits_out, logits, routed ? &experts : nullptr);
-  if (opt.stats) {
-    if (routed)
-      print_stats(stats);
-    else
-      std::fprintf(stderr, "attention_type is gqa: every query head is active, no routing statistics\n");
-  }
-
   // Generation: stream each token as it comes, as bytes when the vocabulary is byte-level.
   const bool as_text = V <= 256;
   gqe::Tensor<Scalar> step_logits(gqe::Shape{1, V});
@@ -112,12 +104,22 @@ int run(const Options& opt) {
       std::fputc(static_cast<unsigned char>(next), stdout);
     else
       std::fprintf(stdout, i ? " %d" : "%d", next);
-    std::fflush(stdout);
+    gqe::cli::check_stdout();  // a full disk or a closed pipe stops the run here
     if (i + 1 == opt.generate) break;
     model.forward(gqe::TensorView<const std::int32_t>(&next, gqe::Shape{1, 1}), caches, step_logits.view(), true);
     last = step_logits.data();
   }
   if (opt.generate > 0 && !as_text) std::fputc('\n', stdout);
+  gqe::cli::check_stdout();
+
+  // The outputs, only now that everything else succeeded: a run that fails leaves no file.
+  if (opt.logits_out) gqe::cli::write_logits(*opt.logits_out, logits, routed ? &experts : nullptr);
+  if (opt.stats) {
+    if (routed)
+      print_stats(stats);
+    else
+      std::fprintf(stderr, "attention_type is gqa: every query head is active, no routing statistics\n");
+  }
   return 0;
 }
 
@@ -204,6 +206,10 @@ int main(int argc, char** argv) {
     if (!opt.prompt && !opt.prompt_ids && !opt.perplexity)
       gqe::fail<gqe::InputError>("no prompt; expected --prompt TEXT, --prompt-ids 1,2,3 or --perplexity FILE");
     opt.sampler.validate();
+    if (opt.logits_out)
+      gqe::cli::refuse_overwriting_inputs("--logits-out", *opt.logits_out,
+                                          {std::filesystem::path(opt.model) / "config.json",
+                                           std::filesystem::path(opt.model) / "model.safetensors"});
     gqe::set_num_threads(opt.threads);
     const bool in_double = gqe::checkpoint_is_double(opt.model);
     if (opt.perplexity) return in_double ? perplexity<double>(opt) : perplexity<float>(opt);

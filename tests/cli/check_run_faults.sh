@@ -97,5 +97,48 @@ succeeds logits_out_250_byte_name "$run" --model "$good" --prompt-ids 1,2 --logi
 check long_name_exists test -s "$tmp/long/$long"
 check long_name_written_alone test "$(ls -A "$tmp/long" | wc -l)" = 1
 
+# --logits-out onto an input of the same run: refused by device and inode, whatever the name.
+cp -R "$good" "$tmp/model"
+cp "$tmp/model/model.safetensors" "$tmp/original.safetensors"
+ln "$tmp/model/model.safetensors" "$tmp/hardlink"
+ln -s "model/config.json" "$tmp/symlink"
+refused logits_out_is_the_model "an input of this run" \
+  "$run" --model "$tmp/model" --prompt-ids 1,2 --logits-out "$tmp/model/model.safetensors"
+refused logits_out_is_a_hard_link_to_the_model "an input of this run" \
+  "$run" --model "$tmp/model" --prompt-ids 1,2 --logits-out "$tmp/hardlink"
+refused logits_out_is_a_link_to_the_config "an input of this run" \
+  "$run" --model "$tmp/model" --prompt-ids 1,2 --logits-out "$tmp/symlink"
+refused logits_out_is_the_config_by_another_name "an input of this run" \
+  "$run" --model "$tmp/model" --prompt-ids 1,2 --logits-out "$tmp/model/../model/config.json"
+check model_left_intact cmp -s "$tmp/model/model.safetensors" "$tmp/original.safetensors"
+rm -rf "$tmp/model" "$tmp/hardlink" "$tmp/symlink" "$tmp/original.safetensors"
+
+# Write errors on stdout: a full disk stops the run with exit 2, and leaves no logits file.
+if [[ -w /dev/full ]]; then
+  refused stdout_full_generate "cannot write to standard output" \
+    bash -c 'exec "$0" --model "$1" --prompt-ids 1 --generate 50 --logits-out "$2/x.safetensors" > /dev/full' \
+    "$run" "$good" "$tmp"
+  check stdout_full_leaves_no_logits test ! -e "$tmp/x.safetensors"
+  printf 'the quick brown fox jumps over the lazy dog\n' > "$tmp/text.txt"
+  refused stdout_full_perplexity "cannot write to standard output" \
+    bash -c 'exec "$0" --model "$1" --perplexity "$2/text.txt" > /dev/full' "$run" "$bytes" "$tmp"
+  refused stdout_full_text_generate "cannot write to standard output" \
+    bash -c 'exec "$0" --model "$1" --prompt hi --generate 20 > /dev/full' "$run" "$bytes"
+else
+  echo "skip stdout_full: no writable /dev/full"
+fi
+
+# All or nothing: a model whose logits are NaN (every weight byte 0xff, a NaN in F32) fails in
+# --generate after the logits were computed; no logits file is left, and no statistics printed.
+cp -R "$good" "$tmp/nan"
+header=$(od -An -tu8 -N8 "$good/model.safetensors" | tr -d ' ')
+size=$(stat -c %s "$good/model.safetensors")
+{ head -c $((8 + header)) "$good/model.safetensors"; head -c $((size - 8 - header)) /dev/zero | tr '\0' '\377'; } \
+  > "$tmp/nan/model.safetensors"
+refused nan_during_generate "is NaN" \
+  "$run" --model "$tmp/nan" --prompt-ids 1,2 --generate 3 --stats --logits-out "$tmp/x.safetensors"
+check nan_leaves_no_logits test ! -e "$tmp/x.safetensors"
+rm -rf "$tmp/nan"
+
 echo "$cases checks, $failures failed"
 [[ $failures == 0 ]]
