@@ -18,7 +18,6 @@
 #include <filesystem>
 #include <limits>
 #include <map>
-#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -43,15 +42,31 @@ using Run = gqe::cli::TrainRun;
 volatile std::sig_atomic_t g_interrupted = 0;
 extern "C" void on_sigint(int) { g_interrupted = 1; }
 
-// Trains one run to its end (or until Ctrl-C). Returns false when interrupted.
-bool train_run(Run& run, const fs::path& dir, const std::string& label) {
+// A path as a message shows it: control characters escaped, so that it stays on its line.
+std::string shown(const fs::path& path) { return gqe::detail::one_line(path.string()); }
+
+// A path quoted for a POSIX shell (and so for gnuplot's single-quoted strings, by doubling).
+std::string shell_quoted(const std::string& text) {
+  std::string out = "'";
+  for (const char c : text) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+std::string gnuplot_quoted(const std::string& text) {
+  std::string out = "'";
+  for (const char c : text) out += c == '\'' ? std::string("''") : std::string(1, c);
+  return out + "'";
+}
+
+// Trains one run to its end (or until Ctrl-C). Returns false when interrupted; `resume_hint` is the
+// folder to name in the message then.
+bool train_run(Run& run, const fs::path& dir, const std::string& label, const fs::path& resume_hint) {
   Progress progress(label);
   const bool done = run.train(dir, [] { return g_interrupted != 0; },
                               [&](const gqe::training::StepInfo& s) { progress.update(s, run); });
   if (!done) {
     std::fprintf(stderr, "\ninterrupted at step %ld of %ld; saved to %s (continue with --resume %s)\n",
-                 static_cast<long>(run.step()), static_cast<long>(run.config().steps()), dir.string().c_str(),
-                 dir.parent_path().string().c_str());
+                 static_cast<long>(run.step()), static_cast<long>(run.config().steps()), shown(dir).c_str(),
+                 shown(resume_hint).c_str());
   }
   return done;
 }
@@ -150,29 +165,29 @@ void write_curves(const fs::path& out, const std::vector<std::pair<std::string, 
     std::ostringstream g;
     g << "set datafile separator ','\n"
       << "set terminal pngcairo size 1400,560 font ',10'\n"
-      << "set output '" << (out / "training_curves.png").string() << "'\n"
+      << "set output " << gnuplot_quoted((out / "training_curves.png").string()) << "\n"
       << "set multiplot layout 1,2 title 'GQA vs GQE: same shape, tokens and seeds'\n"
       << "set key outside bottom center horizontal\nset grid\nset xlabel 'step'\n"
       << "set ylabel 'training loss (EMA)'\nset logscale y\n"
-      << "plot for [i=2:" << runs.size() + 1 << "] '" << (out / "plot_train_loss.csv").string()
-      << "' using 1:i with lines lw 1.5 lc (i % 2 == 0 ? 1 : 7) title columnhead(i)\n"
+      << "plot for [i=2:" << runs.size() + 1 << "] " << gnuplot_quoted((out / "plot_train_loss.csv").string())
+      << " using 1:i with lines lw 1.5 lc (i % 2 == 0 ? 1 : 7) title columnhead(i)\n"
       << "unset logscale y\nset ylabel 'held-out accuracy'\nset yrange [0:1]\n"
-      << "plot for [i=2:" << runs.size() + 1 << "] '" << (out / "plot_heldout_accuracy.csv").string()
-      << "' using 1:i with linespoints lw 1.5 pt 7 ps 0.5 lc (i % 2 == 0 ? 1 : 7) title columnhead(i)\n"
+      << "plot for [i=2:" << runs.size() + 1 << "] " << gnuplot_quoted((out / "plot_heldout_accuracy.csv").string())
+      << " using 1:i with linespoints lw 1.5 pt 7 ps 0.5 lc (i % 2 == 0 ? 1 : 7) title columnhead(i)\n"
       << "unset multiplot\n";
     const std::string text = g.str();
     gqe::write_file_atomically(script, [&](std::ostream& o) { o << text; });
   }
   if (std::system("command -v gnuplot > /dev/null 2>&1") != 0) {
     std::fprintf(stderr, "warning: gnuplot is not installed; no PNG (apt-get install gnuplot-nox; then gnuplot %s)\n",
-                 script.string().c_str());
+                 shown(script).c_str());
     return;
   }
-  const std::string command = "gnuplot '" + script.string() + "' 2> '" + (out / "plot.log").string() + "'";
+  const std::string command = "gnuplot " + shell_quoted(script.string()) + " 2> " + shell_quoted((out / "plot.log").string());
   if (std::system(command.c_str()) != 0)
-    std::fprintf(stderr, "warning: gnuplot failed (see %s); no PNG\n", (out / "plot.log").string().c_str());
+    std::fprintf(stderr, "warning: gnuplot failed (see %s); no PNG\n", shown(out / "plot.log").c_str());
   else
-    std::fprintf(stderr, "plot: %s\n", (out / "training_curves.png").string().c_str());
+    std::fprintf(stderr, "plot: %s\n", shown(out / "training_curves.png").c_str());
 }
 
 void print_table(const Options& o, const std::vector<std::vector<const Run*>>& by_model, const fs::path& out) {
@@ -257,38 +272,49 @@ int measure_throughput(const Options& o) {
   return 0;
 }
 
+// A run's folder and the folders beside it are locked through the folder that holds them (the
+// comparison's --out): one gqe-train at a time writes there.
+gqe::FolderLock lock_comparison(const fs::path& out) { return gqe::FolderLock(out, "a gqe-train run writes there"); }
+
 int run_comparison(Options o) {
-  fs::path out = o.out;
   std::error_code ec;
+  // Paths resolved before anything starts: "--resume ." names the folder itself.
+  fs::path out = gqe::resolved_folder(o.out);
+  gqe::FolderLock lock;
   // --resume: a run's folder (continue that run) or a comparison's folder (continue all of it).
   if (!o.resume.empty()) {
-    const fs::path dir = o.resume;
+    const fs::path dir = gqe::resolved_folder(o.resume);
     if (fs::is_regular_file(dir / "comparison.json", ec)) {
+      lock = lock_comparison(dir);
       const fs::path saved = dir / "comparison.json";
       o.from_json(gqe::detail::read_json_file(saved, "the options of a gqe-train comparison", 1 << 20), saved.string());
       out = dir;
     } else {
+      lock = lock_comparison(dir.parent_path());
       auto run = Run::load(dir);  // throws IoError naming dir when it is neither
-      const std::string label = fs::path(dir).filename().string();
-      if (!run.finished() && !train_run(run, dir, label)) return 130;
-      std::printf("%s: step %ld of %ld, held-out loss %.4f, accuracy %.4f, %.0f training tokens/s\n", label.c_str(),
-                  static_cast<long>(run.step()), static_cast<long>(run.config().steps()), run.final_eval().loss,
-                  run.final_eval().accuracy, run.tokens_per_second());
+      const std::string label = dir.filename().string();
+      if (!run.finished() && !train_run(run, dir, label, dir)) return 130;
+      std::printf("%s: step %ld of %ld, held-out loss %.4f, accuracy %.4f, %.0f training tokens/s\n",
+                  gqe::detail::one_line(label).c_str(), static_cast<long>(run.step()), static_cast<long>(run.config().steps()),
+                  run.final_eval().loss, run.final_eval().accuracy, run.tokens_per_second());
       return 0;
     }
-  } else {
-    for (Index s = 0; s < o.seeds; ++s)
-      for (auto type : {gqe::AttentionType::gqa, gqe::AttentionType::gqe})
-        if (fs::exists(out / run_name(type, s), ec) || fs::exists(out / (run_name(type, s) + ".old"), ec))
-          gqe::fail<gqe::InputError>("--out ", out.string(), " already holds ", run_name(type, s),
-                                     "/; expected a new folder (or --resume ", out.string(), " to continue it)");
   }
   // Validate every run's configuration, and the text file, before anything is written.
   for (Index s = 0; s < o.seeds; ++s)
     for (auto type : {gqe::AttentionType::gqa, gqe::AttentionType::gqe}) make_run(o, type, static_cast<std::uint64_t>(s));
   if (o.task == "text") gqe::training::TextData check(o.text, o.seq_len);
-  fs::create_directories(out, ec);
-  if (ec) gqe::fail<gqe::IoError>("cannot create --out folder ", out.string(), ": ", ec.message());
+  if (!lock.held()) {
+    fs::create_directories(out, ec);
+    if (ec) gqe::fail<gqe::IoError>("cannot create --out folder ", out.string(), ": ", ec.message());
+    lock = lock_comparison(out);  // before the check below: a second gqe-train started at once is refused here
+    for (Index s = 0; s < o.seeds; ++s)
+      for (auto type : {gqe::AttentionType::gqa, gqe::AttentionType::gqe})
+        for (const char* suffix : {"", ".old", ".saving"})
+          if (fs::exists(out / (run_name(type, s) + suffix), ec))
+            gqe::fail<gqe::InputError>("--out ", out.string(), " already holds ", run_name(type, s), suffix,
+                                       "/; expected a new folder (or --resume ", out.string(), " to continue it)");
+  }
   const std::string comparison = o.to_json().dump(2) + "\n";
   gqe::write_file_atomically(out / "comparison.json", [&](std::ostream& f) { f << comparison; });
 
@@ -299,13 +325,13 @@ int run_comparison(Options o) {
     for (auto type : {gqe::AttentionType::gqa, gqe::AttentionType::gqe}) {
       const std::string name = run_name(type, s);
       const fs::path dir = out / name;
-      if (fs::exists(dir / "train_state.json", ec) || fs::exists(out / (name + ".old") / "train_state.json", ec))
+      if (!gqe::newest_saved_folder(dir, "train_state.json").empty())
         runs.push_back(Run::load(dir));
       else
         runs.emplace_back(make_run(o, type, static_cast<std::uint64_t>(s)));
       Run& run = runs.back();
       if (!run.finished() || !run.has_final_eval()) {
-        if (!train_run(run, dir, name)) return 130;
+        if (!train_run(run, dir, name, out)) return 130;
       }
       named.emplace_back(name, &run);
     }
@@ -314,8 +340,8 @@ int run_comparison(Options o) {
   std::printf("\n");
   print_table(o, by_model, out);
   write_curves(out, named);
-  std::fprintf(stderr, "checkpoints: %s/{gqa,gqe}-seed<S>/ (gqe-run --model %s/gqe-seed0 ...)\n", out.string().c_str(),
-               out.string().c_str());
+  std::fprintf(stderr, "checkpoints: %s/{gqa,gqe}-seed<S>/ (gqe-run --model %s/gqe-seed0 ...)\n", shown(out).c_str(),
+               shown(out).c_str());
   return 0;
 }
 

@@ -5,6 +5,7 @@
 #include "gqe/io/checkpoint.hpp"
 #include "gqe/io/config_json.hpp"
 #include "gqe/io/read_file.hpp"
+#include "gqe/io/run_folder.hpp"
 #include "gqe/io/safetensors.hpp"
 #include "gqe/layers/attention_cache.hpp"
 #include "gqe/layers/attention_common.hpp"

@@ -58,5 +58,22 @@ else
   check threads_refused_made_no_folder test ! -e "$tmp/threads"
 fi
 
+# Two processes on one --out: the second is refused up front while the first runs.
+"$train" "${small[@]}" --steps 1000000 --out "$tmp/two" > "$tmp/first.out" 2> "$tmp/first.err" &
+background=$!
+for _ in $(seq 600); do [[ -e $tmp/two/comparison.json ]] && break; sleep 0.1; done
+refused second_process_refused "is in use by another process" "$train" "${small[@]}" --steps 5 --out "$tmp/two"
+refused second_resume_refused "is in use by another process" "$train" --resume "$tmp/two"
+# Ctrl-C: the first saves its run and exits 130.
+sleep 1
+kill -INT "$background"
+wait "$background"
+status=$?
+background=
+check first_process_interrupted test "$status" = 130
+run="$tmp/two/gqa-seed0"
+check interrupted_run_saved test -f "$run/train_state.json"
+done_steps=$(state_step "$run")
+
 echo "$cases checks, $failures failed"
 [[ $failures == 0 ]]
