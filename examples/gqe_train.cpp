@@ -18,6 +18,7 @@
 #include <filesystem>
 #include <limits>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -211,18 +212,26 @@ void print_table(const Options& o, const std::vector<std::vector<const Run*>>& b
     char heads[32], ls[64], as[64], ss[32];
     std::snprintf(heads, sizeof heads, "%ld of %ld", static_cast<long>(m.attention().active_heads()),
                   static_cast<long>(m.num_heads));
-    std::snprintf(ls, sizeof ls, "%.4f ± %.4f", l.mean, l.sd);
-    std::snprintf(as, sizeof as, "%.4f ± %.4f", a.mean, a.sd);
+    if (runs.size() > 1) {
+      std::snprintf(ls, sizeof ls, "%.4f ± %.4f", l.mean, l.sd);
+      std::snprintf(as, sizeof as, "%.4f ± %.4f", a.mean, a.sd);
+    } else {  // one seed: no spread to show (a "± 0.0000" would claim one)
+      std::snprintf(ls, sizeof ls, "%.4f", l.mean);
+      std::snprintf(as, sizeof as, "%.4f", a.mean);
+    }
     std::snprintf(ss, sizeof ss, "%.0f", s.mean);
     // "±" is two bytes: one more in the width keeps the columns aligned.
-    std::snprintf(line, sizeof line, "| %-5s | %10ld | %20s | %24s | %24s | %16s |\n",
+    const int width = runs.size() > 1 ? 24 : 23;
+    std::snprintf(line, sizeof line, "| %-5s | %10ld | %20s | %*s | %*s | %16s |\n",
                   m.attention_type == gqe::AttentionType::gqa ? "GQA" : "GQE", static_cast<long>(m.parameter_count()),
-                  heads, ls, as, ss);
+                  heads, width, ls, width, as, ss);
     t << line;
   }
   char foot[256];
-  std::snprintf(foot, sizeof foot, "\nmean ± sample standard deviation over %zu seed(s); %ld steps x %ld sequences x %ld tokens\n",
-                by_model.front().size(), static_cast<long>(o.steps), static_cast<long>(o.batch), static_cast<long>(o.seq_len));
+  const std::size_t seeds = by_model.front().size();
+  std::snprintf(foot, sizeof foot, "\n%s %zu seed%s; %ld steps x %ld sequences x %ld tokens\n",
+                seeds > 1 ? "mean ± sample standard deviation over" : "one run each, no spread:", seeds, seeds > 1 ? "s" : "",
+                static_cast<long>(o.steps), static_cast<long>(o.batch), static_cast<long>(o.seq_len));
   t << foot;
   const std::string text = t.str();
   std::fputs(text.c_str(), stdout);
@@ -276,10 +285,13 @@ int measure_throughput(const Options& o) {
 // comparison's --out): one gqe-train at a time writes there.
 gqe::FolderLock lock_comparison(const fs::path& out) { return gqe::FolderLock(out, "a gqe-train run writes there"); }
 
-int run_comparison(Options o) {
+// `steps`: --steps given with --resume, the runs' new total length.
+int run_comparison(Options o, std::optional<Index> steps) {
   std::error_code ec;
-  // Paths resolved before anything starts: "--resume ." names the folder itself.
+  // Paths resolved before anything starts: "--resume ." names the folder itself, and a relative
+  // --text stays valid when the comparison is resumed from another working folder.
   fs::path out = gqe::resolved_folder(o.out);
+  if (!o.text.empty()) o.text = fs::weakly_canonical(fs::absolute(o.text), ec).string();
   gqe::FolderLock lock;
   // --resume: a run's folder (continue that run) or a comparison's folder (continue all of it).
   if (!o.resume.empty()) {
@@ -288,12 +300,14 @@ int run_comparison(Options o) {
       lock = lock_comparison(dir);
       const fs::path saved = dir / "comparison.json";
       o.from_json(gqe::detail::read_json_file(saved, "the options of a gqe-train comparison", 1 << 20), saved.string());
+      if (steps) o.steps = *steps;
       out = dir;
     } else {
       lock = lock_comparison(dir.parent_path());
       auto run = Run::load(dir);  // throws IoError naming dir when it is neither
+      if (steps) run.set_total_steps(*steps);
       const std::string label = dir.filename().string();
-      if (!run.finished() && !train_run(run, dir, label, dir)) return 130;
+      if ((!run.finished() || !run.has_final_eval()) && !train_run(run, dir, label, dir)) return 130;
       std::printf("%s: step %ld of %ld, held-out loss %.4f, accuracy %.4f, %.0f training tokens/s\n",
                   gqe::detail::one_line(label).c_str(), static_cast<long>(run.step()), static_cast<long>(run.config().steps()),
                   run.final_eval().loss, run.final_eval().accuracy, run.tokens_per_second());
@@ -325,10 +339,12 @@ int run_comparison(Options o) {
     for (auto type : {gqe::AttentionType::gqa, gqe::AttentionType::gqe}) {
       const std::string name = run_name(type, s);
       const fs::path dir = out / name;
-      if (!gqe::newest_saved_folder(dir, "train_state.json").empty())
+      if (!gqe::newest_saved_folder(dir, "train_state.json").empty()) {
         runs.push_back(Run::load(dir));
-      else
+        runs.back().set_total_steps(o.steps);
+      } else {
         runs.emplace_back(make_run(o, type, static_cast<std::uint64_t>(s)));
+      }
       Run& run = runs.back();
       if (!run.finished() || !run.has_final_eval()) {
         if (!train_run(run, dir, name, out)) return 130;
@@ -386,9 +402,21 @@ int main(int argc, char** argv) {
   return gqe::cli::run_main(app, argc, argv, [&]() -> int {
     if (o.task == "text" && o.text.empty() && o.resume.empty())
       gqe::fail<gqe::ConfigError>("--task text needs --text FILE");
+    // --resume continues with the saved settings: --steps (the new total) and --threads are the
+    // only ones it honours, and any other is refused rather than silently ignored.
+    std::optional<Index> steps;
+    if (!o.resume.empty()) {
+      for (const CLI::Option* option : app.get_options()) {
+        const std::string name = option->get_name();
+        if (option->count() > 0 && name != "--resume" && name != "--steps" && name != "--threads")
+          gqe::fail<gqe::InputError>(name, " cannot change a resumed run, which keeps its saved settings; with --resume, "
+                                     "expected only --steps (the new total) and --threads");
+      }
+      if (app.count("--steps") > 0) steps = o.steps;
+    }
     if (o.threads > 0) gqe::set_num_threads(o.threads);
     std::signal(SIGINT, on_sigint);
     if (o.throughput) return measure_throughput(o);
-    return run_comparison(o);
+    return run_comparison(o, steps);
   });
 }

@@ -5,6 +5,9 @@
 // across thread counts, and resume: N steps straight equal k steps, save, load, N - k steps.
 #include <gtest/gtest.h>
 
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -753,6 +756,73 @@ TEST(TrainingRun, FolderLockRefusesASecondHolder) {
   }
   EXPECT_TRUE(gqe::FolderLock(dir, "a test").held());  // released with its holder
   EXPECT_THROW(gqe::FolderLock(dir / "missing", "a test"), gqe::IoError);
+  fs::remove_all(dir);
+}
+
+// An edited train_state.json that promises a far larger model than the files beside it is refused
+// from the files' headers, before the parameters, gradients and moments (1.6 GB here) are allocated:
+// under an address-space limit well below that, loading must fail with the FormatError, not run
+// out of memory. (Sanitizers reserve terabytes of address space: there only the error is checked.)
+TEST(TrainingRun, ResumeChecksSizesBeforeAllocating) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / "gqe_test_training_sizes";
+  fs::remove_all(dir);
+  gqe::training::Run<float>(tiny_run(gqe::AttentionType::gqe, 3)).save(dir);
+  nlohmann::json state = nlohmann::json::parse(std::ifstream(dir / "train_state.json"));
+  state["run"]["model"]["hidden_size"] = 2048;
+  state["run"]["model"]["intermediate_size"] = 8192;
+  std::ofstream(dir / "train_state.json", std::ios::trunc) << state.dump();
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  const bool limit = false;
+#elif defined(__has_feature)
+  const bool limit = !(__has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer));
+#else
+  const bool limit = true;
+#endif
+  rlimit old{};
+  ASSERT_EQ(getrlimit(RLIMIT_AS, &old), 0);
+  if (limit) {
+    long pages = 0;
+    std::ifstream("/proc/self/statm") >> pages;
+    rlimit low = old;
+    low.rlim_cur = static_cast<rlim_t>(pages) * static_cast<rlim_t>(sysconf(_SC_PAGESIZE)) + (rlim_t(256) << 20);
+    ASSERT_EQ(setrlimit(RLIMIT_AS, &low), 0);
+  }
+  std::string message;
+  try {
+    gqe::training::Run<float>::load(dir);
+  } catch (const gqe::FormatError& e) {
+    message = e.what();
+  } catch (const std::bad_alloc&) {
+    message = "out of memory";
+  }
+  if (limit) {
+    ASSERT_EQ(setrlimit(RLIMIT_AS, &old), 0);
+  }
+  EXPECT_NE(message.find("describes a model of"), std::string::npos) << message;
+  fs::remove_all(dir);
+}
+
+// --resume with --steps: the run goes on to the new total and evaluates at its new end; fewer steps
+// than it has done are refused.
+TEST(TrainingRun, SetTotalStepsExtendsAFinishedRun) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / "gqe_test_training_extend";
+  fs::remove_all(dir);
+  gqe::training::Run<float> run(tiny_run(gqe::AttentionType::gqa, 3));
+  ASSERT_TRUE(run.train(dir, [] { return false; }, [](const auto&) {}));
+  auto resumed = gqe::training::Run<float>::load(dir);
+  EXPECT_TRUE(resumed.finished());
+  EXPECT_THROW(resumed.set_total_steps(2), gqe::ConfigError);
+  resumed.set_total_steps(5);
+  EXPECT_FALSE(resumed.finished());
+  EXPECT_FALSE(resumed.has_final_eval());
+  ASSERT_TRUE(resumed.train(dir, [] { return false; }, [](const auto&) {}));
+  const auto done = gqe::training::Run<float>::load(dir);
+  EXPECT_EQ(done.step(), 5);
+  EXPECT_EQ(done.config().steps(), 5);
+  EXPECT_TRUE(done.has_final_eval());
+  EXPECT_EQ(done.final_eval().step, 5);
   fs::remove_all(dir);
 }
 

@@ -75,5 +75,46 @@ run="$tmp/two/gqa-seed0"
 check interrupted_run_saved test -f "$run/train_state.json"
 done_steps=$(state_step "$run")
 
+# "--resume ." inside the run's folder, with --steps as the new total: the folder itself
+# is replaced (no "..saving" inside it, no sibling left), and the run ends at the new total.
+target=$((done_steps + 3))
+succeeds resume_dot_with_steps bash -c 'cd "$0" && exec "$1" --resume . --steps "$2"' "$run" "$train" "$target"
+check resume_dot_reached_the_new_total test "$(state_step "$run")" = "$target"
+check resume_dot_left_no_saving_inside test ! -e "$run/..saving"
+check resume_dot_left_no_siblings test "$(ls -A "$tmp/two" | grep -c 'seed0\.')" = 0
+# Flags that a resumed run cannot honour are refused, not ignored.
+refused resume_with_lr "--lr cannot change a resumed run" "$train" --resume "$tmp/two" --lr 0.5
+refused resume_with_out "--out cannot change a resumed run" "$train" --resume "$tmp/two" --out "$tmp/elsewhere"
+refused resume_with_hidden "--hidden cannot change a resumed run" "$train" --resume "$run" --hidden 32
+refused resume_below_done "expected at least" "$train" --resume "$run" --steps 1
+check refusals_made_nothing test ! -e "$tmp/elsewhere"
+
+# An edited train_state.json that promises a far larger model is refused from the files'
+# headers, before memory is taken: under a 500 MB address-space limit, the refusal and not the
+# allocation must come first (the run would need about 800 MB for its parameters, gradients and moments).
+cp -R "$run" "$tmp/edited"
+sed -i -e 's/"hidden_size": *[0-9]*/"hidden_size": 2048/' -e 's/"intermediate_size": *[0-9]*/"intermediate_size": 8192/' \
+  "$tmp/edited/train_state.json"
+if [[ -n $sanitized ]]; then
+  refused resume_edited_sizes "describes a model of" "$train" --resume "$tmp/edited"
+else
+  refused resume_edited_sizes "describes a model of" \
+    bash -c 'ulimit -v 500000 && exec "$0" --resume "$1"' "$train" "$tmp/edited"
+fi
+rm -rf "$tmp/edited"
+
+# A text comparison started with a relative --text, resumed from another working folder; with
+# one seed the results show no "± 0.0000" spread.
+mkdir -p "$tmp/work"
+for _ in $(seq 40); do echo "the quick brown fox jumps over the lazy dog, again and again"; done > "$tmp/work/corpus.txt"
+succeeds text_comparison bash -c 'cd "$0/work" && exec "$1" --task text --text corpus.txt --steps 3 \
+  --hidden 16 --layers 1 --heads 2 --kv-heads 1 --head-dim 8 --intermediate 32 --batch 2 --seq-len 16 \
+  --seeds 1 --out "$0/text"' "$tmp" "$train"
+check text_path_stored_absolute grep -qF "\"$tmp/work/corpus.txt\"" "$tmp/text/comparison.json"
+succeeds text_resumed_elsewhere bash -c 'cd / && exec "$0" --resume "$1" --steps 5' "$train" "$tmp/text"
+check text_resumed_to_five test "$(state_step "$tmp/text/gqe-seed0")" = 5
+check one_seed_shows_no_spread bash -c 'test -s "$0" && ! grep -q "±" "$0"' "$tmp/text/results.md"
+check one_seed_results_written grep -q "one run each" "$tmp/text/results.md"
+
 echo "$cases checks, $failures failed"
 [[ $failures == 0 ]]

@@ -219,7 +219,22 @@ class Run {
       fail<FormatError>(state_path.string(), " was saved by a run in ", gqe::detail::describe_json(state.value("scalar", nlohmann::json())),
                         "; this run computes in ", dtype_name(kDType),
                         " and resumes only its own type (bit-identical continuation)");
-    Run run(run_config_from_json(state.at("run"), state_path.string()));
+    const RunConfig config = run_config_from_json(state.at("run"), state_path.string());
+    // The sizes a (perhaps edited) state promises must be those of the files beside it: checked from
+    // the headers, before the run's parameters, gradients and moments are allocated.
+    const SafetensorsFile header = SafetensorsFile::read(folder / "model.safetensors", true);
+    const SafetensorsFile opt_header = SafetensorsFile::read(folder / "optimizer.safetensors", true);
+    const auto values = [](const SafetensorsFile& f) {
+      std::size_t n = 0;
+      for (const auto& t : f.tensors()) n += t.numel();
+      return n;
+    };
+    const auto parameters = static_cast<std::size_t>(config.model.parameter_count());
+    if (values(header) != parameters || values(opt_header) != 2 * parameters)
+      fail<FormatError>(state_path.string(), " describes a model of ", parameters, " parameters, but ", header.source(),
+                        " holds ", values(header), " values and ", opt_header.source(), " ", values(opt_header),
+                        "; expected the files saved with it (", parameters, " and ", 2 * parameters, ")");
+    Run run(config);
     try {
       run.step_ = state.at("step").get<Index>();
       run.train_seconds_ = state.at("train_seconds").get<double>();
@@ -239,7 +254,6 @@ class Run {
       fail<FormatError>(state_path.string(), ": step ", run.step_, " is outside the run's 0 to ", run.config_.steps());
 
     // Parameters: the checkpoint, in this run's own dtype (a converted one would not continue exactly).
-    const SafetensorsFile header = SafetensorsFile::read(folder / "model.safetensors", true);
     for (const auto& t : header.tensors())
       if (t.dtype != kDType)
         fail<FormatError>(header.source(), ": tensor ", t.name, " is ", dtype_name(t.dtype), "; resuming needs the run's own ",
@@ -284,6 +298,20 @@ class Run {
       const std::string state = state_json().dump(1) + "\n";
       write_file_atomically(saving / detail::kStateFile, [&](std::ostream& out) { out << state; });
     });
+  }
+
+  // Makes the run `steps` steps long in all (at least the steps done): resuming with more steps goes
+  // on training, and the learning-rate schedule and the evaluation interval follow the new length.
+  // A finished run's final evaluation is redone at its new end.
+  void set_total_steps(Index steps) {
+    if (steps < std::max<Index>(step_, 1))
+      fail<ConfigError>("steps is ", steps, "; expected at least the ", std::max<Index>(step_, 1), " the run has done");
+    if (steps == config_.steps()) return;
+    RunConfig changed = config_;
+    changed.optimizer.total_steps = steps;
+    changed.validate();
+    config_ = changed;
+    has_final_eval_ = false;
   }
 
   const RunConfig& config() const { return config_; }
