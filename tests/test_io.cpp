@@ -497,6 +497,32 @@ TEST(AtomicWrite, WritesThroughFifosAndDevicesInsteadOfReplacingThem) {
 }
 #endif
 
+// A folder replaced as a whole: a save that fails part-way (a full disk, a writer that forgets the
+// marker that makes a copy complete) leaves the previous copy as it was and nothing beside it.
+TEST(RunFolder, FailedSaveKeepsThePreviousCopyAndLeavesNothingBeside) {
+  const fs::path parent = scratch("run-folder");
+  const fs::path dir = parent / "run";
+  const auto save = [&](const std::string& text, bool marker, bool fail) {
+    gqe::replace_folder(dir, "done", [&](const fs::path& into) {
+      fs::create_directories(into);
+      std::ofstream(into / "data") << text;
+      if (fail) throw gqe::IoError("disk full");
+      if (marker) std::ofstream(into / "done") << "1";
+    });
+  };
+  save("first", true, false);
+  EXPECT_EQ(file_bytes(dir / "data"), "first");
+  EXPECT_THROW(save("second", true, true), gqe::IoError);
+  EXPECT_THROW(save("third", false, false), gqe::IoError);
+  EXPECT_EQ(file_bytes(dir / "data"), "first");
+  EXPECT_EQ(std::distance(fs::directory_iterator(parent), fs::directory_iterator()), 1);
+  save("fourth", true, false);
+  EXPECT_EQ(file_bytes(dir / "data"), "fourth");
+  EXPECT_EQ(gqe::newest_saved_folder(dir, "done"), dir);
+  EXPECT_EQ(std::distance(fs::directory_iterator(parent), fs::directory_iterator()), 1);
+  fs::remove_all(parent);
+}
+
 // Messages are one line: a path or a name with a newline or an escape sequence comes out escaped.
 TEST(Errors, ControlCharactersInMessagesAreEscaped) {
   const fs::path dir = scratch("newline");

@@ -135,9 +135,14 @@ inline void replace_folder(const std::filesystem::path& dir_given, const std::st
   recover_folder(dir, marker);
   const auto saving = folder_sibling(dir, ".saving");
   detail::run_folder_step("write");
-  write(saving);
-  if (!fs::is_regular_file(saving / marker, ec))
-    fail<IoError>("saving ", dir.string(), " wrote no ", marker, "; expected it last, to mark the copy complete");
+  try {
+    write(saving);
+    if (!fs::is_regular_file(saving / marker, ec))
+      fail<IoError>("saving ", dir.string(), " wrote no ", marker, "; expected it last, to mark the copy complete");
+  } catch (...) {
+    fs::remove_all(saving, ec);  // a failed save (a full disk) leaves nothing half-written behind
+    throw;
+  }
   detail::sync_folder(saving);
   recover_folder(dir, marker);  // swaps the complete copy in
 }
