@@ -37,13 +37,15 @@ class ThreadPool {
   explicit ThreadPool(int threads) {
     if (threads < 1 || threads > 1024) fail<ConfigError>("thread count is ", threads, "; expected 1 to 1024");
     workers_.reserve(static_cast<std::size_t>(threads - 1));
-    std::string refused;
+    std::string refused;  // why, when a thread could not start
+    bool all_started = true;
     try {
       for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { work(); });
     } catch (const std::exception& e) {
       refused = e.what();
+      all_started = false;
     }
-    if (!refused.empty()) {
+    if (!all_started) {
       const std::size_t started = workers_.size() + 1;
       stop();
       fail<ConfigError>("the system refused to start thread ", started + 1, " of ", threads, " (", refused,
