@@ -3,12 +3,18 @@
 // prompt parsing, and the logits file of gqe-run.
 #include <CLI/CLI.hpp>
 
+#include <sys/stat.h>
+
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <limits>
 #include <new>
+#include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "gqe/gqe.hpp"
@@ -18,45 +24,87 @@ namespace gqe::cli {
 // Exit status for every input or condition the user can fix.
 constexpr int kUsageError = 2;
 
-// Runs body() after parsing; maps every failure to one line on stderr. --help and --version exit 0.
+// Output that went wrong after the fact: a full disk or a closed pipe behind stdout shows only when
+// the buffered bytes are flushed. IoError naming the error, unless everything was written.
+inline void check_stdout() {
+  errno = 0;
+  if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
+    const int error = errno;
+    std::clearerr(stdout);
+    fail<IoError>("cannot write to standard output: ", error ? std::strerror(error) : "write error");
+  }
+}
+
+// Runs body() after parsing; maps every failure to one line on stderr (control characters escaped).
+// --help and --version exit 0. Standard output is checked before a success is reported.
 template <class Body>
 int run_main(CLI::App& app, int argc, char** argv, Body&& body) {
   const std::string program = app.get_name().empty() ? "gqe" : app.get_name();
+  const auto say = [&](const char* kind, const std::string& message) {
+    std::fprintf(stderr, "%s: %s: %s\n", program.c_str(), kind, gqe::detail::one_line(message).c_str());
+  };
   try {
-    app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::CallForAllHelp& e) {
-    return app.exit(e);
-  } catch (const CLI::CallForVersion& e) {
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "%s: error: %s (see --help)\n", program.c_str(), e.what());
-    return kUsageError;
-  }
-  try {
-    return body();
+    try {
+      app.parse(argc, argv);
+    } catch (const CLI::CallForHelp& e) {
+      const int status = app.exit(e);
+      check_stdout();
+      return status;
+    } catch (const CLI::CallForAllHelp& e) {
+      const int status = app.exit(e);
+      check_stdout();
+      return status;
+    } catch (const CLI::CallForVersion& e) {
+      const int status = app.exit(e);
+      check_stdout();
+      return status;
+    } catch (const CLI::ParseError& e) {
+      say("error", std::string(e.what()) + " (see --help)");
+      return kUsageError;
+    }
+    const int status = body();
+    check_stdout();
+    return status;
   } catch (const gqe::Error& e) {
-    std::fprintf(stderr, "%s: error: %s\n", program.c_str(), e.what());
+    say("error", e.what());
     return kUsageError;
   } catch (const std::bad_alloc&) {
-    std::fprintf(stderr, "%s: error: out of memory; expected a model and prompt that fit in memory\n", program.c_str());
+    say("error", "out of memory; expected a model and prompt that fit in memory");
     return kUsageError;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "%s: internal error: %s\n", program.c_str(), e.what());
+    say("internal error", e.what());
     return 1;
   }
 }
 
-// Refuses a leading minus sign, which CLI11 would wrap around into an unsigned option.
-inline CLI::Validator non_negative_integer() {
+// An integer option in [lo, hi], written in decimal digits alone. CLI11 by itself reads a leading
+// zero as octal ("010" is 8) and "0x10" as hex, and clamps what overflows; here "010" is 10, a sign,
+// a prefix or a value out of range is refused. Passes the value on without its leading zeros.
+template <class T>
+CLI::Validator integer_in(T lo, T hi) {
+  static_assert(std::is_integral_v<T>, "integer_in is for integer options");
+  if constexpr (std::is_signed_v<T>) {
+    if (lo < 0) throw std::logic_error("integer_in: expected lo >= 0");
+  }
+  if (hi < lo) throw std::logic_error("integer_in: expected lo <= hi");
+  const auto low = static_cast<std::uint64_t>(lo), high = static_cast<std::uint64_t>(hi);
   return CLI::Validator(
-      [](std::string& value) -> std::string {
+      [low, high](std::string& value) -> std::string {
+        const std::string expected = "; expected a decimal integer from " + std::to_string(low) + " to " + std::to_string(high);
         if (value.empty() || value.find_first_not_of("0123456789") != std::string::npos)
-          return "value " + value + " is not a non-negative integer";
+          return "value \"" + gqe::detail::printable(value, 40) + "\" is not a decimal integer" + expected;
+        std::uint64_t v = 0;
+        bool over = false;
+        for (const char c : value) {
+          const auto digit = static_cast<std::uint64_t>(c - '0');
+          over = over || v > (UINT64_MAX - digit) / 10;
+          if (!over) v = v * 10 + digit;
+        }
+        if (over || v < low || v > high) return "value " + gqe::detail::printable(value, 40) + " is out of range" + expected;
+        value = std::to_string(v);
         return "";
       },
-      "UINT");
+      "INT in [" + std::to_string(low) + " - " + std::to_string(high) + "]");
 }
 
 // Byte-level tokens: each byte of the text is a token id 0..255.
@@ -83,6 +131,31 @@ inline std::vector<std::int32_t> parse_ids(const std::string& text) {
     pos = comma + 1;
   }
   return ids;
+}
+
+// Refuses an output path at which an input of the same run already stands: the same file by device
+// and inode, whatever name leads to it (a link, "dir/../dir/file"), so that a run never destroys
+// what it reads. Nothing at the path yet is fine.
+inline void refuse_overwriting_inputs(const std::string& flag, const std::filesystem::path& out,
+                                      const std::vector<std::filesystem::path>& inputs) {
+  struct stat target {};
+  if (::stat(out.c_str(), &target) != 0) return;
+  for (const auto& input : inputs) {
+    struct stat in {};
+    if (::stat(input.c_str(), &in) == 0 && in.st_dev == target.st_dev && in.st_ino == target.st_ino)
+      fail<InputError>(flag, " ", out.string(), " is ", input.string(),
+                       ", an input of this run; expected a path that is not one of the run's inputs");
+  }
+}
+
+// The files directly inside a folder (a checkpoint's config.json, its safetensors, an index and its
+// shards); empty when the folder cannot be listed.
+inline std::vector<std::filesystem::path> files_in(const std::filesystem::path& folder) {
+  std::vector<std::filesystem::path> files;
+  std::error_code ec;
+  for (std::filesystem::directory_iterator it(folder, ec), end; !ec && it != end; it.increment(ec))
+    files.push_back(it->path());
+  return files;
 }
 
 // gqe-run's logits file: "logits" F32 [T, V] and, for GQE models, "expert_indices" I32 [L, T, G, k].

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -221,13 +222,14 @@ int main(int argc, char** argv) {
   int repeats = 3;
   int threads = gqe::default_thread_count();
   Index train_steps = 300;
-  app.add_option("--seed", seed, "Seed of the built-in model")->capture_default_str();
+  app.add_option("--seed", seed, "Seed of the built-in model")
+      ->transform(gqe::cli::integer_in(0u, std::numeric_limits<unsigned>::max()))->capture_default_str();
   app.add_option("--tokens", tokens, "Context length of the speed comparison (below 512 the ratio is noise, and said so)")
-      ->check(CLI::Range(Index(16), Index(65536)))->capture_default_str();
-  app.add_option("--repeats", repeats, "Timed runs per layer (the best counts)")->check(CLI::Range(1, 100))->capture_default_str();
+      ->transform(gqe::cli::integer_in(Index(16), Index(65536)))->capture_default_str();
+  app.add_option("--repeats", repeats, "Timed runs per layer (the best counts)")->transform(gqe::cli::integer_in(1, 100))->capture_default_str();
   app.add_option("--train-steps", train_steps, "Steps of the training comparison (0 skips it)")
-      ->check(CLI::Range(Index(0), Index(100000)))->capture_default_str();
-  app.add_option("--threads", threads, "Worker threads")->check(CLI::Range(1, 1024))->capture_default_str();
+      ->transform(gqe::cli::integer_in(Index(0), Index(100000)))->capture_default_str();
+  app.add_option("--threads", threads, "Worker threads")->transform(gqe::cli::integer_in(1, 1024))->capture_default_str();
   return gqe::cli::run_main(app, argc, argv, [&] {
     gqe::set_num_threads(threads);
     std::printf("gqe %s: Grouped Query Experts attention (arXiv 2606.20945) on Eigen %d.%d.%d\n\n", GQE_VERSION_STRING,

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -139,7 +140,6 @@ int run(const Options& opt) {
     }
   }
   const double prompt_seconds = seconds_since(prompt_start);
-  if (opt.logits_out) gqe::cli::write_logits(*opt.logits_out, logits, routed ? &experts : nullptr);
 
   if (continuation_by_default && generate == 0)  // this note says why nothing follows; no warnings besides
     std::fprintf(stderr, "gqe-run: the prompt fills all %td positions of the model; no room for a continuation\n",
@@ -166,7 +166,7 @@ int run(const Options& opt) {
       std::fputc(static_cast<unsigned char>(next), stdout);
     else
       std::fprintf(stdout, printed ? " %d" : "%d", next);
-    std::fflush(stdout);
+    gqe::cli::check_stdout();  // a full disk or a closed pipe stops the run here
     ++printed;
     if (i + 1 == generate) break;
     const auto step_start = Clock::now();
@@ -176,7 +176,10 @@ int run(const Options& opt) {
     last = step_logits.data();
   }
   if (printed > 0 && !as_text) std::fputc('\n', stdout);
-  std::fflush(stdout);
+  gqe::cli::check_stdout();
+
+  // The outputs, only now that everything else succeeded: a run that fails leaves no file.
+  if (opt.logits_out) gqe::cli::write_logits(*opt.logits_out, logits, routed ? &experts : nullptr);
 
   if (opt.stats) {  // routing statistics of the prompt, then timings (wall-clock)
     if (routed)
@@ -262,20 +265,21 @@ int main(int argc, char** argv) {
                                   "Tokens to sample after the prompt, streamed to stdout; fewer when an eos token comes "
                                   "(default: " + std::to_string(kDefaultContinuation) +
                                       " when neither --logits-out nor --stats is given, else 0)")
-      ->check(CLI::Range(gqe::Index(0), gqe::Limits::max_positions));
+      ->transform(gqe::cli::integer_in(gqe::Index(0), gqe::Limits::max_positions));
   auto* temperature = app.add_option("--temperature", opt.sampler.temperature, "Sampling temperature; 0 is greedy")
       ->capture_default_str();
-  auto* top_k = app.add_option("--top-k", opt.sampler.top_k, "Keep the K most likely tokens; 0 is off")->capture_default_str();
+  auto* top_k = app.add_option("--top-k", opt.sampler.top_k, "Keep the K most likely tokens; 0 is off")
+      ->transform(gqe::cli::integer_in(gqe::Index(0), std::numeric_limits<gqe::Index>::max()))->capture_default_str();
   auto* top_p = app.add_option("--top-p", opt.sampler.top_p, "Keep the smallest set of tokens with probability >= P; 1 is off")
       ->capture_default_str();
-  auto* seed = app.add_option("-s,--seed", opt.sampler.seed, "Seed of the sampler (a non-negative integer)")
-      ->check(gqe::cli::non_negative_integer())->capture_default_str();
+  auto* seed = app.add_option("-s,--seed", opt.sampler.seed, "Seed of the sampler (a decimal integer, 0 to 2^64 - 1)")
+      ->transform(gqe::cli::integer_in(std::uint64_t(0), UINT64_MAX))->capture_default_str();
   auto* ignore_eos = app.add_flag("--ignore-eos", opt.ignore_eos,
                                   "Do not stop at config.json's eos_token_id: generate all --generate tokens");
   auto* print_ids = app.add_flag("--print-ids", opt.print_ids,
                                  "Print the generated tokens as space-separated ids, not as bytes");
-  app.add_option("-t,--threads", opt.threads, "Worker threads (default: the machine's cores)")
-      ->check(CLI::Range(1, 1024))->capture_default_str();
+  app.add_option("-t,--threads", opt.threads, "Worker threads (default: the CPUs this process may use)")
+      ->transform(gqe::cli::integer_in(1, 1024))->capture_default_str();
   auto* mode = app.add_option("--mode", opt.mode, "prefill: the prompt at once; stepwise: one token at a time through the KV cache")
       ->check(CLI::IsMember({"prefill", "stepwise"}))->capture_default_str();
   auto* logits_out = app.add_option("--logits-out", opt.logits_out,
@@ -305,6 +309,8 @@ int main(int argc, char** argv) {
     opt.top_k_given = top_k->count() > 0;
     opt.top_p_given = top_p->count() > 0;
     opt.seed_given = seed->count() > 0;
+    if (opt.logits_out)
+      gqe::cli::refuse_overwriting_inputs("--logits-out", *opt.logits_out, gqe::cli::files_in(opt.model));
     gqe::set_num_threads(opt.threads);
     const bool in_double = gqe::checkpoint_is_double(opt.model);
     if (opt.perplexity) return in_double ? perplexity<double>(opt) : perplexity<float>(opt);

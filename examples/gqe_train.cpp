@@ -16,7 +16,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <limits>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -40,15 +42,31 @@ using Run = gqe::cli::TrainRun;
 volatile std::sig_atomic_t g_interrupted = 0;
 extern "C" void on_sigint(int) { g_interrupted = 1; }
 
-// Trains one run to its end (or until Ctrl-C). Returns false when interrupted.
-bool train_run(Run& run, const fs::path& dir, const std::string& label) {
+// A path as a message shows it: control characters escaped, so that it stays on its line.
+std::string shown(const fs::path& path) { return gqe::detail::one_line(path.string()); }
+
+// A path quoted for a POSIX shell (and so for gnuplot's single-quoted strings, by doubling).
+std::string shell_quoted(const std::string& text) {
+  std::string out = "'";
+  for (const char c : text) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+std::string gnuplot_quoted(const std::string& text) {
+  std::string out = "'";
+  for (const char c : text) out += c == '\'' ? std::string("''") : std::string(1, c);
+  return out + "'";
+}
+
+// Trains one run to its end (or until Ctrl-C). Returns false when interrupted; `resume_hint` is the
+// folder to name in the message then.
+bool train_run(Run& run, const fs::path& dir, const std::string& label, const fs::path& resume_hint) {
   Progress progress(label);
   const bool done = run.train(dir, [] { return g_interrupted != 0; },
                               [&](const gqe::training::StepInfo& s) { progress.update(s, run); });
   if (!done) {
     std::fprintf(stderr, "\ninterrupted at step %ld of %ld; saved to %s (continue with --resume %s)\n",
-                 static_cast<long>(run.step()), static_cast<long>(run.config().steps()), dir.string().c_str(),
-                 dir.parent_path().string().c_str());
+                 static_cast<long>(run.step()), static_cast<long>(run.config().steps()), shown(dir).c_str(),
+                 shown(resume_hint).c_str());
   }
   return done;
 }
@@ -147,29 +165,29 @@ void write_curves(const fs::path& out, const std::vector<std::pair<std::string, 
     std::ostringstream g;
     g << "set datafile separator ','\n"
       << "set terminal pngcairo size 1400,560 font ',10'\n"
-      << "set output '" << (out / "training_curves.png").string() << "'\n"
+      << "set output " << gnuplot_quoted((out / "training_curves.png").string()) << "\n"
       << "set multiplot layout 1,2 title 'GQA vs GQE: same shape, tokens and seeds'\n"
       << "set key outside bottom center horizontal\nset grid\nset xlabel 'step'\n"
       << "set ylabel 'training loss (EMA)'\nset logscale y\n"
-      << "plot for [i=2:" << runs.size() + 1 << "] '" << (out / "plot_train_loss.csv").string()
-      << "' using 1:i with lines lw 1.5 lc (i % 2 == 0 ? 1 : 7) title columnhead(i)\n"
+      << "plot for [i=2:" << runs.size() + 1 << "] " << gnuplot_quoted((out / "plot_train_loss.csv").string())
+      << " using 1:i with lines lw 1.5 lc (i % 2 == 0 ? 1 : 7) title columnhead(i)\n"
       << "unset logscale y\nset ylabel 'held-out accuracy'\nset yrange [0:1]\n"
-      << "plot for [i=2:" << runs.size() + 1 << "] '" << (out / "plot_heldout_accuracy.csv").string()
-      << "' using 1:i with linespoints lw 1.5 pt 7 ps 0.5 lc (i % 2 == 0 ? 1 : 7) title columnhead(i)\n"
+      << "plot for [i=2:" << runs.size() + 1 << "] " << gnuplot_quoted((out / "plot_heldout_accuracy.csv").string())
+      << " using 1:i with linespoints lw 1.5 pt 7 ps 0.5 lc (i % 2 == 0 ? 1 : 7) title columnhead(i)\n"
       << "unset multiplot\n";
     const std::string text = g.str();
     gqe::write_file_atomically(script, [&](std::ostream& o) { o << text; });
   }
   if (std::system("command -v gnuplot > /dev/null 2>&1") != 0) {
     std::fprintf(stderr, "warning: gnuplot is not installed; no PNG (apt-get install gnuplot-nox; then gnuplot %s)\n",
-                 script.string().c_str());
+                 shown(script).c_str());
     return;
   }
-  const std::string command = "gnuplot '" + script.string() + "' 2> '" + (out / "plot.log").string() + "'";
+  const std::string command = "gnuplot " + shell_quoted(script.string()) + " 2> " + shell_quoted((out / "plot.log").string());
   if (std::system(command.c_str()) != 0)
-    std::fprintf(stderr, "warning: gnuplot failed (see %s); no PNG\n", (out / "plot.log").string().c_str());
+    std::fprintf(stderr, "warning: gnuplot failed (see %s); no PNG\n", shown(out / "plot.log").c_str());
   else
-    std::fprintf(stderr, "plot: %s\n", (out / "training_curves.png").string().c_str());
+    std::fprintf(stderr, "plot: %s\n", shown(out / "training_curves.png").c_str());
 }
 
 void print_table(const Options& o, const std::vector<std::vector<const Run*>>& by_model, const fs::path& out) {
@@ -193,18 +211,26 @@ void print_table(const Options& o, const std::vector<std::vector<const Run*>>& b
     char heads[32], ls[64], as[64], ss[32];
     std::snprintf(heads, sizeof heads, "%ld of %ld", static_cast<long>(m.attention().active_heads()),
                   static_cast<long>(m.num_heads));
-    std::snprintf(ls, sizeof ls, "%.4f ± %.4f", l.mean, l.sd);
-    std::snprintf(as, sizeof as, "%.4f ± %.4f", a.mean, a.sd);
+    if (runs.size() > 1) {
+      std::snprintf(ls, sizeof ls, "%.4f ± %.4f", l.mean, l.sd);
+      std::snprintf(as, sizeof as, "%.4f ± %.4f", a.mean, a.sd);
+    } else {  // one seed: no spread to show (a "± 0.0000" would claim one)
+      std::snprintf(ls, sizeof ls, "%.4f", l.mean);
+      std::snprintf(as, sizeof as, "%.4f", a.mean);
+    }
     std::snprintf(ss, sizeof ss, "%.0f", s.mean);
     // "±" is two bytes: one more in the width keeps the columns aligned.
-    std::snprintf(line, sizeof line, "| %-5s | %10ld | %20s | %24s | %24s | %16s |\n",
+    const int width = runs.size() > 1 ? 24 : 23;
+    std::snprintf(line, sizeof line, "| %-5s | %10ld | %20s | %*s | %*s | %16s |\n",
                   m.attention_type == gqe::AttentionType::gqa ? "GQA" : "GQE", static_cast<long>(m.parameter_count()),
-                  heads, ls, as, ss);
+                  heads, width, ls, width, as, ss);
     t << line;
   }
   char foot[256];
-  std::snprintf(foot, sizeof foot, "\nmean ± sample standard deviation over %zu seed(s); %ld steps x %ld sequences x %ld tokens\n",
-                by_model.front().size(), static_cast<long>(o.steps), static_cast<long>(o.batch), static_cast<long>(o.seq_len));
+  const std::size_t seeds = by_model.front().size();
+  std::snprintf(foot, sizeof foot, "\n%s %zu seed%s; %ld steps x %ld sequences x %ld tokens\n",
+                seeds > 1 ? "mean ± sample standard deviation over" : "one run each, no spread:", seeds, seeds > 1 ? "s" : "",
+                static_cast<long>(o.steps), static_cast<long>(o.batch), static_cast<long>(o.seq_len));
   t << foot;
   const std::string text = t.str();
   std::fputs(text.c_str(), stdout);
@@ -254,38 +280,54 @@ int measure_throughput(const Options& o) {
   return 0;
 }
 
-int run_comparison(Options o) {
-  fs::path out = o.out;
+// A run's folder and the folders beside it are locked through the folder that holds them (the
+// comparison's --out): one gqe-train at a time writes there.
+gqe::FolderLock lock_comparison(const fs::path& out) { return gqe::FolderLock(out, "a gqe-train run writes there"); }
+
+// `steps`: --steps given with --resume, the runs' new total length.
+int run_comparison(Options o, std::optional<Index> steps) {
   std::error_code ec;
+  // Paths resolved before anything starts: "--resume ." names the folder itself, and a relative
+  // --text stays valid when the comparison is resumed from another working folder.
+  fs::path out = gqe::resolved_folder(o.out);
+  if (!o.text.empty()) o.text = fs::weakly_canonical(fs::absolute(o.text), ec).string();
+  gqe::FolderLock lock;
   // --resume: a run's folder (continue that run) or a comparison's folder (continue all of it).
   if (!o.resume.empty()) {
-    const fs::path dir = o.resume;
+    const fs::path dir = gqe::resolved_folder(o.resume);
     if (fs::is_regular_file(dir / "comparison.json", ec)) {
+      lock = lock_comparison(dir);
       const fs::path saved = dir / "comparison.json";
       o.from_json(gqe::detail::read_json_file(saved, "the options of a gqe-train comparison", 1 << 20), saved.string());
+      if (steps) o.steps = *steps;
       out = dir;
     } else {
+      lock = lock_comparison(dir.parent_path());
       auto run = Run::load(dir);  // throws IoError naming dir when it is neither
-      const std::string label = fs::path(dir).filename().string();
-      if (!run.finished() && !train_run(run, dir, label)) return 130;
-      std::printf("%s: step %ld of %ld, held-out loss %.4f, accuracy %.4f, %.0f training tokens/s\n", label.c_str(),
-                  static_cast<long>(run.step()), static_cast<long>(run.config().steps()), run.final_eval().loss,
-                  run.final_eval().accuracy, run.tokens_per_second());
+      if (steps) run.set_total_steps(*steps);
+      const std::string label = dir.filename().string();
+      if ((!run.finished() || !run.has_final_eval()) && !train_run(run, dir, label, dir)) return 130;
+      std::printf("%s: step %ld of %ld, held-out loss %.4f, accuracy %.4f, %.0f training tokens/s\n",
+                  gqe::detail::one_line(label).c_str(), static_cast<long>(run.step()), static_cast<long>(run.config().steps()),
+                  run.final_eval().loss, run.final_eval().accuracy, run.tokens_per_second());
       return 0;
     }
-  } else {
-    for (Index s = 0; s < o.seeds; ++s)
-      for (auto type : {gqe::AttentionType::gqa, gqe::AttentionType::gqe})
-        if (fs::exists(out / run_name(type, s), ec) || fs::exists(out / (run_name(type, s) + ".old"), ec))
-          gqe::fail<gqe::InputError>("--out ", out.string(), " already holds ", run_name(type, s),
-                                     "/; expected a new folder (or --resume ", out.string(), " to continue it)");
   }
   // Validate every run's configuration, and the text file, before anything is written.
   for (Index s = 0; s < o.seeds; ++s)
     for (auto type : {gqe::AttentionType::gqa, gqe::AttentionType::gqe}) make_run(o, type, static_cast<std::uint64_t>(s));
   if (o.task == "text") gqe::training::TextData check(o.text, o.seq_len);
-  fs::create_directories(out, ec);
-  if (ec) gqe::fail<gqe::IoError>("cannot create --out folder ", out.string(), ": ", ec.message());
+  if (!lock.held()) {
+    fs::create_directories(out, ec);
+    if (ec) gqe::fail<gqe::IoError>("cannot create --out folder ", out.string(), ": ", ec.message());
+    lock = lock_comparison(out);  // before the check below: a second gqe-train started at once is refused here
+    for (Index s = 0; s < o.seeds; ++s)
+      for (auto type : {gqe::AttentionType::gqa, gqe::AttentionType::gqe})
+        for (const char* suffix : {"", ".old", ".saving"})
+          if (fs::exists(out / (run_name(type, s) + suffix), ec))
+            gqe::fail<gqe::InputError>("--out ", out.string(), " already holds ", run_name(type, s), suffix,
+                                       "/; expected a new folder (or --resume ", out.string(), " to continue it)");
+  }
   const std::string comparison = o.to_json().dump(2) + "\n";
   gqe::write_file_atomically(out / "comparison.json", [&](std::ostream& f) { f << comparison; });
 
@@ -296,13 +338,15 @@ int run_comparison(Options o) {
     for (auto type : {gqe::AttentionType::gqa, gqe::AttentionType::gqe}) {
       const std::string name = run_name(type, s);
       const fs::path dir = out / name;
-      if (fs::exists(dir / "train_state.json", ec) || fs::exists(out / (name + ".old") / "train_state.json", ec))
+      if (!gqe::newest_saved_folder(dir, "train_state.json").empty()) {
         runs.push_back(Run::load(dir));
-      else
+        runs.back().set_total_steps(o.steps);
+      } else {
         runs.emplace_back(make_run(o, type, static_cast<std::uint64_t>(s)));
+      }
       Run& run = runs.back();
       if (!run.finished() || !run.has_final_eval()) {
-        if (!train_run(run, dir, name)) return 130;
+        if (!train_run(run, dir, name, out)) return 130;
       }
       named.emplace_back(name, &run);
     }
@@ -311,8 +355,8 @@ int run_comparison(Options o) {
   std::printf("\n");
   print_table(o, by_model, out);
   write_curves(out, named);
-  std::fprintf(stderr, "checkpoints: %s/{gqa,gqe}-seed<S>/ (gqe-run --model %s/gqe-seed0 ...)\n", out.string().c_str(),
-               out.string().c_str());
+  std::fprintf(stderr, "checkpoints: %s/{gqa,gqe}-seed<S>/ (gqe-run --model %s/gqe-seed0 ...)\n", shown(out).c_str(),
+               shown(out).c_str());
   return 0;
 }
 
@@ -326,41 +370,53 @@ int main(int argc, char** argv) {
   app.add_option("--task", o.task, "mqar (multi-query associative recall) or text (byte-level LM on --text)")
       ->check(CLI::IsMember({"mqar", "text"}))->capture_default_str();
   app.add_option("--text", o.text, "text file for --task text (its last 10% is held out)");
-  app.add_option("--steps", o.steps, "optimiser steps per run")->check(CLI::Range(1, 10000000))->capture_default_str();
-  app.add_option("--batch", o.batch, "sequences per step")->check(CLI::Range(1, 65536))->capture_default_str();
-  app.add_option("--seeds", o.seeds, "runs seeds 0..N-1 of each model")->check(CLI::Range(1, 1000))->capture_default_str();
-  app.add_option("--seq-len", o.seq_len, "tokens per sequence")->check(CLI::Range(1, 1 << 20))->capture_default_str();
+  app.add_option("--steps", o.steps, "optimiser steps per run")->transform(gqe::cli::integer_in<Index>(1, 10000000))->capture_default_str();
+  app.add_option("--batch", o.batch, "sequences per step")->transform(gqe::cli::integer_in<Index>(1, 65536))->capture_default_str();
+  app.add_option("--seeds", o.seeds, "runs seeds 0..N-1 of each model")->transform(gqe::cli::integer_in<Index>(1, 1000))->capture_default_str();
+  app.add_option("--seq-len", o.seq_len, "tokens per sequence")->transform(gqe::cli::integer_in<Index>(1, 1 << 20))->capture_default_str();
   app.add_option("--out", o.out, "output folder: checkpoints, curves, plot, results")->capture_default_str();
-  app.add_option("--threads", o.threads, "threads (default: all cores)")->check(CLI::Range(1, 1024));
+  app.add_option("--threads", o.threads, "threads (default: the CPUs this process may use)")->transform(gqe::cli::integer_in<Index>(1, 1024));
   app.add_option("--resume", o.resume, "continue a run's folder (out/gqe-seed0) or a whole comparison's (out)");
   app.add_option("--lr", o.lr, "peak learning rate")->capture_default_str();
-  app.add_option("--warmup", o.warmup, "warm-up steps (0: 5% of the steps)")->check(gqe::cli::non_negative_integer());
+  app.add_option("--warmup", o.warmup, "warm-up steps (0: 5% of the steps)")->transform(gqe::cli::integer_in<Index>(0, std::numeric_limits<Index>::max()));
   app.add_option("--schedule", o.schedule, "cosine or wsd (warmup-stable-decay)")
       ->check(CLI::IsMember({"cosine", "wsd"}))->capture_default_str();
   app.add_option("--aux-coef", o.aux_coef, "load-balancing loss coefficient (GQE)")->capture_default_str();
   app.add_option("--weight-decay", o.weight_decay, "AdamW weight decay (matrices only)")->capture_default_str();
   app.add_option("--eval-every", o.eval_every, "steps between held-out evaluations (0: a tenth of the run)")
-      ->check(gqe::cli::non_negative_integer());
+      ->transform(gqe::cli::integer_in<Index>(0, std::numeric_limits<Index>::max()));
   app.add_option("--save-every", o.save_every, "steps between checkpoints (0: at the end and on Ctrl-C only)")
-      ->check(gqe::cli::non_negative_integer())->capture_default_str();
-  app.add_option("--hidden", o.hidden, "hidden size d")->check(CLI::Range(1, 65536))->capture_default_str();
-  app.add_option("--layers", o.layers, "transformer blocks")->check(CLI::Range(1, 1024))->capture_default_str();
-  app.add_option("--heads", o.heads, "query heads N (GQE: routed experts)")->check(CLI::Range(1, 1024))->capture_default_str();
-  app.add_option("--kv-heads", o.kv_heads, "KV heads G")->check(CLI::Range(1, 1024))->capture_default_str();
-  app.add_option("--head-dim", o.head_dim, "head dimension d_h")->check(CLI::Range(2, 2048))->capture_default_str();
-  app.add_option("--intermediate", o.intermediate, "feed-forward size")->check(CLI::Range(1, 1 << 18))->capture_default_str();
-  app.add_option("--top-k", o.top_k, "GQE experts kept per group")->check(CLI::Range(1, 1024))->capture_default_str();
+      ->transform(gqe::cli::integer_in<Index>(0, std::numeric_limits<Index>::max()))->capture_default_str();
+  app.add_option("--hidden", o.hidden, "hidden size d")->transform(gqe::cli::integer_in<Index>(1, 65536))->capture_default_str();
+  app.add_option("--layers", o.layers, "transformer blocks")->transform(gqe::cli::integer_in<Index>(1, 1024))->capture_default_str();
+  app.add_option("--heads", o.heads, "query heads N (GQE: routed experts)")->transform(gqe::cli::integer_in<Index>(1, 1024))->capture_default_str();
+  app.add_option("--kv-heads", o.kv_heads, "KV heads G")->transform(gqe::cli::integer_in<Index>(1, 1024))->capture_default_str();
+  app.add_option("--head-dim", o.head_dim, "head dimension d_h")->transform(gqe::cli::integer_in<Index>(2, 2048))->capture_default_str();
+  app.add_option("--intermediate", o.intermediate, "feed-forward size")->transform(gqe::cli::integer_in<Index>(1, 1 << 18))->capture_default_str();
+  app.add_option("--top-k", o.top_k, "GQE experts kept per group")->transform(gqe::cli::integer_in<Index>(1, 1024))->capture_default_str();
   app.add_option("--variant", o.variant, "GQE variant: gqe, hard_concat or weighted_concat")
       ->check(CLI::IsMember({"gqe", "hard_concat", "weighted_concat"}))->capture_default_str();
-  app.add_option("--mqar-pairs", o.mqar_pairs, "MQAR key-value pairs per sequence")->check(CLI::Range(1, 1 << 20))->capture_default_str();
-  app.add_option("--mqar-vocab", o.mqar_vocab, "MQAR vocabulary (keys and values split it)")->check(CLI::Range(5, 1 << 20))->capture_default_str();
+  app.add_option("--mqar-pairs", o.mqar_pairs, "MQAR key-value pairs per sequence")->transform(gqe::cli::integer_in<Index>(1, 1 << 20))->capture_default_str();
+  app.add_option("--mqar-vocab", o.mqar_vocab, "MQAR vocabulary (keys and values split it)")->transform(gqe::cli::integer_in<Index>(5, 1 << 20))->capture_default_str();
   app.add_flag("--throughput", o.throughput, "only time training steps of both models at this shape and print the ratio beside the FLOP ceiling");
   return gqe::cli::run_main(app, argc, argv, [&]() -> int {
     if (o.task == "text" && o.text.empty() && o.resume.empty())
       gqe::fail<gqe::ConfigError>("--task text needs --text FILE");
+    // --resume continues with the saved settings: --steps (the new total) and --threads are the
+    // only ones it honours, and any other is refused rather than silently ignored.
+    std::optional<Index> steps;
+    if (!o.resume.empty()) {
+      for (const CLI::Option* option : app.get_options()) {
+        const std::string name = option->get_name();
+        if (option->count() > 0 && name != "--resume" && name != "--steps" && name != "--threads")
+          gqe::fail<gqe::InputError>(name, " cannot change a resumed run, which keeps its saved settings; with --resume, "
+                                     "expected only --steps (the new total) and --threads");
+      }
+      if (app.count("--steps") > 0) steps = o.steps;
+    }
     if (o.threads > 0) gqe::set_num_threads(o.threads);
     std::signal(SIGINT, on_sigint);
     if (o.throughput) return measure_throughput(o);
-    return run_comparison(o);
+    return run_comparison(o, steps);
   });
 }

@@ -20,8 +20,12 @@
 #include <vector>
 
 #if defined(__unix__) || defined(__APPLE__)
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#endif
+#if defined(__linux__)
+#include <sys/sysmacros.h>
 #endif
 
 #include "gqe/gqe.hpp"
@@ -422,6 +426,118 @@ TEST(AtomicWrite, UnwritableFolderLeavesNoFile) {
     EXPECT_TRUE(fs::is_empty(made));
     fs::permissions(made, fs::perms::owner_all);
   }
+}
+
+// A name near the file system's limit (255 bytes) still gets a temporary name that fits beside it.
+TEST(AtomicWrite, TemporaryNamesStayWithinTheNameLimit) {
+  const fs::path dir = scratch("long-names");
+  for (std::size_t length : {250u, 255u}) {
+    const fs::path target = dir / (std::string(length - 12, 'n') + ".safetensors");
+    gqe::write_file_atomically(target, [](std::ostream& o) { o << "long"; });
+    EXPECT_EQ(file_bytes(target), "long") << length;
+  }
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir), fs::directory_iterator()), 2);
+  // Cut at a character boundary: "é" is two bytes; the kept part of the name is whole characters.
+  std::string accents;
+  for (int i = 0; i < 200; ++i) accents += "\xc3\xa9";
+  const std::string temp = gqe::detail::temporary_name(accents, 255);
+  EXPECT_LE(temp.size(), 255u);
+  const std::size_t kept = temp.find('.', 1) - 1;  // between the leading '.' and the random tag
+  EXPECT_EQ(kept % 2, 0u) << temp;
+  EXPECT_GT(kept, 200u);
+  fs::remove_all(dir);
+}
+
+#if defined(__linux__)
+// A FIFO or a device at the target path is written through, never replaced by a regular file (as
+// root, replacing /dev/null would break the machine). Devices are made with mknod in a scratch
+// folder, never the real ones.
+TEST(AtomicWrite, WritesThroughFifosAndDevicesInsteadOfReplacingThem) {
+  const fs::path dir = scratch("special");
+  const fs::path fifo = dir / "fifo";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  // Held open for reading (and writing, so that opening never blocks): the writer finds a reader,
+  // and a writer that replaced the FIFO instead leaves nothing to read rather than a hang.
+  const int end = ::open(fifo.c_str(), O_RDWR | O_NONBLOCK);
+  ASSERT_GE(end, 0);
+  gqe::write_file_atomically(fifo, [](std::ostream& o) { o << "through the pipe"; });
+  char buffer[64] = {};
+  const auto got = ::read(end, buffer, sizeof buffer);
+  ::close(end);
+  EXPECT_EQ(std::string(buffer, static_cast<std::size_t>(std::max<ssize_t>(got, 0))), "through the pipe");
+  struct stat st {};
+  ASSERT_EQ(::stat(fifo.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISFIFO(st.st_mode));
+
+  // A link keeps its place; the file it names is replaced.
+  gqe::write_file_atomically(dir / "real", [](std::ostream& o) { o << "old"; });
+  fs::create_symlink("real", dir / "link");
+  gqe::write_file_atomically(dir / "link", [](std::ostream& o) { o << "new"; });
+  EXPECT_TRUE(fs::is_symlink(dir / "link"));
+  EXPECT_EQ(file_bytes(dir / "real"), "new");
+
+  const fs::path null = dir / "null", full = dir / "full";
+  if (::mknod(null.c_str(), S_IFCHR | 0600, makedev(1, 3)) != 0 || ::mknod(full.c_str(), S_IFCHR | 0600, makedev(1, 7)) != 0) {
+    fs::remove_all(dir);
+    GTEST_SKIP() << "mknod needs root (CAP_MKNOD); the FIFO and link cases above ran";
+  }
+  gqe::write_file_atomically(null, [](std::ostream& o) { o << "discarded"; });
+  ASSERT_EQ(::stat(null.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISCHR(st.st_mode)) << "the device was replaced";
+  // A full device: the write fails and says why; the device stays.
+  try {
+    gqe::write_file_atomically(full, [](std::ostream& o) { o << std::string(1 << 16, 'x'); });
+    ADD_FAILURE() << "writing to a full device succeeded";
+  } catch (const gqe::IoError& e) {
+    EXPECT_NE(std::string(e.what()).find("No space left on device"), std::string::npos) << e.what();
+  }
+  ASSERT_EQ(::stat(full.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISCHR(st.st_mode));
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir), fs::directory_iterator()), 5);  // nothing else made
+  fs::remove_all(dir);
+}
+#endif
+
+// A folder replaced as a whole: a save that fails part-way (a full disk, a writer that forgets the
+// marker that makes a copy complete) leaves the previous copy as it was and nothing beside it.
+TEST(RunFolder, FailedSaveKeepsThePreviousCopyAndLeavesNothingBeside) {
+  const fs::path parent = scratch("run-folder");
+  const fs::path dir = parent / "run";
+  const auto save = [&](const std::string& text, bool marker, bool fail) {
+    gqe::replace_folder(dir, "done", [&](const fs::path& into) {
+      fs::create_directories(into);
+      std::ofstream(into / "data") << text;
+      if (fail) throw gqe::IoError("disk full");
+      if (marker) std::ofstream(into / "done") << "1";
+    });
+  };
+  save("first", true, false);
+  EXPECT_EQ(file_bytes(dir / "data"), "first");
+  EXPECT_THROW(save("second", true, true), gqe::IoError);
+  EXPECT_THROW(save("third", false, false), gqe::IoError);
+  EXPECT_EQ(file_bytes(dir / "data"), "first");
+  EXPECT_EQ(std::distance(fs::directory_iterator(parent), fs::directory_iterator()), 1);
+  save("fourth", true, false);
+  EXPECT_EQ(file_bytes(dir / "data"), "fourth");
+  EXPECT_EQ(gqe::newest_saved_folder(dir, "done"), dir);
+  EXPECT_EQ(std::distance(fs::directory_iterator(parent), fs::directory_iterator()), 1);
+  fs::remove_all(parent);
+}
+
+// Messages are one line: a path or a name with a newline or an escape sequence comes out escaped.
+TEST(Errors, ControlCharactersInMessagesAreEscaped) {
+  const fs::path dir = scratch("newline");
+  try {
+    gqe::load_checkpoint<float>(dir / "a\nb\x1b[31m");
+    ADD_FAILURE() << "a missing folder was loaded";
+  } catch (const gqe::IoError& e) {
+    const std::string message = e.what();
+    EXPECT_EQ(message.find('\n'), std::string::npos) << message;
+    EXPECT_EQ(message.find('\x1b'), std::string::npos) << message;
+    EXPECT_NE(message.find("a\\x0ab\\x1b[31m"), std::string::npos) << message;
+  }
+  EXPECT_STREQ(gqe::InputError("tab\there").what(), "tab\\x09here");
+  fs::remove_all(dir);
 }
 
 // ---- config.json --------------------------------------------------------------------------------

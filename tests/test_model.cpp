@@ -6,9 +6,15 @@
 // Golden comparisons against the NumPy reference live in test_golden.cpp.
 #include <gtest/gtest.h>
 
+#include <sys/resource.h>
+#include <unistd.h>
+#include <sched.h>
+
 #include <atomic>
 #include <cstring>
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <limits>
 #include <random>
 #include <string_view>
@@ -350,6 +356,113 @@ TEST(ThreadPool, RethrowsTheExceptionOfAUnitAfterAllUnitsFinish) {
   EXPECT_THROW(gqe::ThreadPool(0), gqe::ConfigError);
 }
 
+// A pool the system cannot fully start (here: an address-space limit too small for 512 thread
+// stacks) stops the threads it started and says so, instead of hanging; the library's pool stays
+// as it was. Sanitizers reserve terabytes of address space, so no such limit can be set there.
+TEST(ThreadPool, FailsCleanlyWhenTheSystemRefusesThreads) {
+  if (!GQE_COUNT_MALLOC) GTEST_SKIP() << "an address-space limit cannot be set under a sanitizer";
+  gqe::set_num_threads(2);
+  long pages = 0;
+  std::ifstream("/proc/self/statm") >> pages;
+  ASSERT_GT(pages, 0);
+  rlimit old{};
+  ASSERT_EQ(getrlimit(RLIMIT_AS, &old), 0);
+  rlimit low = old;
+  low.rlim_cur = static_cast<rlim_t>(pages) * static_cast<rlim_t>(sysconf(_SC_PAGESIZE)) + (rlim_t(256) << 20);
+  ASSERT_EQ(setrlimit(RLIMIT_AS, &low), 0);
+  std::string message;
+  try {
+    gqe::ThreadPool pool(512);
+  } catch (const gqe::ConfigError& e) {
+    message = e.what();
+  }
+  bool kept = false;
+  try {
+    gqe::set_num_threads(512);
+  } catch (const gqe::ConfigError&) {
+    kept = gqe::num_threads() == 2;
+  }
+  ASSERT_EQ(setrlimit(RLIMIT_AS, &old), 0);
+  EXPECT_NE(message.find("the system refused to start thread"), std::string::npos) << message;
+  EXPECT_TRUE(kept) << "set_num_threads must keep the old pool when the new one cannot start";
+  gqe::ThreadPool after(8);  // the stopped threads released everything
+  EXPECT_EQ(after.threads(), 8);
+  gqe::set_num_threads(gqe::default_thread_count());
+}
+
+// set_num_threads replaces the library's pool while other threads run parallel_for on it: each
+// call keeps the pool it started on alive until it returns (the old design destroyed it under them).
+TEST(ThreadPool, SetNumThreadsWhileOtherThreadsRunParallelFor) {
+  std::atomic<bool> done{false};
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> users;
+  for (int u = 0; u < 2; ++u)
+    users.emplace_back([&, u] {
+      std::vector<double> out(97);
+      for (int rep = 0; rep < 300 || !done; ++rep) {
+        gqe::thread_pool().parallel_for(
+            97, [&](Index i) { out[static_cast<std::size_t>(i)] = static_cast<double>(i * (u + 2)); }, 1e9);
+        for (Index i = 0; i < 97; ++i) wrong += out[static_cast<std::size_t>(i)] != static_cast<double>(i * (u + 2));
+        if (rep > 100000) break;
+      }
+    });
+  for (int i = 0; i < 60; ++i) gqe::set_num_threads(1 + i % 4);
+  done = true;
+  for (auto& t : users) t.join();
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_EQ(gqe::num_threads(), 4);
+  gqe::set_num_threads(gqe::default_thread_count());
+}
+
+// The default follows the CPUs this thread may run on, not the machine's count.
+TEST(ThreadPool, DefaultThreadCountFollowsTheAffinityMask) {
+  cpu_set_t saved;
+  ASSERT_EQ(sched_getaffinity(0, sizeof saved, &saved), 0);
+  EXPECT_LE(gqe::default_thread_count(), std::max(1, CPU_COUNT(&saved)));
+  int first = 0;
+  while (!CPU_ISSET(first, &saved)) ++first;
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(first, &one);
+  ASSERT_EQ(sched_setaffinity(0, sizeof one, &one), 0);
+  const int count = gqe::default_thread_count();
+  ASSERT_EQ(sched_setaffinity(0, sizeof saved, &saved), 0);
+  EXPECT_EQ(count, 1);
+}
+
+// A container's CPU quota, as cgroup v2 and v1 file systems write it (laid out in a temporary folder).
+TEST(ThreadPool, CgroupQuotaLimitsTheDefaultThreadCount) {
+  namespace fs = std::filesystem;
+  const fs::path root = fs::temp_directory_path() / ("gqe_cgroup_" + std::to_string(getpid()));
+  fs::remove_all(root);
+  const auto put = [&](const fs::path& file, const std::string& text) {
+    fs::create_directories((root / file).parent_path());
+    std::ofstream(root / file) << text << "\n";
+  };
+  // v2: the tightest quota of the cgroup and its ancestors, rounded up.
+  put("a/b/cpu.max", "max 100000");
+  EXPECT_EQ(gqe::detail::cgroup_cpu_limit("0::/a/b\n", root), 0);
+  put("a/cpu.max", "150000 100000");
+  EXPECT_EQ(gqe::detail::cgroup_cpu_limit("0::/a/b\n", root), 2);
+  put("a/b/cpu.max", "50000 100000");
+  EXPECT_EQ(gqe::detail::cgroup_cpu_limit("0::/a/b\n", root), 1);
+  put("cpu.max", "garbage");
+  EXPECT_EQ(gqe::detail::cgroup_cpu_limit("0::/\n", root), 0);
+  // v1: the cpu controller's own hierarchy, mounted under its controller list.
+  put("cpu,cpuacct/x/cpu.cfs_quota_us", "-1");
+  put("cpu,cpuacct/x/cpu.cfs_period_us", "100000");
+  const std::string v1 = "5:memory:/x\n4:cpu,cpuacct:/x\n0::/\n";
+  EXPECT_EQ(gqe::detail::cgroup_cpu_limit(v1, root), 0);
+  put("cpu,cpuacct/x/cpu.cfs_quota_us", "300000");
+  EXPECT_EQ(gqe::detail::cgroup_cpu_limit(v1, root), 3);
+  EXPECT_EQ(gqe::detail::cgroup_cpu_limit("4:memory:/x\n", root), 0);  // no cpu controller
+  EXPECT_EQ(gqe::detail::cgroup_cpu_limit("", root), 0);
+  fs::remove_all(root);
+  const int count = gqe::default_thread_count();
+  EXPECT_GE(count, 1);
+  EXPECT_LE(count, 1024);
+}
+
 TEST_P(ModelTest, RejectsBadInputsWithClearErrors) {
   const auto m = model();
   auto caches = std::vector<gqe::KVCache<double>>{m.new_cache()};
@@ -438,6 +551,42 @@ TEST(Sampler, FollowsTheDistributionAndIsSeeded) {
   EXPECT_NEAR(counts[0] / double(n), 0.6, 0.017);
   EXPECT_NEAR(counts[1] / double(n), 0.3, 0.016);
   EXPECT_NEAR(counts[2] / double(n), 0.1, 0.011);
+}
+
+// exp(inf - inf) would be NaN: every comparison with it is false, and the draw fell through to the
+// last candidate. A +inf logit wins; several share equally; a tiny temperature is nearly greedy.
+TEST(Sampler, InfiniteLogitsAndTinyTemperaturesDrawTheLimit) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> one_inf = {0.0f, inf, 1.0f, -inf};
+  for (double t : {1.0, 1e-300}) {
+    gqe::Sampler s({t, 0, 1.0, 7});
+    for (int i = 0; i < 50; ++i) EXPECT_EQ(s.sample(one_inf.data(), 4), 1) << "temperature " << t;
+  }
+  gqe::Sampler greedy({});
+  EXPECT_EQ(greedy.sample(one_inf.data(), 4), 1);
+  // Two +inf logits share the draws; the finite ones (even the larger 5) get none.
+  const std::vector<double> two_inf = {5.0, std::numeric_limits<double>::infinity(), 0.0,
+                                       std::numeric_limits<double>::infinity()};
+  gqe::Sampler shared({0.8, 0, 1.0, 3});
+  int first = 0;
+  for (int i = 0; i < 400; ++i) {
+    const int id = shared.sample(two_inf.data(), 4);
+    ASSERT_TRUE(id == 1 || id == 3) << id;
+    first += id == 1;
+  }
+  EXPECT_GT(first, 120);
+  EXPECT_LT(first, 280);
+  // Finite logits whose quotients by the temperature overflow to +inf: the largest one wins.
+  const std::vector<double> large = {1.0, 3.0, 2.0, -1.0};
+  gqe::Sampler tiny({1e-310, 0, 1.0, 11});
+  for (int i = 0; i < 50; ++i) EXPECT_EQ(tiny.sample(large.data(), 4), 1);
+  // A -inf logit is never drawn; all of them -inf is no distribution at all.
+  const std::vector<float> minus = {-inf, 0.0f, -inf};
+  gqe::Sampler s({2.0, 0, 1.0, 1});
+  for (int i = 0; i < 50; ++i) EXPECT_EQ(s.sample(minus.data(), 3), 1);
+  const std::vector<float> none = {-inf, -inf};
+  EXPECT_THROW(s.sample(none.data(), 2), gqe::InputError);
+  EXPECT_THROW(greedy.sample(none.data(), 2), gqe::InputError);
 }
 
 TEST(Sampler, RejectsBadSettingsAndNaN) {

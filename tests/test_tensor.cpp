@@ -60,6 +60,20 @@ TEST(Shape, RejectsBadRanksAndNegativeDims) {
   EXPECT_THROW(Shape::of(std::vector<long>{3, -2}), gqe::ShapeError);
 }
 
+// numel() multiplies the dimensions: a shape whose product overflows is refused when it is made.
+TEST(Shape, RefusesShapesWhoseElementCountOverflows) {
+  const Index big = Index(1) << 32;
+  EXPECT_THROW((Shape{big, big}), gqe::ShapeError);
+  EXPECT_THROW((Shape{1 << 20, 1 << 20, 1 << 20}), gqe::ShapeError);
+  EXPECT_THROW(Shape::of(std::vector<std::uint64_t>{std::uint64_t(1) << 63}), gqe::ShapeError);
+  EXPECT_THROW(Shape::of(std::vector<Index>{3, big, big / 2}), gqe::ShapeError);
+  EXPECT_THROW((Shape{2, big}).with_first(big), gqe::ShapeError);
+  EXPECT_EQ((Shape{big, 1 << 20}).numel(), Index(1) << 52);
+  EXPECT_EQ((Shape{0, big, big}).numel(), 0);  // nothing to overflow
+  EXPECT_EQ((Shape{1, Shape::kMaxElements}).numel(), Shape::kMaxElements);
+  EXPECT_THROW((Shape{2, Shape::kMaxElements}), gqe::ShapeError);
+}
+
 TEST(CheckShape, PassesOnEqualShapesAndNamesBothShapesOtherwise) {
   EXPECT_NO_THROW(gqe::check_shape("x", Shape{4, 3}, Shape{4, 3}));
   try {

@@ -6,6 +6,9 @@
 // across thread counts, and resume: N steps straight equal k steps, save, load, N - k steps.
 #include <gtest/gtest.h>
 
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -679,6 +682,168 @@ TEST(TrainingRun, DamagedStateIsRefused) {
     }
   }
   std::filesystem::remove_all(dir);
+}
+
+// A save stopped at any of its steps (as a crash would stop it: the test hook throws) leaves the
+// run loadable at the step before the save or the step it saved, never earlier; the next save
+// recovers and leaves one folder. Also from a lone <dir>.old, which the earlier protocol could leave.
+TEST(TrainingRun, SaveSurvivesACrashAtEveryStep) {
+  namespace fs = std::filesystem;
+  struct Crash {};
+  const fs::path dir = fs::temp_directory_path() / "gqe_test_training_crash" / "run";
+  fs::remove_all(dir.parent_path());
+  const auto config = tiny_run(gqe::AttentionType::gqe, 40);
+  gqe::training::Run<float>(config).save(dir);
+  auto& hook = gqe::detail::run_folder_fault_hook();
+  const auto only_the_run = [&] {
+    return std::distance(fs::directory_iterator(dir.parent_path()), fs::directory_iterator()) == 1 && fs::exists(dir);
+  };
+  for (const bool lone_old : {false, true}) {
+    for (int crash_at = 0;; ++crash_at) {
+      if (lone_old) fs::rename(dir, dir.parent_path() / "run.old");
+      auto run = gqe::training::Run<float>::load(dir);
+      const Index before = run.step();
+      run.train_step();
+      int calls = 0;
+      hook = [&](const char*) {
+        if (calls++ == crash_at) throw Crash{};
+      };
+      bool crashed = false;
+      try {
+        run.save(dir);
+      } catch (const Crash&) {
+        crashed = true;
+      }
+      hook = nullptr;
+      const auto after = gqe::training::Run<float>::load(dir);
+      EXPECT_TRUE(after.step() == before || after.step() == before + 1)
+          << "crash at hook call " << crash_at << ": step " << after.step() << ", saved " << before;
+      if (!crashed) {
+        EXPECT_EQ(after.step(), before + 1);
+        EXPECT_TRUE(only_the_run());
+        break;
+      }
+      // The next save finishes or undoes the crashed one and leaves the run folder alone.
+      after.save(dir);
+      EXPECT_TRUE(only_the_run()) << "after a crash at hook call " << crash_at;
+      EXPECT_EQ(gqe::training::Run<float>::load(dir).step(), after.step());
+      ASSERT_LT(crash_at, 20) << "the save never completed";
+    }
+  }
+  fs::remove_all(dir.parent_path());
+}
+
+// "--resume ." from inside the run's folder: the folder itself is replaced (not a "..saving" made
+// inside it), by way of its absolute path.
+TEST(TrainingRun, SavesIntoTheCurrentFolderByItsAbsolutePath) {
+  namespace fs = std::filesystem;
+  const fs::path parent = fs::temp_directory_path() / "gqe_test_training_dot";
+  fs::remove_all(parent);
+  const fs::path dir = parent / "run";
+  gqe::training::Run<float> run(tiny_run(gqe::AttentionType::gqa, 5));
+  run.train_step();
+  run.save(dir);
+  const fs::path home = fs::current_path();
+  fs::current_path(dir);
+  auto resumed = gqe::training::Run<float>::load("./");
+  resumed.train_step();
+  resumed.save(".");  // the working folder is now the replaced copy, removed: "." names nothing any more
+  fs::current_path(home);
+  EXPECT_EQ(gqe::training::Run<float>::load(dir).step(), 2);
+  EXPECT_EQ(std::distance(fs::directory_iterator(parent), fs::directory_iterator()), 1);
+  EXPECT_FALSE(fs::exists(dir / "..saving"));
+  fs::remove_all(parent);
+}
+
+// One process at a time on a folder: a second lock is refused at once, in this process or another.
+TEST(TrainingRun, FolderLockRefusesASecondHolder) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / "gqe_test_training_lock";
+  fs::create_directories(dir);
+  {
+    gqe::FolderLock first(dir, "a test");
+    EXPECT_TRUE(first.held());
+    try {
+      gqe::FolderLock second(dir, "a test");
+      ADD_FAILURE() << "a second lock was granted";
+    } catch (const gqe::IoError& e) {
+      EXPECT_NE(std::string(e.what()).find("is in use by another process"), std::string::npos) << e.what();
+    }
+    gqe::FolderLock moved = std::move(first);
+    EXPECT_TRUE(moved.held());
+    EXPECT_FALSE(first.held());
+    EXPECT_THROW(gqe::FolderLock(dir, "a test"), gqe::IoError);
+  }
+  EXPECT_TRUE(gqe::FolderLock(dir, "a test").held());  // released with its holder
+  EXPECT_THROW(gqe::FolderLock(dir / "missing", "a test"), gqe::IoError);
+  fs::remove_all(dir);
+}
+
+// An edited train_state.json that promises a far larger model than the files beside it is refused
+// from the files' headers, before the parameters, gradients and moments (1.6 GB here) are allocated:
+// under an address-space limit well below that, loading must fail with the FormatError, not run
+// out of memory. (Sanitizers reserve terabytes of address space: there only the error is checked.)
+TEST(TrainingRun, ResumeChecksSizesBeforeAllocating) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / "gqe_test_training_sizes";
+  fs::remove_all(dir);
+  gqe::training::Run<float>(tiny_run(gqe::AttentionType::gqe, 3)).save(dir);
+  nlohmann::json state = nlohmann::json::parse(std::ifstream(dir / "train_state.json"));
+  state["run"]["model"]["hidden_size"] = 2048;
+  state["run"]["model"]["intermediate_size"] = 8192;
+  std::ofstream(dir / "train_state.json", std::ios::trunc) << state.dump();
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  const bool limit = false;
+#elif defined(__has_feature)
+  const bool limit = !(__has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer));
+#else
+  const bool limit = true;
+#endif
+  rlimit old{};
+  ASSERT_EQ(getrlimit(RLIMIT_AS, &old), 0);
+  if (limit) {
+    long pages = 0;
+    std::ifstream("/proc/self/statm") >> pages;
+    rlimit low = old;
+    low.rlim_cur = static_cast<rlim_t>(pages) * static_cast<rlim_t>(sysconf(_SC_PAGESIZE)) + (rlim_t(256) << 20);
+    ASSERT_EQ(setrlimit(RLIMIT_AS, &low), 0);
+  }
+  std::string message;
+  try {
+    gqe::training::Run<float>::load(dir);
+  } catch (const gqe::FormatError& e) {
+    message = e.what();
+  } catch (const std::bad_alloc&) {
+    message = "out of memory";
+  }
+  if (limit) {
+    ASSERT_EQ(setrlimit(RLIMIT_AS, &old), 0);
+  }
+  EXPECT_NE(message.find("describes a model of"), std::string::npos) << message;
+  fs::remove_all(dir);
+}
+
+// --resume with --steps: the run goes on to the new total and evaluates at its new end; fewer steps
+// than it has done are refused.
+TEST(TrainingRun, SetTotalStepsExtendsAFinishedRun) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / "gqe_test_training_extend";
+  fs::remove_all(dir);
+  gqe::training::Run<float> run(tiny_run(gqe::AttentionType::gqa, 3));
+  ASSERT_TRUE(run.train(dir, [] { return false; }, [](const auto&) {}));
+  auto resumed = gqe::training::Run<float>::load(dir);
+  EXPECT_TRUE(resumed.finished());
+  EXPECT_THROW(resumed.set_total_steps(2), gqe::ConfigError);
+  resumed.set_total_steps(5);
+  EXPECT_FALSE(resumed.finished());
+  EXPECT_FALSE(resumed.has_final_eval());
+  ASSERT_TRUE(resumed.train(dir, [] { return false; }, [](const auto&) {}));
+  const auto done = gqe::training::Run<float>::load(dir);
+  EXPECT_EQ(done.step(), 5);
+  EXPECT_EQ(done.config().steps(), 5);
+  EXPECT_TRUE(done.has_final_eval());
+  EXPECT_EQ(done.final_eval().step, 5);
+  fs::remove_all(dir);
 }
 
 TEST(TrainingRun, SameBitsForAnyThreadCount) {

@@ -1,6 +1,7 @@
 #pragma once
 // One error type for everything a user or a file can get wrong. Each throw names the thing, the
-// value and what was expected, so that a CLI can print e.what() as its one line.
+// value and what was expected, so that a CLI can print e.what() as its one line (control characters
+// in it are escaped).
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -8,9 +9,31 @@
 
 namespace gqe {
 
+namespace detail {
+// The message with its control characters written as \xNN: a path or a name from a file that holds
+// a newline or an escape sequence must neither break the one line nor drive the terminal.
+inline std::string one_line(const std::string& text) {
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  out.reserve(text.size());
+  for (const char ch : text) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c < 0x20 || c == 0x7f) {
+      out += "\\x";
+      out += hex[c >> 4];
+      out += hex[c & 15u];
+    } else {
+      out += ch;
+    }
+  }
+  return out;
+}
+}  // namespace detail
+
 class Error : public std::runtime_error {
  public:
-  using std::runtime_error::runtime_error;
+  explicit Error(const std::string& what) : std::runtime_error(detail::one_line(what)) {}
+  explicit Error(const char* what) : Error(std::string(what)) {}
 };
 // A configuration value out of its domain (sizes, k, variant names, sampler settings).
 class ConfigError : public Error {

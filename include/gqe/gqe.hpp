@@ -8,6 +8,7 @@
 #include "gqe/io/config_json.hpp"
 #include "gqe/io/mapped_file.hpp"
 #include "gqe/io/read_file.hpp"
+#include "gqe/io/run_folder.hpp"
 #include "gqe/io/safetensors.hpp"
 #include "gqe/layers/attention.hpp"
 #include "gqe/layers/attention_cache.hpp"

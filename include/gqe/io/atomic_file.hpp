@@ -2,7 +2,14 @@
 // Writing a file so that no half-written file ever stands under its final name: the bytes go to a
 // temporary file in the same folder (a rename across file systems would not be atomic), which is
 // flushed to disk and renamed over the target only once complete.
+//
+// What is at the path decides how: a regular file (or nothing) is replaced by the rename; a symbolic
+// link keeps its place, and the file it points to is replaced; a device, a FIFO or a socket (say
+// /dev/null, or a pipe another program reads) is written through as a stream, never renamed over.
+#include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -11,6 +18,7 @@
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #endif
 
@@ -32,21 +40,79 @@ inline bool sync_to_disk(const std::filesystem::path& file) {
   return true;
 #endif
 }
+
+// True when something other than a regular file or a folder is at path (after following links).
+inline bool is_stream_target(const std::filesystem::path& path) {
+#if defined(__unix__) || defined(__APPLE__)
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode);
+#else
+  (void)path;
+  return false;
+#endif
+}
+
+// The longest file name the folder's file system takes (255 on the usual ones).
+inline std::size_t name_limit(const std::filesystem::path& folder) {
+#if defined(__unix__) || defined(__APPLE__)
+  const long limit = ::pathconf(folder.c_str(), _PC_NAME_MAX);
+  if (limit > 0) return static_cast<std::size_t>(limit);
+#else
+  (void)folder;
+#endif
+  return 255;
+}
+
+// A fresh temporary name beside `name`, never longer than the folder allows: ".<name>.<random>.tmp"
+// with <name> cut short (at a UTF-8 character boundary) when the whole would not fit.
+inline std::string temporary_name(const std::string& name, std::size_t limit) {
+  static const char* hex = "0123456789abcdef";
+  std::random_device entropy;
+  std::string tag = ".";
+  for (int i = 0; i < 4; ++i) {
+    const unsigned r = entropy();
+    for (int j = 0; j < 4; ++j) tag += hex[(r >> (4 * j)) & 15u];
+  }
+  tag += ".tmp";
+  const std::size_t room = limit > tag.size() + 2 ? limit - tag.size() - 1 : 1;
+  std::size_t keep = std::min(name.size(), room);
+  while (keep > 0 && keep < name.size() && (static_cast<unsigned char>(name[keep]) & 0xc0u) == 0x80u) --keep;
+  return "." + name.substr(0, keep) + tag;
+}
 }  // namespace detail
 
 // Calls write(std::ostream&) on a temporary file beside `path`, then renames it to `path`. On any
 // failure the temporary file is removed, the target is left as it was, and the error propagates
-// (IoError for the file system's own failures).
+// (IoError for the file system's own failures). A device, FIFO or socket at `path` is written
+// through instead (see the file comment): there a failure may leave part of the bytes written.
 template <class Writer>
-void write_file_atomically(const std::filesystem::path& path, Writer&& write) {
+void write_file_atomically(const std::filesystem::path& path_given, Writer&& write) {
   namespace fs = std::filesystem;
-  const fs::path folder = path.has_parent_path() ? path.parent_path() : fs::path(".");
   std::error_code ec;
+  if (fs::is_directory(path_given, ec))
+    fail<IoError>("cannot write ", path_given.string(), ": it is a folder; expected a file path");
+  if (detail::is_stream_target(path_given)) {
+    std::ofstream out(path_given, std::ios::binary);
+    if (!out) fail<IoError>("cannot open ", path_given.string(), " for writing: ", std::strerror(errno));
+    errno = 0;
+    write(static_cast<std::ostream&>(out));
+    int error = out ? 0 : errno;  // the stream's first failed write set errno
+    if (out) {
+      out.close();
+      error = out ? 0 : errno;
+    }
+    if (!out) fail<IoError>("cannot write ", path_given.string(), ": ", error ? std::strerror(error) : "write failed");
+    return;
+  }
+  fs::path path = path_given;
+  if (fs::is_symlink(path, ec)) {
+    path = fs::weakly_canonical(path, ec);  // replace the file the link names, keep the link
+    if (ec) fail<IoError>("cannot write ", path_given.string(), ": cannot follow the link (", ec.message(), ")");
+  }
+  const fs::path folder = path.has_parent_path() ? path.parent_path() : fs::path(".");
   if (!fs::is_directory(folder, ec))
     fail<IoError>("cannot write ", path.string(), ": folder ", folder.string(), " does not exist");
-  if (fs::is_directory(path, ec)) fail<IoError>("cannot write ", path.string(), ": it is a folder; expected a file path");
-  std::random_device entropy;
-  const fs::path temp = folder / ("." + path.filename().string() + ".tmp" + std::to_string(entropy()));
+  const fs::path temp = folder / detail::temporary_name(path.filename().string(), detail::name_limit(folder));
   try {
     std::ofstream out(temp, std::ios::binary | std::ios::trunc);
     if (!out) fail<IoError>("cannot write ", path.string(), ": cannot create a file in ", folder.string());

@@ -2,9 +2,13 @@
 // Sampling of the next token from one row of logits, in gqe-run's order: temperature (0 = greedy),
 // then top-k, then top-p, drawing from a seeded generator. Reproducible: the same seed and logits
 // give the same tokens on every platform (no std:: distribution, whose output is unspecified).
+// NaN logits are refused. Infinite ones are limits: greedy takes the first +inf; sampling draws
+// among the +inf logits alone, equally, when there are any; -inf logits are never drawn, and all
+// of them -inf is refused.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -38,8 +42,12 @@ class Sampler {
   template <class Scalar>
   std::int32_t sample(const Scalar* logits, Index vocab) {
     if (vocab <= 0) fail<ShapeError>("sampler got ", vocab, " logits; expected at least one");
-    for (Index i = 0; i < vocab; ++i)
+    bool drawable = false;  // some logit above -inf
+    for (Index i = 0; i < vocab; ++i) {
       if (std::isnan(logits[i])) fail<InputError>("logit ", i, " is NaN; the model's output is not finite");
+      drawable = drawable || logits[i] > -std::numeric_limits<Scalar>::infinity();
+    }
+    if (!drawable) fail<InputError>("all ", vocab, " logits are -inf; the model's output is not finite");
     if (config_.temperature == 0.0)  // greedy: the first maximum
       return static_cast<std::int32_t>(std::max_element(logits, logits + vocab) - logits);
 
@@ -51,12 +59,17 @@ class Sampler {
     std::partial_sort(order_.begin(), order_.begin() + keep, order_.end(), by_logit);
     order_.resize(static_cast<std::size_t>(keep));
 
-    // Softmax of logits / temperature over the candidates, in double.
+    // Softmax of logits / temperature over the candidates, in double. The differences to the top
+    // logit are divided, not the logits: a tiny temperature then sends the others to exp(-inf) = 0
+    // instead of making inf - inf = NaN. A +inf logit takes all the probability: +inf logits share
+    // it equally, the others get none (the limit of the softmax).
     probs_.resize(order_.size());
-    const double top = static_cast<double>(logits[order_[0]]) / config_.temperature;
+    const double top = static_cast<double>(logits[order_[0]]);
     double sum = 0;
-    for (std::size_t i = 0; i < order_.size(); ++i)
-      sum += probs_[i] = std::exp(static_cast<double>(logits[order_[i]]) / config_.temperature - top);
+    for (std::size_t i = 0; i < order_.size(); ++i) {
+      const double l = static_cast<double>(logits[order_[i]]);
+      sum += probs_[i] = std::isinf(top) ? (std::isinf(l) && l > 0 ? 1.0 : 0.0) : std::exp((l - top) / config_.temperature);
+    }
     // Top-p: the shortest prefix whose probability reaches top_p (at least one token).
     std::size_t n = order_.size();
     if (config_.top_p < 1.0) {

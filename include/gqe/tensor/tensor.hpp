@@ -9,6 +9,7 @@
 #include <array>
 #include <cassert>
 #include <cstddef>
+#include <cstdint>
 #include <initializer_list>
 #include <string>
 #include <string_view>
@@ -42,6 +43,8 @@ using StridedMatrixMap =
 class Shape {
  public:
   static constexpr int kMaxRank = 5;
+  // Elements of one tensor: their bytes in any scalar type (at most 8 bytes each) fit an Index.
+  static constexpr Index kMaxElements = PTRDIFF_MAX / 8;
 
   Shape() = default;
   Shape(std::initializer_list<Index> dims) {
@@ -51,6 +54,7 @@ class Shape {
       if (d < 0) fail<ShapeError>("tensor dimension ", d, "; expected >= 0");
       dims_[static_cast<std::size_t>(rank_++)] = d;
     }
+    check_size();
   }
   template <class Container>
   static Shape of(const Container& dims) {
@@ -59,8 +63,11 @@ class Shape {
       fail<ShapeError>("tensor rank ", dims.size(), "; expected 1 to ", kMaxRank);
     for (auto d : dims) {
       if (d < 0) fail<ShapeError>("tensor dimension ", d, "; expected >= 0");
+      if (static_cast<std::uintmax_t>(d) > static_cast<std::uintmax_t>(kMaxElements))
+        fail<ShapeError>("tensor dimension ", d, "; expected at most ", kMaxElements);
       s.dims_[static_cast<std::size_t>(s.rank_++)] = static_cast<Index>(d);
     }
+    s.check_size();
     return s;
   }
 
@@ -69,6 +76,7 @@ class Shape {
     assert(axis >= 0 && axis < rank_);
     return dims_[static_cast<std::size_t>(axis)];
   }
+  // Never overflows: every Shape is checked against kMaxElements when it is made.
   Index numel() const {
     Index n = 1;
     for (int i = 0; i < rank_; ++i) n *= dims_[static_cast<std::size_t>(i)];
@@ -84,6 +92,8 @@ class Shape {
   Shape with_first(Index first) const {
     Shape s = *this;
     s.dims_[0] = first;
+    if (first < 0) fail<ShapeError>("tensor dimension ", first, "; expected >= 0");
+    s.check_size();
     return s;
   }
   std::vector<Index> dims() const { return {dims_.begin(), dims_.begin() + rank_}; }
@@ -98,6 +108,19 @@ class Shape {
   }
 
  private:
+  // Refuses a shape whose element count would overflow (a hostile file's shape, a config's product).
+  void check_size() const {
+    Index n = 1;
+    bool zero = false;
+    for (int i = 0; i < rank_; ++i) zero = zero || dims_[static_cast<std::size_t>(i)] == 0;
+    if (zero) return;
+    for (int i = 0; i < rank_; ++i) {
+      const Index d = dims_[static_cast<std::size_t>(i)];
+      if (n > kMaxElements / d) fail<ShapeError>("tensor shape ", str(), " has more than ", kMaxElements, " elements");
+      n *= d;
+    }
+  }
+
   std::array<Index, kMaxRank> dims_{};
   int rank_ = 0;
 };

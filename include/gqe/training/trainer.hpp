@@ -11,11 +11,12 @@
 //   config.json, model.safetensors   save_checkpoint's, in F32 (float runs) or F64 (double runs)
 //   optimizer.safetensors            exp_avg.<name> and exp_avg_sq.<name> of every parameter
 //   train_state.json                 step, the run's configuration, loss and evaluation history
-// The folder is replaced as a whole: written beside it as <dir>.saving, then swapped in by two
-// renames; a reader that finds no <dir> but a <dir>.old (a save interrupted between the renames)
-// uses that.
+// The folder is replaced as a whole, safe against a crash at any step (gqe/io/run_folder.hpp):
+// written beside it as <dir>.saving, train_state.json last, then swapped in by renames; a reader
+// takes the newest complete copy.
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -31,6 +32,7 @@
 #include "gqe/io/checkpoint.hpp"
 #include "gqe/io/config_json.hpp"
 #include "gqe/io/detail/json_text.hpp"
+#include "gqe/io/run_folder.hpp"
 #include "gqe/io/safetensors.hpp"
 #include "gqe/training/data.hpp"
 #include "gqe/training/initialize.hpp"
@@ -178,21 +180,16 @@ struct StepInfo {
 
 namespace detail {
 inline const char* kStateFormat = "gqe-train-state";
-
-inline std::filesystem::path sibling(const std::filesystem::path& dir, const char* suffix) {
-  std::filesystem::path d = dir;
-  if (!d.has_filename()) d = d.parent_path();  // "out/run/" -> "out/run"
-  return d.parent_path() / (d.filename().string() + suffix);
-}
+inline const char* kStateFile = "train_state.json";  // written last: its presence marks a complete save
 }  // namespace detail
 
-// The folder holding a saved run: dir, or dir.old when a save was interrupted between its renames.
+// The folder holding the newest complete save of the run in dir: dir, or a sibling that a crashed
+// save left (see gqe/io/run_folder.hpp).
 inline std::filesystem::path saved_run_folder(const std::filesystem::path& dir) {
-  std::error_code ec;
-  if (std::filesystem::is_regular_file(dir / "train_state.json", ec)) return dir;
-  const auto old = detail::sibling(dir, ".old");
-  if (std::filesystem::is_regular_file(old / "train_state.json", ec)) return old;
-  fail<IoError>(dir.string(), " holds no train_state.json; expected the folder of a run saved by gqe-train");
+  const auto folder = newest_saved_folder(dir, detail::kStateFile);
+  if (folder.empty())
+    fail<IoError>(dir.string(), " holds no train_state.json; expected the folder of a run saved by gqe-train");
+  return folder;
 }
 
 template <class Scalar>
@@ -213,7 +210,9 @@ class Run {
     const auto folder = saved_run_folder(dir);
     const auto state_path = folder / "train_state.json";
     const nlohmann::json state = read_state(state_path);
-    Run run(run_config_from_json(state.at("run"), state_path.string()));
+    const RunConfig config = run_config_from_json(state.at("run"), state_path.string());
+    check_saved_sizes(folder, config, state_path.string());
+    Run run(config);
     run.restore_progress(state, state_path.string());
     run.load_parameters(folder);
     run.load_moments(folder / "optimizer.safetensors");
@@ -223,32 +222,35 @@ class Run {
 
   // Saves the whole run into dir (replaced as a whole, see the file comment).
   void save(const std::filesystem::path& dir) const {
-    namespace fs = std::filesystem;
-    const fs::path saving = detail::sibling(dir, ".saving"), old = detail::sibling(dir, ".old");
-    std::error_code ec;
-    fs::remove_all(saving, ec);
-    save_checkpoint(model_, saving, kDType);
-    std::vector<EncodedTensor> tensors;
-    std::size_t i = 0;
-    model_.for_each_parameter([&](const std::string& name, const Weight& w) {
-      const auto dims = w.shape().dims();
-      const std::vector<std::int64_t> shape(dims.begin(), dims.end());
-      tensors.push_back(encode_tensor("exp_avg." + name, kDType, shape, adam_.exp_avg(i).data()));
-      tensors.push_back(encode_tensor("exp_avg_sq." + name, kDType, shape, adam_.exp_avg_sq(i).data()));
-      ++i;
+    replace_folder(dir, detail::kStateFile, [&](const std::filesystem::path& saving) {
+      save_checkpoint(model_, saving, kDType);
+      std::vector<EncodedTensor> tensors;
+      std::size_t i = 0;
+      model_.for_each_parameter([&](const std::string& name, const Weight& w) {
+        const auto dims = w.shape().dims();
+        const std::vector<std::int64_t> shape(dims.begin(), dims.end());
+        tensors.push_back(encode_tensor("exp_avg." + name, kDType, shape, adam_.exp_avg(i).data()));
+        tensors.push_back(encode_tensor("exp_avg_sq." + name, kDType, shape, adam_.exp_avg_sq(i).data()));
+        ++i;
+      });
+      write_safetensors(saving / "optimizer.safetensors", tensors);
+      const std::string state = state_json().dump(1) + "\n";
+      write_file_atomically(saving / detail::kStateFile, [&](std::ostream& out) { out << state; });
     });
-    write_safetensors(saving / "optimizer.safetensors", tensors);
-    const std::string state = state_json().dump(1) + "\n";
-    write_file_atomically(saving / "train_state.json", [&](std::ostream& out) { out << state; });
-    // Swap: dir -> dir.old, dir.saving -> dir, drop dir.old.
-    fs::remove_all(old, ec);
-    if (fs::exists(dir, ec)) {
-      fs::rename(dir, old, ec);
-      if (ec) fail<IoError>("cannot replace ", dir.string(), ": ", ec.message());
-    }
-    fs::rename(saving, dir, ec);
-    if (ec) fail<IoError>("cannot rename ", saving.string(), " to ", dir.string(), ": ", ec.message());
-    fs::remove_all(old, ec);
+  }
+
+  // Makes the run `steps` steps long in all (at least the steps done): resuming with more steps goes
+  // on training, and the learning-rate schedule and the evaluation interval follow the new length.
+  // A finished run's final evaluation is redone at its new end.
+  void set_total_steps(Index steps) {
+    if (steps < std::max<Index>(step_, 1))
+      fail<ConfigError>("steps is ", steps, "; expected at least the ", std::max<Index>(step_, 1), " the run has done");
+    if (steps == config_.steps()) return;
+    RunConfig changed = config_;
+    changed.optimizer.total_steps = steps;
+    changed.validate();
+    config_ = changed;
+    has_final_eval_ = false;
   }
 
   const RunConfig& config() const { return config_; }
@@ -355,6 +357,23 @@ class Run {
                         "; this run computes in ", dtype_name(kDType),
                         " and resumes only its own type (bit-identical continuation)");
     return state;
+  }
+
+  // The sizes a (perhaps edited) state promises must be those of the files beside it: checked from
+  // the headers, before the run's parameters, gradients and moments are allocated.
+  static void check_saved_sizes(const std::filesystem::path& folder, const RunConfig& config, const std::string& source) {
+    const SafetensorsFile model = SafetensorsFile::read(folder / "model.safetensors", true);
+    const SafetensorsFile moments = SafetensorsFile::read(folder / "optimizer.safetensors", true);
+    const auto values = [](const SafetensorsFile& f) {
+      std::size_t n = 0;
+      for (const auto& t : f.tensors()) n += t.numel();
+      return n;
+    };
+    const auto parameters = static_cast<std::size_t>(config.model.parameter_count());
+    if (values(model) != parameters || values(moments) != 2 * parameters)
+      fail<FormatError>(source, " describes a model of ", parameters, " parameters, but ", model.source(), " holds ",
+                        values(model), " values and ", moments.source(), " ", values(moments),
+                        "; expected the files saved with it (", parameters, " and ", 2 * parameters, ")");
   }
 
   // Step, clock, loss history and evaluations from the state.

@@ -6,12 +6,23 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cmath>
+#include <cstdlib>
+#include <exception>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <sstream>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
+
+#ifdef __linux__
+#include <sched.h>
+#endif
 
 #include "gqe/error.hpp"
 #include "gqe/tensor/tensor.hpp"
@@ -21,20 +32,29 @@ namespace gqe {
 class ThreadPool {
  public:
   // threads = total workers including the caller; 1 means run everything on the calling thread.
+  // When the system refuses a thread (memory or process limits), the ones started are stopped and
+  // ConfigError says how many could start: no pool, nothing left running.
   explicit ThreadPool(int threads) {
     if (threads < 1 || threads > 1024) fail<ConfigError>("thread count is ", threads, "; expected 1 to 1024");
-    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { work(); });
+    workers_.reserve(static_cast<std::size_t>(threads - 1));
+    std::string refused;  // why, when a thread could not start
+    bool all_started = true;
+    try {
+      for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { work(); });
+    } catch (const std::exception& e) {
+      refused = e.what();
+      all_started = false;
+    }
+    if (!all_started) {
+      const std::size_t started = workers_.size() + 1;
+      stop();
+      fail<ConfigError>("the system refused to start thread ", started + 1, " of ", threads, " (", refused,
+                        "); expected a thread count the system allows (", started, " could start)");
+    }
   }
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
-  ~ThreadPool() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stopping_ = true;
-    }
-    wake_.notify_all();
-    for (auto& w : workers_) w.join();
-  }
+  ~ThreadPool() { stop(); }
 
   int threads() const { return static_cast<int>(workers_.size()) + 1; }
 
@@ -105,6 +125,16 @@ class ThreadPool {
     }
   };
 
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_all();
+    for (auto& w : workers_) w.join();
+    workers_.clear();
+  }
+
   static bool& inside_worker() {
     thread_local bool flag = false;
     return flag;
@@ -136,32 +166,122 @@ class ThreadPool {
   bool stopping_ = false;
 };
 
+// A share of a pool: parallel_for and threads() as ThreadPool's, with the pool kept alive for as
+// long as the share is. thread_pool().parallel_for(...) holds it for the whole call, so that
+// set_num_threads on another thread cannot destroy the pool under a running call.
+class SharedPool {
+ public:
+  explicit SharedPool(std::shared_ptr<ThreadPool> pool) : pool_(std::move(pool)) {}
+  template <class Fn>
+  void parallel_for(Index count, Fn&& fn, double flops = ThreadPool::kMinParallelFlops) const {
+    pool_->parallel_for(count, std::forward<Fn>(fn), flops);
+  }
+  int threads() const { return pool_->threads(); }
+  ThreadPool& operator*() const { return *pool_; }
+  ThreadPool* operator->() const { return pool_.get(); }
+
+ private:
+  std::shared_ptr<ThreadPool> pool_;
+};
+
 namespace detail {
-inline std::unique_ptr<ThreadPool>& default_pool_slot() {
-  static std::unique_ptr<ThreadPool> pool;
+inline std::shared_ptr<ThreadPool>& default_pool_slot() {
+  static std::shared_ptr<ThreadPool> pool;
   return pool;
 }
 inline std::mutex& default_pool_mutex() {
   static std::mutex m;
   return m;
 }
-}  // namespace detail
 
-inline int default_thread_count() { return static_cast<int>(std::max(1u, std::thread::hardware_concurrency())); }
-
-// The pool the library's layers use; created on first use with default_thread_count() threads.
-inline ThreadPool& thread_pool() {
-  std::lock_guard<std::mutex> lock(detail::default_pool_mutex());
-  auto& slot = detail::default_pool_slot();
-  if (!slot) slot = std::make_unique<ThreadPool>(default_thread_count());
-  return *slot;
+// The first line of a small file, or "" when it cannot be read.
+inline std::string first_line(const std::filesystem::path& file) {
+  std::ifstream in(file);
+  std::string line;
+  std::getline(in, line);
+  return line;
 }
 
-// Sets the number of threads of the library's pool. Not to be called while inference runs.
-inline void set_num_threads(int threads) {
-  auto pool = std::make_unique<ThreadPool>(threads);
+// CPUs that the cgroup CPU quota allows, rounded up (0: no quota found). `self_cgroup` is the text
+// of /proc/self/cgroup, `root` the cgroup file system's mount (/sys/fs/cgroup). The quota of every
+// ancestor applies too: the smallest is taken. cgroup v2 writes cpu.max ("max 100000" or "150000
+// 100000"); v1 cpu.cfs_quota_us (-1: none) and cpu.cfs_period_us under the cpu controller's mount.
+inline int cgroup_cpu_limit(const std::string& self_cgroup, const std::filesystem::path& root) {
+  namespace fs = std::filesystem;
+  double best = 0;
+  const auto consider = [&](double quota, double period) {
+    if (quota > 0 && period > 0 && (best == 0 || quota / period < best)) best = quota / period;
+  };
+  const auto walk = [&](const fs::path& base, std::string path, bool v2) {
+    for (;;) {
+      const fs::path dir = base / fs::path(path).relative_path();
+      if (v2) {
+        std::istringstream max(first_line(dir / "cpu.max"));
+        std::string quota;
+        double period = 0;
+        if (max >> quota >> period && quota != "max") consider(std::strtod(quota.c_str(), nullptr), period);
+      } else {
+        consider(std::strtod(first_line(dir / "cpu.cfs_quota_us").c_str(), nullptr),
+                 std::strtod(first_line(dir / "cpu.cfs_period_us").c_str(), nullptr));
+      }
+      const std::size_t slash = path.find_last_of('/');
+      if (path.empty() || slash == std::string::npos) break;
+      path = path.substr(0, slash);  // "/a/b" -> "/a" -> "" (the mount itself)
+    }
+  };
+  std::istringstream lines(self_cgroup);
+  for (std::string line; std::getline(lines, line);) {
+    // hierarchy-id:controllers:path; v2 is "0::path".
+    const std::size_t a = line.find(':'), b = a == std::string::npos ? a : line.find(':', a + 1);
+    if (b == std::string::npos) continue;
+    const std::string controllers = line.substr(a + 1, b - a - 1), path = line.substr(b + 1);
+    if (controllers.empty()) {
+      walk(root, path, true);
+      continue;
+    }
+    bool cpu = false;
+    std::istringstream names(controllers);
+    for (std::string name; std::getline(names, name, ',');) cpu = cpu || name == "cpu";
+    if (!cpu) continue;
+    // The walk ends at the mount itself, where a container sees its own cgroup.
+    for (const auto& mount : {controllers, std::string("cpu")}) walk(root / mount, path, false);
+  }
+  return best > 0 ? static_cast<int>(std::min(1024.0, std::ceil(best - 1e-9))) : 0;
+}
+}  // namespace detail
+
+// The threads this process may use: the CPUs of its affinity mask, within its cgroup's CPU quota
+// (a container's limit), at least 1 and at most 1024.
+inline int default_thread_count() {
+  int cpus = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+#ifdef __linux__
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof set, &set) == 0) cpus = std::max(1, CPU_COUNT(&set));
+  std::ifstream self("/proc/self/cgroup");
+  std::ostringstream text;
+  text << self.rdbuf();
+  const int quota = detail::cgroup_cpu_limit(text.str(), "/sys/fs/cgroup");
+  if (quota > 0) cpus = std::min(cpus, quota);
+#endif
+  return std::clamp(cpus, 1, 1024);
+}
+
+// The pool the library's layers use; created on first use with default_thread_count() threads.
+inline SharedPool thread_pool() {
   std::lock_guard<std::mutex> lock(detail::default_pool_mutex());
-  detail::default_pool_slot() = std::move(pool);
+  auto& slot = detail::default_pool_slot();
+  if (!slot) slot = std::make_shared<ThreadPool>(default_thread_count());
+  return SharedPool(slot);
+}
+
+// Sets the number of threads of the library's pool. Safe while other threads run inference: their
+// calls in flight finish on the pool they started with, which is destroyed after the last one.
+// When the new pool cannot start (ConfigError), the old one stays.
+inline void set_num_threads(int threads) {
+  auto pool = std::make_shared<ThreadPool>(threads);
+  std::lock_guard<std::mutex> lock(detail::default_pool_mutex());
+  detail::default_pool_slot().swap(pool);  // the old pool is released after the lock, by `pool`
 }
 
 inline int num_threads() { return thread_pool().threads(); }

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# gqe-run against faults beyond malformed files: threads the system refuses, odd output paths
+# (the model's own files, a FIFO, devices, a 250-byte name), full disks behind stdout, a model whose
+# output turns NaN, integer flags with leading zeros, paths holding control characters. Each refusal
+# is exit status 2 with one line on stderr and no output file; nothing is replaced that should not be.
+# Usage: check_run_faults.sh GQE_RUN GOOD_MODEL BYTE_MODEL SHARDED_MODEL SCRATCH [sanitized]
+set -u
+run=$1 good=$2 bytes=$3 sharded=$4 tmp=$5 sanitized=${6:-}
+rm -rf "$tmp" && mkdir -p "$tmp" || exit 1
+trap 'rm -rf "$tmp"' EXIT
+failures=0 cases=0
+
+fail() { echo "FAIL $1: $2"; failures=$((failures + 1)); }
+ok() { echo "ok   $1"; }
+
+# refused NAME SUBSTRING CMD...: exit 2, one line on stderr holding SUBSTRING.
+refused() {
+  local name=$1 says=$2
+  shift 2
+  cases=$((cases + 1))
+  timeout 60 "$@" > "$tmp/stdout" 2> "$tmp/stderr"
+  local status=$? lines
+  lines=$(wc -l < "$tmp/stderr")
+  if [[ $status != 2 ]]; then fail "$name" "exit status $status, expected 2; stderr: $(head -c 300 "$tmp/stderr")"; return 1; fi
+  if [[ $lines != 1 ]]; then fail "$name" "$lines lines on stderr, expected 1: $(head -c 300 "$tmp/stderr")"; return 1; fi
+  if ! grep -qF -- "$says" "$tmp/stderr"; then fail "$name" "stderr lacks '$says': $(cat "$tmp/stderr")"; return 1; fi
+  ok "$name: $(cat "$tmp/stderr")"
+}
+# succeeds NAME CMD...: exit 0.
+succeeds() {
+  local name=$1
+  shift
+  cases=$((cases + 1))
+  timeout 60 "$@" > "$tmp/stdout" 2> "$tmp/stderr"
+  local status=$?
+  if [[ $status != 0 ]]; then fail "$name" "exit status $status, expected 0; stderr: $(head -c 300 "$tmp/stderr")"; return 1; fi
+  ok "$name"
+}
+check() {  # check NAME CONDITION-CMD...: one more assertion
+  local name=$1
+  shift
+  cases=$((cases + 1))
+  if "$@"; then ok "$name"; else fail "$name" "condition failed: $*"; fi
+}
+
+# Threads the system refuses: 512 thread stacks do not fit in 400 MB of address space.
+if [[ -n $sanitized ]]; then
+  echo "skip threads_refused: sanitizers reserve terabytes of address space, so ulimit -v cannot be set"
+else
+  refused threads_refused "the system refused to start thread" \
+    bash -c 'ulimit -v 400000 && exec "$0" --model "$1" --prompt-ids 1 --threads 512' "$run" "$good"
+fi
+
+# Integer flags are decimal: a leading zero is not octal.
+succeeds generate_010 "$run" --model "$good" --prompt-ids 1 --generate 010
+check generate_010_gives_10_tokens test "$(wc -c < "$tmp/stdout")" = 10  # vocabulary <= 256: one byte each
+succeeds seed_010 "$run" --model "$good" --prompt-ids 1 --generate 12 --temperature 1 --seed 010
+cp "$tmp/stdout" "$tmp/seed_010"
+succeeds seed_10 "$run" --model "$good" --prompt-ids 1 --generate 12 --temperature 1 --seed 10
+check seed_010_is_seed_10 cmp -s "$tmp/stdout" "$tmp/seed_010"
+rm -f "$tmp/seed_010"
+
+# Paths with a newline or an escape sequence: one line on stderr, the characters escaped.
+refused model_path_with_newline 'a\x0ab' "$run" --model "$tmp/a"$'\n'"b" --prompt-ids 1
+refused model_path_with_escape '\x1b[31m' "$run" --model "$tmp/"$'\e'"[31mred" --prompt-ids 1
+refused flag_value_with_newline '\x0a' "$run" --model "$good" --prompt-ids 1 --mode $'pre\nfill'
+
+# Non-regular files are written through, never replaced: a FIFO read by another process, and
+# devices made with mknod here (as root; never the machine's own /dev/null).
+succeeds logits_to_regular_file "$run" --model "$good" --prompt-ids 1,2,3 --logits-out "$tmp/regular.safetensors"
+mkfifo "$tmp/fifo"
+# This script holds the FIFO open (read-write, which does not block) until gqe-run is done, so that
+# the reader ends whether or not gqe-run wrote into the FIFO.
+exec 3<> "$tmp/fifo"
+cat "$tmp/fifo" > "$tmp/from_fifo" 3>&- &
+reader=$!
+succeeds logits_to_fifo "$run" --model "$good" --prompt-ids 1,2,3 --logits-out "$tmp/fifo"
+exec 3>&-
+wait "$reader"
+check fifo_is_still_a_fifo test -p "$tmp/fifo"
+check fifo_got_the_file cmp -s "$tmp/from_fifo" "$tmp/regular.safetensors"
+if mknod "$tmp/null" c 1 3 2> /dev/null && mknod "$tmp/full" c 1 7 2> /dev/null; then
+  succeeds logits_to_null_device "$run" --model "$good" --prompt-ids 1,2,3 --logits-out "$tmp/null"
+  check null_device_is_still_a_device test -c "$tmp/null"
+  refused logits_to_full_device "No space left on device" \
+    "$run" --model "$good" --prompt-ids 1,2,3 --logits-out "$tmp/full"
+  check full_device_is_still_a_device test -c "$tmp/full"
+else
+  echo "skip device cases: mknod needs root (CAP_MKNOD)"
+fi
+rm -f "$tmp/fifo" "$tmp/from_fifo" "$tmp/null" "$tmp/full" "$tmp/regular.safetensors"
+
+# A 250-byte file name: the temporary name beside it stays within the 255-byte limit.
+long=$(printf 'L%.0s' $(seq 238)).safetensors
+mkdir "$tmp/long"
+succeeds logits_out_250_byte_name "$run" --model "$good" --prompt-ids 1,2 --logits-out "$tmp/long/$long"
+check long_name_exists test -s "$tmp/long/$long"
+check long_name_written_alone test "$(ls -A "$tmp/long" | wc -l)" = 1
+
+# --logits-out onto an input of the same run: refused by device and inode, whatever the name.
+cp -R "$good" "$tmp/model"
+cp "$tmp/model/model.safetensors" "$tmp/original.safetensors"
+ln "$tmp/model/model.safetensors" "$tmp/hardlink"
+ln -s "model/config.json" "$tmp/symlink"
+refused logits_out_is_the_model "an input of this run" \
+  "$run" --model "$tmp/model" --prompt-ids 1,2 --logits-out "$tmp/model/model.safetensors"
+refused logits_out_is_a_hard_link_to_the_model "an input of this run" \
+  "$run" --model "$tmp/model" --prompt-ids 1,2 --logits-out "$tmp/hardlink"
+refused logits_out_is_a_link_to_the_config "an input of this run" \
+  "$run" --model "$tmp/model" --prompt-ids 1,2 --logits-out "$tmp/symlink"
+refused logits_out_is_the_config_by_another_name "an input of this run" \
+  "$run" --model "$tmp/model" --prompt-ids 1,2 --logits-out "$tmp/model/../model/config.json"
+check model_left_intact cmp -s "$tmp/model/model.safetensors" "$tmp/original.safetensors"
+rm -rf "$tmp/model" "$tmp/hardlink" "$tmp/symlink" "$tmp/original.safetensors"
+# A sharded checkpoint: its index and every shard are inputs too.
+cp -R "$sharded" "$tmp/sharded"
+refused logits_out_is_a_shard "an input of this run" \
+  "$run" --model "$tmp/sharded" --prompt-ids 1,2 --logits-out "$tmp/sharded/model-00002-of-00003.safetensors"
+refused logits_out_is_the_index "an input of this run" \
+  "$run" --model "$tmp/sharded" --prompt-ids 1,2 --logits-out "$tmp/sharded/model.safetensors.index.json"
+check shards_left_intact diff -r -q "$sharded" "$tmp/sharded"
+rm -rf "$tmp/sharded"
+
+# Write errors on stdout: a full disk stops the run with exit 2, and leaves no logits file.
+if [[ -w /dev/full ]]; then
+  refused stdout_full_generate "cannot write to standard output" \
+    bash -c 'exec "$0" --model "$1" --prompt-ids 1 --generate 50 --logits-out "$2/x.safetensors" > /dev/full' \
+    "$run" "$good" "$tmp"
+  check stdout_full_leaves_no_logits test ! -e "$tmp/x.safetensors"
+  printf 'the quick brown fox jumps over the lazy dog\n' > "$tmp/text.txt"
+  refused stdout_full_perplexity "cannot write to standard output" \
+    bash -c 'exec "$0" --model "$1" --perplexity "$2/text.txt" > /dev/full' "$run" "$bytes" "$tmp"
+  refused stdout_full_text_generate "cannot write to standard output" \
+    bash -c 'exec "$0" --model "$1" --prompt hi --generate 20 > /dev/full' "$run" "$bytes"
+else
+  echo "skip stdout_full: no writable /dev/full"
+fi
+
+# All or nothing: a model whose logits are NaN (every weight byte 0xff, a NaN in F32) fails in
+# --generate after the logits were computed; no logits file is left, and no statistics printed.
+cp -R "$good" "$tmp/nan"
+header=$(od -An -tu8 -N8 "$good/model.safetensors" | tr -d ' ')
+size=$(stat -c %s "$good/model.safetensors")
+{ head -c $((8 + header)) "$good/model.safetensors"; head -c $((size - 8 - header)) /dev/zero | tr '\0' '\377'; } \
+  > "$tmp/nan/model.safetensors"
+refused nan_during_generate "is NaN" \
+  "$run" --model "$tmp/nan" --prompt-ids 1,2 --generate 3 --stats --logits-out "$tmp/x.safetensors"
+check nan_leaves_no_logits test ! -e "$tmp/x.safetensors"
+rm -rf "$tmp/nan"
+
+echo "$cases checks, $failures failed"
+[[ $failures == 0 ]]
