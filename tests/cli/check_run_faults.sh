@@ -8,40 +8,7 @@ set -u
 run=$1 good=$2 bytes=$3 sharded=$4 tmp=$5 sanitized=${6:-}
 rm -rf "$tmp" && mkdir -p "$tmp" || exit 1
 trap 'rm -rf "$tmp"' EXIT
-failures=0 cases=0
-
-fail() { echo "FAIL $1: $2"; failures=$((failures + 1)); }
-ok() { echo "ok   $1"; }
-
-# refused NAME SUBSTRING CMD...: exit 2, one line on stderr holding SUBSTRING.
-refused() {
-  local name=$1 says=$2
-  shift 2
-  cases=$((cases + 1))
-  timeout 60 "$@" > "$tmp/stdout" 2> "$tmp/stderr"
-  local status=$? lines
-  lines=$(wc -l < "$tmp/stderr")
-  if [[ $status != 2 ]]; then fail "$name" "exit status $status, expected 2; stderr: $(head -c 300 "$tmp/stderr")"; return 1; fi
-  if [[ $lines != 1 ]]; then fail "$name" "$lines lines on stderr, expected 1: $(head -c 300 "$tmp/stderr")"; return 1; fi
-  if ! grep -qF -- "$says" "$tmp/stderr"; then fail "$name" "stderr lacks '$says': $(cat "$tmp/stderr")"; return 1; fi
-  ok "$name: $(cat "$tmp/stderr")"
-}
-# succeeds NAME CMD...: exit 0.
-succeeds() {
-  local name=$1
-  shift
-  cases=$((cases + 1))
-  timeout 60 "$@" > "$tmp/stdout" 2> "$tmp/stderr"
-  local status=$?
-  if [[ $status != 0 ]]; then fail "$name" "exit status $status, expected 0; stderr: $(head -c 300 "$tmp/stderr")"; return 1; fi
-  ok "$name"
-}
-check() {  # check NAME CONDITION-CMD...: one more assertion
-  local name=$1
-  shift
-  cases=$((cases + 1))
-  if "$@"; then ok "$name"; else fail "$name" "condition failed: $*"; fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/checks.sh"
 
 # Threads the system refuses: 512 thread stacks do not fit in 400 MB of address space.
 if [[ -n $sanitized ]]; then

@@ -13,36 +13,8 @@ cleanup() {
   rm -rf "$tmp"
 }
 trap cleanup EXIT
-failures=0 cases=0
-fail() { echo "FAIL $1: $2"; failures=$((failures + 1)); }
-ok() { echo "ok   $1"; }
-refused() {  # refused NAME SUBSTRING CMD...: exit 2, one line on stderr holding SUBSTRING
-  local name=$1 says=$2
-  shift 2
-  cases=$((cases + 1))
-  timeout 120 "$@" > "$tmp/stdout" 2> "$tmp/stderr"
-  local status=$? lines
-  lines=$(wc -l < "$tmp/stderr")
-  if [[ $status != 2 ]]; then fail "$name" "exit status $status, expected 2; stderr: $(head -c 300 "$tmp/stderr")"; return 1; fi
-  if [[ $lines != 1 ]]; then fail "$name" "$lines lines on stderr, expected 1: $(head -c 300 "$tmp/stderr")"; return 1; fi
-  if ! grep -qF -- "$says" "$tmp/stderr"; then fail "$name" "stderr lacks '$says': $(cat "$tmp/stderr")"; return 1; fi
-  ok "$name: $(cat "$tmp/stderr")"
-}
-succeeds() {  # succeeds NAME CMD...: exit 0
-  local name=$1
-  shift
-  cases=$((cases + 1))
-  timeout 300 "$@" > "$tmp/stdout" 2> "$tmp/stderr"
-  local status=$?
-  if [[ $status != 0 ]]; then fail "$name" "exit status $status, expected 0; stderr: $(tail -c 300 "$tmp/stderr")"; return 1; fi
-  ok "$name"
-}
-check() {  # check NAME CONDITION-CMD...
-  local name=$1
-  shift
-  cases=$((cases + 1))
-  if "$@"; then ok "$name"; else fail "$name" "condition failed: $*"; fi
-}
+check_timeout=300
+source "$(dirname "${BASH_SOURCE[0]}")/checks.sh"
 state_step() { grep -o '"step": *[0-9]*' "$1/train_state.json" | head -n 1 | grep -o '[0-9]*$'; }
 
 # A small shape, so that every run takes seconds.
