@@ -14,7 +14,7 @@
 
 #include "bench_common.hpp"
 #include "checkpoint_bench.hpp"
-#include "gqe/util/build_info.hpp"
+#include "gqe/build_info.hpp"
 #include "gqe/version.hpp"
 #include "layer_speedup.hpp"
 

@@ -34,6 +34,6 @@
 #include "gqe/tensor/eigen.hpp"
 #include "gqe/tensor/tensor.hpp"
 #include "gqe/tensor/weight.hpp"
-#include "gqe/util/build_info.hpp"
+#include "gqe/build_info.hpp"
 #include "gqe/util/thread_pool.hpp"
 #include "gqe/version.hpp"
