@@ -1,7 +1,8 @@
 // gqe-train: trains a dense GQA model and a GQE model (k = 1 of M = 2, variant gqe) of the same
 // shape under the same token budget and seeds, on multi-query associative recall (MQAR) or
 // byte-level text, and compares them side by side: parameters, active query heads per token,
-// held-out loss and accuracy (mean and spread over seeds), training tokens/s. Writes checkpoints
+// held-out loss and accuracy (mean and spread over seeds), training tokens/s; --models trains one of
+// the two alone (tools/gqe_sweep.py runs one configuration at a time). Writes checkpoints
 // that gqe-run loads, loss curves as CSV and a PNG plot (with gnuplot, when installed).
 //
 // Nothing is lost: every run saves every --save-every steps and on Ctrl-C, and --resume continues
@@ -204,7 +205,7 @@ void print_table(const Options& o, const std::vector<std::vector<const Run*>>& b
   }
   char foot[256];
   std::snprintf(foot, sizeof foot, "\nmean ± sample standard deviation over %zu seed(s); %ld steps x %ld sequences x %ld tokens\n",
-                by_model.front().size(), static_cast<long>(o.steps), static_cast<long>(o.batch), static_cast<long>(o.seq_len));
+                static_cast<std::size_t>(o.seeds), static_cast<long>(o.steps), static_cast<long>(o.batch), static_cast<long>(o.seq_len));
   t << foot;
   const std::string text = t.str();
   std::fputs(text.c_str(), stdout);
@@ -273,16 +274,18 @@ int run_comparison(Options o) {
                   run.final_eval().accuracy, run.tokens_per_second());
       return 0;
     }
-  } else {
+  }
+  const std::vector<gqe::AttentionType> types = gqe::cli::model_types(o.models);
+  if (o.resume.empty()) {
     for (Index s = 0; s < o.seeds; ++s)
-      for (auto type : {gqe::AttentionType::gqa, gqe::AttentionType::gqe})
+      for (auto type : types)
         if (fs::exists(out / run_name(type, s), ec) || fs::exists(out / (run_name(type, s) + ".old"), ec))
           gqe::fail<gqe::InputError>("--out ", out.string(), " already holds ", run_name(type, s),
                                      "/; expected a new folder (or --resume ", out.string(), " to continue it)");
   }
   // Validate every run's configuration, and the text file, before anything is written.
   for (Index s = 0; s < o.seeds; ++s)
-    for (auto type : {gqe::AttentionType::gqa, gqe::AttentionType::gqe}) make_run(o, type, static_cast<std::uint64_t>(s));
+    for (auto type : types) make_run(o, type, static_cast<std::uint64_t>(s));
   if (o.task == "text") gqe::training::TextData check(o.text, o.seq_len);
   fs::create_directories(out, ec);
   if (ec) gqe::fail<gqe::IoError>("cannot create --out folder ", out.string(), ": ", ec.message());
@@ -290,10 +293,10 @@ int run_comparison(Options o) {
   gqe::write_file_atomically(out / "comparison.json", [&](std::ostream& f) { f << comparison; });
 
   std::vector<Run> runs;
-  runs.reserve(static_cast<std::size_t>(2 * o.seeds));
+  runs.reserve(types.size() * static_cast<std::size_t>(o.seeds));
   std::vector<std::pair<std::string, const Run*>> named;
   for (Index s = 0; s < o.seeds; ++s)
-    for (auto type : {gqe::AttentionType::gqa, gqe::AttentionType::gqe}) {
+    for (auto type : types) {
       const std::string name = run_name(type, s);
       const fs::path dir = out / name;
       if (fs::exists(dir / "train_state.json", ec) || fs::exists(out / (name + ".old") / "train_state.json", ec))
@@ -311,8 +314,9 @@ int run_comparison(Options o) {
   std::printf("\n");
   print_table(o, by_model, out);
   write_curves(out, named);
-  std::fprintf(stderr, "checkpoints: %s/{gqa,gqe}-seed<S>/ (gqe-run --model %s/gqe-seed0 ...)\n", out.string().c_str(),
-               out.string().c_str());
+  const std::string first = run_name(types.back(), 0);
+  std::fprintf(stderr, "checkpoints: %s/%s-seed<S>/ (gqe-run --model %s/%s ...)\n", out.string().c_str(),
+               types.size() == 2 ? "{gqa,gqe}" : first.substr(0, 3).c_str(), out.string().c_str(), first.c_str());
   return 0;
 }
 
@@ -325,6 +329,7 @@ int main(int argc, char** argv) {
   app.add_option("--task", o.task, "mqar (multi-query associative recall) or text (byte-level LM on --text)")
       ->check(CLI::IsMember({"mqar", "text"}))->capture_default_str();
   app.add_option("--text", o.text, "text file for --task text (its last 10% is held out)");
+  app.add_option("--models", o.models, "models to train: gqa,gqe (both, side by side), gqa or gqe")->capture_default_str();
   app.add_option("--steps", o.steps, "optimiser steps per run")->check(CLI::Range(1, 10000000))->capture_default_str();
   app.add_option("--batch", o.batch, "sequences per step")->check(CLI::Range(1, 65536))->capture_default_str();
   app.add_option("--seeds", o.seeds, "runs seeds 0..N-1 of each model")->check(CLI::Range(1, 1000))->capture_default_str();
