@@ -47,6 +47,7 @@ import time
 PROG = "gqe_sweep.py"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENS = 4096  # the prefill length of the speed-up
+BENCH_INNER_ROUNDS = 3  # gqe-bench's own rounds per process; its medians are one round of the sweep's
 HELDOUT_FRACTION = 0.1  # gqe-train's held-out tail
 VARIANTS = ("gqe", "hard_concat", "weighted_concat")
 UMASK = os.umask(0)
@@ -179,7 +180,8 @@ class Config:
         # own process any valid GQE shape will do (k = 1 of its M).
         return [bench, "--layer-speedup", "--hidden", str(a.hidden), "--heads", str(self.heads), "--kv-heads",
                 str(a.kv_heads), "--head-dim", str(a.head_dim), "--top-k", str(self.top_k or 1), "--variant",
-                self.variant or "gqe", "--tokens", str(TOKENS), "--rounds", "1", "--threads", str(a.threads)]
+                self.variant or "gqe", "--tokens", str(TOKENS), "--rounds", str(BENCH_INNER_ROUNDS), "--threads",
+                str(a.threads)]
 
 
 def configurations(a):
@@ -450,10 +452,12 @@ def heldout_loss(a, config: Config, seed: int, start: int, end: int, timing: Tim
 
 def measure_speedups(a, configs, timing: Timing):
     """Per configuration: the per-round ratio dense baseline / GQE layer at T = 4096, with both
-    timed in the same round (separate gqe-bench processes, shuffled order each round), and
-    gqe-bench's own ratio against a dense layer of the configuration's N."""
+    timed in the same round (separate gqe-bench processes, each giving the median of its own
+    BENCH_INNER_ROUNDS rounds, in a shuffled order each round), and gqe-bench's own ratio against a
+    dense layer of the configuration's N (timed in one process: the steadier figure)."""
     path = os.path.join(a.out, "speedup.json")
-    settings = {"tokens": TOKENS, "rounds": a.bench_rounds, "threads": a.threads, "hidden": a.hidden,
+    settings = {"tokens": TOKENS, "rounds": a.bench_rounds, "inner_rounds": BENCH_INNER_ROUNDS,
+                "threads": a.threads, "hidden": a.hidden,
                 "kv_heads": a.kv_heads, "head_dim": a.head_dim, "dense_heads": a.dense_heads}
     saved = read_json(path)
     names = [c.name for c in configs[1:]]
@@ -554,10 +558,11 @@ def write_outputs(a, configs, rows, heldout, speed, text_sha256, timing: Timing)
         f"Training: {a.steps} steps x {a.batch} sequences x {a.seq_len} bytes, lr {a.lr:g}, {a.schedule}, "
         f"seeds 0..{a.seeds - 1}.",
         f"Speed-up: one attention layer's prefill at T = {TOKENS}, dense GQA N = {a.dense_heads} / GQE, median of "
-        f"{speed['settings']['rounds']} interleaved rounds (interquartile range), {speed['settings']['threads']} "
-        "thread(s); FLOP ceiling from the spec's FLOP model.",
+        f"{speed['settings']['rounds']} interleaved rounds (interquartile range; in each round every layer shape "
+        f"is one gqe-bench --layer-speedup process giving the median of {speed['settings']['inner_rounds']}), "
+        f"{speed['settings']['threads']} thread(s); FLOP ceiling from the spec's FLOP model.",
         "",
-        "| model | M | k | variant | active q-heads | parameters | held-out nats/byte | per seed | vs GQA "
+        "| model | M | k | variant | active q-heads | parameters | held-out nats/byte | per seed | vs GQA, same seed "
         f"| prefill speed-up T={TOKENS} (IQR) | FLOP ceiling | of ceiling | vs dense of same N |",
         "|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
@@ -570,17 +575,21 @@ def write_outputs(a, configs, rows, heldout, speed, text_sha256, timing: Timing)
             continue
         lo, hi = row["speedup_iqr"]
         own = statistics.median(speed["configs"][c.name]["own_speedup"])
+        # Runs of one seed saw the same batches in the same order: the per-seed difference is paired.
+        diffs = [x - y for x, y in zip(row["nats"], rows[0]["nats"])]
+        paired = f"{statistics.fmean(diffs):+.4f}" + (f" ± {statistics.stdev(diffs):.4f}" if len(diffs) >= 2 else "")
         lines.append(
             f"| GQE | {c.experts} | {c.top_k} | {c.variant} | {row['active']} of {c.heads} | {row['parameters']} | "
-            f"{loss} | {seeds} | {entry['mean'] - base['mean']:+.4f} | {row['speedup']:.2f} ({lo:.2f}-{hi:.2f}) | "
+            f"{loss} | {seeds} | {paired} | {row['speedup']:.2f} ({lo:.2f}-{hi:.2f}) | "
             f"{row['ceiling']:.2f} | {100 * row['speedup'] / row['ceiling']:.0f}% | {own:.2f} |")
     seconds = timing.seconds
     total = sum(seconds.values())
     lines += [
         "",
-        "mean ± sample standard deviation over seeds; \"vs GQA\" is the GQE mean minus the GQA mean (negative: "
-        "better). \"vs dense of same N\" is gqe-bench's own ratio against a dense GQA layer with as many query "
-        "heads as the configuration's experts (N = G x M).",
+        "mean ± sample standard deviation over seeds. \"vs GQA, same seed\": the GQE run's held-out loss minus "
+        "the GQA run's of the same seed (the two saw the same batches), mean ± sd over seeds; negative is better. "
+        "\"vs dense of same N\": gqe-bench's own ratio against a dense GQA layer with as many query heads as the "
+        "configuration's experts (N = G x M), both timed in one process.",
         "",
         f"Wall time: {duration(total)} (training {duration(seconds.get('training', 0))}, held-out evaluation "
         f"{duration(seconds.get('heldout', 0))}, speed-up timing {duration(seconds.get('speedup', 0))}), summed over "
@@ -597,11 +606,12 @@ def plot(a, configs, rows):
         say("warning: gnuplot is not installed; no pareto.png (apt-get install gnuplot-nox, then run again)")
         return
     points = [(row["speedup"], statistics.fmean(row["nats"]), c) for c, row in zip(configs, rows)]
-    data = ["# speedup mean sd label variant_index"]
+    data = ["# speedup mean sd label variant_index speedup_q1 speedup_q3"]
     for (x, y, c), row in zip(points, rows):
         sd = statistics.stdev(row["nats"]) if len(row["nats"]) >= 2 else 0.0
         index = -1 if c.kind == "gqa" else VARIANTS.index(c.variant)
-        data.append(f"{x:.6f} {y:.6f} {sd:.6f} \"{c.label}\" {index}")
+        lo, hi = row["speedup_iqr"]
+        data.append(f"{x:.6f} {y:.6f} {sd:.6f} \"{c.label}\" {index} {lo:.6f} {hi:.6f}")
     front = pareto_front([(x, y) for x, y, _ in points])
     data += ["", "", "# Pareto front"] + [f"{x:.6f} {y:.6f}" for x, y in front]
     dat = os.path.join(a.out, "pareto.dat")
@@ -611,16 +621,18 @@ def plot(a, configs, rows):
     styles = []
     for i, v in enumerate(VARIANTS):
         if any(c.variant == v for c in configs):
-            styles.append(f"'{dat}' index 0 using ($5=={i} ? $1 : 1/0):2:3 with yerrorbars pt 7 ps 1.3 "
+            styles.append(f"'{dat}' index 0 using ($5=={i} ? $1 : 1/0):2:6:7:($2-$3):($2+$3) with xyerrorbars "
+                          f"pt 7 ps 1.3 "
                           f"lc rgb '{colours[i]}' title 'GQE ({v})'")
             styles.append(f"'' index 0 using ($5=={i} ? $1 : 1/0):2:4 with labels offset char 1.2,0.6 left "
                           f"font ',9' tc rgb '{colours[i]}' notitle")
     script = "\n".join([
         "set terminal pngcairo size 1000,640 font ',11'",
         f"set output '{png_tmp}'",
-        f"set title 'Held-out loss vs prefill speed-up (T={TOKENS}, one layer), {a.seeds} seed(s), "
-        f"G={a.kv_heads}, d={a.hidden}, d_h={a.head_dim}'",
-        f"set xlabel 'prefill speed-up over dense GQA (N={a.dense_heads}) at T={TOKENS}'",
+        f"set title 'Held-out loss vs prefill speed-up, G={a.kv_heads}, d={a.hidden}, d_h={a.head_dim} "
+        f"(loss: mean ± sd over {a.seeds} seed(s))' noenhanced",
+        f"set xlabel 'prefill speed-up of one layer over dense GQA (N={a.dense_heads}) at T={TOKENS} "
+        "(median, bars: interquartile range of the rounds)'",
         "set ylabel 'held-out loss (nats/byte; lower is better)'",
         "set grid", "set key top right", "set offsets graph 0.08, graph 0.25, graph 0.08, graph 0.08",
         "plot " + ", \\\n     ".join(
