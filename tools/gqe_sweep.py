@@ -624,8 +624,8 @@ def plot(a, configs, rows):
             styles.append(f"'{dat}' index 0 using ($5=={i} ? $1 : 1/0):2:6:7:($2-$3):($2+$3) with xyerrorbars "
                           f"pt 7 ps 1.3 "
                           f"lc rgb '{colours[i]}' title 'GQE ({v})'")
-            styles.append(f"'' index 0 using ($5=={i} ? $1 : 1/0):2:4 with labels offset char 1.2,0.6 left "
-                          f"font ',9' tc rgb '{colours[i]}' notitle")
+            styles.append(f"'' index 0 using ($5=={i} ? $1 : 1/0):2:4 with labels boxed offset char 1,0.9 "
+                          f"left font ',9' tc rgb '{colours[i]}' notitle")
     script = "\n".join([
         "set terminal pngcairo size 1000,640 font ',11'",
         f"set output '{png_tmp}'",
@@ -634,11 +634,12 @@ def plot(a, configs, rows):
         f"set xlabel 'prefill speed-up of one layer over dense GQA (N={a.dense_heads}) at T={TOKENS} "
         "(median, bars: interquartile range of the rounds)'",
         "set ylabel 'held-out loss (nats/byte; lower is better)'",
-        "set grid", "set key top right", "set offsets graph 0.08, graph 0.25, graph 0.08, graph 0.08",
+        "set grid", "set key top right", "set style textbox opaque noborder margins 0.5,0.5",
+        "set offsets graph 0.08, graph 0.25, graph 0.08, graph 0.08",
         "plot " + ", \\\n     ".join(
             [f"'{dat}' index 0 using ($5==-1 ? $1 : 1/0):2:3 with yerrorbars pt 5 ps 1.8 lc rgb '#d62728' "
              f"title 'dense GQA (N={a.dense_heads})'",
-             f"'' index 0 using ($5==-1 ? $1 : 1/0):2:4 with labels offset char 1.2,-0.8 left font ',9' "
+             f"'' index 0 using ($5==-1 ? $1 : 1/0):2:4 with labels boxed offset char 1,-0.9 left font ',9' "
              "tc rgb '#d62728' notitle"] + styles +
             [f"'{dat}' index 1 using 1:2 with lines dt 2 lw 1.5 lc rgb 'gray40' title 'Pareto front'"]),
         "unset output", ""])
