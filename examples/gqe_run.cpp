@@ -211,8 +211,9 @@ int perplexity(const Options& opt) {
     // Window i counts when its last target byte, start + i*window + window, lies before end.
     const gqe::Index windows = (end - start - 1) / window;
     if (windows < 1)
-      gqe::fail<gqe::InputError>("--range ", start, ":", end, " holds ", end - start, " bytes; a window of ", window,
-                                 " needs ", window + 1, " (its inputs and the byte after them)");
+      gqe::fail<gqe::InputError>(opt.range ? "--range " + *opt.range : "--perplexity " + path.string(), " holds ",
+                                 end - start, " bytes; a window of ", window, " needs ", window + 1,
+                                 " (its inputs and the byte after them)");
     std::vector<gqe::Index> offsets;
     for (gqe::Index i = 0; i < windows; ++i) offsets.push_back(start + i * window);
     nats = window_nats(model, ids, offsets, window, tty);
@@ -237,7 +238,9 @@ int perplexity(const Options& opt) {
   const double per_byte = nats / static_cast<double>(predicted);
   std::printf("%s: %td bytes predicted, %.6f nats per byte (%.6f bits per byte), perplexity %.6f", path.string().c_str(),
               predicted, per_byte, per_byte / std::log(2.0), std::exp(per_byte));
-  if (tiled) std::printf("; %td windows of %td bytes from byte %td, range end %td", predicted / window, window, start, end);
+  if (tiled)
+    std::printf("; %td window%s of %td bytes from byte %td, range end %td", predicted / window,
+                predicted == window ? "" : "s", window, start, end);
   std::printf("\n");
   return 0;
 }

@@ -199,42 +199,55 @@ def configurations(a):
 
 # ---- options -------------------------------------------------------------------------------------
 def parse_args(argv):
+    parts = (__doc__ or "").split("\n\n")
     p = Parser(prog=PROG, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-               description=__doc__.split("\n\n")[2] if __doc__ else None)
-    p.add_argument("--text", required=True, help="byte-level training text (its last 10%% is held out)")
-    p.add_argument("--out", required=True, help="output folder (an existing one is continued)")
-    p.add_argument("--seeds", type=positive, default=3, help="seeds 0..S-1 of every configuration (default 3)")
-    p.add_argument("--steps", type=positive, default=1200, help="optimiser steps per run (default 1200)")
-    p.add_argument("--experts", default="2,4,8", help="experts per group M to sweep (default 2,4,8)")
-    p.add_argument("--top-k", default="1,2", help="experts kept per group k to sweep, k <= M only (default 1,2)")
-    p.add_argument("--variants", default="gqe", help="GQE variants: gqe,hard_concat,weighted_concat (default gqe)")
-    p.add_argument("--dense-heads", type=positive, default=None,
+               description="\n\n".join([parts[0]] + parts[2:4]) if len(parts) > 4 else None,
+               epilog="\n\n".join(parts[4:]) if len(parts) > 4 else None)
+    p.add_argument("--text", metavar="FILE", required=True, help="byte-level training text (its last 10%% is held out)")
+    p.add_argument("--out", metavar="DIR", required=True, help="output folder (an existing one is continued)")
+    p.add_argument("--seeds", metavar="S", type=positive, default=3,
+                   help="seeds 0..S-1 of every configuration (default 3)")
+    p.add_argument("--steps", metavar="N", type=positive, default=1200, help="optimiser steps per run (default 1200)")
+    p.add_argument("--experts", metavar="M,M,...", default="2,4,8", help="experts per group M to sweep (default 2,4,8)")
+    p.add_argument("--top-k", metavar="K,K,...", default="1,2",
+                   help="experts kept per group k to sweep, k <= M only (default 1,2)")
+    p.add_argument("--variants", metavar="V,V,...", default="gqe",
+                   help="GQE variants: gqe,hard_concat,weighted_concat (default gqe)")
+    p.add_argument("--dense-heads", metavar="N", type=positive, default=None,
                    help="query heads N of the dense GQA baseline, a multiple of G (default 2G: the paper's M = 2)")
     g = p.add_argument_group("model and training (as gqe-train; defaults are gqe-train's)")
-    g.add_argument("--hidden", type=positive, default=64, help="hidden size d (default 64)")
-    g.add_argument("--layers", type=positive, default=2, help="transformer blocks (default 2)")
-    g.add_argument("--kv-heads", type=positive, default=4, help="KV heads G, fixed across the sweep (default 4)")
-    g.add_argument("--head-dim", type=positive, default=16, help="head dimension d_h, even (default 16)")
-    g.add_argument("--intermediate", type=positive, default=128, help="feed-forward size (default 128)")
-    g.add_argument("--seq-len", type=positive, default=64, help="training sequence length T (default 64)")
-    g.add_argument("--batch", type=positive, default=32, help="sequences per step (default 32)")
-    g.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate (default 0.003)")
-    g.add_argument("--warmup", type=non_negative, default=0, help="warm-up steps (default 0: 5%% of the steps)")
+    g.add_argument("--hidden", metavar="D", type=positive, default=64, help="hidden size d (default 64)")
+    g.add_argument("--layers", metavar="L", type=positive, default=2, help="transformer blocks (default 2)")
+    g.add_argument("--kv-heads", metavar="G", type=positive, default=4,
+                   help="KV heads G, fixed across the sweep (default 4)")
+    g.add_argument("--head-dim", metavar="DH", type=positive, default=16, help="head dimension d_h, even (default 16)")
+    g.add_argument("--intermediate", metavar="I", type=positive, default=128, help="feed-forward size (default 128)")
+    g.add_argument("--seq-len", metavar="T", type=positive, default=64, help="training sequence length T (default 64)")
+    g.add_argument("--batch", metavar="B", type=positive, default=32, help="sequences per step (default 32)")
+    g.add_argument("--lr", metavar="LR", type=positive_float, default=3e-3, help="peak learning rate (default 0.003)")
+    g.add_argument("--warmup", metavar="N", type=non_negative, default=0,
+                   help="warm-up steps (default 0: 5%% of the steps)")
     g.add_argument("--schedule", choices=("cosine", "wsd"), default="cosine", help="cosine or wsd (default cosine)")
-    g.add_argument("--aux-coef", type=non_negative_float, default=0.01, help="load-balancing loss coefficient")
-    g.add_argument("--weight-decay", type=non_negative_float, default=0.1, help="AdamW weight decay (default 0.1)")
-    g.add_argument("--eval-every", type=non_negative, default=0, help="gqe-train's evaluation interval (0: a tenth)")
-    g.add_argument("--save-every", type=non_negative, default=200, help="steps between checkpoints (default 200)")
+    g.add_argument("--aux-coef", metavar="C", type=non_negative_float, default=0.01,
+                   help="load-balancing loss coefficient")
+    g.add_argument("--weight-decay", metavar="W", type=non_negative_float, default=0.1,
+                   help="AdamW weight decay (default 0.1)")
+    g.add_argument("--eval-every", metavar="N", type=non_negative, default=0,
+                   help="gqe-train's evaluation interval (0: a tenth)")
+    g.add_argument("--save-every", metavar="N", type=non_negative, default=200,
+                   help="steps between checkpoints (default 200)")
     r = p.add_argument_group("running")
-    r.add_argument("--threads", type=positive, default=os.cpu_count() or 1,
+    r.add_argument("--threads", metavar="N", type=positive, default=os.cpu_count() or 1,
                    help="threads of every program it runs (default: the machine's cores)")
-    r.add_argument("--bench-rounds", type=positive, default=15,
+    r.add_argument("--bench-rounds", metavar="R", type=positive, default=15,
                    help="interleaved timing rounds of the speed-up at T=4096 (default 15)")
-    r.add_argument("--build", default=os.path.join(ROOT, "build"),
+    r.add_argument("--build", metavar="DIR", default=os.path.join(ROOT, "build"),
                    help="build folder holding examples/gqe-train, examples/gqe-run, bench/gqe-bench")
-    r.add_argument("--gqe-train", default=None, help="path of gqe-train (default: BUILD/examples/gqe-train)")
-    r.add_argument("--gqe-run", default=None, help="path of gqe-run (default: BUILD/examples/gqe-run)")
-    r.add_argument("--gqe-bench", default=None, help="path of gqe-bench (default: BUILD/bench/gqe-bench)")
+    r.add_argument("--gqe-train", metavar="PATH", default=None,
+                   help="path of gqe-train (default: BUILD/examples/gqe-train)")
+    r.add_argument("--gqe-run", metavar="PATH", default=None, help="path of gqe-run (default: BUILD/examples/gqe-run)")
+    r.add_argument("--gqe-bench", metavar="PATH", default=None,
+                   help="path of gqe-bench (default: BUILD/bench/gqe-bench)")
     a = p.parse_args(argv)
 
     a.expert_list = int_list("--experts", a.experts)

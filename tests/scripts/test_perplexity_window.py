@@ -110,7 +110,7 @@ class PerplexityWindow(unittest.TestCase):
         self.assertLess(abs(nats - want), 2e-6 + 1e-6 * want, f"{name} {flags}: gqe-run {nats}, reference {want}")
         self.assertLess(abs(float(m.group(3)) - want / math.log(2)), 2e-6 + 1e-6 * want)
         if windows is not None:
-            self.assertIn(f"; {windows} windows of ", out.stdout)
+            self.assertIn(f"; {windows} window{'' if windows == 1 else 's'} of ", out.stdout)
 
     def test_window_and_range_match_the_reference(self):
         n = len(TEXT)
