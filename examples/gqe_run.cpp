@@ -16,6 +16,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cli_common.hpp"
@@ -43,6 +44,8 @@ struct Options {
   gqe::LoadOptions load;  // --no-mmap, --dtype f32
   // Sampling flags given on the command line, for the warnings of those that have no effect.
   bool top_k_given = false, top_p_given = false, seed_given = false, temperature_given = false;
+  std::optional<gqe::Index> window;  // --window T: whole, non-overlapping windows of T inputs
+  std::optional<std::string> range;  // --range START:END: the byte range they tile
 };
 
 using Clock = std::chrono::steady_clock;
@@ -207,45 +210,121 @@ int run(const Options& opt) {
 // Nats per byte of a text file, the bytes read as token ids 0..255: every byte after the first is
 // predicted once, from the bytes before it in its window. Windows of up to max_position_embeddings
 // bytes (at most kPerplexityWindow) overlap by one byte, each starting from an empty cache.
+//
+// With --window T and/or --range START:END (byte offsets, END exclusive; default the whole file):
+// non-overlapping windows of T inputs tile the range from START, and only whole ones count. Window
+// i feeds bytes START + iT .. START + iT + T - 1 from an empty cache and predicts each next byte,
+// for every i whose last target byte START + iT + T lies before END; bytes left over at the end of
+// the range are not scored. T defaults to min(max_position_embeddings, kPerplexityWindow).
 constexpr gqe::Index kPerplexityWindow = 1024;
+
+// "START:END" -> {START, END}: decimal byte offsets with START < END <= size.
+std::pair<gqe::Index, gqe::Index> parse_range(const std::string& text, gqe::Index size) {
+  const std::size_t colon = text.find(':');
+  const auto number = [](const std::string& item, gqe::Index& out) {
+    if (item.empty() || item.size() > 18 || item.find_first_not_of("0123456789") != std::string::npos) return false;
+    out = static_cast<gqe::Index>(std::stoll(item));
+    return true;
+  };
+  gqe::Index start = 0, end = 0;
+  if (colon == std::string::npos || !number(text.substr(0, colon), start) || !number(text.substr(colon + 1), end) ||
+      start >= end)
+    gqe::fail<gqe::InputError>("--range is \"", text, "\"; expected START:END, byte offsets with START < END");
+  if (end > size)
+    gqe::fail<gqe::InputError>("--range ", text, " ends past the text's ", size, " bytes; expected END <= ", size);
+  return {start, end};
+}
+
+// Sums the cross-entropy of windows of `len` inputs at the given byte offsets of ids, all from
+// empty caches, several windows per forward call.
+template <class Scalar>
+double window_nats(const gqe::Transformer<Scalar>& model, const std::vector<std::int32_t>& ids,
+                   const std::vector<gqe::Index>& offsets, gqe::Index len, bool tty) {
+  const gqe::Index V = model.config().vocab_size;
+  const gqe::Index per_call = std::max<gqe::Index>(1, std::min<gqe::Index>(64, 8192 / len));
+  double nats = 0;
+  for (std::size_t first = 0; first < offsets.size(); first += static_cast<std::size_t>(per_call)) {
+    const gqe::Index B = std::min<gqe::Index>(per_call, static_cast<gqe::Index>(offsets.size() - first));
+    std::vector<std::int32_t> inputs, targets;
+    for (gqe::Index b = 0; b < B; ++b) {
+      const auto at = ids.begin() + offsets[first + static_cast<std::size_t>(b)];
+      inputs.insert(inputs.end(), at, at + len);
+      targets.insert(targets.end(), at + 1, at + len + 1);
+    }
+    std::vector<gqe::KVCache<Scalar>> caches;
+    for (gqe::Index b = 0; b < B; ++b) caches.push_back(model.new_cache());
+    gqe::Tensor<Scalar> logits(gqe::Shape{B, len, V});  // [B, len, V]
+    model.forward(gqe::TensorView<const std::int32_t>(inputs.data(), gqe::Shape{B, len}), caches, logits.view(), false);
+    const std::vector<float> weights(static_cast<std::size_t>(B * len), 1.0f);
+    nats += gqe::cross_entropy<Scalar>(gqe::MatrixMap<Scalar>(logits.data(), B * len, V), targets, weights, 0.0).loss;
+    if (tty)
+      std::fprintf(stderr, "\rperplexity: %3.0f%%",
+                   100.0 * static_cast<double>(first + static_cast<std::size_t>(B)) / static_cast<double>(offsets.size()));
+  }
+  return nats;
+}
 
 template <class Scalar>
 int perplexity(const Options& opt) {
   const std::filesystem::path path = *opt.perplexity;
   const std::string text = gqe::read_whole_file(path, "a text file for --perplexity");
-  if (text.size() < 2)
+  const bool tiled = opt.window || opt.range;
+  if (!tiled && text.size() < 2)
     gqe::fail<gqe::InputError>("--perplexity ", path.string(), " holds ", text.size(),
                                " bytes; expected at least 2 (one to predict from, one to predict)");
+  const gqe::Index n = static_cast<gqe::Index>(text.size());
+  const auto [start, end] = opt.range ? parse_range(*opt.range, n) : std::pair<gqe::Index, gqe::Index>{0, n};
   const gqe::Transformer<Scalar> model = gqe::load_checkpoint<Scalar>(opt.model, opt.load);
-  const gqe::Index V = model.config().vocab_size;
+  const gqe::Index V = model.config().vocab_size, max_positions = model.config().max_position_embeddings;
   if (V < 256)
     gqe::fail<gqe::InputError>("--perplexity reads bytes as token ids 0..255; the model's vocab_size is ", V,
                                ", expected at least 256");
-  const gqe::Index window = std::min(model.config().max_position_embeddings, kPerplexityWindow);
-  if (window < 2)
+  if (opt.window && *opt.window > max_positions)
+    gqe::fail<gqe::InputError>("--window is ", *opt.window, "; expected at most the model's max_position_embeddings = ",
+                               max_positions);
+  const gqe::Index window = opt.window ? *opt.window : std::min(max_positions, kPerplexityWindow);
+  if (!tiled && window < 2)
     gqe::fail<gqe::InputError>("the model's max_position_embeddings is ", window, "; --perplexity needs at least 2");
 
   const std::vector<std::int32_t> ids = gqe::cli::bytes_to_ids(text);
-  const gqe::Index n = static_cast<gqe::Index>(ids.size());
   const bool tty = isatty(2) != 0;
   double nats = 0;
-  for (gqe::Index start = 0; start + 1 < n; start += window - 1) {
-    const gqe::Index len = std::min(window, n - start);
-    std::vector<gqe::KVCache<Scalar>> caches{model.new_cache()};
-    gqe::Tensor<Scalar> logits(gqe::Shape{1, len, V});  // [1, len, V]
-    model.forward(gqe::TensorView<const std::int32_t>(ids.data() + start, gqe::Shape{1, len}), caches, logits.view(), false);
-    // Row t predicts byte start + t + 1; the window's last row predicts nothing here (weight 0).
-    std::vector<std::int32_t> targets(ids.begin() + start + 1, ids.begin() + start + len);
-    targets.push_back(0);
-    std::vector<float> weights(static_cast<std::size_t>(len), 1.0f);
-    weights.back() = 0.0f;
-    nats += gqe::cross_entropy<Scalar>(gqe::MatrixMap<Scalar>(logits.data(), len, V), targets, weights, 0.0).loss;
-    if (tty) std::fprintf(stderr, "\rperplexity: %3.0f%%", 100.0 * static_cast<double>(start + len) / static_cast<double>(n));
+  gqe::Index predicted = 0;
+  if (tiled) {
+    // Window i counts when its last target byte, start + i*window + window, lies before end.
+    const gqe::Index windows = (end - start - 1) / window;
+    if (windows < 1)
+      gqe::fail<gqe::InputError>(opt.range ? "--range " + *opt.range : "--perplexity " + path.string(), " holds ",
+                                 end - start, " bytes; a window of ", window, " needs ", window + 1,
+                                 " (its inputs and the byte after them)");
+    std::vector<gqe::Index> offsets;
+    for (gqe::Index i = 0; i < windows; ++i) offsets.push_back(start + i * window);
+    nats = window_nats(model, ids, offsets, window, tty);
+    predicted = windows * window;
+  } else {
+    for (gqe::Index first = 0; first + 1 < n; first += window - 1) {
+      const gqe::Index len = std::min(window, n - first);
+      std::vector<gqe::KVCache<Scalar>> caches{model.new_cache()};
+      gqe::Tensor<Scalar> logits(gqe::Shape{1, len, V});  // [1, len, V]
+      model.forward(gqe::TensorView<const std::int32_t>(ids.data() + first, gqe::Shape{1, len}), caches, logits.view(), false);
+      // Row t predicts byte first + t + 1; the window's last row predicts nothing here (weight 0).
+      std::vector<std::int32_t> targets(ids.begin() + first + 1, ids.begin() + first + len);
+      targets.push_back(0);
+      std::vector<float> weights(static_cast<std::size_t>(len), 1.0f);
+      weights.back() = 0.0f;
+      nats += gqe::cross_entropy<Scalar>(gqe::MatrixMap<Scalar>(logits.data(), len, V), targets, weights, 0.0).loss;
+      if (tty) std::fprintf(stderr, "\rperplexity: %3.0f%%", 100.0 * static_cast<double>(first + len) / static_cast<double>(n));
+    }
+    predicted = n - 1;
   }
   if (tty) std::fprintf(stderr, "\n");
-  const double per_byte = nats / static_cast<double>(n - 1);
-  std::printf("%s: %td bytes predicted, %.6f nats per byte (%.6f bits per byte), perplexity %.6f\n", path.string().c_str(),
-              n - 1, per_byte, per_byte / std::log(2.0), std::exp(per_byte));
+  const double per_byte = nats / static_cast<double>(predicted);
+  std::printf("%s: %td bytes predicted, %.6f nats per byte (%.6f bits per byte), perplexity %.6f", path.string().c_str(),
+              predicted, per_byte, per_byte / std::log(2.0), std::exp(per_byte));
+  if (tiled)
+    std::printf("; %td window%s of %td bytes from byte %td, range end %td", predicted / window,
+                predicted == window ? "" : "s", window, start, end);
+  std::printf("\n");
   return 0;
 }
 
@@ -298,6 +377,14 @@ int main(int argc, char** argv) {
                                          "this text file (bytes as token ids 0..255)");
   for (auto* other : {prompt, ids, generate, mode, logits_out, stats, temperature, top_k, top_p, seed, ignore_eos, print_ids})
     perplexity_file->excludes(other);
+  app.add_option("--window", opt.window,
+                 "With --perplexity: score whole, non-overlapping windows of T bytes, each from an empty cache "
+                 "(default: overlapping windows of up to 1024)")
+      ->transform(gqe::cli::integer_in(gqe::Index(1), gqe::Limits::max_positions))->needs(perplexity_file)->type_name("T");
+  app.add_option("--range", opt.range,
+                 "With --perplexity: only the bytes START..END-1 of the file, tiled by whole --window windows "
+                 "(default: the whole file)")
+      ->needs(perplexity_file)->type_name("START:END");
 
   return gqe::cli::run_main(app, argc, argv, [&] {
     if (!opt.prompt && !opt.prompt_ids && !opt.perplexity)

@@ -1,7 +1,8 @@
 // gqe-train: trains a dense GQA model and a GQE model (k = 1 of M = 2, variant gqe) of the same
 // shape under the same token budget and seeds, on multi-query associative recall (MQAR) or
 // byte-level text, and compares them side by side: parameters, active query heads per token,
-// held-out loss and accuracy (mean and spread over seeds), training tokens/s. Writes checkpoints
+// held-out loss and accuracy (mean and spread over seeds), training tokens/s; --models trains one of
+// the two alone (tools/gqe_sweep.py runs one configuration at a time). Writes checkpoints
 // that gqe-run loads, loss curves as CSV and a PNG plot (with gnuplot, when installed).
 //
 // Nothing is lost: every run saves every --save-every steps and on Ctrl-C, and --resume continues
@@ -227,7 +228,7 @@ void print_table(const Options& o, const std::vector<std::vector<const Run*>>& b
     t << line;
   }
   char foot[256];
-  const std::size_t seeds = by_model.front().size();
+  const auto seeds = static_cast<std::size_t>(o.seeds);
   std::snprintf(foot, sizeof foot, "\n%s %zu seed%s; %ld steps x %ld sequences x %ld tokens\n",
                 seeds > 1 ? "mean ± sample standard deviation over" : "one run each, no spread:", seeds, seeds > 1 ? "s" : "",
                 static_cast<long>(o.steps), static_cast<long>(o.batch), static_cast<long>(o.seq_len));
@@ -313,16 +314,17 @@ int run_comparison(Options o, std::optional<Index> steps) {
       return 0;
     }
   }
+  const std::vector<gqe::AttentionType> types = gqe::cli::model_types(o.models);
   // Validate every run's configuration, and the text file, before anything is written.
   for (Index s = 0; s < o.seeds; ++s)
-    for (auto type : {gqe::AttentionType::gqa, gqe::AttentionType::gqe}) make_run(o, type, static_cast<std::uint64_t>(s));
+    for (auto type : types) make_run(o, type, static_cast<std::uint64_t>(s));
   if (o.task == "text") gqe::training::TextData check(o.text, o.seq_len);
   if (!lock.held()) {
     fs::create_directories(out, ec);
     if (ec) gqe::fail<gqe::IoError>("cannot create --out folder ", out.string(), ": ", ec.message());
     lock = lock_comparison(out);  // before the check below: a second gqe-train started at once is refused here
     for (Index s = 0; s < o.seeds; ++s)
-      for (auto type : {gqe::AttentionType::gqa, gqe::AttentionType::gqe})
+      for (auto type : types)
         for (const char* suffix : {"", ".old", ".saving"})
           if (fs::exists(out / (run_name(type, s) + suffix), ec))
             gqe::fail<gqe::InputError>("--out ", out.string(), " already holds ", run_name(type, s), suffix,
@@ -332,10 +334,10 @@ int run_comparison(Options o, std::optional<Index> steps) {
   gqe::write_file_atomically(out / "comparison.json", [&](std::ostream& f) { f << comparison; });
 
   std::vector<Run> runs;
-  runs.reserve(static_cast<std::size_t>(2 * o.seeds));
+  runs.reserve(types.size() * static_cast<std::size_t>(o.seeds));
   std::vector<std::pair<std::string, const Run*>> named;
   for (Index s = 0; s < o.seeds; ++s)
-    for (auto type : {gqe::AttentionType::gqa, gqe::AttentionType::gqe}) {
+    for (auto type : types) {
       const std::string name = run_name(type, s);
       const fs::path dir = out / name;
       if (!gqe::newest_saved_folder(dir, "train_state.json").empty()) {
@@ -355,8 +357,9 @@ int run_comparison(Options o, std::optional<Index> steps) {
   std::printf("\n");
   print_table(o, by_model, out);
   write_curves(out, named);
-  std::fprintf(stderr, "checkpoints: %s/{gqa,gqe}-seed<S>/ (gqe-run --model %s/gqe-seed0 ...)\n", shown(out).c_str(),
-               shown(out).c_str());
+  const std::string first = run_name(types.back(), 0);
+  std::fprintf(stderr, "checkpoints: %s/%s-seed<S>/ (gqe-run --model %s/%s ...)\n", shown(out).c_str(),
+               types.size() == 2 ? "{gqa,gqe}" : first.substr(0, 3).c_str(), shown(out).c_str(), first.c_str());
   return 0;
 }
 
@@ -370,6 +373,7 @@ int main(int argc, char** argv) {
   app.add_option("--task", o.task, "mqar (multi-query associative recall) or text (byte-level LM on --text)")
       ->check(CLI::IsMember({"mqar", "text"}))->capture_default_str();
   app.add_option("--text", o.text, "text file for --task text (its last 10% is held out)");
+  app.add_option("--models", o.models, "models to train: gqa,gqe (both, side by side), gqa or gqe")->capture_default_str();
   app.add_option("--steps", o.steps, "optimiser steps per run")->transform(gqe::cli::integer_in<Index>(1, 10000000))->capture_default_str();
   app.add_option("--batch", o.batch, "sequences per step")->transform(gqe::cli::integer_in<Index>(1, 65536))->capture_default_str();
   app.add_option("--seeds", o.seeds, "runs seeds 0..N-1 of each model")->transform(gqe::cli::integer_in<Index>(1, 1000))->capture_default_str();

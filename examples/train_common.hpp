@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include "gqe/training.hpp"
 
@@ -20,6 +21,7 @@ using TrainRun = training::Run<float>;
 struct Options {
   std::string task = "mqar";
   std::string text;
+  std::string models = "gqa,gqe";  // which of the two models gqe-train trains (model_types)
   Index steps = 1200;
   Index batch = 32;
   Index seeds = 3;
@@ -52,7 +54,8 @@ struct Options {
             {"schedule", schedule}, {"aux_coef", aux_coef}, {"weight_decay", weight_decay},
             {"eval_every", eval_every}, {"save_every", save_every}, {"hidden", hidden}, {"layers", layers},
             {"heads", heads},     {"kv_heads", kv_heads}, {"head_dim", head_dim}, {"intermediate", intermediate},
-            {"top_k", top_k},     {"variant", variant},   {"mqar_pairs", mqar_pairs}, {"mqar_vocab", mqar_vocab}};
+            {"top_k", top_k},     {"variant", variant},   {"mqar_pairs", mqar_pairs}, {"mqar_vocab", mqar_vocab},
+            {"models", models}};
   }
   void from_json(const nlohmann::json& j, const std::string& source) {
     try {
@@ -79,11 +82,31 @@ struct Options {
       variant = j.at("variant").get<std::string>();
       mqar_pairs = j.at("mqar_pairs").get<Index>();
       mqar_vocab = j.at("mqar_vocab").get<Index>();
+      models = j.value("models", std::string("gqa,gqe"));  // comparisons saved before --models trained both
     } catch (const nlohmann::json::exception& e) {
       fail<FormatError>(source, " is not a gqe-train comparison (", e.what(), ")");
     }
   }
 };
+
+// --models: "gqa,gqe", "gqa" or "gqe" (either order; each at most once), in the order gqa, gqe.
+inline std::vector<AttentionType> model_types(const std::string& models) {
+  bool gqa = false, gqe = false;
+  std::size_t pos = 0;
+  while (pos <= models.size()) {
+    const std::size_t comma = std::min(models.find(',', pos), models.size());
+    const std::string item = models.substr(pos, comma - pos);
+    bool& seen = item == "gqa" ? gqa : gqe;
+    if ((item != "gqa" && item != "gqe") || seen)
+      fail<ConfigError>("--models is \"", models, "\"; expected gqa,gqe, gqa or gqe (each model at most once)");
+    seen = true;
+    pos = comma + 1;
+  }
+  std::vector<AttentionType> types;
+  if (gqa) types.push_back(AttentionType::gqa);
+  if (gqe) types.push_back(AttentionType::gqe);
+  return types;
+}
 
 // The run of one model and seed under the options.
 inline RunConfig make_run(const Options& o, AttentionType type, std::uint64_t seed) {

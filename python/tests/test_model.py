@@ -9,19 +9,19 @@ import torch
 from common import config, gt, random_model
 
 
-def spec_order(logits):
+def tie_rule_order(logits):
     """The slot order of docs/model.md for one group, by plain Python: descending logit, lower index first."""
     return sorted(range(len(logits)), key=lambda m: (-logits[m], m))
 
 
 class Selection(unittest.TestCase):
-    def test_matches_the_spec_on_every_tie_pattern(self):
+    def test_matches_the_tie_rule_on_every_tie_pattern(self):
         # Logits drawn from {0, 1, 2} over M = 4 experts: every pattern of ties, in every order.
         patterns = torch.tensor(list(itertools.product([0.0, 1.0, 2.0], repeat=4)))  # [81, 4]
         for k in range(1, 5):
             got = gt.select_experts(patterns, k)
             for row, logits in enumerate(patterns.tolist()):
-                self.assertEqual(got[row].tolist(), spec_order(logits)[:k], msg=f"logits {logits}, k={k}")
+                self.assertEqual(got[row].tolist(), tie_rule_order(logits)[:k], msg=f"logits {logits}, k={k}")
 
     def test_ranks_on_logits_not_probabilities(self):
         # Logits 1e-9 apart: exp rounds both to the same float32, so the probabilities tie, but the
@@ -148,7 +148,7 @@ class Parameters(unittest.TestCase):
 
 
 class Config(unittest.TestCase):
-    def test_defaults_as_the_spec(self):
+    def test_defaults_as_documented(self):
         c = gt.GQEConfig(vocab_size=10, hidden_size=24, intermediate_size=7, num_hidden_layers=1,
                          num_attention_heads=4, model_type="llama", eos_token_id=2)
         self.assertEqual((c.attention_type, c.num_key_value_heads, c.head_dim, c.gqe_variant, c.rms_norm_eps,
