@@ -95,7 +95,7 @@ inline void float_product(Index m, Index n, Index k, const float* a, Index lda, 
 }  // namespace detail
 #endif
 
-// C [m, n] = A [m, k] W^T with W stored [n, k] (see gemm_bt). Single-threaded.
+// C [m, n] = A [m, k] W^T with W stored [n, k] (gemm_bt). Single-threaded.
 template <class Scalar>
 void weight_product(Index m, Index n, Index k, const Scalar* a, Index lda, const WeightMatrix& w, Scalar* c, Index ldc) {
 #if defined(GQE_GEMM_OPENBLAS) || defined(GQE_GEMM_ONEDNN)
