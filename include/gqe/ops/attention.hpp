@@ -145,8 +145,10 @@ void attention_tile(const QueryGroup<Scalar>& g, Index head_dim, Scalar scale, I
       const Scalar correction = std::exp(m - new_max);  // 0 on the first tile (exp(-inf))
       const Scalar tile_sum = exp_row(row, valid, nk, new_max);
       s.row_sum[static_cast<std::size_t>(r)] = s.row_sum[static_cast<std::size_t>(r)] * correction + tile_sum;
-      Scalar* acc = s.acc.data() + r * dh;
-      for (Index c = 0; c < dh; ++c) acc[c] *= correction;
+      if (correction != Scalar(1)) {  // times 1 is exact: skipping it changes no bit
+        Scalar* acc = s.acc.data() + r * dh;
+        for (Index c = 0; c < dh; ++c) acc[c] *= correction;
+      }
       m = new_max;
     }
     gemm<Scalar>(rows, dh, nk, LhsMatrix<Scalar>{s.scores.data(), KT, 1}, rhs_of(g.kv.value(t), dh, false), s.acc.data(), dh,

@@ -60,17 +60,23 @@ void map_row(const Scalar* x, Scalar* y, Index n, F f) {
   for (Index j = 0; j < n; j += kPacketLanes<Scalar>) store_partial(y, j, n, f(load_partial(x, j, n)));
 }
 
-// The maximum of row[0 .. valid) (NaN if any is NaN).
+// The maximum of row[0 .. valid). A NaN in the row may or may not come out (the hardware's max
+// picks an operand); callers subtract the maximum and exponentiate, which turns the NaN itself
+// into NaN either way. Two chains of maxima, so that each packet waits for no other.
 template <class Scalar>
 Scalar row_maximum(const Scalar* row, Index valid) {
   using namespace Eigen::internal;
   using P = Packet<Scalar>;
   constexpr int L = kPacketLanes<Scalar>;
   const P minus_inf = pset1<P>(-std::numeric_limits<Scalar>::infinity());
-  P best = minus_inf;
-  for (Index j = 0; j < valid; j += L)
-    best = pmax<Eigen::PropagateNaN>(best, pselect(lanes_below<Scalar>(j, valid), ploadu<P>(row + j), minus_inf));
-  return predux_max<Eigen::PropagateNaN>(best);
+  P even = minus_inf, odd = minus_inf;
+  Index j = 0;
+  for (; j + 2 * L <= valid; j += 2 * L) {
+    even = pmax(even, ploadu<P>(row + j));
+    odd = pmax(odd, ploadu<P>(row + j + L));
+  }
+  for (; j < valid; j += L) even = pmax(even, pselect(lanes_below<Scalar>(j, valid), ploadu<P>(row + j), minus_inf));
+  return predux_max(pmax(even, odd));
 }
 
 // row[j] = exp(row[j] - shift) for j < valid and 0 for valid <= j < len; returns the sum of the
@@ -84,10 +90,16 @@ Scalar exp_row(Scalar* row, Index valid, Index len, Scalar shift) {
   const P sub = pset1<P>(shift);
   P sum = pzero(sub);
   Index j = 0;
-  for (; j < valid; j += L) {
+  for (; j + L <= valid; j += L) {
+    const P e = pexp(psub(ploadu<P>(row + j), sub));
+    pstoreu(row + j, e);
+    sum = padd(sum, e);
+  }
+  if (j < valid) {
     const P e = pand(lanes_below<Scalar>(j, valid), pexp(psub(ploadu<P>(row + j), sub)));
     pstoreu(row + j, e);
     sum = padd(sum, e);
+    j += L;
   }
   std::fill(row + std::min(j, len), row + len, Scalar(0));
   return predux(sum);
