@@ -14,7 +14,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gqe/layers/attention_cache.hpp"
@@ -145,9 +147,20 @@ class Attention {
     std::vector<std::pair<Index, Index>> units;
     std::vector<QueryGroup<Scalar>> groups;
   };
-  static Workspace& workspace() {
-    thread_local Workspace ws;
-    return ws;
+  // One workspace per thread and layer shape: layers of another shape running in between (a
+  // benchmark's dense and GQE layers, a sweep) leave this one as it was, so nothing is reallocated
+  // and no fresh page is faulted in once warm.
+  Workspace& workspace() const {
+    thread_local std::vector<std::pair<AttentionConfig, std::unique_ptr<Workspace>>> spaces;
+    const auto same_shape = [&](const AttentionConfig& c) {
+      return c.type == config_.type && c.variant == config_.variant && c.hidden_size == config_.hidden_size &&
+             c.num_heads == config_.num_heads && c.num_kv_heads == config_.num_kv_heads && c.head_dim == config_.head_dim &&
+             c.top_k == config_.top_k;
+    };
+    for (auto& [config, ws] : spaces)
+      if (same_shape(config)) return *ws;
+    spaces.emplace_back(config_, std::make_unique<Workspace>());
+    return *spaces.back().second;
   }
   struct GradWorkspace {
     Matrix<Scalar> d_cat, d_out, d_probs, d_logits, d_query, d_key, d_value, d_mean_key, d_mean_value;
@@ -160,7 +173,7 @@ class Attention {
     thread_local GradWorkspace ws;
     return ws;
   }
-  static constexpr Index kGatherTile = 256;
+  static constexpr Index kGatherTile = 1024;
 
   Scalar scale() const { return Scalar(1) / std::sqrt(Scalar(config_.head_dim)); }
   // Column block of o_proj's input (and of out, lse) where the shared head's output goes.
@@ -253,14 +266,15 @@ class Attention {
     thread_pool().parallel_for(static_cast<Index>(ws.units.size()), [&](Index u) {
       const auto [e, begin] = ws.units[static_cast<std::size_t>(u)];
       const Index n = std::min(kGatherTile, ws.expert_first[static_cast<std::size_t>(e + 1)] - begin);
-      thread_local Matrix<Scalar> gathered, projected;  // [kGatherTile, d], [kGatherTile, d_h]
-      gathered.resize(kGatherTile, d);
+      thread_local std::vector<const Scalar*> rows;  // [kGatherTile]: the expert's rows of x, read in place
+      thread_local Matrix<Scalar> projected;         // [kGatherTile, d_h]
+      rows.resize(static_cast<std::size_t>(kGatherTile));
       projected.resize(kGatherTile, dh);
-      for (Index i = 0; i < n; ++i) gathered.row(i) = x.row(ws.expert_rows[static_cast<std::size_t>(begin + i)]);
+      for (Index i = 0; i < n; ++i) rows[static_cast<std::size_t>(i)] = x.row(ws.expert_rows[static_cast<std::size_t>(begin + i)]).data();
       const Weight& w = q_proj_;
       const WeightMatrix rows_of_e{static_cast<const unsigned char*>(w.raw()) + static_cast<std::size_t>(e * dh * d) * dtype_size(w.dtype()),
                                    w.dtype(), d};
-      backend::weight_product<Scalar>(n, dh, d, gathered.data(), d, rows_of_e, projected.data(), dh);
+      backend::weight_product<Scalar>(n, dh, d, rows.data(), rows_of_e, projected.data(), dh);
       for (Index i = 0; i < n; ++i) {
         const Index slot = (e / M) * k + ws.expert_slots[static_cast<std::size_t>(begin + i)];
         query.row(ws.expert_rows[static_cast<std::size_t>(begin + i)]).segment(slot * dh, dh) = projected.row(i);

@@ -34,12 +34,14 @@
 namespace gqe {
 
 // A [m, k] with element (i, p) at data[i * row_stride + p * col_stride]: row-major (col_stride 1)
-// or a transposed view (row_stride 1).
+// or a transposed view (row_stride 1). Or, when `rows` is set, row i at rows[i] (its k values
+// consecutive): rows gathered from anywhere, read where they are.
 template <class Scalar>
 struct LhsMatrix {
   const Scalar* data = nullptr;
   Index row_stride = 0;
   Index col_stride = 1;
+  const Scalar* const* rows = nullptr;
 };
 
 // B [k, n] in any float dtype, stored row-major either as itself ([k, n], element (p, j) at
@@ -131,38 +133,66 @@ struct Accumulators {
   }
 };
 
-// C[0..Rows)[0..cols) (+)= A [Rows][kc] x B [kc][>= NR] (row stride ldb), A's element (i, p) at
-// a[i * ars + p * acs] (one of the strides is 1: row-major, or a transposed view). With `load`, the
-// chains continue from C; otherwise they start at zero. Columns past `cols` are computed on B's
-// padding and never stored.
-template <class Scalar, int Rows>
-void micro_tile(Index kc, const Scalar* a, Index ars, Index acs, const Scalar* b, Index ldb, Scalar* c, Index ldc, Index cols,
+// Rows [i0, ...) and depth [p0, ...) of A, as the micro-tiles read them in place.
+template <class Scalar>
+struct LhsBlock {
+  const LhsMatrix<Scalar>* a;
+  Index i0, p0;
+  const Scalar* strided() const { return a->data + i0 * a->row_stride + p0 * a->col_stride; }
+};
+
+// A's element (i, p) of a block, for i < Rows: by strides, or through the row table (Table).
+template <class Scalar, int Rows, bool Table>
+struct LhsReader {
+  const Scalar* base[Table ? Rows : 1];
+  Index rs = 0, cs = 0;
+  explicit LhsReader(const LhsBlock<Scalar>& block) {
+    if constexpr (Table) {
+      for (int i = 0; i < Rows; ++i) base[i] = block.a->rows[block.i0 + i] + block.p0;
+    } else {
+      base[0] = block.strided();
+      rs = block.a->row_stride;
+      cs = block.a->col_stride;
+    }
+  }
+  Scalar operator()(int i, Index p) const {
+    if constexpr (Table) return base[i][p];
+    else return base[0][i * rs + p * cs];
+  }
+};
+
+// C[0..Rows)[0..cols) (+)= A [Rows][kc] x B [kc][>= NR] (row stride ldb), A read in place. With
+// `load`, the chains continue from C; otherwise they start at zero. Columns past `cols` are
+// computed on B's padding and never stored.
+template <class Scalar, int Rows, bool Table>
+void micro_tile(Index kc, const LhsBlock<Scalar>& a_block, const Scalar* b, Index ldb, Scalar* c, Index ldc, Index cols,
                 bool load) {
   using S = GemmShape<Scalar>;
+  const LhsReader<Scalar, Rows, Table> a(a_block);
   Accumulators<Scalar, Rows> block;
   block.begin(c, ldc, cols, load);
   for (Index p = 0; p < kc; ++p) {
-    const Scalar* ap = a + p * acs;
     typename S::Packet bv[S::kVectors];
 #pragma GCC unroll 4
     for (int v = 0; v < S::kVectors; ++v) bv[v] = Eigen::internal::ploadu<typename S::Packet>(b + p * ldb + v * S::kLanes);
-    block.step(bv, [&](int i) { return ap[i * ars]; });
+    block.step(bv, [&](int i) { return a(i, p); });
   }
   block.end(c, ldc, cols);
 }
 
 template <class Scalar>
-using MicroTile = void (*)(Index, const Scalar*, Index, Index, const Scalar*, Index, Scalar*, Index, Index, bool);
+using MicroTile = void (*)(Index, const LhsBlock<Scalar>&, const Scalar*, Index, Scalar*, Index, Index, bool);
 
-// micro_tile<Scalar, rows> for rows = 1 .. MR.
-template <class Scalar, std::size_t... R>
+// micro_tile<Scalar, rows, Table> for rows = 1 .. MR.
+template <class Scalar, bool Table, std::size_t... R>
 MicroTile<Scalar> micro_tile_for(Index rows, std::index_sequence<R...>) {
-  static constexpr MicroTile<Scalar> table[] = {&micro_tile<Scalar, static_cast<int>(R) + 1>...};
+  static constexpr MicroTile<Scalar> table[] = {&micro_tile<Scalar, static_cast<int>(R) + 1, Table>...};
   return table[rows - 1];
 }
 template <class Scalar>
-MicroTile<Scalar> micro_tile_for(Index rows) {
-  return micro_tile_for<Scalar>(rows, std::make_index_sequence<GemmShape<Scalar>::kRows>{});
+MicroTile<Scalar> micro_tile_for(Index rows, bool table) {
+  constexpr auto R = std::make_index_sequence<GemmShape<Scalar>::kRows>{};
+  return table ? micro_tile_for<Scalar, true>(rows, R) : micro_tile_for<Scalar, false>(rows, R);
 }
 
 // Copies `count` values of a stored row (any float dtype, any alignment), starting at element
@@ -287,12 +317,13 @@ typename GemmShape<Scalar>::Packet load_stored(const RhsMatrix& b, Index row, In
 // j0 + j), read in place: per L depth steps, each packet column's L stored rows (the last one
 // repeated past `cols`) are loaded L values each and transposed in registers, and the packets of
 // the block's depth steps feed the chains one p at a time, as in micro_tile.
-template <class Scalar, int Rows>
-void few_rows_tile(Index k, const Scalar* a, Index ars, Index acs, const RhsMatrix& b, Index j0, Scalar* c, Index ldc,
-                   Index cols, bool load) {
+template <class Scalar, int Rows, bool Table>
+void few_rows_tile(Index k, const LhsBlock<Scalar>& a_block, const RhsMatrix& b, Index j0, Scalar* c, Index ldc, Index cols,
+                   bool load) {
   using S = GemmShape<Scalar>;
   using Packet = typename S::Packet;
   constexpr int L = S::kLanes;
+  const LhsReader<Scalar, Rows, Table> a(a_block);
   Accumulators<Scalar, Rows> block;
   block.begin(c, ldc, cols, load);
   // See pack_transposed on the -Wignored-attributes this draws from GCC.
@@ -306,16 +337,15 @@ void few_rows_tile(Index k, const Scalar* a, Index ars, Index acs, const RhsMatr
 #endif
   for (Index p0 = 0; p0 < k; p0 += L) {
     const Index depth = std::min<Index>(L, k - p0);
-    const Scalar* ap = a + p0 * acs;
     for (int v = 0; v < S::kVectors && v * L < cols; ++v) {
 #pragma GCC unroll 16
       for (int r = 0; r < L; ++r) wt.packet[r] = load_stored<Scalar>(b, j0 + std::min<Index>(v * L + r, cols - 1), p0, depth);
       Eigen::internal::ptranspose(wt);
       if (depth == L) {
 #pragma GCC unroll 16
-        for (int q = 0; q < L; ++q) block.step_column(v, wt.packet[q], [&](int i) { return ap[i * ars + q * acs]; });
+        for (int q = 0; q < L; ++q) block.step_column(v, wt.packet[q], [&](int i) { return a(i, p0 + q); });
       } else {
-        for (Index q = 0; q < depth; ++q) block.step_column(v, wt.packet[q], [&](int i) { return ap[i * ars + q * acs]; });
+        for (Index q = 0; q < depth; ++q) block.step_column(v, wt.packet[q], [&](int i) { return a(i, p0 + q); });
       }
     }
   }
@@ -323,12 +353,17 @@ void few_rows_tile(Index k, const Scalar* a, Index ars, Index acs, const RhsMatr
 }
 
 template <class Scalar>
-using FewRowsTile = void (*)(Index, const Scalar*, Index, Index, const RhsMatrix&, Index, Scalar*, Index, Index, bool);
+using FewRowsTile = void (*)(Index, const LhsBlock<Scalar>&, const RhsMatrix&, Index, Scalar*, Index, Index, bool);
 
-template <class Scalar, std::size_t... R>
+template <class Scalar, bool Table, std::size_t... R>
 FewRowsTile<Scalar> few_rows_tile_for(Index rows, std::index_sequence<R...>) {
-  static constexpr FewRowsTile<Scalar> table[] = {&few_rows_tile<Scalar, static_cast<int>(R) + 1>...};
+  static constexpr FewRowsTile<Scalar> table[] = {&few_rows_tile<Scalar, static_cast<int>(R) + 1, Table>...};
   return table[rows - 1];
+}
+template <class Scalar>
+FewRowsTile<Scalar> few_rows_tile_for(Index rows, bool table) {
+  constexpr auto R = std::make_index_sequence<kFewRows>{};
+  return table ? few_rows_tile_for<Scalar, true>(rows, R) : few_rows_tile_for<Scalar, false>(rows, R);
 }
 
 }  // namespace detail
@@ -348,9 +383,9 @@ void gemm(Index m, Index n, Index k, const LhsMatrix<Scalar>& a, const RhsMatrix
     return;
   }
   if (b.transposed && m <= detail::kFewRows) {  // a decode step: B read once, in place
-    const auto tile = detail::few_rows_tile_for<Scalar>(m, std::make_index_sequence<detail::kFewRows>{});
+    const auto tile = detail::few_rows_tile_for<Scalar>(m, a.rows != nullptr);
     for (Index j0 = 0; j0 < n; j0 += NR)
-      tile(k, a.data, a.row_stride, a.col_stride, b, j0, c + j0, ldc, std::min<Index>(NR, n - j0), accumulate);
+      tile(k, detail::LhsBlock<Scalar>{&a, 0, 0}, b, j0, c + j0, ldc, std::min<Index>(NR, n - j0), accumulate);
     return;
   }
   auto& buf = detail::gemm_buffers<Scalar>();
@@ -371,15 +406,14 @@ void gemm(Index m, Index n, Index k, const LhsMatrix<Scalar>& a, const RhsMatrix
                        buf.stage.data(), stage_stride);
     for (Index i0 = 0; i0 < m; i0 += MR) {
       const Index rows = std::min<Index>(MR, m - i0);
-      const Scalar* a_block = a.data + i0 * a.row_stride + p0 * a.col_stride;
-      const auto tile = detail::micro_tile_for<Scalar>(rows);
+      const detail::LhsBlock<Scalar> a_block{&a, i0, p0};
+      const auto tile = detail::micro_tile_for<Scalar>(rows, a.rows != nullptr);
       for (Index jp = 0; jp < panels; ++jp) {
         const Index j0 = jp * NR;
         const bool packed = jp >= first_packed;
         const Scalar* panel = packed ? buf.rhs.data() + (jp - first_packed) * kc * NR
                                      : static_cast<const Scalar*>(b.data) + p0 * b.stride + j0;
-        tile(kc, a_block, a.row_stride, a.col_stride, panel, packed ? NR : b.stride, c + i0 * ldc + j0, ldc,
-             std::min<Index>(NR, n - j0), load);
+        tile(kc, a_block, panel, packed ? NR : b.stride, c + i0 * ldc + j0, ldc, std::min<Index>(NR, n - j0), load);
       }
     }
   }

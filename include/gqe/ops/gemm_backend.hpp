@@ -12,6 +12,7 @@
 // register blocks, so with openblas or onednn a token's result may change with its companions.
 #include <mutex>
 #include <type_traits>
+#include <vector>
 
 #include "gqe/ops/gemm.hpp"
 #include "gqe/tensor/dtype.hpp"
@@ -107,6 +108,24 @@ void weight_product(Index m, Index n, Index k, const Scalar* a, Index lda, const
   }
 #endif
   gemm_bt<Scalar>(m, n, k, a, lda, w, c, ldc);
+}
+
+// The same with A's row i at rows[i] (k consecutive values each): rows gathered from anywhere.
+// The library's kernels read them where they are; a backend gets them copied together first.
+template <class Scalar>
+void weight_product(Index m, Index n, Index k, const Scalar* const* rows, const WeightMatrix& w, Scalar* c, Index ldc) {
+#if defined(GQE_GEMM_OPENBLAS) || defined(GQE_GEMM_ONEDNN)
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (w.dtype == DType::F32 && k > 0) {
+      thread_local std::vector<float> gathered;
+      gathered.resize(static_cast<std::size_t>(m * k));
+      for (Index i = 0; i < m; ++i) std::copy_n(rows[i], k, gathered.data() + i * k);
+      detail::float_product(m, n, k, gathered.data(), k, static_cast<const float*>(w.data), w.stride, c, ldc);
+      return;
+    }
+  }
+#endif
+  gemm<Scalar>(m, n, k, LhsMatrix<Scalar>{nullptr, 0, 1, rows}, RhsMatrix{w.data, w.dtype, w.stride, true}, c, ldc, false);
 }
 
 }  // namespace gqe::backend

@@ -16,7 +16,7 @@
 namespace gqe {
 namespace detail {
 // Rows of x per unit.
-constexpr Index kLinearRowTile = 256;
+constexpr Index kLinearRowTile = 1024;
 // Columns (rows of W) per unit: about 512 KB of W, the panels a unit packs and keeps in cache.
 inline Index linear_col_tile(Index in) {
   constexpr Index kPanelBytes = Index(512) << 10;
