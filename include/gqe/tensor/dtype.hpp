@@ -111,6 +111,7 @@ struct WeightMatrix {
 template <class Out>
 void convert_values(const void* data, DType dtype, std::size_t count, Out* out) {
   const auto* bytes = static_cast<const unsigned char*>(data);
+  if (count == 0) return;  // an empty tensor's pointers may be null, which memcpy must not see
   if (dtype == dtype_of<Out>()) {
     std::memcpy(out, bytes, count * sizeof(Out));
     return;
