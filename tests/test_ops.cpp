@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -389,6 +390,48 @@ TEST(OpsBf16, SixteenBitWeightsInPlaceEqualTheirWidenedValues) {
       gqe::linear<float>(x, widened, reference);
       EXPECT_TRUE((in_place.array() == reference.array()).all()) << gqe::dtype_name(dtype) << ", " << rows << " rows";
     }
+}
+
+// A decode step (at most 4 rows) reads the weights in place, at whatever alignment a mapped file
+// gives them; a prefill packs them. Each row of the few-row product must equal, bit for bit, the
+// same row computed among 40 (the packed kernel), and both the float64 reference, for every
+// storage type, offset and odd size, including a depth shorter than one visit of the rows.
+TEST(OpsDecode, FewRowsReadWeightsInPlaceAtAnyOffsetAsThePackedProductDoes) {
+  if (std::string(gqe::backend::kName) != "eigen")
+    GTEST_SKIP() << "F32 weights go to the " << gqe::backend::kName << " backend";
+  std::mt19937 rng(31);
+  struct Size {
+    Index in, out;
+  };
+  for (const gqe::DType dtype : {gqe::DType::F32, gqe::DType::BF16, gqe::DType::F16})
+    for (const Size s : {Size{1, 1}, Size{7, 33}, Size{67, 45}, Size{130, 70}, Size{256, 64}, Size{517, 97}})
+      for (const Index shift : {0, 1, 3, 5}) {  // in elements of the stored type
+        SCOPED_TRACE(std::string(gqe::dtype_name(dtype)) + " " + std::to_string(s.in) + " -> " + std::to_string(s.out) +
+                     ", offset " + std::to_string(shift));
+        const std::size_t size = gqe::dtype_size(dtype);
+        const Matrix<float> w = random_matrix<float>(s.out, s.in, rng);  // [out, in]
+        std::vector<unsigned char> bytes(static_cast<std::size_t>(w.size() + shift) * size + 64);  // + room to align
+        unsigned char* stored = bytes.data() + (64 - reinterpret_cast<std::uintptr_t>(bytes.data()) % 64) % 64 + shift * size;
+        ASSERT_LE(stored + w.size() * size, bytes.data() + bytes.size());
+        MatrixD widened(s.out, s.in);  // [out, in]: the stored values, exactly
+        for (Index i = 0; i < w.size(); ++i) {
+          const float v = w.data()[i];
+          const std::uint16_t h = dtype == gqe::DType::BF16 ? gqe::float_to_bf16(v) : gqe::float_to_half(v);
+          if (dtype == gqe::DType::F32) std::memcpy(stored + i * size, &v, size);
+          else std::memcpy(stored + i * size, &h, size);
+          widened.data()[i] = dtype == gqe::DType::F32 ? double(v) : dtype == gqe::DType::BF16 ? gqe::bf16_to_float(h) : gqe::half_to_float(h);
+        }
+        const gqe::WeightMatrix weights{stored, dtype, s.in};
+        const Matrix<float> x = random_matrix<float>(40, s.in, rng);  // [40, in]
+        Matrix<float> all(40, s.out);                                 // [40, out]
+        gqe::linear<float>(x, weights, all);
+        EXPECT_LT(relative_error(all, reference_linear(to_double(x), widened)), linear_tolerance<float>(s.in));
+        for (const Index rows : {1, 2, 4}) {
+          Matrix<float> few(rows, s.out);  // [rows, out]
+          gqe::linear<float>(Matrix<float>(x.middleRows(5, rows)), weights, few);
+          EXPECT_TRUE((few.array() == all.middleRows(5, rows).array()).all()) << rows << " rows";
+        }
+      }
 }
 
 // ---- causal attention ---------------------------------------------------------------------------

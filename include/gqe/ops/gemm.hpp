@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -282,32 +283,13 @@ GemmBuffers<Scalar>& gemm_buffers() {
 constexpr Index kFewRows = 4;
 
 // `count` (<= L) values of stored row `row` of B, from element p0, as one packet of Scalar (lanes
-// past count are zero). Whole 16-bit packets widen in registers (BF16 by a shift, F16 with F16C).
+// past count are zero).
 template <class Scalar>
 typename GemmShape<Scalar>::Packet load_stored(const RhsMatrix& b, Index row, Index p0, Index count) {
   using Packet = typename GemmShape<Scalar>::Packet;
   constexpr int L = GemmShape<Scalar>::kLanes;
-  const Index offset = row * b.stride + p0;
-  if (count == L) {
-    if (b.dtype == dtype_of<Scalar>()) return Eigen::internal::ploadu<Packet>(static_cast<const Scalar*>(b.data) + offset);
-    [[maybe_unused]] const auto* half = static_cast<const std::uint16_t*>(b.data) + offset;
-#if defined(__AVX512F__)
-    if constexpr (std::is_same_v<Scalar, float> && L == 16) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(half));
-      if (b.dtype == DType::BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-      if (b.dtype == DType::F16) return _mm512_cvtph_ps(h);
-    }
-#endif
-#if defined(__AVX2__)
-    if constexpr (std::is_same_v<Scalar, float> && L == 8) {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(half));
-      if (b.dtype == DType::BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-#if defined(__F16C__)
-      if (b.dtype == DType::F16) return _mm256_cvtph_ps(h);
-#endif
-    }
-#endif
-  }
+  if (count == L && b.dtype == dtype_of<Scalar>())
+    return Eigen::internal::ploadu<Packet>(static_cast<const Scalar*>(b.data) + row * b.stride + p0);
   alignas(64) Scalar values[L] = {};
   stage_row(b.data, b.dtype, b.stride, row, p0, count, values);
   return Eigen::internal::pload<Packet>(values);
@@ -366,6 +348,196 @@ FewRowsTile<Scalar> few_rows_tile_for(Index rows, bool table) {
   return table ? few_rows_tile_for<Scalar, true>(rows, R) : few_rows_tile_for<Scalar, false>(rows, R);
 }
 
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// The decode kernel of float builds with AVX2 + FMA or AVX-512: the chains of few_rows_tile, with
+// the weights' storage type known at compile time and the transposes written for the ISA, so that
+// the 16-bit widening and the transposition stay in registers (the generic kernel's L x L block
+// and per-load dtype dispatch spill, which left a decode step at a third of the read bandwidth).
+// Each visit of a block's L rows reads a whole line's worth of each row at once (64 bytes on
+// AVX-512), starting on a line boundary: weight rows often lie a power of two apart, and read a few
+// values at a time they evict one another from their one L1 set before each line is used up.
+struct Bf16Stored {};
+struct F16Stored {};
+
+template <class Stored>
+constexpr Index stored_bytes() {
+  return std::is_same_v<Stored, float> ? 4 : 2;
+}
+
+#if defined(__AVX512F__)
+using DecodePacket = __m512;
+constexpr Index kVisitBytes = 64;
+// How far ahead of a visit each row is prefetched (into L2): with 32 rows in flight the hardware
+// prefetchers alone left an F32 decode step at half the read bandwidth.
+constexpr Index kPrefetchBytes = 256;
+template <class Stored>
+constexpr int visit_depth() {  // depth steps per visit: 64 bytes of every row
+  return static_cast<int>(kVisitBytes / stored_bytes<Stored>());
+}
+
+// Calls step(q, packet) for q = 0 .. count - 1 in order, the packet holding rows[r]'s value at
+// depth p + q in lane r (16 rows; count <= the 64 bytes' values). Each row's 16-byte pieces are
+// broadcast into the 128-bit lane of its row group (lane g of z[s][a] holds row a + 4g), and a
+// 4 x 4 transpose of 32-bit elements in every lane puts row r's element e in lane r: loads that
+// broadcast, and no shuffle across lanes. A 16-bit element pair widens by a shift or a mask (BF16)
+// or through F16C (F16).
+template <class Stored, class Step>
+EIGEN_ALWAYS_INLINE void for_each_column(const unsigned char* const* rows, Index p, int count, const Step& step) {
+  constexpr int kPieces = kVisitBytes / 16;
+  const Index offset = p * stored_bytes<Stored>();
+  __m512 z[kPieces][4];
+  // Fully unrolled: one load instruction per row and piece, whose steady stride the hardware
+  // prefetchers follow.
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g)
+#pragma GCC unroll 4
+    for (int a = 0; a < 4; ++a)
+#pragma GCC unroll 4
+      for (int s = 0; s < kPieces; ++s) {
+        const __m128 piece = _mm_loadu_ps(reinterpret_cast<const float*>(rows[a + 4 * g] + offset + 16 * s));
+        if (s == 0) _mm_prefetch(reinterpret_cast<const char*>(rows[a + 4 * g] + offset + kPrefetchBytes), _MM_HINT_T1);
+        z[s][a] = g == 0 ? _mm512_broadcast_f32x4(piece) : _mm512_mask_broadcast_f32x4(z[s][a], static_cast<__mmask16>(0xF << (4 * g)), piece);
+      }
+  constexpr int per_piece = std::is_same_v<Stored, float> ? 4 : 8;
+  for (int s = 0; s < kPieces && s * per_piece < count; ++s) {
+    const __m512 t0 = _mm512_unpacklo_ps(z[s][0], z[s][1]), t1 = _mm512_unpackhi_ps(z[s][0], z[s][1]);
+    const __m512 t2 = _mm512_unpacklo_ps(z[s][2], z[s][3]), t3 = _mm512_unpackhi_ps(z[s][2], z[s][3]);
+    const __m512 u[4] = {_mm512_shuffle_ps(t0, t2, 0x44), _mm512_shuffle_ps(t0, t2, 0xEE), _mm512_shuffle_ps(t1, t3, 0x44),
+                         _mm512_shuffle_ps(t1, t3, 0xEE)};
+    for (int e = 0; e < 4; ++e) {
+      const int q = s * per_piece + (per_piece / 4) * e;
+      if constexpr (std::is_same_v<Stored, float>) {
+        if (q < count) step(q, u[e]);
+      } else {  // an element pair: depth q in the low half, q + 1 in the high half
+        const __m512i pair = _mm512_castps_si512(u[e]);
+        if constexpr (std::is_same_v<Stored, Bf16Stored>) {
+          if (q < count) step(q, _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)));
+          if (q + 1 < count) step(q + 1, _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)))));
+        } else {
+          if (q < count) step(q, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(pair)));
+          if (q + 1 < count) step(q + 1, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(pair, 16))));
+        }
+      }
+    }
+  }
+}
+#else
+using DecodePacket = __m256;
+constexpr Index kVisitBytes = 32;
+template <class Stored>
+constexpr int visit_depth() {  // depth steps per visit: one 8 x 8 transpose
+  return 8;
+}
+
+// 8 stored values from `at`, widened to float (exactly).
+template <class Stored>
+EIGEN_ALWAYS_INLINE __m256 load8(const unsigned char* at) {
+  if constexpr (std::is_same_v<Stored, float>) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(at));
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(at));
+    if constexpr (std::is_same_v<Stored, Bf16Stored>) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    else return _mm256_cvtph_ps(h);  // F16C comes with every AVX2 + FMA CPU and build level
+  }
+}
+
+// Calls step(q, packet) for q = 0 .. count - 1 (count <= 8) in order, the packet holding rows[r]'s
+// value at depth p + q in lane r (8 rows): the 8 x 8 transpose.
+template <class Stored, class Step>
+EIGEN_ALWAYS_INLINE void for_each_column(const unsigned char* const* rows, Index p, int count, const Step& step) {
+  const Index offset = p * stored_bytes<Stored>();
+  __m256 z[8], t[8];
+  for (int r = 0; r < 8; ++r) z[r] = load8<Stored>(rows[r] + offset);
+  for (int r = 0; r < 8; r += 2) {
+    t[r] = _mm256_unpacklo_ps(z[r], z[r + 1]);
+    t[r + 1] = _mm256_unpackhi_ps(z[r], z[r + 1]);
+  }
+  for (int h = 0; h < 8; h += 4) {
+    z[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);
+    z[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xEE);
+    z[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
+    z[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);
+  }
+  for (int q = 0; q < 4; ++q) {
+    if (q < count) step(q, _mm256_permute2f128_ps(z[q], z[q + 4], 0x20));
+  }
+  for (int q = 0; q < 4; ++q) {
+    if (q + 4 < count) step(q + 4, _mm256_permute2f128_ps(z[q], z[q + 4], 0x31));
+  }
+}
+#endif
+
+template <class Stored, int Rows, bool Table>
+void few_rows_tile_simd(Index k, const LhsBlock<float>& a_block, const RhsMatrix& b, Index j0, float* c, Index ldc, Index cols,
+                        bool load) {
+  using S = GemmShape<float>;
+  constexpr int V = S::kVectors, L = S::kLanes;
+  constexpr Index bytes = stored_bytes<Stored>();
+  constexpr int W = visit_depth<Stored>();
+  constexpr Index visit_bytes = W * bytes;
+  const LhsReader<float, Rows, Table> a(a_block);
+  Accumulators<float, Rows> block;
+  block.begin(c, ldc, cols, load);
+  const unsigned char* rows[V * L];  // rows past `cols` repeat the last one, and are not stored
+  const auto* base = static_cast<const unsigned char*>(b.data);
+  for (int r = 0; r < V * L; ++r) rows[r] = base + (j0 + std::min<Index>(r, cols - 1)) * b.stride * bytes;
+  const auto visit = [&](const unsigned char* const* from, Index p, Index p0, int count) {
+    // The packet columns' chains are independent: one's multiply-adds run while the other's wait.
+    // Every column is computed (a narrow block's extra rows repeat its last one): with v known at
+    // compile time the accumulators stay in registers.
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v)
+      for_each_column<Stored>(from + v * L, p, count, [&](int q, const DecodePacket& column) {
+        block.step_column(v, column, [&](int i) { return a(i, p0 + q); });
+      });
+  };
+  // Steps [p, p + count) (count <= W) from zero-padded copies of the rows' values.
+  const auto visit_copied = [&](Index p, Index count) {
+    alignas(64) unsigned char copies[V * L][kVisitBytes] = {};
+    const unsigned char* copied[V * L];
+    for (int r = 0; r < V * L; ++r) {
+      std::memcpy(copies[r], rows[r] + p * bytes, static_cast<std::size_t>(count * bytes));
+      copied[r] = copies[r];
+    }
+    visit(copied, 0, p, static_cast<int>(count));
+  };
+  // Visits start on a boundary of visit_bytes of the first row (of every row when the row length
+  // is a multiple of it, which is when rows share an L1 set): each visit then reads whole lines.
+  const auto misaligned = static_cast<Index>(reinterpret_cast<std::uintptr_t>(rows[0]) % visit_bytes);
+  const Index head = std::min<Index>(k, (visit_bytes - misaligned) % visit_bytes / bytes);
+  if (head > 0) visit_copied(0, head);
+  const Index whole = head + (k - head) / W * W;
+  for (Index p0 = head; p0 < whole; p0 += W) visit(rows, p0, p0, W);
+  if (whole < k) visit_copied(whole, k - whole);
+  block.end(c, ldc, cols);
+}
+
+template <class Stored, bool Table, std::size_t... R>
+FewRowsTile<float> few_rows_tile_simd_for(Index rows, std::index_sequence<R...>) {
+  static constexpr FewRowsTile<float> table[] = {&few_rows_tile_simd<Stored, static_cast<int>(R) + 1, Table>...};
+  return table[rows - 1];
+}
+template <class Stored>
+FewRowsTile<float> few_rows_tile_simd_for(Index rows, bool table) {
+  constexpr auto R = std::make_index_sequence<kFewRows>{};
+  return table ? few_rows_tile_simd_for<Stored, true>(rows, R) : few_rows_tile_simd_for<Stored, false>(rows, R);
+}
+#endif
+
+// The decode kernel for `rows` rows of A (through a row table or not) and B's storage type.
+template <class Scalar>
+FewRowsTile<Scalar> decode_tile_for(Index rows, bool table, DType stored) {
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (stored == DType::F32) return few_rows_tile_simd_for<float>(rows, table);
+    if (stored == DType::BF16) return few_rows_tile_simd_for<Bf16Stored>(rows, table);
+    if (stored == DType::F16) return few_rows_tile_simd_for<F16Stored>(rows, table);
+  }
+#endif
+  (void)stored;
+  return few_rows_tile_for<Scalar>(rows, table);
+}
+
 }  // namespace detail
 
 // C [m, n] = A [m, k] B [k, n] (accumulate: C += A B), C row-major with row stride ldc. Single-
@@ -383,7 +555,7 @@ void gemm(Index m, Index n, Index k, const LhsMatrix<Scalar>& a, const RhsMatrix
     return;
   }
   if (b.transposed && m <= detail::kFewRows) {  // a decode step: B read once, in place
-    const auto tile = detail::few_rows_tile_for<Scalar>(m, a.rows != nullptr);
+    const auto tile = detail::decode_tile_for<Scalar>(m, a.rows != nullptr, b.dtype);
     for (Index j0 = 0; j0 < n; j0 += NR)
       tile(k, detail::LhsBlock<Scalar>{&a, 0, 0}, b, j0, c + j0, ldc, std::min<Index>(NR, n - j0), accumulate);
     return;
@@ -424,9 +596,10 @@ void gemm(Index m, Index n, Index k, const LhsMatrix<Scalar>& a, const RhsMatrix
 // Weights are stored [out, in], so W^T is gemm's B stored transposed, in F32, BF16, F16 (or F64
 // for double models): gemm packs W's rows transposed into its panels, widening 16-bit values
 // exactly on the way. A decode step multiplies a few rows by every weight once, where packing
-// would cost more than the product: with at most kFewRows rows, gemm reads W in place, an L x L
-// block at a time (L rows of W, L values each), transposes the block in registers and runs the
-// same chains as micro_tile, one multiply-add per p in order. Either way C[i][j] is the same chain
+// would cost more than the product: with at most kFewRows rows, gemm reads W in place, a block of
+// L rows at a time, transposes their values in registers (with AVX2 or AVX-512, 16-bit values
+// widened there too) and runs the same chains as micro_tile, one multiply-add per p in order.
+// Either way C[i][j] is the same chain
 // over row i of A and row j of W: batch invariant, whichever path a call takes.
 
 template <class Scalar>
