@@ -114,6 +114,21 @@ class Runs:
         return statistics.median(r), min(r), max(r)
 
 
+def float_or_none(text):
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def share_of(rate, whole):
+    return rate / whole if rate and whole else None
+
+
+def percent(share):
+    return f"{100 * share:.0f}%" if share is not None else "-"
+
+
 def fmt_range(r, digits=2):
     med, lo, hi = r
     return f"{med:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
@@ -128,18 +143,26 @@ def report(data, command=None):
     add = out.append
     add("# gqe-bench: GQE against dense GQA")
     add("")
+    peak, bandwidth = float_or_none(ctx.get("fma_peak_gflops")), float_or_none(ctx.get("read_bandwidth_gbps"))
+    peak_one = float_or_none(ctx.get("fma_peak_gflops_1_thread"))
     add(f"Machine: {ctx.get('cpu', '?')}, {ctx.get('num_cpus', '?')} logical CPUs, load average at start "
-        f"{', '.join(f'{x:.2f}' for x in ctx.get('load_avg', []))}; gqe threads {ctx.get('gqe_threads', '?')}. "
-        f"Compiler {ctx.get('compiler', '?')}, {ctx.get('build_type', '?')}: `{ctx.get('flags', '?')}`; "
-        f"projections by {ctx.get('projections', '?')}. {reps} interleaved repetitions; figures are medians, "
-        f"speed-ups the median of the per-round ratios with their range.")
+        f"{', '.join(f'{x:.2f}' for x in ctx.get('load_avg', []))}; gqe {ctx.get('gqe_version', '?')}, threads "
+        f"{ctx.get('gqe_threads', '?')}. Compiler {ctx.get('compiler', '?')}, {ctx.get('build_type', '?')}: "
+        f"`{ctx.get('flags', '?')}`; SIMD {ctx.get('simd_level', '?')}; GEMM backend "
+        f"{ctx.get('gemm_backend', ctx.get('projections', '?'))}. {reps} interleaved repetitions; figures are "
+        f"medians, speed-ups the median of the per-round ratios with their range.")
+    if peak and bandwidth:
+        add("")
+        add(f"Measured in the same run: float32 FMA peak {peak:.0f} GFLOP/s on {ctx.get('gqe_threads', '?')} threads"
+            + (f" ({peak_one:.0f} on one)" if peak_one else "")
+            + f", read bandwidth {bandwidth:.1f} GB/s. \"of peak\" and \"of bandwidth\" below are shares of them.")
     if command:
         add("")
         add(f"Command: `{' '.join(command)}`")
 
     # Prefill of one layer.
     gemm = {}
-    for fam in ("gemm_gqe_linear", "gemm_openblas", "gemm_eigen_1thread"):
+    for fam in ("gemm_gqe_linear", "gemm_backend", "gemm_openblas", "gemm_eigen_1thread"):
         v = runs.median(fam, 4096, "GFLOPS")
         if v:
             gemm[fam] = v
@@ -149,8 +172,8 @@ def report(data, command=None):
     add(f"## One attention layer, prefill (d={D}, d_h={DH}, N={N}, G={G}, k={K}: {K * G + 1} of {N} query heads)")
     add("")
     add("| T | dense ms | GQE ms | speed-up (range) | FLOP ceiling | of ceiling | speed-up, CPU time | "
-        "dense GFLOP/s | dense, of GEMM rate | GQE useful GFLOP/s |")
-    add("|---|---|---|---|---|---|---|---|---|---|")
+        "dense GFLOP/s | dense, of peak | dense, of GEMM rate | GQE useful GFLOP/s |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|")
     points = []
     for T in sorted(t for (f, t) in runs.runs if f == "prefill_gqa"):
         speed = runs.ratio("prefill_gqa", "prefill_gqe", T)
@@ -164,10 +187,10 @@ def report(data, command=None):
         cpu = runs.ratio("prefill_gqa", "prefill_gqe", T, "cpu")
         dense_rate = runs.median("prefill_gqa", T, "GFLOPS")
         of_gemm = f"{100 * dense_rate / multi[best]:.0f}%" if best else "-"
-        points.append((T, *speed, c, module_ceiling(T), cpu[0]))
+        points.append((T, *speed, c, module_ceiling(T), cpu[0], share_of(dense_rate, peak)))
         add(f"| {T} | {1e3 * runs.median('prefill_gqa', T):.1f} | {1e3 * runs.median('prefill_gqe', T):.1f} | "
             f"{fmt_range(speed)} | {c:.2f} | {100 * speed[0] / c:.0f}% | {cpu[0]:.2f} | {dense_rate:.1f} | "
-            f"{of_gemm} | {runs.median('prefill_gqe', T, 'GFLOPS'):.1f} |")
+            f"{percent(share_of(dense_rate, peak))} | {of_gemm} | {runs.median('prefill_gqe', T, 'GFLOPS'):.1f} |")
     share = [runs.median("prefill_gqe", T, "expert0_share") for (f, T) in runs.runs if f == "prefill_gqe"]
     share = [s for s in share if s is not None]
     if share:
@@ -187,12 +210,14 @@ def report(data, command=None):
         add("")
         add("## The causal attention kernel alone (the layer's head layout, random Q/K/V)")
         add("")
-        add(f"| T | dense ms | GQE ms | speed-up (range) | FLOP ceiling {N}/{K * G + 1} | dense GFLOP/s | GQE GFLOP/s |")
-        add("|---|---|---|---|---|---|---|")
+        add(f"| T | dense ms | GQE ms | speed-up (range) | FLOP ceiling {N}/{K * G + 1} | dense GFLOP/s | dense, of peak | GQE GFLOP/s |")
+        add("|---|---|---|---|---|---|---|---|")
         for T in kernel_T:
             add(f"| {T} | {1e3 * runs.median('attention_gqa', T):.1f} | {1e3 * runs.median('attention_gqe', T):.1f} | "
                 f"{fmt_range(runs.ratio('attention_gqa', 'attention_gqe', T))} | {N / (K * G + 1):.2f} | "
-                f"{runs.median('attention_gqa', T, 'GFLOPS'):.1f} | {runs.median('attention_gqe', T, 'GFLOPS'):.1f} |")
+                f"{runs.median('attention_gqa', T, 'GFLOPS'):.1f} | "
+                f"{percent(share_of(runs.median('attention_gqa', T, 'GFLOPS'), peak))} | "
+                f"{runs.median('attention_gqe', T, 'GFLOPS'):.1f} |")
         add("")
         add("The rest of the layer (projections, router, kept-query gather and scatter, RoPE, cache writes, weighted "
             f"slot) has a FLOP ceiling of {(2 * D * (2 * N + 2 * G) * DH) / (2 * D * ((K * G + 1) + 2 * G + (K * G + 2)) * DH + 2 * D * G * M):.2f} "
@@ -204,13 +229,15 @@ def report(data, command=None):
         add("")
         add("## Decode step (one token) of the same layer")
         add("")
-        add("| cache | dense us | GQE us | speed-up (range) | speed-up, CPU time | dense GB/s read | GQE GB/s read |")
-        add("|---|---|---|---|---|---|---|")
+        add("| cache | dense us | GQE us | speed-up (range) | speed-up, CPU time | dense GB/s read | dense, of bandwidth | GQE GB/s read |")
+        add("|---|---|---|---|---|---|---|---|")
         for L in decode_L:
             add(f"| {L} | {1e6 * runs.median('decode_gqa', L):.0f} | {1e6 * runs.median('decode_gqe', L):.0f} | "
                 f"{fmt_range(runs.ratio('decode_gqa', 'decode_gqe', L))} | "
                 f"{runs.ratio('decode_gqa', 'decode_gqe', L, 'cpu')[0]:.2f} | "
-                f"{runs.median('decode_gqa', L, 'GBps'):.1f} | {runs.median('decode_gqe', L, 'GBps'):.1f} |")
+                f"{runs.median('decode_gqa', L, 'GBps'):.1f} | "
+                f"{percent(share_of(runs.median('decode_gqa', L, 'GBps'), bandwidth))} | "
+                f"{runs.median('decode_gqe', L, 'GBps'):.1f} |")
         add("")
         add("GB/s: the weights a step multiplies by (GQE: the kept experts' rows of Wq only) and the whole cache "
             "(GQE: plus the mean K/V of the shared head, 9 KV heads' worth against 8), per second.")
@@ -239,10 +266,13 @@ def plot(points, out_dir, ctx):
     with open(data, "w") as f:
         f.write("# T  speed-up(median)  min  max  flop_ceiling  module_ceiling(all queries, then gather)  cpu_time_speed-up\n")
         for p in points:
-            f.write(" ".join(f"{v:.6g}" for v in p) + "\n")
+            f.write(" ".join(f"{v:.6g}" for v in p[:7]) + "\n")
     png = os.path.join(out_dir, "speedup.png")
+    last = points[-1]
+    dense_share = f", dense layer at {100 * last[7]:.0f}% of the FMA peak at T={last[0]}" if last[7] else ""
     title = (f"GQE ({K * G + 1} of {N} query heads) vs dense GQA, one layer prefill, d={D}"
-             f"\\n{ctx.get('cpu', '?')}, {ctx.get('gqe_threads', '?')} threads, projections by {ctx.get('projections', '?')}")
+             f"\\n{ctx.get('cpu', '?')}, SIMD {ctx.get('simd_level', '?')}, {ctx.get('gqe_threads', '?')} threads, "
+             f"GEMM {ctx.get('gemm_backend', ctx.get('projections', '?'))}{dense_share}")
     script_path = os.path.join(out_dir, "speedup.gp")
     ts = " ".join(str(p[0]) for p in points)
     top = max(max(p[3] for p in points), max(p[4] for p in points), max(p[6] for p in points)) * 1.2
