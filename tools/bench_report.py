@@ -30,6 +30,8 @@ import sys
 D, DH, N, G, K = 1024, 64, 16, 8, 1
 M = N // G
 UNIT = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+# Rate counters as gqe-bench names them (per second), and the names older JSON gave them.
+RENAMED = {"GFLOPS": "GFLOP", "GBps": "GB", "tokens_per_s": "tokens"}
 
 
 # ---- the FLOP model of docs/flop-model.md (a multiply-add is 2 FLOPs; causal attention has T(T+1)/2 pairs)
@@ -92,6 +94,9 @@ class Runs:
             figures = {k: v for k, v in b.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             figures["time"] = b["real_time"] * unit
             figures["cpu"] = b["cpu_time"] * unit
+            for old_name, name_now in RENAMED.items():  # JSON of gqe-bench before 0.2.0
+                if old_name in figures and name_now not in figures:
+                    figures[name_now] = figures[old_name]
             key = (name[0], int(name[1]) if len(name) > 1 and name[1].isdigit() else None)
             reps = self.runs.setdefault(key, {})
             reps[b.get("repetition_index", len(reps))] = figures
@@ -163,7 +168,7 @@ def report(data, command=None):
     # Prefill of one layer.
     gemm = {}
     for fam in ("gemm_gqe_linear", "gemm_backend", "gemm_openblas", "gemm_eigen_1thread"):
-        v = runs.median(fam, 4096, "GFLOPS")
+        v = runs.median(fam, 4096, "GFLOP")
         if v:
             gemm[fam] = v
     multi = {k: v for k, v in gemm.items() if k != "gemm_eigen_1thread"}
@@ -185,12 +190,12 @@ def report(data, command=None):
             print(f"bench_report: T={T}: gqe-bench recorded a ceiling of {recorded:.4f}, the FLOP model gives "
                   f"{c:.4f}", file=sys.stderr)
         cpu = runs.ratio("prefill_gqa", "prefill_gqe", T, "cpu")
-        dense_rate = runs.median("prefill_gqa", T, "GFLOPS")
+        dense_rate = runs.median("prefill_gqa", T, "GFLOP")
         of_gemm = f"{100 * dense_rate / multi[best]:.0f}%" if best else "-"
         points.append((T, *speed, c, module_ceiling(T), cpu[0], share_of(dense_rate, peak)))
         add(f"| {T} | {1e3 * runs.median('prefill_gqa', T):.1f} | {1e3 * runs.median('prefill_gqe', T):.1f} | "
             f"{fmt_range(speed)} | {c:.2f} | {100 * speed[0] / c:.0f}% | {cpu[0]:.2f} | {dense_rate:.1f} | "
-            f"{percent(share_of(dense_rate, peak))} | {of_gemm} | {runs.median('prefill_gqe', T, 'GFLOPS'):.1f} |")
+            f"{percent(share_of(dense_rate, peak))} | {of_gemm} | {runs.median('prefill_gqe', T, 'GFLOP'):.1f} |")
     share = [runs.median("prefill_gqe", T, "expert0_share") for (f, T) in runs.runs if f == "prefill_gqe"]
     share = [s for s in share if s is not None]
     if share:
@@ -215,9 +220,9 @@ def report(data, command=None):
         for T in kernel_T:
             add(f"| {T} | {1e3 * runs.median('attention_gqa', T):.1f} | {1e3 * runs.median('attention_gqe', T):.1f} | "
                 f"{fmt_range(runs.ratio('attention_gqa', 'attention_gqe', T))} | {N / (K * G + 1):.2f} | "
-                f"{runs.median('attention_gqa', T, 'GFLOPS'):.1f} | "
-                f"{percent(share_of(runs.median('attention_gqa', T, 'GFLOPS'), peak))} | "
-                f"{runs.median('attention_gqe', T, 'GFLOPS'):.1f} |")
+                f"{runs.median('attention_gqa', T, 'GFLOP'):.1f} | "
+                f"{percent(share_of(runs.median('attention_gqa', T, 'GFLOP'), peak))} | "
+                f"{runs.median('attention_gqe', T, 'GFLOP'):.1f} |")
         add("")
         add("The rest of the layer (projections, router, kept-query gather and scatter, RoPE, cache writes, weighted "
             f"slot) has a FLOP ceiling of {(2 * D * (2 * N + 2 * G) * DH) / (2 * D * ((K * G + 1) + 2 * G + (K * G + 2)) * DH + 2 * D * G * M):.2f} "
@@ -235,9 +240,9 @@ def report(data, command=None):
             add(f"| {L} | {1e6 * runs.median('decode_gqa', L):.0f} | {1e6 * runs.median('decode_gqe', L):.0f} | "
                 f"{fmt_range(runs.ratio('decode_gqa', 'decode_gqe', L))} | "
                 f"{runs.ratio('decode_gqa', 'decode_gqe', L, 'cpu')[0]:.2f} | "
-                f"{runs.median('decode_gqa', L, 'GBps'):.1f} | "
-                f"{percent(share_of(runs.median('decode_gqa', L, 'GBps'), bandwidth))} | "
-                f"{runs.median('decode_gqe', L, 'GBps'):.1f} |")
+                f"{runs.median('decode_gqa', L, 'GB'):.1f} | "
+                f"{percent(share_of(runs.median('decode_gqa', L, 'GB'), bandwidth))} | "
+                f"{runs.median('decode_gqe', L, 'GB'):.1f} |")
         add("")
         add("GB/s: the weights a step multiplies by (GQE: the kept experts' rows of Wq only) and the whole cache "
             "(GQE: plus the mean K/V of the shared head, 9 KV heads' worth against 8), per second.")
@@ -246,7 +251,7 @@ def report(data, command=None):
     rows = []
     for kind, label in (("prefill", "prefill"), ("decode", "decode step after")):
         for T in sorted(t for (f, t) in runs.runs if f == f"model_{kind}_gqa"):
-            d, g = runs.median(f"model_{kind}_gqa", T, "tokens_per_s"), runs.median(f"model_{kind}_gqe", T, "tokens_per_s")
+            d, g = runs.median(f"model_{kind}_gqa", T, "tokens"), runs.median(f"model_{kind}_gqe", T, "tokens")
             r = runs.ratio(f"model_{kind}_gqa", f"model_{kind}_gqe", T)
             if d and g and r:
                 rows.append(f"| {label} T={T} | {d:.0f} | {g:.0f} | {fmt_range(r)} |")
