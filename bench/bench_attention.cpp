@@ -186,7 +186,8 @@ void gemm_eigen_1thread(benchmark::State& state) {
   }
   Eigen::setNbThreads(eigen_threads);
   state.counters["GFLOP"] = bench::rate(g.flops() * 1e-9);
-  state.counters["of_peak"] = bench::rate(g.flops() * 1e-9 / bench::machine_peaks().fma_gflops_one);
+  if (bench::machine_peaks().fma_gflops_one > 0)
+    state.counters["of_peak"] = bench::rate(g.flops() * 1e-9 / bench::machine_peaks().fma_gflops_one);
   state.counters["threads"] = 1;
 }
 
