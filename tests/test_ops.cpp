@@ -394,8 +394,8 @@ TEST(OpsBf16, SixteenBitWeightsInPlaceEqualTheirWidenedValues) {
 
 // A decode step (at most 4 rows) reads the weights in place, at whatever alignment a mapped file
 // gives them; a prefill packs them. Each row of the few-row product must equal, bit for bit, the
-// same row computed among 40 (the packed kernel), and both the float64 reference, for every
-// storage type, offset and odd size, including a depth shorter than one visit of the rows.
+// same row computed among 40 (the packed kernel), which must match the float64 reference, for
+// every storage type, offset and odd size, including a depth shorter than one visit of the rows.
 TEST(OpsDecode, FewRowsReadWeightsInPlaceAtAnyOffsetAsThePackedProductDoes) {
   if (std::string(gqe::backend::kName) != "eigen")
     GTEST_SKIP() << "F32 weights go to the " << gqe::backend::kName << " backend";
