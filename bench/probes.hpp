@@ -11,7 +11,7 @@
 
 #include "gqe/ops/gemm.hpp"
 #include "gqe/tensor/eigen.hpp"
-#include "gqe/tensor/weight.hpp"
+#include "gqe/tensor/aligned_bytes.hpp"
 
 namespace gqe::bench {
 

@@ -1,15 +1,18 @@
 // Shape, Tensor and TensorView against hand-computed row-major offsets: every element of a view is
 // compared with the element the obvious formula ((i*D1 + j)*D2 + k) addresses in the owning buffer,
 // after reshape, operator[], slice, matrix() and the const conversion. Error paths must throw
-// gqe::ShapeError with a message that names the shapes.
+// gqe::ShapeError with a message that names the shapes. ScratchMatrix: storage that only grows,
+// every element written through it read back through a plain Eigen matrix.
 #include <gtest/gtest.h>
 
 #include <cstdint>
 #include <initializer_list>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "gqe/tensor/scratch_matrix.hpp"
 #include "gqe/tensor/tensor.hpp"
 
 namespace {
@@ -232,6 +235,48 @@ TYPED_TEST(TensorTest, ResizeAndFill) {
   EXPECT_EQ(t(1, 4), S(10));
   t.fill(S(3));
   for (Index i = 0; i < 10; ++i) EXPECT_EQ(t.data()[i], S(3));
+}
+
+// A scratch matrix keeps its storage when it shrinks and when it grows back within what it had;
+// it acts as an Eigen matrix of its current shape; moving it hands over the storage.
+TEST(ScratchMatrix, GrowsOnlyAndActsAsAnEigenMatrixOfItsShape) {
+  gqe::ScratchMatrix<float> m;
+  EXPECT_EQ(m.size(), 0);
+  m.resize(7, 5);  // [7, 5]
+  const float* first = m.data();
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(first) % 64, 0u);
+  gqe::Matrix<float> expected(7, 5);
+  for (Index r = 0; r < 7; ++r)
+    for (Index c = 0; c < 5; ++c) expected(r, c) = static_cast<float>(r * 5 + c + 1);
+  m = expected;
+  EXPECT_EQ(gqe::Matrix<float>(m), expected);
+  EXPECT_EQ(m.row(3).sum(), expected.row(3).sum());
+
+  m.resize(2, 3);  // shrinks: same storage, row-major over its first 6 values
+  EXPECT_EQ(m.data(), first);
+  EXPECT_EQ(m.rows(), 2);
+  EXPECT_EQ(m.cols(), 3);
+  EXPECT_EQ(m(1, 0), 4.0f);
+  m.resize(5, 7);  // 35 values: still within what it had
+  EXPECT_EQ(m.data(), first);
+  m.resize(9, 9);  // more than it had: new storage, values unspecified
+  EXPECT_EQ(m.rows(), 9);
+  m.setConstant(2.0f);
+  m.topRows(2) += gqe::Matrix<float>::Ones(2, 9);
+  EXPECT_EQ(m.sum(), 2.0f * 81 + 18);
+
+  gqe::ScratchMatrix<float> copied;
+  copied.assign(expected.transpose());  // [5, 7]
+  EXPECT_EQ(gqe::Matrix<float>(copied), gqe::Matrix<float>(expected.transpose()));
+  const float* storage = copied.data();
+  gqe::ScratchMatrix<float> moved(std::move(copied));
+  EXPECT_EQ(moved.data(), storage);
+  EXPECT_EQ(moved.rows(), 5);
+  EXPECT_EQ(copied.size(), 0);
+  gqe::ScratchMatrix<float> target;
+  target = std::move(moved);
+  EXPECT_EQ(target.data(), storage);
+  EXPECT_EQ(gqe::Matrix<float>(target), gqe::Matrix<float>(expected.transpose()));
 }
 
 }  // namespace

@@ -26,6 +26,7 @@
 #include "gqe/ops/gemm_backend.hpp"
 #include "gqe/ops/linear.hpp"
 #include "gqe/ops/rope.hpp"
+#include "gqe/tensor/scratch_matrix.hpp"
 #include "gqe/tensor/tensor.hpp"
 #include "gqe/tensor/weight.hpp"
 
@@ -35,14 +36,14 @@ namespace gqe {
 // S = config.output_slots() blocks of d_h.
 template <class Scalar>
 struct AttentionTape {
-  Matrix<Scalar> x;                       // [R, d]: the layer's input
+  ScratchMatrix<Scalar> x;                // [R, d]: the layer's input
   std::vector<Segment<Scalar>> segments;  // whose caches hold K (after RoPE) and V
   const RopeTable<Scalar>* rope = nullptr;
   Routing<Scalar> routing;                // GQE only
-  Matrix<Scalar> query;                   // [R, H*d_h], after RoPE; H = active heads
-  Matrix<Scalar> out;                     // [R, S*d_h]: each head's attention output in its slot
-  Matrix<Scalar> lse;                     // [R, S]: log-sum-exp of each head's scores
-  Matrix<Scalar> cat;                     // [R, S*d_h]: o_proj's input
+  ScratchMatrix<Scalar> query;            // [R, H*d_h], after RoPE; H = active heads
+  ScratchMatrix<Scalar> out;              // [R, S*d_h]: each head's attention output in its slot
+  ScratchMatrix<Scalar> lse;              // [R, S]: log-sum-exp of each head's scores
+  ScratchMatrix<Scalar> cat;              // [R, S*d_h]: o_proj's input
 };
 
 template <class Scalar>
@@ -95,7 +96,7 @@ class Attention {
     linear<Scalar>(b.cat, o_proj_, y);
     if (routing) *routing = b.routing;
     if (tape) {
-      tape->x = x;
+      tape->x.assign(x);
       tape->segments = segments;
       tape->rope = &rope;
     }
@@ -133,16 +134,16 @@ class Attention {
  private:
   struct Buffers {
     Routing<Scalar>& routing;
-    Matrix<Scalar>& query;
-    Matrix<Scalar>& out;
-    Matrix<Scalar>& lse;
-    Matrix<Scalar>& cat;
+    ScratchMatrix<Scalar>& query;
+    ScratchMatrix<Scalar>& out;
+    ScratchMatrix<Scalar>& lse;
+    ScratchMatrix<Scalar>& cat;
   };
   // Scratch of one thread's forward calls, reused call after call: no allocation once warm.
   struct Workspace {
     Routing<Scalar> routing;
-    Matrix<Scalar> key, value;  // [R, G*d_h]
-    Matrix<Scalar> query, out, lse;
+    ScratchMatrix<Scalar> key, value;  // [R, G*d_h]
+    ScratchMatrix<Scalar> query, out, lse;
     std::vector<Index> expert_rows, expert_slots, expert_first, expert_next;  // see group_by_expert
     std::vector<std::pair<Index, Index>> units;
     std::vector<QueryGroup<Scalar>> groups;
@@ -222,7 +223,7 @@ class Attention {
   // query [R, H*d_h] after RoPE: GQA's N heads in order; GQE's kept experts in their slots
   // (g*k + j) and the shared head last.
   void project_queries(const Eigen::Ref<const Matrix<Scalar>>& x, const Routing<Scalar>& route, const RopeTable<Scalar>& rope,
-                       Matrix<Scalar>& query) const {
+                       ScratchMatrix<Scalar>& query) const {
     const Index dh = config_.head_dim;
     query.resize(x.rows(), config_.active_heads() * dh);
     if (!config_.is_gqe())
@@ -255,7 +256,7 @@ class Attention {
 
   // query[r, (g*k + j)*d_h ...] = x[r] Wq_e^T for the expert e = g*M + m that row r keeps in slot
   // j: each expert's rows gathered and projected together, in tiles; unkept queries never computed.
-  void project_kept_queries(const Eigen::Ref<const Matrix<Scalar>>& x, const Routing<Scalar>& route, Matrix<Scalar>& query) const {
+  void project_kept_queries(const Eigen::Ref<const Matrix<Scalar>>& x, const Routing<Scalar>& route, ScratchMatrix<Scalar>& query) const {
     const Index M = config_.experts_per_group(), k = config_.top_k, dh = config_.head_dim, d = config_.hidden_size;
     auto& ws = workspace();
     group_by_expert(route, ws.expert_rows, ws.expert_slots, ws.expert_first, ws.expert_next);
@@ -294,8 +295,8 @@ class Attention {
     }
   }
 
-  void query_groups(const std::vector<Segment<Scalar>>& segments, const Matrix<Scalar>& query, Matrix<Scalar>& out,
-                    Matrix<Scalar>* lse, std::vector<QueryGroup<Scalar>>& groups) const {
+  void query_groups(const std::vector<Segment<Scalar>>& segments, const ScratchMatrix<Scalar>& query, ScratchMatrix<Scalar>& out,
+                    ScratchMatrix<Scalar>* lse, std::vector<QueryGroup<Scalar>>& groups) const {
     const Index dh = config_.head_dim;
     groups.clear();
     for_each_group(segments, [&](const Segment<Scalar>& s, Index query_col, Index slot, Index heads, Index kv) {
@@ -319,13 +320,13 @@ class Attention {
   // o_proj's input from the heads' outputs, in place (out has o_proj's slot layout; cat may be out):
   // the weighted slot, or each hard slot times its probability, per the config's table. A token
   // whose router logits hold a NaN gets NaN in every slot: propagated, never hidden by a choice.
-  void mix_slots(const Routing<Scalar>& route, const Matrix<Scalar>& out, Matrix<Scalar>& cat) const {
+  void mix_slots(const Routing<Scalar>& route, const ScratchMatrix<Scalar>& out, ScratchMatrix<Scalar>& cat) const {
     if (!config_.is_gqe()) {
-      if (&cat != &out) cat = out;
+      if (&cat != &out) cat.assign(out);
       return;
     }
     const Index hard = config_.hard_slots(), dh = config_.head_dim, M = config_.experts_per_group(), k = config_.top_k;
-    if (&cat != &out) cat = out;
+    if (&cat != &out) cat.assign(out);
     for (Index r = 0; r < out.rows(); ++r) {
       if (config_.has_weighted_slot()) {
         auto weighted = cat.row(r).segment(hard * dh, dh);

@@ -18,7 +18,7 @@
 #include "gqe/layers/attention_config.hpp"
 #include "gqe/ops/attention.hpp"
 #include "gqe/tensor/tensor.hpp"
-#include "gqe/tensor/weight.hpp"
+#include "gqe/tensor/aligned_bytes.hpp"
 
 namespace gqe {
 
@@ -125,7 +125,7 @@ class AttentionCache {
   Index kv_heads_ = 0, head_dim_ = 0;
   bool with_mean_ = false;
   Index length_ = 0;
-  std::vector<decltype(detail::AlignedBytes::allocate(0))> blocks_;  // the tiles' storage
+  std::vector<detail::AlignedBytes::Pointer> blocks_;  // the tiles' storage
   std::vector<Scalar*> tiles_;                                        // [capacity / KT]
   std::vector<const Scalar*> tile_pointers_;                          // tiles_, as the kernel reads them
   std::vector<Scalar> mean_;                  // [2*d_h]: write()'s mean K and V of one position

@@ -3,6 +3,7 @@
 // with a tape and its backward pass.
 #include "gqe/ops/activations.hpp"
 #include "gqe/ops/linear.hpp"
+#include "gqe/tensor/scratch_matrix.hpp"
 #include "gqe/tensor/tensor.hpp"
 #include "gqe/tensor/weight.hpp"
 
@@ -10,10 +11,10 @@ namespace gqe {
 
 template <class Scalar>
 struct FeedForwardTape {
-  Matrix<Scalar> x;       // [R, d]
-  Matrix<Scalar> gate;    // [R, I], before SiLU
-  Matrix<Scalar> up;      // [R, I]
-  Matrix<Scalar> hidden;  // [R, I], silu(gate) * up: down_proj's input
+  ScratchMatrix<Scalar> x;       // [R, d]
+  ScratchMatrix<Scalar> gate;    // [R, I], before SiLU
+  ScratchMatrix<Scalar> up;      // [R, I]
+  ScratchMatrix<Scalar> hidden;  // [R, I], silu(gate) * up: down_proj's input
 };
 
 template <class Scalar>
@@ -51,7 +52,7 @@ class FeedForward {
     linear<Scalar>(x, up_proj_, t.up);
     swiglu<Scalar>(t.gate, t.up, t.hidden);
     linear<Scalar>(t.hidden, down_proj_, y);
-    if (tape) tape->x = x;
+    if (tape) tape->x.assign(x);
   }
 
   // dx [R, d] (overwritten) from dy [R, d]; weights' gradients accumulated.

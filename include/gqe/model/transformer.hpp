@@ -17,6 +17,7 @@
 #include "gqe/layers/norm.hpp"
 #include "gqe/model/config.hpp"
 #include "gqe/model/kv_cache.hpp"
+#include "gqe/tensor/scratch_matrix.hpp"
 
 namespace gqe {
 
@@ -39,7 +40,7 @@ struct ModelTape {
   RopeTable<Scalar> rope;            // the rows' angles
   std::vector<Layer> layers;         // [L]
   NormTape<Scalar> final_norm;
-  Matrix<Scalar> normed;             // [R, d]: the head's input
+  ScratchMatrix<Scalar> normed;      // [R, d]: the head's input
 };
 
 template <class Scalar>
@@ -157,7 +158,7 @@ class Transformer {
   // Scratch of one thread's calls, reused: a decode step allocates nothing once warm.
   struct Workspace {
     RopeTable<Scalar> rope;
-    Matrix<Scalar> hidden, normed, delta;  // [R, d]
+    ScratchMatrix<Scalar> hidden, normed, delta;  // [R, d]
     std::vector<Segment<Scalar>> segments;
     std::vector<Index> positions;  // [R]
     std::vector<Index> lengths;    // [B]: the caches' lengths before the call
@@ -209,7 +210,7 @@ class Transformer {
     if (last_only)
       for (Index b = 0; b < B; ++b) ws.delta.row(b) = ws.hidden.row(b * T + T - 1);
     const auto final_rows = last_only ? ws.delta.topRows(B) : ws.hidden.topRows(rows);
-    Matrix<Scalar>& normed = tape ? tape->normed : ws.normed;
+    ScratchMatrix<Scalar>& normed = tape ? tape->normed : ws.normed;
     if (tape) normed.resize(rows, config_.hidden_size);
     norm_.forward(final_rows, normed.topRows(rows), tape ? &tape->final_norm : nullptr);
     linear<Scalar>(normed.topRows(rows), config_.tie_word_embeddings ? embed_.weight() : lm_head_, logits.matrix(rows));

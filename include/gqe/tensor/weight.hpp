@@ -6,44 +6,18 @@
 //
 // Training attaches a gradient of the same shape (Scalar, owned) to each weight: the layers'
 // backward passes accumulate into it, the optimiser reads it beside the weight it updates in place.
-#include <algorithm>
 #include <cstddef>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
 #include <utility>
 
 #include "gqe/error.hpp"
+#include "gqe/tensor/aligned_bytes.hpp"
 #include "gqe/tensor/dtype.hpp"
 #include "gqe/tensor/tensor.hpp"
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 namespace gqe {
-
-namespace detail {
-// Uninitialised bytes aligned to 64 (one cache line, one AVX-512 packet). Large buffers ask for
-// transparent huge pages: far fewer page faults on first touch.
-struct AlignedBytes {
-  struct Free {
-    void operator()(unsigned char* p) const { std::free(p); }
-  };
-  static std::unique_ptr<unsigned char[], Free> allocate(std::size_t bytes) {
-    constexpr std::size_t kAlign = 64, kHugePage = std::size_t(2) << 20;
-    const std::size_t align = bytes >= kHugePage ? kHugePage : kAlign;
-    const std::size_t rounded = (std::max<std::size_t>(bytes, 1) + align - 1) / align * align;
-    auto* p = static_cast<unsigned char*>(std::aligned_alloc(align, rounded));
-    if (!p) throw std::bad_alloc();
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (align == kHugePage) ::madvise(p, rounded, MADV_HUGEPAGE);
-#endif
-    return std::unique_ptr<unsigned char[], Free>(p);
-  }
-};
-}  // namespace detail
 
 class Weight {
  public:
@@ -159,9 +133,9 @@ class Weight {
   Shape shape_{};
   DType dtype_ = DType::F32;
   const void* data_ = nullptr;
-  std::unique_ptr<unsigned char[], detail::AlignedBytes::Free> owned_;
+  detail::AlignedBytes::Pointer owned_;
   std::shared_ptr<const void> keep_alive_;  // the mapped file of a borrowed weight
-  std::unique_ptr<unsigned char[], detail::AlignedBytes::Free> grad_;
+  detail::AlignedBytes::Pointer grad_;
   std::size_t grad_bytes_ = 0;
 };
 

@@ -1,0 +1,61 @@
+#pragma once
+// A row-major [rows, cols] matrix for the scratch of a forward (activations, tapes), used as any
+// Eigen map. Its storage only grows and is never zero-filled: a decode step after a prefill keeps
+// the prefill's buffer, the next prefill reuses it, and nothing is faulted in again. Large buffers
+// sit on transparent huge pages (see AlignedBytes). resize() keeps no values, as Eigen's does not.
+#include <cassert>
+#include <cstddef>
+#include <new>
+#include <utility>
+
+#include "gqe/tensor/aligned_bytes.hpp"
+#include "gqe/tensor/tensor.hpp"
+
+namespace gqe {
+
+template <class Scalar>
+class ScratchMatrix : public Eigen::Map<Matrix<Scalar>, Eigen::Aligned64> {
+  using Base = Eigen::Map<Matrix<Scalar>, Eigen::Aligned64>;
+
+ public:
+  ScratchMatrix() : Base(nullptr, 0, 0) {}
+  ScratchMatrix(const ScratchMatrix&) = delete;
+  ScratchMatrix& operator=(const ScratchMatrix&) = delete;
+  ScratchMatrix(ScratchMatrix&& other) noexcept : Base(nullptr, 0, 0) { *this = std::move(other); }
+  ScratchMatrix& operator=(ScratchMatrix&& other) noexcept {
+    storage_ = std::move(other.storage_);
+    capacity_ = std::exchange(other.capacity_, 0);
+    rebind(other.rows(), other.cols());
+    other.rebind(0, 0);
+    return *this;
+  }
+  using Base::operator=;  // element-wise assignment from an expression of the same shape
+
+  void resize(Index rows, Index cols) {
+    assert(rows >= 0 && cols >= 0);
+    if (rows == this->rows() && cols == this->cols()) return;
+    const auto needed = static_cast<std::size_t>(rows * cols);
+    if (needed > capacity_) {
+      storage_ = detail::AlignedBytes::allocate(needed * sizeof(Scalar));
+      capacity_ = needed;
+    }
+    rebind(rows, cols);
+  }
+  // Resized to `value`'s shape and filled with it (what `=` does for an Eigen matrix).
+  template <class Derived>
+  void assign(const Eigen::MatrixBase<Derived>& value) {
+    resize(value.rows(), value.cols());
+    Base::operator=(value);
+  }
+
+ private:
+  // Eigen's own Ref rebinds its Map base the same way.
+  void rebind(Index rows, Index cols) {
+    ::new (static_cast<Base*>(this)) Base(reinterpret_cast<Scalar*>(storage_.get()), rows, cols);
+  }
+
+  detail::AlignedBytes::Pointer storage_;
+  std::size_t capacity_ = 0;  // elements
+};
+
+}  // namespace gqe
