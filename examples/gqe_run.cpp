@@ -116,7 +116,10 @@ int run(const Options& opt) {
 
   std::vector<gqe::KVCache<Scalar>> caches{model.new_cache()};
   caches[0].reserve(T + generate);
-  gqe::Tensor<Scalar> logits(gqe::Shape{1, T, V});  // [1, T, V]
+  // Every prompt position's logits only when they are written out; else the last one's (the head
+  // of a large vocabulary would cost more than the whole prompt's layers).
+  const gqe::Index rows = opt.logits_out ? T : 1;
+  gqe::Tensor<Scalar> logits(gqe::Shape{1, rows, V});  // [1, rows, V]
   const bool routed = config.attention_type == gqe::AttentionType::gqe;
   const gqe::Index L = config.num_layers, G = config.num_kv_heads, k = config.top_k;
   gqe::Tensor<std::int32_t> experts(gqe::Shape{L, T, G, routed ? k : 1});  // [L, T, G, k]
@@ -134,11 +137,14 @@ int run(const Options& opt) {
   const gqe::TensorView<const std::int32_t> ids(prompt.data(), gqe::Shape{1, T});
   const auto prompt_start = Clock::now();
   if (opt.mode == "prefill") {
-    model.forward(ids, caches, logits.view(), false, &trace);
+    if (rows == 1)
+      model.forward(ids, caches, logits.view()[0], true, &trace);  // [1, V]
+    else
+      model.forward(ids, caches, logits.view(), false, &trace);
     record(0, T);
   } else {
     for (gqe::Index t = 0; t < T; ++t) {
-      model.forward(ids.reshape(gqe::Shape{T, 1}).slice(t, 1), caches, logits.view()[0].slice(t, 1), true, &trace);
+      model.forward(ids.reshape(gqe::Shape{T, 1}).slice(t, 1), caches, logits.view()[0].slice(rows == 1 ? 0 : t, 1), true, &trace);
       record(t, 1);
     }
   }
@@ -155,7 +161,7 @@ int run(const Options& opt) {
   const bool as_text = V <= 256 && !opt.print_ids;
   const std::vector<std::int32_t>& eos = config.eos_token_ids;
   gqe::Tensor<Scalar> step_logits(gqe::Shape{1, V});
-  const Scalar* last = logits.view()[0][T - 1].data();
+  const Scalar* last = logits.view()[0][rows - 1].data();
   gqe::Index printed = 0, decode_steps = 0;
   std::optional<std::int32_t> stopped_at;
   double decode_seconds = 0;
