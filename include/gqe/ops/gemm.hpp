@@ -381,8 +381,8 @@ constexpr int visit_depth() {  // depth steps per visit: 64 bytes of every row
 // 4 x 4 transpose of 32-bit elements in every lane puts row r's element e in lane r: loads that
 // broadcast, and no shuffle across lanes. A 16-bit element pair widens by a shift or a mask (BF16)
 // or through F16C (F16).
-template <class Stored, class Step>
-EIGEN_ALWAYS_INLINE void for_each_column(const unsigned char* const* rows, Index p, int count, const Step& step) {
+template <class Stored, class Count, class Step>
+EIGEN_ALWAYS_INLINE void for_each_column(const unsigned char* const* rows, Index p, Count count, const Step& step) {
   constexpr int kPieces = kVisitBytes / 16;
   const Index offset = p * stored_bytes<Stored>();
   __m512 z[kPieces][4];
@@ -443,8 +443,8 @@ EIGEN_ALWAYS_INLINE __m256 load8(const unsigned char* at) {
 
 // Calls step(q, packet) for q = 0 .. count - 1 (count <= 8) in order, the packet holding rows[r]'s
 // value at depth p + q in lane r (8 rows): the 8 x 8 transpose.
-template <class Stored, class Step>
-EIGEN_ALWAYS_INLINE void for_each_column(const unsigned char* const* rows, Index p, int count, const Step& step) {
+template <class Stored, class Count, class Step>
+EIGEN_ALWAYS_INLINE void for_each_column(const unsigned char* const* rows, Index p, Count count, const Step& step) {
   const Index offset = p * stored_bytes<Stored>();
   __m256 z[8], t[8];
   for (int r = 0; r < 8; ++r) z[r] = load8<Stored>(rows[r] + offset);
@@ -478,17 +478,23 @@ void few_rows_tile_simd(Index k, const LhsBlock<float>& a_block, const RhsMatrix
   const LhsReader<float, Rows, Table> a(a_block);
   Accumulators<float, Rows> block;
   block.begin(c, ldc, cols, load);
+  // The chains, held in a local array that stays in registers: the block's own, reached through
+  // the visits' closures, went through memory at every step.
+  DecodePacket acc[Rows][V];
+  for (int i = 0; i < Rows; ++i)
+    for (int v = 0; v < V; ++v) acc[i][v] = block.acc[i][v];
   const unsigned char* rows[V * L];  // rows past `cols` repeat the last one, and are not stored
   const auto* base = static_cast<const unsigned char*>(b.data);
   for (int r = 0; r < V * L; ++r) rows[r] = base + (j0 + std::min<Index>(r, cols - 1)) * b.stride * bytes;
-  const auto visit = [&](const unsigned char* const* from, Index p, Index p0, int count) {
+  const auto visit = [&](const unsigned char* const* from, Index p, Index p0, auto count) {
     // The packet columns' chains are independent: one's multiply-adds run while the other's wait.
     // Every column is computed (a narrow block's extra rows repeat its last one): with v known at
     // compile time the accumulators stay in registers.
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v)
       for_each_column<Stored>(from + v * L, p, count, [&](int q, const DecodePacket& column) {
-        block.step_column(v, column, [&](int i) { return a(i, p0 + q); });
+        for (int i = 0; i < Rows; ++i)
+          acc[i][v] = Eigen::internal::pmadd(Eigen::internal::pset1<DecodePacket>(a(i, p0 + q)), column, acc[i][v]);
       });
   };
   // Steps [p, p + count) (count <= W) from zero-padded copies of the rows' values.
@@ -507,8 +513,11 @@ void few_rows_tile_simd(Index k, const LhsBlock<float>& a_block, const RhsMatrix
   const Index head = std::min<Index>(k, (visit_bytes - misaligned) % visit_bytes / bytes);
   if (head > 0) visit_copied(0, head);
   const Index whole = head + (k - head) / W * W;
-  for (Index p0 = head; p0 < whole; p0 += W) visit(rows, p0, p0, W);
+  // A whole visit's count known at compile time: no per-step test in the hot loop.
+  for (Index p0 = head; p0 < whole; p0 += W) visit(rows, p0, p0, std::integral_constant<int, W>{});
   if (whole < k) visit_copied(whole, k - whole);
+  for (int i = 0; i < Rows; ++i)
+    for (int v = 0; v < V; ++v) block.acc[i][v] = acc[i][v];
   block.end(c, ldc, cols);
 }
 
