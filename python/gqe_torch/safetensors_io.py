@@ -159,7 +159,7 @@ def serialize(tensors, dtypes, metadata=None):
         chunks.append(data)
         offset += len(data)
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    text += b" " * (-(8 + len(text)) % 64)  # the data starts on a 64-byte boundary, as gqe writes it
     return b"".join([struct.pack("<Q", len(text)), text] + chunks)
 
 

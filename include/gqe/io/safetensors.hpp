@@ -476,7 +476,9 @@ EncodedTensor encode_tensor(std::string name, DType dtype, std::vector<std::int6
 
 // Writes the tensors, in the given order, with "__metadata__": {"format": "pt"} so that Hugging
 // Face tools accept the file; atomically (see write_file_atomically). The header is padded with
-// spaces to a multiple of 8 bytes so that the data starts aligned.
+// spaces so that the data starts on a 64-byte boundary (the format asks for 8): mapped, a tensor
+// whose predecessors' sizes are multiples of 64 bytes then starts on a cache line, which the
+// decode kernels stream fastest.
 inline void write_safetensors(const std::filesystem::path& path, const std::vector<EncodedTensor>& tensors) {
   nlohmann::ordered_json header;
   header["__metadata__"] = {{"format", "pt"}};
@@ -498,7 +500,7 @@ inline void write_safetensors(const std::filesystem::path& path, const std::vect
   } catch (const nlohmann::json::exception& e) {  // a name that is not valid UTF-8
     fail<ShapeError>("cannot write ", path.string(), ": ", e.what());
   }
-  text.append((8 - text.size() % 8) % 8, ' ');
+  text.append((64 - (8 + text.size()) % 64) % 64, ' ');
   write_file_atomically(path, [&](std::ostream& out) {
     const std::uint64_t length = text.size();
     char prefix[8];
