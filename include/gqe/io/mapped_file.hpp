@@ -18,6 +18,7 @@
 #include <system_error>
 
 #include "gqe/error.hpp"
+#include "gqe/tensor/aligned_bytes.hpp"
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <fcntl.h>
@@ -31,8 +32,9 @@ namespace gqe {
 
 class FileBytes {
  public:
-  // The bytes of the regular file at path: mapped when `map` and the system can, else read.
-  static std::shared_ptr<const FileBytes> open(const std::filesystem::path& path, bool map = true) {
+  // The bytes of the regular file at path: mapped when `map` and the system can, else read, with
+  // byte `aligned_at` on a 64-byte boundary (a safetensors file's first data byte).
+  static std::shared_ptr<const FileBytes> open(const std::filesystem::path& path, bool map = true, std::size_t aligned_at = 0) {
     std::error_code ec;
     if (!std::filesystem::is_regular_file(path, ec))
       fail<IoError>(path.string(), " does not exist or is not a file; expected a safetensors file");
@@ -43,8 +45,7 @@ class FileBytes {
     std::shared_ptr<FileBytes> file(new FileBytes());
     file->size_ = static_cast<std::size_t>(size);
     if (map && file->try_map(path)) return file;
-    file->buffer_ = read_range(path, 0, file->size_);
-    file->data_ = reinterpret_cast<const unsigned char*>(file->buffer_.data());
+    file->read_all(path, aligned_at);
     return file;
   }
   // Bytes already in memory (a fuzzer's input, a test's file).
@@ -104,8 +105,22 @@ class FileBytes {
 #endif
   }
 
+  // Into memory of its own, not zero-filled first; on huge pages when large, where a decode step
+  // streams the weights faster than from the page cache's 4 KB pages.
+  void read_all(const std::filesystem::path& path, std::size_t aligned_at) {
+    constexpr std::size_t kLine = 64;
+    const std::size_t shift = (kLine - aligned_at % kLine) % kLine;
+    owned_ = detail::AlignedBytes::allocate(size_ + shift);
+    std::ifstream in(path, std::ios::binary);
+    if (!in) fail<IoError>("cannot open ", path.string());
+    if (!in.read(reinterpret_cast<char*>(owned_.get() + shift), static_cast<std::streamsize>(size_)))
+      fail<IoError>("cannot read ", path.string(), " (", size_, " bytes; did it change while being read?)");
+    data_ = owned_.get() + shift;
+  }
+
   void* mapping_ = nullptr;
-  std::string buffer_;
+  detail::AlignedBytes::Pointer owned_;  // a file read, not mapped
+  std::string buffer_;                   // bytes handed over by hold()
   const unsigned char* data_ = nullptr;
   std::size_t size_ = 0;
 };

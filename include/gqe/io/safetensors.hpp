@@ -280,7 +280,8 @@ class SafetensorsFile {
     SafetensorsFile file;
     file.source_ = path.string();
     if (!header_only) {
-      file.bytes_ = FileBytes::open(path, map);
+      // Read, the data gets a line boundary whatever the header's length (mapped, the file decides).
+      file.bytes_ = FileBytes::open(path, map, map ? 0 : data_start_hint(path));
       file.file_size_ = file.bytes_->size();
       file.parse_header(file.bytes_->data());
       return file;
@@ -416,6 +417,15 @@ class SafetensorsFile {
   }
 
   std::string source_;
+  // Where the data would start by the file's first 8 bytes (only an alignment hint: the header is
+  // checked when parsed); 0 when they cannot be read.
+  static std::size_t data_start_hint(const std::filesystem::path& path) {
+    unsigned char head[8] = {};
+    std::ifstream in(path, std::ios::binary);
+    if (!in.read(reinterpret_cast<char*>(head), 8)) return 0;
+    return static_cast<std::size_t>((8 + declared_header_size(head)) % 64);
+  }
+
   std::shared_ptr<const FileBytes> bytes_;  // the whole file; null when read for its header only
   std::size_t file_size_ = 0;               // of the whole file
   std::size_t header_size_ = 0;
