@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -364,6 +363,13 @@ constexpr Index stored_bytes() {
   return std::is_same_v<Stored, float> ? 4 : 2;
 }
 
+template <class Stored>
+constexpr DType stored_dtype() {
+  if constexpr (std::is_same_v<Stored, float>) return DType::F32;
+  else if constexpr (std::is_same_v<Stored, Bf16Stored>) return DType::BF16;
+  else return DType::F16;
+}
+
 #if defined(__AVX512F__)
 using DecodePacket = __m512;
 constexpr Index kVisitBytes = 64;
@@ -375,14 +381,14 @@ constexpr int visit_depth() {  // depth steps per visit: 64 bytes of every row
   return static_cast<int>(kVisitBytes / stored_bytes<Stored>());
 }
 
-// Calls step(q, packet) for q = 0 .. count - 1 in order, the packet holding rows[r]'s value at
-// depth p + q in lane r (16 rows; count <= the 64 bytes' values). Each row's 16-byte pieces are
+// Calls step(q, packet) for q = 0 .. visit_depth - 1 in order, the packet holding rows[r]'s value
+// at depth p + q in lane r (16 rows, 64 bytes of each). Each row's 16-byte pieces are
 // broadcast into the 128-bit lane of its row group (lane g of z[s][a] holds row a + 4g), and a
 // 4 x 4 transpose of 32-bit elements in every lane puts row r's element e in lane r: loads that
 // broadcast, and no shuffle across lanes. A 16-bit element pair widens by a shift or a mask (BF16)
 // or through F16C (F16).
-template <class Stored, class Count, class Step>
-EIGEN_ALWAYS_INLINE void for_each_column(const unsigned char* const* rows, Index p, Count count, const Step& step) {
+template <class Stored, class Step>
+EIGEN_ALWAYS_INLINE void for_each_column(const unsigned char* const* rows, Index p, const Step& step) {
   constexpr int kPieces = kVisitBytes / 16;
   const Index offset = p * stored_bytes<Stored>();
   __m512 z[kPieces][4];
@@ -399,7 +405,7 @@ EIGEN_ALWAYS_INLINE void for_each_column(const unsigned char* const* rows, Index
         z[s][a] = g == 0 ? _mm512_broadcast_f32x4(piece) : _mm512_mask_broadcast_f32x4(z[s][a], static_cast<__mmask16>(0xF << (4 * g)), piece);
       }
   constexpr int per_piece = std::is_same_v<Stored, float> ? 4 : 8;
-  for (int s = 0; s < kPieces && s * per_piece < count; ++s) {
+  for (int s = 0; s < kPieces; ++s) {
     const __m512 t0 = _mm512_unpacklo_ps(z[s][0], z[s][1]), t1 = _mm512_unpackhi_ps(z[s][0], z[s][1]);
     const __m512 t2 = _mm512_unpacklo_ps(z[s][2], z[s][3]), t3 = _mm512_unpackhi_ps(z[s][2], z[s][3]);
     const __m512 u[4] = {_mm512_shuffle_ps(t0, t2, 0x44), _mm512_shuffle_ps(t0, t2, 0xEE), _mm512_shuffle_ps(t1, t3, 0x44),
@@ -407,15 +413,15 @@ EIGEN_ALWAYS_INLINE void for_each_column(const unsigned char* const* rows, Index
     for (int e = 0; e < 4; ++e) {
       const int q = s * per_piece + (per_piece / 4) * e;
       if constexpr (std::is_same_v<Stored, float>) {
-        if (q < count) step(q, u[e]);
+        step(q, u[e]);
       } else {  // an element pair: depth q in the low half, q + 1 in the high half
         const __m512i pair = _mm512_castps_si512(u[e]);
         if constexpr (std::is_same_v<Stored, Bf16Stored>) {
-          if (q < count) step(q, _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)));
-          if (q + 1 < count) step(q + 1, _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)))));
+          step(q, _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)));
+          step(q + 1, _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)))));
         } else {
-          if (q < count) step(q, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(pair)));
-          if (q + 1 < count) step(q + 1, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(pair, 16))));
+          step(q, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(pair)));
+          step(q + 1, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(pair, 16))));
         }
       }
     }
@@ -441,10 +447,10 @@ EIGEN_ALWAYS_INLINE __m256 load8(const unsigned char* at) {
   }
 }
 
-// Calls step(q, packet) for q = 0 .. count - 1 (count <= 8) in order, the packet holding rows[r]'s
+// Calls step(q, packet) for q = 0 .. 7 in order, the packet holding rows[r]'s
 // value at depth p + q in lane r (8 rows): the 8 x 8 transpose.
-template <class Stored, class Count, class Step>
-EIGEN_ALWAYS_INLINE void for_each_column(const unsigned char* const* rows, Index p, Count count, const Step& step) {
+template <class Stored, class Step>
+EIGEN_ALWAYS_INLINE void for_each_column(const unsigned char* const* rows, Index p, const Step& step) {
   const Index offset = p * stored_bytes<Stored>();
   __m256 z[8], t[8];
   for (int r = 0; r < 8; ++r) z[r] = load8<Stored>(rows[r] + offset);
@@ -459,10 +465,10 @@ EIGEN_ALWAYS_INLINE void for_each_column(const unsigned char* const* rows, Index
     z[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);
   }
   for (int q = 0; q < 4; ++q) {
-    if (q < count) step(q, _mm256_permute2f128_ps(z[q], z[q + 4], 0x20));
+    step(q, _mm256_permute2f128_ps(z[q], z[q + 4], 0x20));
   }
   for (int q = 0; q < 4; ++q) {
-    if (q + 4 < count) step(q + 4, _mm256_permute2f128_ps(z[q], z[q + 4], 0x31));
+    step(q + 4, _mm256_permute2f128_ps(z[q], z[q + 4], 0x31));
   }
 }
 #endif
@@ -478,46 +484,40 @@ void few_rows_tile_simd(Index k, const LhsBlock<float>& a_block, const RhsMatrix
   const LhsReader<float, Rows, Table> a(a_block);
   Accumulators<float, Rows> block;
   block.begin(c, ldc, cols, load);
-  // The chains, held in a local array that stays in registers: the block's own, reached through
-  // the visits' closures, went through memory at every step.
-  DecodePacket acc[Rows][V];
-  for (int i = 0; i < Rows; ++i)
-    for (int v = 0; v < V; ++v) acc[i][v] = block.acc[i][v];
   const unsigned char* rows[V * L];  // rows past `cols` repeat the last one, and are not stored
   const auto* base = static_cast<const unsigned char*>(b.data);
   for (int r = 0; r < V * L; ++r) rows[r] = base + (j0 + std::min<Index>(r, cols - 1)) * b.stride * bytes;
-  const auto visit = [&](const unsigned char* const* from, Index p, Index p0, auto count) {
+  const auto visit = [&](Index p0) {
     // The packet columns' chains are independent: one's multiply-adds run while the other's wait.
     // Every column is computed (a narrow block's extra rows repeat its last one): with v known at
     // compile time the accumulators stay in registers.
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v)
-      for_each_column<Stored>(from + v * L, p, count, [&](int q, const DecodePacket& column) {
-        for (int i = 0; i < Rows; ++i)
-          acc[i][v] = Eigen::internal::pmadd(Eigen::internal::pset1<DecodePacket>(a(i, p0 + q)), column, acc[i][v]);
+      for_each_column<Stored>(rows + v * L, p0, [&](int q, const DecodePacket& column) {
+        block.step_column(v, column, [&](int i) { return a(i, p0 + q); });
       });
   };
-  // Steps [p, p + count) (count <= W) from zero-padded copies of the rows' values.
-  const auto visit_copied = [&](Index p, Index count) {
-    alignas(64) unsigned char copies[V * L][kVisitBytes] = {};
-    const unsigned char* copied[V * L];
-    for (int r = 0; r < V * L; ++r) {
-      std::memcpy(copies[r], rows[r] + p * bytes, static_cast<std::size_t>(count * bytes));
-      copied[r] = copies[r];
-    }
-    visit(copied, 0, p, static_cast<int>(count));
+  // Steps [p, p + count) (count < W: a row's ragged head or tail) one depth at a time, each column
+  // gathered from the rows' widened values: the same chains as a whole visit, in a loop far smaller
+  // than a second instance of the unrolled one.
+  const auto step_singly = [&](Index p, Index count) {
+    alignas(64) float values[V * L][W];
+    for (int r = 0; r < V * L; ++r) convert_values(rows[r] + p * bytes, stored_dtype<Stored>(), static_cast<std::size_t>(count), values[r]);
+    for (Index q = 0; q < count; ++q)
+      for (int v = 0; v < V; ++v) {
+        alignas(64) float column[L];
+        for (int r = 0; r < L; ++r) column[r] = values[v * L + r][q];
+        block.step_column(v, Eigen::internal::pload<DecodePacket>(column), [&](int i) { return a(i, p + q); });
+      }
   };
   // Visits start on a boundary of visit_bytes of the first row (of every row when the row length
   // is a multiple of it, which is when rows share an L1 set): each visit then reads whole lines.
   const auto misaligned = static_cast<Index>(reinterpret_cast<std::uintptr_t>(rows[0]) % visit_bytes);
   const Index head = std::min<Index>(k, (visit_bytes - misaligned) % visit_bytes / bytes);
-  if (head > 0) visit_copied(0, head);
+  if (head > 0) step_singly(0, head);
   const Index whole = head + (k - head) / W * W;
-  // A whole visit's count known at compile time: no per-step test in the hot loop.
-  for (Index p0 = head; p0 < whole; p0 += W) visit(rows, p0, p0, std::integral_constant<int, W>{});
-  if (whole < k) visit_copied(whole, k - whole);
-  for (int i = 0; i < Rows; ++i)
-    for (int v = 0; v < V; ++v) block.acc[i][v] = acc[i][v];
+  for (Index p0 = head; p0 < whole; p0 += W) visit(p0);
+  if (whole < k) step_singly(whole, k - whole);
   block.end(c, ldc, cols);
 }
 
