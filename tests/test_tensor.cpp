@@ -277,6 +277,19 @@ TEST(ScratchMatrix, GrowsOnlyAndActsAsAnEigenMatrixOfItsShape) {
   target = std::move(moved);
   EXPECT_EQ(target.data(), storage);
   EXPECT_EQ(gqe::Matrix<float>(target), gqe::Matrix<float>(expected.transpose()));
+  auto& alias = target;  // moving onto itself keeps it whole
+  target = std::move(alias);
+  EXPECT_EQ(target.data(), storage);
+  ASSERT_EQ(target.rows(), 5);
+  ASSERT_EQ(target.cols(), 7);
+  EXPECT_EQ(gqe::Matrix<float>(target), gqe::Matrix<float>(expected.transpose()));
+
+  // Sizes a Shape would refuse are refused, and the matrix keeps what it had.
+  EXPECT_THROW(target.resize(-1, 3), gqe::ShapeError);
+  EXPECT_THROW(target.resize(3, -1), gqe::ShapeError);
+  EXPECT_THROW(target.resize(Index{1} << 40, Index{1} << 40), gqe::ShapeError);
+  EXPECT_EQ(target.rows(), 5);
+  EXPECT_EQ(target.data(), storage);
 }
 
 }  // namespace

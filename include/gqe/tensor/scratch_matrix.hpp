@@ -3,7 +3,6 @@
 // Eigen map. Its storage only grows and is never zero-filled: a decode step after a prefill keeps
 // the prefill's buffer, the next prefill reuses it, and nothing is faulted in again. Large buffers
 // sit on transparent huge pages (see AlignedBytes). resize() keeps no values, as Eigen's does not.
-#include <cassert>
 #include <cstddef>
 #include <new>
 #include <utility>
@@ -23,6 +22,7 @@ class ScratchMatrix : public Eigen::Map<Matrix<Scalar>, Eigen::Aligned64> {
   ScratchMatrix& operator=(const ScratchMatrix&) = delete;
   ScratchMatrix(ScratchMatrix&& other) noexcept : Base(nullptr, 0, 0) { *this = std::move(other); }
   ScratchMatrix& operator=(ScratchMatrix&& other) noexcept {
+    if (this == &other) return *this;
     storage_ = std::move(other.storage_);
     capacity_ = std::exchange(other.capacity_, 0);
     rebind(other.rows(), other.cols());
@@ -31,9 +31,12 @@ class ScratchMatrix : public Eigen::Map<Matrix<Scalar>, Eigen::Aligned64> {
   }
   using Base::operator=;  // element-wise assignment from an expression of the same shape
 
+  // Throws ShapeError for a negative size or more elements than a Shape may hold.
   void resize(Index rows, Index cols) {
-    assert(rows >= 0 && cols >= 0);
     if (rows == this->rows() && cols == this->cols()) return;
+    if (rows < 0 || cols < 0 || (rows > 0 && cols > Shape::kMaxElements / rows))
+      fail<ShapeError>("scratch matrix [", rows, ", ", cols, "]; expected sizes >= 0 and at most ", Shape::kMaxElements,
+                       " elements");
     const auto needed = static_cast<std::size_t>(rows * cols);
     if (needed > capacity_) {
       storage_ = detail::AlignedBytes::allocate(needed * sizeof(Scalar));
