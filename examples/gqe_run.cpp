@@ -118,7 +118,8 @@ int run(const Options& opt) {
   caches[0].reserve(T + generate);
   // Every prompt position's logits only when they are written out; else the last one's (the head
   // of a large vocabulary would cost more than the whole prompt's layers).
-  const gqe::Index rows = opt.logits_out ? T : 1;
+  const bool every_position = static_cast<bool>(opt.logits_out);
+  const gqe::Index rows = every_position ? T : 1;
   gqe::Tensor<Scalar> logits(gqe::Shape{1, rows, V});  // [1, rows, V]
   const bool routed = config.attention_type == gqe::AttentionType::gqe;
   const gqe::Index L = config.num_layers, G = config.num_kv_heads, k = config.top_k;
@@ -137,14 +138,14 @@ int run(const Options& opt) {
   const gqe::TensorView<const std::int32_t> ids(prompt.data(), gqe::Shape{1, T});
   const auto prompt_start = Clock::now();
   if (opt.mode == "prefill") {
-    if (rows == 1)
-      model.forward(ids, caches, logits.view()[0], true, &trace);  // [1, V]
-    else
+    if (every_position)
       model.forward(ids, caches, logits.view(), false, &trace);
+    else
+      model.forward(ids, caches, logits.view()[0], true, &trace);  // [1, V]
     record(0, T);
   } else {
     for (gqe::Index t = 0; t < T; ++t) {
-      model.forward(ids.reshape(gqe::Shape{T, 1}).slice(t, 1), caches, logits.view()[0].slice(rows == 1 ? 0 : t, 1), true, &trace);
+      model.forward(ids.reshape(gqe::Shape{T, 1}).slice(t, 1), caches, logits.view()[0].slice(every_position ? t : 0, 1), true, &trace);
       record(t, 1);
     }
   }
