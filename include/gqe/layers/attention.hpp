@@ -166,7 +166,7 @@ class Attention {
   struct GradWorkspace {
     Matrix<Scalar> d_cat, d_out, d_probs, d_logits, d_query, d_key, d_value, d_mean_key, d_mean_value;
     std::vector<Index> expert_rows, expert_slots, expert_first, expert_next;
-    std::vector<Matrix<Scalar>> expert_dx;
+    std::vector<ScratchMatrix<Scalar>> expert_dx;  // [rows of expert e, d] each
     std::vector<QueryGroup<Scalar>> groups;
     std::vector<QueryGroupGrad<Scalar>> grads;
   };
@@ -431,10 +431,13 @@ class Attention {
     auto d_weight = q_proj_.grad_matrix<Scalar>();
     thread_pool().parallel_for(experts, [&](Index e) {
       const Index begin = g.expert_first[static_cast<std::size_t>(e)], n = g.expert_first[static_cast<std::size_t>(e + 1)] - begin;
-      Matrix<Scalar>& dx_e = g.expert_dx[static_cast<std::size_t>(e)];
+      ScratchMatrix<Scalar>& dx_e = g.expert_dx[static_cast<std::size_t>(e)];
       dx_e.resize(n, d);
       if (n == 0) return;
-      Matrix<Scalar> gathered(n, d), dq(n, dh);
+      // Grow-only, per thread: fresh matrices every call were faulted in anew, on every thread.
+      thread_local ScratchMatrix<Scalar> gathered, dq;
+      gathered.resize(n, d);
+      dq.resize(n, dh);
       for (Index i = 0; i < n; ++i) {
         const Index r = g.expert_rows[static_cast<std::size_t>(begin + i)];
         gathered.row(i) = tape.x.row(r);
