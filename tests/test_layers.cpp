@@ -644,6 +644,33 @@ TYPED_TEST(LayersTest, UniformRoutingGivesAuxLossK) {
   }
 }
 
+// A call whose segments do not tile the rows, continue a cache of another layer's shape, or share a
+// cache is refused with ShapeError before any cache is written.
+TYPED_TEST(LayersTest, AttentionRefusesSegmentsThatDoNotTileTheRowsOrShareACache) {
+  using S = TypeParam;
+  std::mt19937 rng(71);
+  for (const auto& c : {LayerCase{"", AttentionType::gqa, GqeVariant::gqe, 24, 4, 2, 10, 1}.config(), gqe_config(24, 4, 2, 1)}) {
+    SCOPED_TRACE(c.is_gqe() ? "gqe" : "gqa");
+    gqe::Attention<S> layer(c);
+    randomise<S>(layer, rng);
+    const Matrix<S> x = random_matrix<S>(6, c.hidden_size, rng);  // [6, d]
+    AttentionConfig other = c;
+    other.num_kv_heads = 1;
+    other.num_heads = c.num_heads / c.num_kv_heads;
+    gqe::AttentionCache<S> a(c), b(c), foreign(other);
+    EXPECT_THROW(run<S>(layer, x, Segments<S>{{&a, 0, 3}, {&b, 4, 2}}), gqe::ShapeError);   // a gap at row 3
+    EXPECT_THROW(run<S>(layer, x, Segments<S>{{&a, 0, 3}, {&b, 3, 2}}), gqe::ShapeError);   // row 5 left out
+    EXPECT_THROW(run<S>(layer, x, Segments<S>{{&a, 0, 3}, {&foreign, 3, 3}}), gqe::ShapeError);
+    EXPECT_THROW(run<S>(layer, x, Segments<S>{{&a, 0, 3}, {&b, 3, 1}, {&a, 4, 2}}), gqe::ShapeError);
+    EXPECT_EQ(a.length(), 0);
+    EXPECT_EQ(b.length(), 0);
+    EXPECT_EQ(foreign.length(), 0);
+    run<S>(layer, x, Segments<S>{{&a, 0, 3}, {&b, 3, 3}});  // the same call, well formed
+    EXPECT_EQ(a.length(), 3);
+    EXPECT_EQ(b.length(), 3);
+  }
+}
+
 // ---- config validation ------------------------------------------------------------------------------
 
 // Constructing `Layer` from c throws ConfigError whose message names `field`.

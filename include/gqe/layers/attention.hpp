@@ -199,6 +199,13 @@ class Attention {
       next += s.count;
     }
     if (next != R) fail<ShapeError>("attention segments cover ", next, " rows; expected all ", R);
+    // Two segments on one cache would write the same positions.
+    thread_local std::vector<const AttentionCache<Scalar>*> caches;
+    caches.clear();
+    for (const auto& s : segments) caches.push_back(s.cache);
+    std::sort(caches.begin(), caches.end());
+    if (std::adjacent_find(caches.begin(), caches.end()) != caches.end())
+      fail<ShapeError>("two attention segments continue the same cache; expected one cache per segment");
     for (const auto& w : {&q_proj_, &k_proj_, &v_proj_, &o_proj_})
       if (!w->bound()) fail<InputError>("attention weights are not loaded; expected a loaded or initialised model");
   }
