@@ -13,6 +13,7 @@
 // "weighted_concat" multiplies each hard slot by its router probability.
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <string>
@@ -203,7 +204,7 @@ class Attention {
     thread_local std::vector<const AttentionCache<Scalar>*> caches;
     caches.clear();
     for (const auto& s : segments) caches.push_back(s.cache);
-    std::sort(caches.begin(), caches.end());
+    std::sort(caches.begin(), caches.end(), std::less<const AttentionCache<Scalar>*>());  // a total order, unlike <
     if (std::adjacent_find(caches.begin(), caches.end()) != caches.end())
       fail<ShapeError>("two attention segments continue the same cache; expected one cache per segment");
     for (const auto& w : {&q_proj_, &k_proj_, &v_proj_, &o_proj_})
