@@ -31,13 +31,10 @@ class ScratchMatrix : public Eigen::Map<Matrix<Scalar>, Eigen::Aligned64> {
   }
   using Base::operator=;  // element-wise assignment from an expression of the same shape
 
-  // Throws ShapeError for a negative size or more elements than a Shape may hold.
+  // Throws ShapeError, as a Shape does, for a negative size or more elements than a Shape may hold.
   void resize(Index rows, Index cols) {
     if (rows == this->rows() && cols == this->cols()) return;
-    if (rows < 0 || cols < 0 || (rows > 0 && cols > Shape::kMaxElements / rows))
-      fail<ShapeError>("scratch matrix [", rows, ", ", cols, "]; expected sizes >= 0 and at most ", Shape::kMaxElements,
-                       " elements");
-    const auto needed = static_cast<std::size_t>(rows * cols);
+    const auto needed = static_cast<std::size_t>(Shape{rows, cols}.numel());
     if (needed > capacity_) {
       storage_ = detail::AlignedBytes::allocate(needed * sizeof(Scalar));
       capacity_ = needed;
