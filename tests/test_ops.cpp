@@ -338,6 +338,42 @@ TYPED_TEST(OpsTest, LinearIsBitIdenticalForAnyThreadCount) {
         << "threads " << i + 1 << " differ from 1 thread";
 }
 
+// dx = dy W and dW += dy^T x against the obvious products, over shapes whose weight gradient is
+// one block (its depth cut into runs of rows, the last one ragged) and shapes of several blocks;
+// dx overwritten or accumulated, dW accumulated onto what it held; the same bits for any thread
+// count.
+TYPED_TEST(OpsTest, LinearBackwardIsTheTransposedProductsForAnyThreadCount) {
+  using S = TypeParam;
+  std::mt19937 rng(8);
+  struct Size {
+    Index rows, in, out;
+  };
+  for (const Size s : {Size{1301, 37, 13}, Size{513, 64, 64}, Size{300, 517, 270}, Size{9, 5, 3}, Size{1030, 300, 70}}) {
+    SCOPED_TRACE(std::to_string(s.rows) + " x " + std::to_string(s.in) + " x " + std::to_string(s.out));
+    const Matrix<S> x = random_matrix<S>(s.rows, s.in, rng);    // [R, in]
+    const Matrix<S> w = random_matrix<S>(s.out, s.in, rng);     // [out, in]
+    const Matrix<S> dy = random_matrix<S>(s.rows, s.out, rng);  // [R, out]
+    const Matrix<S> dx0 = random_matrix<S>(s.rows, s.in, rng), dw0 = random_matrix<S>(s.out, s.in, rng);
+    const MatrixD want_dx = to_double(dy) * to_double(w), want_dw = to_double(dw0) + to_double(dy).transpose() * to_double(x);
+    const gqe::WeightMatrix weight{w.data(), gqe::dtype_of<S>(), s.in};
+    std::vector<Matrix<S>> dws;
+    for (int threads : {1, 2, 3}) {
+      gqe::set_num_threads(threads);
+      Matrix<S> dx = dx0, dw = dw0;
+      gqe::linear_backward<S>(x, weight, dy, dx, false, dw);
+      EXPECT_LT(relative_error(dx, want_dx), linear_tolerance<S>(s.out));
+      EXPECT_LT(relative_error(dw, want_dw), linear_tolerance<S>(s.rows));
+      Matrix<S> dx_sum = dx0, dw_again = dw0;
+      gqe::linear_backward<S>(x, weight, dy, dx_sum, true, dw_again);
+      EXPECT_LT(relative_error(dx_sum, to_double(dx0) + want_dx), linear_tolerance<S>(s.out));
+      dws.push_back(dw);
+    }
+    for (std::size_t i = 1; i < dws.size(); ++i)
+      EXPECT_EQ(std::memcmp(dws[0].data(), dws[i].data(), sizeof(S) * static_cast<std::size_t>(dws[0].size())), 0)
+          << "dW on " << i + 1 << " threads differs from 1 thread";
+  }
+}
+
 // Batch invariance: a row of the product is the same bits whatever other rows share the call, how
 // many there are and where the row sits among them; and 16-bit weights used in place give the same
 // bits as the same values widened first.

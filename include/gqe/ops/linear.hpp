@@ -5,6 +5,7 @@
 // library's pool: bit-identical results whatever the thread count, and (the kernels' property)
 // whatever other rows share the call.
 #include <algorithm>
+#include <vector>
 
 #include "gqe/ops/gemm.hpp"
 #include "gqe/ops/gemm_backend.hpp"
@@ -55,8 +56,9 @@ void linear(const Eigen::Ref<const Matrix<Scalar>>& x, const Eigen::Ref<const Ma
 }
 
 // For y [R, out] = x [R, in] W^T: dx [R, in] = dy W (or += when accumulate_dx; skipped when dx is
-// empty) and dW [out, in] += dy^T x. Each unit owns whole output blocks and sums over all of its
-// depth, so the gradients are bit-identical for every thread count.
+// empty) and dW [out, in] += dy^T x. Units of dW own whole output blocks; a small dW (fewer blocks
+// than kMinWeightBlocks) also cuts its depth, the rows, into fixed runs whose partial sums are added
+// in run order. Both cuts follow the shapes alone: bit-identical gradients for every thread count.
 template <class Scalar>
 void linear_backward(const Eigen::Ref<const Matrix<Scalar>>& x, const WeightMatrix& w, const Eigen::Ref<const Matrix<Scalar>>& dy,
                      Eigen::Ref<Matrix<Scalar>> dx, bool accumulate_dx, Eigen::Ref<Matrix<Scalar>> dw) {
@@ -78,14 +80,24 @@ void linear_backward(const Eigen::Ref<const Matrix<Scalar>>& x, const WeightMatr
                    dx.data() + r0 * dx.outerStride() + c0, dx.outerStride(), accumulate_dx);
     }, flops);
   }
-  constexpr Index kOutTile = 64;
-  const Index out_tiles = (out + kOutTile - 1) / kOutTile;
-  thread_pool().parallel_for(out_tiles * in_tiles, [&](Index unit) {
-    const Index o0 = (unit / in_tiles) * kOutTile, c0 = (unit % in_tiles) * kTile;
-    const Index no = std::min(kOutTile, out - o0), nc = std::min(kTile, in - c0);
-    gemm<Scalar>(no, nc, rows, LhsMatrix<Scalar>{dy.data() + o0, 1, dy.outerStride()}, rhs_of(x.data() + c0, x.outerStride(), false),
-                 dw.data() + o0 * dw.outerStride() + c0, dw.outerStride(), true);
+  constexpr Index kOutTile = 64, kMinWeightBlocks = 4, kDepthRun = 512;
+  const Index out_tiles = (out + kOutTile - 1) / kOutTile, blocks = out_tiles * in_tiles;
+  const Index runs = blocks >= kMinWeightBlocks ? 1 : (rows + kDepthRun - 1) / kDepthRun;
+  const Index run_rows = runs == 1 ? rows : kDepthRun;
+  thread_local std::vector<Scalar> partial_sums;  // [runs - 1][out, in]: runs 1.. (run 0 adds to dW itself)
+  if (runs > 1) partial_sums.resize(static_cast<std::size_t>((runs - 1) * out * in));
+  Scalar* const partials = partial_sums.data();  // the calling thread's buffer, which the workers fill
+  thread_pool().parallel_for(blocks * runs, [&](Index unit) {
+    const Index block = unit % blocks, run = unit / blocks;
+    const Index o0 = (block / in_tiles) * kOutTile, c0 = (block % in_tiles) * kTile, r0 = run * run_rows;
+    const Index no = std::min(kOutTile, out - o0), nc = std::min(kTile, in - c0), nr = std::min(run_rows, rows - r0);
+    Scalar* target = run == 0 ? dw.data() + o0 * dw.outerStride() + c0 : partials + ((run - 1) * out + o0) * in + c0;
+    const Index target_stride = run == 0 ? dw.outerStride() : in;
+    gemm<Scalar>(no, nc, nr, LhsMatrix<Scalar>{dy.data() + r0 * dy.outerStride() + o0, 1, dy.outerStride()},
+                 rhs_of(x.data() + r0 * x.outerStride() + c0, x.outerStride(), false), target, target_stride, run == 0);
   }, flops);
+  for (Index run = 1; run < runs; ++run)
+    dw += Eigen::Map<const Matrix<Scalar>>(partials + (run - 1) * out * in, out, in);
 }
 
 }  // namespace gqe
