@@ -374,6 +374,50 @@ TYPED_TEST(OpsTest, LinearBackwardIsTheTransposedProductsForAnyThreadCount) {
   }
 }
 
+// The cache keeps each written position's key and value of every KV head as given, and their mean
+// over the groups when it has one: runs that start inside a tile and cross several, after earlier
+// positions that must stay as they were.
+TYPED_TEST(OpsTest, KvCacheWritesRunsOfPositionsAcrossTiles) {
+  using S = TypeParam;
+  std::mt19937 rng(9);
+  for (const bool with_mean : {false, true}) {
+    SCOPED_TRACE(with_mean ? "with the mean over groups" : "KV heads only");
+    gqe::AttentionConfig config;
+    config.num_kv_heads = 3;
+    config.head_dim = 6;
+    if (with_mean) {
+      config.type = gqe::AttentionType::gqe;
+      config.num_heads = 6;
+    }
+    const Index G = config.num_kv_heads, dh = config.head_dim, T = 3 * gqe::kKeyTile + 45;
+    const Matrix<S> key = random_matrix<S>(T, G * dh + 2, rng), value = random_matrix<S>(T, G * dh + 2, rng);  // rows' stride G*d_h + 2
+    gqe::AttentionCache<S> cache(config);
+    cache.reserve(T);
+    const Index split = gqe::kKeyTile - 6;  // the second run starts 6 positions before a tile ends
+    cache.write(0, split, key.data(), value.data(), key.cols());
+    cache.write(split, T - split, key.row(split).data(), value.row(split).data(), key.cols());
+    std::vector<S> k(static_cast<std::size_t>(dh)), v(static_cast<std::size_t>(dh));
+    for (Index pos = 0; pos < T; ++pos) {
+      std::vector<double> mean_k(static_cast<std::size_t>(dh)), mean_v(static_cast<std::size_t>(dh));
+      for (Index g = 0; g < G; ++g) {
+        cache.read(g, pos, k.data(), v.data());
+        for (Index c = 0; c < dh; ++c) {
+          ASSERT_EQ(k[static_cast<std::size_t>(c)], key(pos, g * dh + c)) << "position " << pos << ", head " << g;
+          ASSERT_EQ(v[static_cast<std::size_t>(c)], value(pos, g * dh + c)) << "position " << pos << ", head " << g;
+          mean_k[static_cast<std::size_t>(c)] += static_cast<double>(key(pos, g * dh + c)) / static_cast<double>(G);
+          mean_v[static_cast<std::size_t>(c)] += static_cast<double>(value(pos, g * dh + c)) / static_cast<double>(G);
+        }
+      }
+      if (!with_mean) continue;
+      cache.read(G, pos, k.data(), v.data());
+      for (Index c = 0; c < dh; ++c) {
+        ASSERT_NEAR(k[static_cast<std::size_t>(c)], mean_k[static_cast<std::size_t>(c)], 8 * eps<S>()) << "position " << pos;
+        ASSERT_NEAR(v[static_cast<std::size_t>(c)], mean_v[static_cast<std::size_t>(c)], 8 * eps<S>()) << "position " << pos;
+      }
+    }
+  }
+}
+
 // Batch invariance: a row of the product is the same bits whatever other rows share the call, how
 // many there are and where the row sits among them; and 16-bit weights used in place give the same
 // bits as the same values widened first.

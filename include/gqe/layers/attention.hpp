@@ -224,7 +224,7 @@ class Attention {
     for (const auto& s : segments) {
       const Index past = s.cache->length();
       s.cache->reserve(past + s.count);
-      for (Index i = 0; i < s.count; ++i) s.cache->write(past + i, ws.key.row(s.row_begin + i).data(), ws.value.row(s.row_begin + i).data());
+      s.cache->write(past, s.count, ws.key.row(s.row_begin).data(), ws.value.row(s.row_begin).data(), cols);
     }
   }
 

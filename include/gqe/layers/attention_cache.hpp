@@ -19,6 +19,7 @@
 #include "gqe/ops/attention.hpp"
 #include "gqe/tensor/tensor.hpp"
 #include "gqe/tensor/aligned_bytes.hpp"
+#include "gqe/util/thread_pool.hpp"
 
 namespace gqe {
 
@@ -76,28 +77,23 @@ class AttentionCache {
     length_ = length;
   }
 
-  // Writes position `pos` (at or past length(), within capacity()): key and value [G*d_h] after
-  // RoPE, and, when the cache keeps it, their mean over the groups.
-  void write(Index pos, const Scalar* key, const Scalar* value) {
-    assert(pos >= length_ && pos < capacity());
-    const Index dh = head_dim_, slot = pos % kKeyTile;
-    Scalar* tile = tiles_[static_cast<std::size_t>(pos / kKeyTile)];
-    for (Index g = 0; g < kv_heads_; ++g) write_head(tile, g, slot, key + g * dh, value + g * dh);
-    if (!with_mean_) return;
-    mean_.resize(static_cast<std::size_t>(2 * dh));
-    Scalar* mean_k = mean_.data();
-    Scalar* mean_v = mean_.data() + dh;
-    for (Index c = 0; c < dh; ++c) {
-      Scalar sk = 0, sv = 0;
-      for (Index g = 0; g < kv_heads_; ++g) {  // groups in order: the same sum for every position
-        sk += key[g * dh + c];
-        sv += value[g * dh + c];
-      }
-      mean_k[c] = sk / Scalar(kv_heads_);
-      mean_v[c] = sv / Scalar(kv_heads_);
-    }
-    write_head(tile, kv_heads_, slot, mean_k, mean_v);
+  // Writes positions [pos, pos + count) (at or past length(), within capacity()) from rows of key
+  // and value [count, G*d_h] (row stride `stride`) after RoPE, and, when the cache keeps it, their
+  // mean over the groups. Tiles are written in parallel: each is one unit of the library's pool.
+  void write(Index pos, Index count, const Scalar* key, const Scalar* value, Index stride) {
+    assert(pos >= length_ && pos + count <= capacity() && count >= 0);
+    if (count <= 0) return;
+    const Index first_tile = pos / kKeyTile, tiles = (pos + count - 1) / kKeyTile - first_tile + 1;
+    const double elements = 2.0 * static_cast<double>(count) * static_cast<double>(tile_size() / kKeyTile);
+    thread_pool().parallel_for(tiles, [&](Index unit) {
+      const Index t = first_tile + unit;
+      const Index begin = std::max(pos, t * kKeyTile), end = std::min(pos + count, (t + 1) * kKeyTile);
+      for (Index run = begin; run < end; run += kRun)
+        write_run(run, std::min(kRun, end - run), key + (run - pos) * stride, value + (run - pos) * stride, stride);
+    }, elements);
   }
+  // One position: key and value [G*d_h].
+  void write(Index pos, const Scalar* key, const Scalar* value) { write(pos, 1, key, value, 0); }
 
   // KV head g (0 .. G-1), or the mean over groups (g == G, when kept), for the attention kernel.
   KeyValueTiles<Scalar> head(Index g) const {
@@ -116,10 +112,37 @@ class AttentionCache {
  private:
   Index head_size() const { return 2 * head_dim_ * kKeyTile; }
   Index tile_size() const { return (kv_heads_ + (with_mean_ ? 1 : 0)) * head_size(); }
-  void write_head(Scalar* tile, Index h, Index slot, const Scalar* key, const Scalar* value) {
+  // Positions written together: one cache line of K^T per channel, so that the transpose writes
+  // whole lines instead of one element of 16 lines per position.
+  static constexpr Index kRun = 16;
+
+  // n <= kRun positions from pos on (one tile): rows of key and value [n, G*d_h], row stride `stride`.
+  void write_run(Index pos, Index n, const Scalar* key, const Scalar* value, Index stride) {
+    const Index dh = head_dim_, slot = pos % kKeyTile;
+    Scalar* tile = tiles_[static_cast<std::size_t>(pos / kKeyTile)];
+    for (Index g = 0; g < kv_heads_; ++g) write_head(tile, g, slot, n, key + g * dh, value + g * dh, stride);
+    if (!with_mean_) return;
+    thread_local std::vector<Scalar> mean_rows;  // [n, d_h] of K, then of V
+    mean_rows.resize(static_cast<std::size_t>(2 * n * dh));
+    Scalar* mean = mean_rows.data();
+    for (Index i = 0; i < n; ++i)
+      for (Index c = 0; c < dh; ++c) {
+        Scalar sk = 0, sv = 0;
+        for (Index g = 0; g < kv_heads_; ++g) {  // groups in order: the same sum for every position
+          sk += key[i * stride + g * dh + c];
+          sv += value[i * stride + g * dh + c];
+        }
+        mean[i * dh + c] = sk / Scalar(kv_heads_);
+        mean[(n + i) * dh + c] = sv / Scalar(kv_heads_);
+      }
+    write_head(tile, kv_heads_, slot, n, mean, mean + n * dh, dh);
+  }
+  // Head h's K^T [d_h][KT] and V [KT][d_h] at slots [slot, slot + n) from rows of key and value.
+  void write_head(Scalar* tile, Index h, Index slot, Index n, const Scalar* key, const Scalar* value, Index stride) {
     Scalar* block = tile + h * head_size();
-    for (Index c = 0; c < head_dim_; ++c) block[c * kKeyTile + slot] = key[c];  // K^T [d_h][KT]
-    std::copy_n(value, head_dim_, block + head_dim_ * kKeyTile + slot * head_dim_);  // V [KT][d_h]
+    for (Index c = 0; c < head_dim_; ++c)
+      for (Index i = 0; i < n; ++i) block[c * kKeyTile + slot + i] = key[i * stride + c];
+    for (Index i = 0; i < n; ++i) std::copy_n(value + i * stride, head_dim_, block + head_dim_ * kKeyTile + (slot + i) * head_dim_);
   }
 
   Index kv_heads_ = 0, head_dim_ = 0;
@@ -128,7 +151,6 @@ class AttentionCache {
   std::vector<detail::AlignedBytes::Pointer> blocks_;  // the tiles' storage
   std::vector<Scalar*> tiles_;                                        // [capacity / KT]
   std::vector<const Scalar*> tile_pointers_;                          // tiles_, as the kernel reads them
-  std::vector<Scalar> mean_;                  // [2*d_h]: write()'s mean K and V of one position
 };
 
 // A run of consecutive rows of a layer's input that continue one sequence: rows

@@ -4,10 +4,12 @@
 // The angles are computed in double: in float their error grows with the position.
 #include "gqe/tensor/eigen.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "gqe/tensor/tensor.hpp"
+#include "gqe/util/thread_pool.hpp"
 
 namespace gqe {
 
@@ -42,24 +44,30 @@ struct RopeTable {
   }
 };
 
-// Rotates every head of x [R, H*d_h] in place, row r by the angles of table row r.
+// Rotates every head of x [R, H*d_h] in place, row r by the angles of table row r; runs of rows
+// are units of the library's pool.
 template <class Scalar>
 void apply_rope(Eigen::Ref<Matrix<Scalar>> x, Index head_dim, const RopeTable<Scalar>& table) {
   const Index half = head_dim / 2, heads = x.cols() / head_dim;
   assert(x.cols() == heads * head_dim && table.cos.rows() == x.rows() && table.cos.cols() == half);
-  for (Index r = 0; r < x.rows(); ++r) {
-    const Scalar* c = table.cos.row(r).data();
-    const Scalar* s = table.sin.row(r).data();
-    for (Index h = 0; h < heads; ++h) {
-      Scalar* x1 = x.row(r).data() + h * head_dim;
-      Scalar* x2 = x1 + half;
-      for (Index i = 0; i < half; ++i) {
-        const Scalar a = x1[i], b = x2[i];
-        x1[i] = a * c[i] - b * s[i];
-        x2[i] = b * c[i] + a * s[i];
+  constexpr Index kRowsPerUnit = 64;
+  const auto rotate_rows = [&](Index unit) {
+    const Index end = std::min(x.rows(), (unit + 1) * kRowsPerUnit);
+    for (Index r = unit * kRowsPerUnit; r < end; ++r) {
+      const Scalar* c = table.cos.row(r).data();
+      const Scalar* s = table.sin.row(r).data();
+      for (Index h = 0; h < heads; ++h) {
+        Scalar* x1 = x.row(r).data() + h * head_dim;
+        Scalar* x2 = x1 + half;
+        for (Index i = 0; i < half; ++i) {
+          const Scalar a = x1[i], b = x2[i];
+          x1[i] = a * c[i] - b * s[i];
+          x2[i] = b * c[i] + a * s[i];
+        }
       }
     }
-  }
+  };
+  thread_pool().parallel_for((x.rows() + kRowsPerUnit - 1) / kRowsPerUnit, rotate_rows, 3.0 * static_cast<double>(x.size()));
 }
 
 }  // namespace gqe
