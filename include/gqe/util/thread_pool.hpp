@@ -5,6 +5,7 @@
 // inside a pool worker runs serially, so nesting cannot deadlock.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cmath>
 #include <cstdlib>
@@ -80,16 +81,21 @@ class ThreadPool {
       std::lock_guard<std::mutex> lock(mutex_);
       for (Index h = 0; h < helpers; ++h) queue_.push_back(&job);
     }
+    queued_.fetch_add(helpers);  // after unlocking: a spinning worker that sees it finds mutex_ free
     wake_.notify_all();
     inside_worker() = true;  // a parallel_for inside fn runs serially here too
     job.run();
     inside_worker() = false;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      queue_.erase(std::remove(queue_.begin(), queue_.end(), &job), queue_.end());
+      const auto untaken = std::remove(queue_.begin(), queue_.end(), &job);
+      queued_.fetch_sub(static_cast<Index>(queue_.end() - untaken));
+      queue_.erase(untaken, queue_.end());
     }
+    const auto finished = [&] { return job.done.load() == job.count && job.helpers_inside.load() == 0; };
+    spin_until(finished);
     std::unique_lock<std::mutex> lock(job.mutex);
-    job.finished.wait(lock, [&] { return job.done == job.count && job.helpers_inside == 0; });
+    job.finished.wait(lock, finished);
     if (job.error) std::rethrow_exception(std::exchange(job.error, nullptr));
   }
 
@@ -100,8 +106,9 @@ class ThreadPool {
     std::atomic<Index> next{0};
     std::mutex mutex;
     std::condition_variable finished;
-    Index done = 0;            // units finished
-    Index helpers_inside = 0;  // workers that took a slot of this job and have not left run()
+    // Changed under `mutex` (so that a waiter cannot miss the notification), read without it.
+    std::atomic<Index> done{0};            // units finished
+    std::atomic<Index> helpers_inside{0};  // workers that took a slot of this job and have not left run()
     std::exception_ptr error;
 
     void reset(Index units, std::function<void(Index)> fn) {
@@ -112,15 +119,16 @@ class ThreadPool {
     }
     void run() {
       for (Index i; (i = next.fetch_add(1)) < count;) {
-        std::exception_ptr caught;
         try {
           body(i);
         } catch (...) {
-          caught = std::current_exception();
+          std::lock_guard<std::mutex> lock(mutex);
+          if (!error) error = std::current_exception();
         }
-        std::lock_guard<std::mutex> lock(mutex);
-        if (caught && !error) error = caught;
-        if (++done == count) finished.notify_all();
+        if (done.fetch_add(1) + 1 == count) {  // the last unit: the lock orders this before the waiter's check
+          std::lock_guard<std::mutex> lock(mutex);
+          finished.notify_all();
+        }
       }
     }
   };
@@ -144,12 +152,14 @@ class ThreadPool {
     inside_worker() = true;
     for (;;) {
       Job* job = nullptr;
+      spin_until([&] { return queued_.load() > 0 || stopping_.load(); });
       {
         std::unique_lock<std::mutex> lock(mutex_);
         wake_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
         if (queue_.empty()) return;
         job = queue_.back();
         queue_.pop_back();
+        queued_.fetch_sub(1);
         std::lock_guard<std::mutex> job_lock(job->mutex);
         ++job->helpers_inside;  // under mutex_: the caller, withdrawing its slots, will wait for us
       }
@@ -159,11 +169,22 @@ class ThreadPool {
     }
   }
 
+  // Waiting threads spin (yielding the CPU to any other runnable thread) for up to kSpin before they
+  // sleep: a training step or a prefill calls the pool every few hundred microseconds, and waking a
+  // sleeping thread costs tens of microseconds on a virtual machine, where an idle CPU halts.
+  static constexpr std::chrono::microseconds kSpin{1000};
+  template <class Ready>
+  static void spin_until(Ready ready) {
+    const auto until = std::chrono::steady_clock::now() + kSpin;
+    while (!ready() && std::chrono::steady_clock::now() < until) std::this_thread::yield();
+  }
+
+  std::atomic<Index> queued_{0};  // queue_.size() as a hint for spinning workers (the queue decides)
   std::vector<std::thread> workers_;
   std::vector<Job*> queue_;  // helper slots of running jobs; its capacity is kept
   std::mutex mutex_;
   std::condition_variable wake_;
-  bool stopping_ = false;
+  std::atomic<bool> stopping_{false};
 };
 
 // A share of a pool: parallel_for and threads() as ThreadPool's, with the pool kept alive for as
