@@ -162,8 +162,19 @@ std::string refusal(const std::string& bytes) {
   return "";
 }
 
-// A fresh folder of its own for each test, also when ctest runs several test processes at once.
+// A fresh folder of its own for each test, also when ctest runs several test processes at once;
+// every one is removed when the process ends.
 fs::path scratch(const std::string& name) {
+  struct Folders {
+    std::vector<fs::path> paths;
+    ~Folders() {
+      for (const auto& p : paths) {
+        std::error_code ignored;
+        fs::remove_all(p, ignored);
+      }
+    }
+  };
+  static Folders made;
 #if defined(__unix__) || defined(__APPLE__)
   const std::string process = std::to_string(::getpid());
 #else
@@ -172,6 +183,7 @@ fs::path scratch(const std::string& name) {
   const fs::path p = fs::temp_directory_path() / ("gqe-test-io-" + process + "-" + name);
   fs::remove_all(p);
   fs::create_directories(p);
+  made.paths.push_back(p);
   return p;
 }
 
