@@ -84,13 +84,13 @@ class AttentionCache {
     assert(pos >= length_ && pos + count <= capacity() && count >= 0);
     if (count <= 0) return;
     const Index first_tile = pos / kKeyTile, tiles = (pos + count - 1) / kKeyTile - first_tile + 1;
-    const double elements = 2.0 * static_cast<double>(count) * static_cast<double>(tile_size() / kKeyTile);
+    const double copied = 2.0 * static_cast<double>(count) * static_cast<double>(tile_size() / kKeyTile);  // elements: the work
     thread_pool().parallel_for(tiles, [&](Index unit) {
       const Index t = first_tile + unit;
       const Index begin = std::max(pos, t * kKeyTile), end = std::min(pos + count, (t + 1) * kKeyTile);
       for (Index run = begin; run < end; run += kRun)
         write_run(run, std::min(kRun, end - run), key + (run - pos) * stride, value + (run - pos) * stride, stride);
-    }, elements);
+    }, copied);
   }
   // One position: key and value [G*d_h].
   void write(Index pos, const Scalar* key, const Scalar* value) { write(pos, 1, key, value, 0); }

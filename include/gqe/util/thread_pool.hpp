@@ -106,7 +106,9 @@ class ThreadPool {
     std::atomic<Index> next{0};
     std::mutex mutex;
     std::condition_variable finished;
-    // Changed under `mutex` (so that a waiter cannot miss the notification), read without it.
+    // Read without `mutex` by a spinning caller. done is counted without it too, but the unit that
+    // completes the count notifies under it, so a waiter that checked just before cannot miss it;
+    // helpers_inside changes under it.
     std::atomic<Index> done{0};            // units finished
     std::atomic<Index> helpers_inside{0};  // workers that took a slot of this job and have not left run()
     std::exception_ptr error;
