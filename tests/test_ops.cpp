@@ -321,6 +321,14 @@ TYPED_TEST(OpsTest, LinearIsXTimesWTransposedAcrossTiles) {
   }
 }
 
+// results[i], computed on i + 1 threads, has the bits of results[0], computed on one.
+template <class S>
+void expect_the_bits_of_one_thread(const std::vector<Matrix<S>>& results, const std::string& what) {
+  for (std::size_t i = 1; i < results.size(); ++i)
+    EXPECT_EQ(std::memcmp(results[0].data(), results[i].data(), sizeof(S) * static_cast<std::size_t>(results[0].size())), 0)
+        << what << " on " << i + 1 << " threads differs from 1 thread";
+}
+
 TYPED_TEST(OpsTest, LinearIsBitIdenticalForAnyThreadCount) {
   using S = TypeParam;
   std::mt19937 rng(7);
@@ -333,9 +341,7 @@ TYPED_TEST(OpsTest, LinearIsBitIdenticalForAnyThreadCount) {
     gqe::linear<S>(x, w, y);
     results.push_back(y);
   }
-  for (std::size_t i = 1; i < results.size(); ++i)
-    EXPECT_EQ(std::memcmp(results[0].data(), results[i].data(), sizeof(S) * static_cast<std::size_t>(results[0].size())), 0)
-        << "threads " << i + 1 << " differ from 1 thread";
+  expect_the_bits_of_one_thread(results, "y");
 }
 
 // dx = dy W and dW += dy^T x against the obvious products, over shapes whose weight gradient is
@@ -368,9 +374,7 @@ TYPED_TEST(OpsTest, LinearBackwardIsTheTransposedProductsForAnyThreadCount) {
       EXPECT_LT(relative_error(dx_sum, to_double(dx0) + want_dx), linear_tolerance<S>(s.out));
       dws.push_back(dw);
     }
-    for (std::size_t i = 1; i < dws.size(); ++i)
-      EXPECT_EQ(std::memcmp(dws[0].data(), dws[i].data(), sizeof(S) * static_cast<std::size_t>(dws[0].size())), 0)
-          << "dW on " << i + 1 << " threads differs from 1 thread";
+    expect_the_bits_of_one_thread(dws, "dW");
   }
 }
 
