@@ -260,9 +260,9 @@ gqe::training::Batch random_batch(const gqe::ModelConfig& c, Index B, Index T, s
 }
 
 // Every parameter's gradient against central differences of the total loss.
-void check_model_gradient(const gqe::ModelConfig& c, double aux_coef, std::uint64_t seed) {
+void check_model_gradient(const gqe::ModelConfig& c, double aux_coef, std::uint64_t seed, Index B = 2, Index T = 7) {
   auto model = random_model(c, seed);
-  const auto batch = random_batch(c, 2, 7, seed + 100);
+  const auto batch = random_batch(c, B, T, seed + 100);
   gqe::training::LossAndGrad<double> graph;
   graph.forward(model, batch, aux_coef);
   graph.backward(model);
@@ -301,6 +301,16 @@ const ModelCase kModelCases[] = {
 };
 INSTANTIATE_TEST_SUITE_P(Training, ModelGradient, ::testing::ValuesIn(kModelCases),
                          [](const auto& info) { return std::string(info.param.name); });
+
+// A batch runs in lanes of consecutive sequences (LossAndGrad::kMaxLanes of them at most), each
+// with gradients of its own, added up afterwards; the load-balancing loss still spans the whole
+// batch. 18 sequences: lanes of one and of two sequences, and a large coefficient so that a
+// per-lane f or token count would show.
+TEST(TrainingModel, GradientOfABatchLargerThanTheLanes) {
+  static_assert(gqe::training::LossAndGrad<double>::kMaxLanes < 18);
+  check_model_gradient(tiny_config(gqe::AttentionType::gqe, gqe::GqeVariant::gqe, 1, false), 0.5, 31, 18, 3);
+  check_model_gradient(tiny_config(gqe::AttentionType::gqa, gqe::GqeVariant::gqe, 1, true), 0.0, 32, 18, 3);
+}
 
 // hard_concat: the hard slots give the router nothing, so its gradient is the load-balancing
 // loss's alone: zero with coefficient 0, and with coefficient c exactly c times that of c = 1.
@@ -849,7 +859,7 @@ TEST(TrainingRun, SetTotalStepsExtendsAFinishedRun) {
 TEST(TrainingRun, SameBitsForAnyThreadCount) {
   const auto config = tiny_run(gqe::AttentionType::gqe, 3);
   auto big = config;
-  big.batch = 20;  // enough rows for the pool to split the work
+  big.batch = 20;  // more sequences than lanes: the lanes, and the work between them, are split among threads
   big.seq_len = big.mqar.seq_len = 96;
   big.mqar.num_pairs = 8;
   big.model.max_position_embeddings = 128;

@@ -41,6 +41,9 @@ struct AttentionTape {
   std::vector<Segment<Scalar>> segments;  // whose caches hold K (after RoPE) and V
   const RopeTable<Scalar>* rope = nullptr;
   Routing<Scalar> routing;                // GQE only
+  // The load-balancing loss's statistics when the tape holds part of a larger batch (training runs
+  // a batch sequence by sequence): its f and token count are the whole batch's. Empty: the tape's rows.
+  RoutingStats batch_routing;
   ScratchMatrix<Scalar> query;            // [R, H*d_h], after RoPE; H = active heads
   ScratchMatrix<Scalar> out;              // [R, S*d_h]: each head's attention output in its slot
   ScratchMatrix<Scalar> lse;              // [R, S]: log-sum-exp of each head's scores
@@ -382,8 +385,9 @@ class Attention {
         }
     }
     if (aux_coef == 0) return;
-    RoutingStats stats;
-    stats.add(route);
+    RoutingStats own;
+    if (tape.batch_routing.tokens == 0) own.add(route);
+    const RoutingStats& stats = tape.batch_routing.tokens == 0 ? own : tape.batch_routing;
     const Eigen::ArrayXXd grad = stats.aux_loss_gradient() * aux_coef;  // [G, M]
     for (Index e = 0; e < G * M; ++e) d_probs.col(e).array() += static_cast<Scalar>(grad(e / M, e % M));
   }

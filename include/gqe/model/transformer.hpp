@@ -126,7 +126,7 @@ class Transformer {
   // The backward pass of a forward that filled `tape` (full logits, not last_only): from d_logits
   // [R, V] = dL/dlogits, accumulates every weight's gradient (training attaches them). aux_coef
   // weighs each layer's load-balancing loss (GQE).
-  void backward(ModelTape<Scalar>& tape, const Matrix<Scalar>& d_logits, double aux_coef) {
+  void backward(ModelTape<Scalar>& tape, const Eigen::Ref<const Matrix<Scalar>>& d_logits, double aux_coef) {
     thread_local Matrix<Scalar> d_hidden, d_normed, d_inner;  // [R, d]
     const Index R = d_logits.rows(), d = config_.hidden_size;
     d_normed.resize(R, d);

@@ -8,8 +8,10 @@
 // the router none (their choice is discrete, their output unscaled); the renormalised weighted slot
 // and weighted_concat's p[s] * o[s] carry it; an expert a token did not keep gets nothing from that
 // token, its query never computed.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "gqe/error.hpp"
@@ -17,6 +19,8 @@
 #include "gqe/model/transformer.hpp"
 #include "gqe/ops/cross_entropy.hpp"
 #include "gqe/tensor/tensor.hpp"
+#include "gqe/tensor/weight.hpp"
+#include "gqe/util/thread_pool.hpp"
 
 namespace gqe::training {
 
@@ -47,33 +51,43 @@ struct LossReport {
   double correct = 0;   // weighted count of correct argmaxes
 };
 
-// Sums of L_aux over the layers of a training forward's tape (0 for GQA).
-template <class Scalar>
-double aux_loss(const ModelTape<Scalar>& tape, const ModelConfig& config) {
-  if (!config.attention().is_gqe()) return 0;
-  double sum = 0;
-  for (const auto& layer : tape.layers) {
-    RoutingStats stats;
-    stats.add(layer.attention.routing);
-    sum += stats.aux_loss();
-  }
-  return sum;
-}
-
 // The forward and backward passes of training steps over one model, with the buffers they reuse.
+//
+// A batch runs sequence by sequence, in lanes: each lane takes a fixed run of consecutive sequences
+// and computes their forward and backward passes on one thread, into its own gradients (lane 0
+// into the model's, the others into copies that borrow the model's weights), which are then added
+// to the model's in lane order. A thread thus works on rows it wrote itself, and the small steps
+// between the large products (norms, slot mixing, the cache) no longer pass data between cores.
+// The lane count follows the batch and the model's size alone: bit-identical results for every
+// thread count. Only the load-balancing loss spans the batch: its statistics are gathered from
+// every sequence's routing after the forward passes and handed to every lane's backward.
 template <class Scalar>
 class LossAndGrad {
  public:
+  // Lanes at most; and their gradients beside the model's take at most kLaneGradientBytes (a large
+  // model's products are large enough to share the threads within one sequence).
+  static constexpr Index kMaxLanes = 16;
+  static constexpr double kLaneGradientBytes = 256.0 * (1 << 20);
+
   // Runs the model's forward pass over `batch` and returns the losses; keeps what backward() needs.
   LossReport forward(const Transformer<Scalar>& model, const Batch& batch, double aux_coef) {
     check(model.config(), batch, aux_coef);
     aux_coef_ = aux_coef;
     const Index B = batch.batch, T = batch.seq_len, V = model.config().vocab_size;
-    caches_.resize(static_cast<std::size_t>(B), model.new_cache());
-    for (auto& c : caches_) c.clear();  // every sequence starts at position 0
+    lanes_ = lane_count(model, B);
+    seq_len_ = T;
+    caches_.resize(static_cast<std::size_t>(B));
+    for (auto& c : caches_) {
+      if (c.empty()) c.push_back(model.new_cache());
+      c.front().clear();  // every sequence starts at position 0
+    }
+    tapes_.resize(static_cast<std::size_t>(B));
     logits_.resize(B * T, V);
-    model.forward(TensorView<const std::int32_t>(batch.tokens.data(), Shape{B, T}), caches_,
-                  TensorView<Scalar>(logits_.data(), Shape{B, T, V}), false, nullptr, &tape_);
+    for_each_sequence(B, [&](Index, Index b) {
+      const auto i = static_cast<std::size_t>(b);
+      model.forward(TensorView<const std::int32_t>(batch.tokens.data() + b * T, Shape{1, T}), caches_[i],
+                    TensorView<Scalar>(logits_.data() + b * T * V, Shape{1, T, V}), false, nullptr, &tapes_[i]);
+    });
     targets_ = batch.targets;
     weights_ = batch.weights;
     counted_ = 0;
@@ -82,7 +96,7 @@ class LossAndGrad {
     const LossSums sums = cross_entropy<Scalar>(logits_, targets_, weights_, 0.0);
     LossReport report;
     report.lm_loss = sums.loss / counted_;
-    report.aux_loss = aux_loss(tape_, model.config());
+    report.aux_loss = gather_routing(model.config());
     report.loss = report.lm_loss + aux_coef * report.aux_loss;
     report.counted = counted_;
     report.correct = sums.correct;
@@ -97,15 +111,90 @@ class LossAndGrad {
     if (!ready_) fail<InputError>("backward() called without a forward() before it");
     ready_ = false;
     cross_entropy<Scalar>(logits_, targets_, weights_, 1.0 / counted_);
-    model.backward(tape_, logits_, aux_coef_);
+    std::vector<Weight*> weights = parameters(model);
+    bind_lanes(model, weights);
+    const Index B = static_cast<Index>(tapes_.size()), T = seq_len_;
+    for_each_sequence(B, [&](Index lane, Index b) {
+      Transformer<Scalar>& lane_model = lane == 0 ? model : lane_models_[static_cast<std::size_t>(lane - 1)];
+      lane_model.backward(tapes_[static_cast<std::size_t>(b)], logits_.middleRows(b * T, T), aux_coef_);
+    });
+    add_lane_gradients(weights);
   }
 
   // Logits of the last forward ([B*T, V]) before backward() (after it: their gradient).
   const Matrix<Scalar>& logits() const { return logits_; }
-  // Routing of layer l in the last forward (GQE).
-  const Routing<Scalar>& routing(Index l) const { return tape_.layers[static_cast<std::size_t>(l)].attention.routing; }
 
  private:
+  static std::vector<Weight*> parameters(Transformer<Scalar>& model) {
+    std::vector<Weight*> out;
+    model.for_each_parameter([&](const std::string&, Weight& w) { out.push_back(&w); });
+    return out;
+  }
+
+  static Index lane_count(const Transformer<Scalar>& model, Index batch) {
+    double bytes = 0;
+    model.for_each_parameter([&](const std::string&, const Weight& w) { bytes += static_cast<double>(w.numel()) * sizeof(Scalar); });
+    Index lanes = std::min(batch, kMaxLanes);
+    while (lanes > 1 && static_cast<double>(lanes - 1) * bytes > kLaneGradientBytes) --lanes;
+    return lanes;
+  }
+
+  // fn(lane, b) for every sequence b, each lane's sequences in order on one thread.
+  template <class Fn>
+  void for_each_sequence(Index batch, const Fn& fn) const {
+    thread_pool().parallel_for(lanes_, [&](Index lane) {
+      for (Index b = lane * batch / lanes_; b < (lane + 1) * batch / lanes_; ++b) fn(lane, b);
+    }, ThreadPool::kMinParallelFlops);
+  }
+
+  // The load-balancing statistics of the whole batch, layer by layer, given to every sequence's
+  // tape; returns the sum over layers of L_aux (0 for GQA).
+  double gather_routing(const ModelConfig& config) {
+    if (!config.attention().is_gqe()) return 0;
+    double sum = 0;
+    for (std::size_t l = 0; l < static_cast<std::size_t>(config.num_layers); ++l) {
+      RoutingStats stats;
+      for (const auto& tape : tapes_) stats.add(tape.layers[l].attention.routing);
+      for (auto& tape : tapes_) tape.layers[l].attention.batch_routing = stats;
+      sum += stats.aux_loss();
+    }
+    return sum;
+  }
+
+  // Lanes 1.. get models of the same shapes whose weights borrow `weights` (the model's), with
+  // zeroed gradients of their own.
+  void bind_lanes(const Transformer<Scalar>& model, const std::vector<Weight*>& weights) {
+    const auto count = static_cast<std::size_t>(lanes_ - 1);
+    while (lane_models_.size() > count) lane_models_.pop_back();
+    while (lane_models_.size() < count) lane_models_.emplace_back(model.config());
+    for (auto& lane : lane_models_) {
+      std::vector<Weight*> own = parameters(lane);
+      bool same = own.size() == weights.size();
+      for (std::size_t i = 0; same && i < own.size(); ++i) same = own[i]->shape() == weights[i]->shape() && own[i]->has_grad();
+      if (!same) {
+        lane = Transformer<Scalar>(model.config());
+        own = parameters(lane);
+        for (Weight* w : own) w->attach_grad<Scalar>();
+      }
+      for (std::size_t i = 0; i < own.size(); ++i) {
+        own[i]->borrow(weights[i]->raw(), weights[i]->dtype(), nullptr);
+        std::fill_n(own[i]->grad<Scalar>(), own[i]->numel(), Scalar(0));
+      }
+    }
+  }
+
+  // The model's gradients += every other lane's, in lane order.
+  void add_lane_gradients(const std::vector<Weight*>& weights) {
+    if (lanes_ < 2) return;
+    std::vector<std::vector<Weight*>> lanes;
+    for (auto& lane : lane_models_) lanes.push_back(parameters(lane));
+    thread_pool().parallel_for(static_cast<Index>(weights.size()), [&](Index i) {
+      const auto p = static_cast<std::size_t>(i);
+      Eigen::Map<Vector<Scalar>> sum(weights[p]->grad<Scalar>(), weights[p]->numel());
+      for (const auto& lane : lanes) sum += Eigen::Map<const Vector<Scalar>>(lane[p]->grad<Scalar>(), lane[p]->numel());
+    }, ThreadPool::kMinParallelFlops);
+  }
+
   static void check(const ModelConfig& config, const Batch& batch, double aux_coef) {
     if (batch.batch < 1 || batch.seq_len < 1)
       fail<ShapeError>("batch is ", batch.batch, " x ", batch.seq_len, " tokens; expected at least 1 x 1");
@@ -124,8 +213,10 @@ class LossAndGrad {
       fail<ConfigError>("aux loss coefficient is ", aux_coef, "; expected a finite number >= 0");
   }
 
-  std::vector<KVCache<Scalar>> caches_;
-  ModelTape<Scalar> tape_;
+  Index lanes_ = 1, seq_len_ = 0;
+  std::vector<std::vector<KVCache<Scalar>>> caches_;  // [B], one cache each
+  std::vector<ModelTape<Scalar>> tapes_;              // [B]
+  std::vector<Transformer<Scalar>> lane_models_;      // [lanes - 1]
   Matrix<Scalar> logits_;  // [B*T, V]
   std::vector<std::int32_t> targets_;
   std::vector<float> weights_;
