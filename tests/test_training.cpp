@@ -312,6 +312,25 @@ TEST(TrainingModel, GradientOfABatchLargerThanTheLanes) {
   check_model_gradient(tiny_config(gqe::AttentionType::gqa, gqe::GqeVariant::gqe, 1, true), 0.0, 32, 18, 3);
 }
 
+// One LossAndGrad serves any model: its lanes follow the model's config, not only its shapes
+// (hard_concat and weighted_concat have the same weights but not the same backward).
+TEST(TrainingModel, OneLossAndGradServesModelsOfAnotherConfig) {
+  const auto hard = tiny_config(gqe::AttentionType::gqe, gqe::GqeVariant::hard_concat, 1, false);
+  const auto soft = tiny_config(gqe::AttentionType::gqe, gqe::GqeVariant::weighted_concat, 1, false);
+  const auto batch = random_batch(soft, 3, 5, 41);
+  auto first = random_model(hard, 40), reused = random_model(soft, 40), fresh = random_model(soft, 40);
+  gqe::training::LossAndGrad<double> graph, own;
+  graph.forward(first, batch, 0.01);
+  graph.backward(first);
+  graph.forward(reused, batch, 0.01);
+  graph.backward(reused);
+  own.forward(fresh, batch, 0.01);
+  own.backward(fresh);
+  fresh.for_each_parameter([&](const std::string& name, const gqe::Weight& w) {
+    EXPECT_TRUE((grad_of(reused, name).array() == w.grad_matrix<double>().array()).all()) << name;
+  });
+}
+
 // hard_concat: the hard slots give the router nothing, so its gradient is the load-balancing
 // loss's alone: zero with coefficient 0, and with coefficient c exactly c times that of c = 1.
 TEST(TrainingModel, HardConcatRouterLearnsFromTheAuxLossOnly) {

@@ -1,6 +1,7 @@
 #pragma once
 // The configuration of a whole model, the C++ face of config.json.
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 #include "gqe/layers/attention_config.hpp"
@@ -24,6 +25,17 @@ struct ModelConfig {
   Index max_position_embeddings = 4096;
   // Token ids that end generation (config.json's eos_token_id, an int or a list); empty: none.
   std::vector<std::int32_t> eos_token_ids;
+
+  // Every field equal (a model built from one config computes what a model built from the other does).
+  friend bool operator==(const ModelConfig& a, const ModelConfig& b) {
+    const auto fields = [](const ModelConfig& c) {
+      return std::tie(c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.attention_type, c.gqe_variant,
+                      c.num_heads, c.num_kv_heads, c.head_dim, c.top_k, c.rms_norm_eps, c.rope_theta, c.tie_word_embeddings,
+                      c.max_position_embeddings, c.eos_token_ids);
+    };
+    return fields(a) == fields(b);
+  }
+  friend bool operator!=(const ModelConfig& a, const ModelConfig& b) { return !(a == b); }
 
   AttentionConfig attention() const {
     AttentionConfig a;

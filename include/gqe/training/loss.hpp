@@ -72,6 +72,7 @@ class LossAndGrad {
   // Runs the model's forward pass over `batch` and returns the losses; keeps what backward() needs.
   LossReport forward(const Transformer<Scalar>& model, const Batch& batch, double aux_coef) {
     check(model.config(), batch, aux_coef);
+    ready_ = false;  // until this forward has filled every tape
     aux_coef_ = aux_coef;
     const Index B = batch.batch, T = batch.seq_len, V = model.config().vocab_size;
     lanes_ = lane_count(model, B);
@@ -169,9 +170,7 @@ class LossAndGrad {
     while (lane_models_.size() < count) lane_models_.emplace_back(model.config());
     for (auto& lane : lane_models_) {
       std::vector<Weight*> own = parameters(lane);
-      bool same = own.size() == weights.size();
-      for (std::size_t i = 0; same && i < own.size(); ++i) same = own[i]->shape() == weights[i]->shape() && own[i]->has_grad();
-      if (!same) {
+      if (lane.config() != model.config() || !own.front()->has_grad()) {  // new, or made for another model
         lane = Transformer<Scalar>(model.config());
         own = parameters(lane);
         for (Weight* w : own) w->attach_grad<Scalar>();
