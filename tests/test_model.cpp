@@ -11,12 +11,16 @@
 #include <sched.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
+#include <mutex>
 #include <random>
+#include <set>
 #include <string_view>
 #include <thread>
 #include <type_traits>
@@ -354,6 +358,56 @@ TEST(ThreadPool, RethrowsTheExceptionOfAUnitAfterAllUnitsFinish) {
                gqe::InputError);
   EXPECT_EQ(ran.load(), 50);
   EXPECT_THROW(gqe::ThreadPool(0), gqe::ConfigError);
+}
+
+// A unit may call parallel_for: its job's units go to threads that are free. Two outer units on a
+// pool of four leave two threads free, which must take part in the inner jobs (units sleep, so that
+// they do before the posting threads finish alone); every inner unit runs exactly once.
+TEST(ThreadPool, NestedParallelForRunsOnFreeThreads) {
+  gqe::ThreadPool pool(4);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the workers have started and wait
+  constexpr Index kInner = 40;
+  std::vector<std::atomic<int>> runs(2 * kInner);
+  std::mutex mutex;
+  std::set<std::thread::id> inner_threads;
+  pool.parallel_for(2, [&](Index outer) {
+    pool.parallel_for(kInner, [&](Index i) {
+      ++runs[static_cast<std::size_t>(outer * kInner + i)];
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        inner_threads.insert(std::this_thread::get_id());
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    });
+  });
+  for (const auto& r : runs) EXPECT_EQ(r.load(), 1);
+  EXPECT_GT(inner_threads.size(), 2u);
+}
+
+// Nesting deeper than the pool keeps jobs for runs serially; an exception deep inside reaches the
+// outermost caller after every unit has run.
+TEST(ThreadPool, DeepNestingFinishesAndRethrows) {
+  gqe::ThreadPool pool(3);
+  std::atomic<int> leaves{0};
+  std::function<void(int)> nest = [&](int depth) {
+    if (depth == 7) {
+      ++leaves;
+      return;
+    }
+    pool.parallel_for(2, [&](Index) { nest(depth + 1); });
+  };
+  nest(0);
+  EXPECT_EQ(leaves.load(), 128);
+  leaves = 0;
+  std::function<void(int)> failing = [&](int depth) {
+    if (depth == 6) {
+      if (++leaves == 10) throw gqe::InputError("leaf 10");
+      return;
+    }
+    pool.parallel_for(2, [&](Index) { failing(depth + 1); });
+  };
+  EXPECT_THROW(failing(0), gqe::InputError);
+  EXPECT_EQ(leaves.load(), 64);
 }
 
 // A pool the system cannot fully start (here: an address-space limit too small for 512 thread

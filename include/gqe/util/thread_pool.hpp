@@ -1,8 +1,9 @@
 #pragma once
 // A small pool of the library's own threads. parallel_for hands out work units by index; every unit
 // is computed the same way whatever the thread count, so results are bit-identical for any count.
-// Several user threads may call parallel_for at once (each call is its own job); a call made from
-// inside a pool worker runs serially, so nesting cannot deadlock.
+// Several user threads may call parallel_for at once (each call is its own job), and a unit may call
+// parallel_for too: its job's units go to threads that are free, and the thread that posted it runs
+// whatever no one took, so nesting cannot deadlock (a thread waits only for units already running).
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -70,11 +71,22 @@ class ThreadPool {
   template <class Fn>
   void parallel_for(Index count, Fn&& fn, double flops = kMinParallelFlops) {
     if (count <= 0) return;
-    if (workers_.empty() || count == 1 || inside_worker() || flops < kMinParallelFlops) {
-      for (Index i = 0; i < count; ++i) fn(i);
+    // Inside a unit, a job is posted only while some worker is idle: when none is, no one would take
+    // its slots, and posting them costs more than a small product's own work.
+    if (workers_.empty() || count == 1 || flops < kMinParallelFlops || nesting() >= kMaxNesting ||
+        (nesting() > 0 && idle_.load(std::memory_order_relaxed) == 0)) {
+      std::exception_ptr error;  // as on many threads: every unit runs, the first exception is rethrown
+      for (Index i = 0; i < count; ++i) {
+        try {
+          fn(i);
+        } catch (...) {
+          if (!error) error = std::current_exception();
+        }
+      }
+      if (error) std::rethrow_exception(error);
       return;
     }
-    thread_local Job job;
+    Job& job = job_at(nesting());
     job.reset(count, [&fn](Index i) { fn(i); });  // one reference: std::function stores it inline
     const Index helpers = std::min<Index>(static_cast<Index>(workers_.size()), count - 1);
     {
@@ -83,9 +95,9 @@ class ThreadPool {
     }
     queued_.fetch_add(helpers);  // after unlocking: a spinning worker that sees it finds mutex_ free
     wake_.notify_all();
-    inside_worker() = true;  // a parallel_for inside fn runs serially here too
+    ++nesting();
     job.run();
-    inside_worker() = false;
+    --nesting();
     {
       std::lock_guard<std::mutex> lock(mutex_);
       const auto untaken = std::remove(queue_.begin(), queue_.end(), &job);
@@ -145,15 +157,22 @@ class ThreadPool {
     workers_.clear();
   }
 
-  static bool& inside_worker() {
-    thread_local bool flag = false;
-    return flag;
+  // How many jobs' units this thread is inside (as their poster or as a helper): a parallel_for
+  // inside a unit uses the next of this thread's jobs. Deeper than kMaxNesting, calls run serially.
+  static constexpr int kMaxNesting = 6;
+  static int& nesting() {
+    thread_local int depth = 0;
+    return depth;
+  }
+  static Job& job_at(int depth) {
+    thread_local Job jobs[kMaxNesting];
+    return jobs[depth];
   }
 
   void work() {
-    inside_worker() = true;
     for (;;) {
       Job* job = nullptr;
+      idle_.fetch_add(1, std::memory_order_relaxed);
       spin_until([&] { return queued_.load() > 0 || stopping_.load(); });
       {
         std::unique_lock<std::mutex> lock(mutex_);
@@ -165,7 +184,10 @@ class ThreadPool {
         std::lock_guard<std::mutex> job_lock(job->mutex);
         ++job->helpers_inside;  // under mutex_: the caller, withdrawing its slots, will wait for us
       }
+      idle_.fetch_sub(1, std::memory_order_relaxed);
+      ++nesting();
       job->run();
+      --nesting();
       std::lock_guard<std::mutex> job_lock(job->mutex);
       if (--job->helpers_inside == 0) job->finished.notify_all();
     }
@@ -182,6 +204,7 @@ class ThreadPool {
   }
 
   std::atomic<Index> queued_{0};  // queue_.size() as a hint for spinning workers (the queue decides)
+  std::atomic<int> idle_{0};      // workers waiting for a slot, as a hint for nested calls
   std::vector<std::thread> workers_;
   std::vector<Job*> queue_;  // helper slots of running jobs; its capacity is kept
   std::mutex mutex_;
