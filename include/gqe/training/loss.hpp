@@ -162,7 +162,7 @@ class LossAndGrad {
     return sum;
   }
 
-  // Lanes 1.. get models of the same shapes whose weights borrow `weights` (the model's), with
+  // Lanes 1.. get models of the model's config whose weights borrow `weights` (the model's), with
   // zeroed gradients of their own.
   void bind_lanes(const Transformer<Scalar>& model, const std::vector<Weight*>& weights) {
     const auto count = static_cast<std::size_t>(lanes_ - 1);
