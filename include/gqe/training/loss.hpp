@@ -10,6 +10,7 @@
 // token, its query never computed.
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -75,8 +76,7 @@ class LossAndGrad {
     ready_ = false;  // until this forward has filled every tape
     aux_coef_ = aux_coef;
     const Index B = batch.batch, T = batch.seq_len, V = model.config().vocab_size;
-    lanes_ = lane_count(model, B);
-    seq_len_ = T;
+    lanes_ = lane_count(model.config(), B);
     caches_.resize(static_cast<std::size_t>(B));
     for (auto& c : caches_) {
       if (c.empty()) c.push_back(model.new_cache());
@@ -112,14 +112,14 @@ class LossAndGrad {
     if (!ready_) fail<InputError>("backward() called without a forward() before it");
     ready_ = false;
     cross_entropy<Scalar>(logits_, targets_, weights_, 1.0 / counted_);
-    std::vector<Weight*> weights = parameters(model);
-    bind_lanes(model, weights);
-    const Index B = static_cast<Index>(tapes_.size()), T = seq_len_;
+    const std::vector<Weight*> weights = parameters(model);
+    const std::vector<std::vector<Weight*>> lane_weights = bind_lanes(model, weights);
+    const Index B = static_cast<Index>(tapes_.size()), T = logits_.rows() / B;
     for_each_sequence(B, [&](Index lane, Index b) {
       Transformer<Scalar>& lane_model = lane == 0 ? model : lane_models_[static_cast<std::size_t>(lane - 1)];
       lane_model.backward(tapes_[static_cast<std::size_t>(b)], logits_.middleRows(b * T, T), aux_coef_);
     });
-    add_lane_gradients(weights);
+    add_lane_gradients(weights, lane_weights);
   }
 
   // Logits of the last forward ([B*T, V]) before backward() (after it: their gradient).
@@ -132,9 +132,8 @@ class LossAndGrad {
     return out;
   }
 
-  static Index lane_count(const Transformer<Scalar>& model, Index batch) {
-    double bytes = 0;
-    model.for_each_parameter([&](const std::string&, const Weight& w) { bytes += static_cast<double>(w.numel()) * sizeof(Scalar); });
+  static Index lane_count(const ModelConfig& config, Index batch) {
+    const double bytes = static_cast<double>(config.parameter_count()) * sizeof(Scalar);  // one lane's gradients
     Index lanes = std::min(batch, kMaxLanes);
     while (lanes > 1 && static_cast<double>(lanes - 1) * bytes > kLaneGradientBytes) --lanes;
     return lanes;
@@ -163,30 +162,32 @@ class LossAndGrad {
   }
 
   // Lanes 1.. get models of the model's config whose weights borrow `weights` (the model's), with
-  // zeroed gradients of their own.
-  void bind_lanes(const Transformer<Scalar>& model, const std::vector<Weight*>& weights) {
+  // zeroed gradients of their own; returns their weights, lane by lane.
+  std::vector<std::vector<Weight*>> bind_lanes(const Transformer<Scalar>& model, const std::vector<Weight*>& weights) {
+    const auto with_gradients = [&] {
+      Transformer<Scalar> lane(model.config());
+      for (Weight* w : parameters(lane)) w->attach_grad<Scalar>();
+      return lane;
+    };
     const auto count = static_cast<std::size_t>(lanes_ - 1);
-    while (lane_models_.size() > count) lane_models_.pop_back();
-    while (lane_models_.size() < count) lane_models_.emplace_back(model.config());
+    if (lane_models_.size() > count) lane_models_.erase(lane_models_.begin() + static_cast<std::ptrdiff_t>(count), lane_models_.end());
+    for (auto& lane : lane_models_)
+      if (lane.config() != model.config()) lane = with_gradients();  // made for another model
+    while (lane_models_.size() < count) lane_models_.push_back(with_gradients());
+    std::vector<std::vector<Weight*>> lanes;
     for (auto& lane : lane_models_) {
-      std::vector<Weight*> own = parameters(lane);
-      if (lane.config() != model.config() || !own.front()->has_grad()) {  // new, or made for another model
-        lane = Transformer<Scalar>(model.config());
-        own = parameters(lane);
-        for (Weight* w : own) w->attach_grad<Scalar>();
-      }
-      for (std::size_t i = 0; i < own.size(); ++i) {
-        own[i]->borrow(weights[i]->raw(), weights[i]->dtype(), nullptr);
-        std::fill_n(own[i]->grad<Scalar>(), own[i]->numel(), Scalar(0));
+      lanes.push_back(parameters(lane));
+      for (std::size_t i = 0; i < weights.size(); ++i) {
+        lanes.back()[i]->borrow(weights[i]->raw(), weights[i]->dtype(), nullptr);
+        std::fill_n(lanes.back()[i]->grad<Scalar>(), lanes.back()[i]->numel(), Scalar(0));
       }
     }
+    return lanes;
   }
 
   // The model's gradients += every other lane's, in lane order.
-  void add_lane_gradients(const std::vector<Weight*>& weights) {
-    if (lanes_ < 2) return;
-    std::vector<std::vector<Weight*>> lanes;
-    for (auto& lane : lane_models_) lanes.push_back(parameters(lane));
+  void add_lane_gradients(const std::vector<Weight*>& weights, const std::vector<std::vector<Weight*>>& lanes) {
+    if (lanes.empty()) return;
     thread_pool().parallel_for(static_cast<Index>(weights.size()), [&](Index i) {
       const auto p = static_cast<std::size_t>(i);
       Eigen::Map<Vector<Scalar>> sum(weights[p]->grad<Scalar>(), weights[p]->numel());
@@ -212,7 +213,7 @@ class LossAndGrad {
       fail<ConfigError>("aux loss coefficient is ", aux_coef, "; expected a finite number >= 0");
   }
 
-  Index lanes_ = 1, seq_len_ = 0;
+  Index lanes_ = 1;
   std::vector<std::vector<KVCache<Scalar>>> caches_;  // [B], one cache each
   std::vector<ModelTape<Scalar>> tapes_;              // [B]
   std::vector<Transformer<Scalar>> lane_models_;      // [lanes - 1]
