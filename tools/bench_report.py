@@ -134,6 +134,12 @@ def percent(share):
     return f"{100 * share:.0f}%" if share is not None else "-"
 
 
+def last_level_cache_bytes(ctx):
+    """The largest data or unified cache Google Benchmark found (the whole cache, however shared)."""
+    sizes = [c.get("size", 0) for c in ctx.get("caches", []) if c.get("type") in ("Data", "Unified")]
+    return max(sizes, default=0)
+
+
 def fmt_range(r, digits=2):
     med, lo, hi = r
     return f"{med:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
@@ -236,16 +242,30 @@ def report(data, command=None):
         add("")
         add("| cache | dense us | GQE us | speed-up (range) | speed-up, CPU time | dense GB/s read | dense, of bandwidth | GQE GB/s read |")
         add("|---|---|---|---|---|---|---|---|")
+        # A step whose bytes fit in the last-level cache may be read from there, not from memory: its
+        # share of the memory's bandwidth is then no measure of the kernel, and is marked.
+        llc = last_level_cache_bytes(ctx)
+        in_cache = []
         for L in decode_L:
+            rate = runs.median('decode_gqa', L, 'GB')
+            step_bytes = rate * 1e9 * runs.median('decode_gqa', L)
+            share = percent(share_of(rate, bandwidth))
+            if llc and step_bytes <= llc:
+                in_cache.append(L)
+                share += " (in cache)"
             add(f"| {L} | {1e6 * runs.median('decode_gqa', L):.0f} | {1e6 * runs.median('decode_gqe', L):.0f} | "
                 f"{fmt_range(runs.ratio('decode_gqa', 'decode_gqe', L))} | "
                 f"{runs.ratio('decode_gqa', 'decode_gqe', L, 'cpu')[0]:.2f} | "
-                f"{runs.median('decode_gqa', L, 'GB'):.1f} | "
-                f"{percent(share_of(runs.median('decode_gqa', L, 'GB'), bandwidth))} | "
+                f"{rate:.1f} | {share} | "
                 f"{runs.median('decode_gqe', L, 'GB'):.1f} |")
         add("")
         add("GB/s: the weights a step multiplies by (GQE: the kept experts' rows of Wq only) and the whole cache "
             "(GQE: plus the mean K/V of the shared head, 9 KV heads' worth against 8), per second.")
+        if in_cache:
+            add(f"At cache {', '.join(map(str, in_cache))} a dense step reads less than this machine's "
+                f"{llc / 2**20:.0f} MiB last-level cache, so its bytes may come from the cache rather than from "
+                "memory: its share of the memory's read bandwidth is not a measure of the kernel there (the "
+                "`--model` mode on a checkpoint larger than the cache is).")
 
     # The small model.
     rows = []
