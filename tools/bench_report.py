@@ -248,7 +248,7 @@ def report(data, command=None):
         in_cache = []
         for L in decode_L:
             rate = runs.median('decode_gqa', L, 'GB')
-            step_bytes = rate * 1e9 * runs.median('decode_gqa', L)
+            step_bytes = rate * 1e9 * runs.median('decode_gqa', L) if rate else 0
             share = percent(share_of(rate, bandwidth))
             if llc and step_bytes <= llc:
                 in_cache.append(L)
