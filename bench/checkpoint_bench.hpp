@@ -79,7 +79,7 @@ inline double decode_bytes(const Transformer<float>& model, Index L) {
 
 inline int run_checkpoint_benchmark(const CheckpointOptions& o) {
   std::printf("gqe %s, %s, SIMD %s, GEMM backend %s, %d threads\n", GQE_VERSION_STRING, compiler_name().c_str(),
-              simd_level().c_str(), gemm_backend(), num_threads());
+              simd_level().c_str(), gemm_backend_description().c_str(), num_threads());
   const auto [touch_s, file_bytes] = detail::touch_files(detail::weight_files(o.dir));
   std::printf("weight files %.3f GB, every page touched through a mapping in %.3f s\n", file_bytes * 1e-9, touch_s);
 

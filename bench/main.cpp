@@ -76,6 +76,8 @@ void add_context(const gqe::bench::MachinePeaks& peaks, bool probed) {
   benchmark::AddCustomContext("cpu", cpu_name());
   benchmark::AddCustomContext("simd_level", gqe::simd_level());
   benchmark::AddCustomContext("gemm_backend", gqe::gemm_backend());
+  if (const std::string kernels = gqe::gemm_backend_kernels(); !kernels.empty())
+    benchmark::AddCustomContext("gemm_backend_kernels", kernels);
   benchmark::AddCustomContext("compiler", gqe::compiler_name());
   benchmark::AddCustomContext("build_type", GQE_BENCH_BUILD_TYPE);
   benchmark::AddCustomContext("flags", GQE_BENCH_FLAGS);
@@ -112,7 +114,7 @@ int main(int argc, char** argv) {
     bool ok = true;
     if (a == "--version") {
       std::printf("gqe-bench %s (gqe %s, SIMD %s, GEMM backend %s)\n", GQE_VERSION_STRING, GQE_VERSION_STRING,
-                  gqe::simd_level().c_str(), gqe::gemm_backend());
+                  gqe::simd_level().c_str(), gqe::gemm_backend_description().c_str());
       return 0;
     } else if (a == "--help" || a == "-h") {
       help = true;

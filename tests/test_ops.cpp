@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "gqe/build_info.hpp"
 #include "gqe/layers/attention_cache.hpp"
 #include "gqe/ops/activations.hpp"
 #include "gqe/ops/attention.hpp"
@@ -452,6 +453,21 @@ TYPED_TEST(OpsTest, LinearRowsAreTheSameWhateverElseSharesTheCall) {
     gqe::linear<S>(x, Matrix<S>(w.middleRows(31, 9)), cols);
     ASSERT_TRUE((cols.array() == all.middleCols(31, 9).array()).all());
   }
+}
+
+// Reports name the backend, and OpenBLAS's kernels: the figures of a build that fell back to its
+// generic kernels must say so.
+TEST(BuildInfo, NamesTheGemmBackendAndTheKernelsItPicked) {
+  const std::string name = gqe::gemm_backend(), kernels = gqe::gemm_backend_kernels();
+#if defined(GQE_GEMM_OPENBLAS)
+  EXPECT_EQ(name, "openblas");
+  EXPECT_FALSE(kernels.empty());
+  EXPECT_EQ(gqe::gemm_backend_description(), "openblas (" + kernels + " kernels)");
+#else
+  EXPECT_TRUE(name == "eigen" || name == "onednn") << name;
+  EXPECT_TRUE(kernels.empty()) << kernels;
+  EXPECT_EQ(gqe::gemm_backend_description(), name);
+#endif
 }
 
 TEST(OpsBf16, SixteenBitWeightsInPlaceEqualTheirWidenedValues) {

@@ -160,7 +160,9 @@ def report(data, command=None):
         f"{', '.join(f'{x:.2f}' for x in ctx.get('load_avg', []))}; gqe {ctx.get('gqe_version', '?')}, threads "
         f"{ctx.get('gqe_threads', '?')}. Compiler {ctx.get('compiler', '?')}, {ctx.get('build_type', '?')}: "
         f"`{ctx.get('flags', '?')}`; SIMD {ctx.get('simd_level', '?')}; GEMM backend "
-        f"{ctx.get('gemm_backend', ctx.get('projections', '?'))}. {reps} interleaved repetitions; figures are "
+        f"{ctx.get('gemm_backend', ctx.get('projections', '?'))}"
+        + (f" ({ctx['gemm_backend_kernels']} kernels)" if ctx.get("gemm_backend_kernels") else "")
+        + f". {reps} interleaved repetitions; figures are "
         f"medians, speed-ups the median of the per-round ratios with their range.")
     if peak and bandwidth:
         add("")

@@ -40,4 +40,23 @@ inline std::string compiler_name() {
 
 inline const char* gemm_backend() { return backend::kName; }
 
+// The kernels the GEMM backend picked for this CPU at run time, where it says: OpenBLAS's core name
+// ("SkylakeX", "Haswell", ...); empty for the other backends. OpenBLAS chooses by CPU model, and a
+// release older than the CPU falls back to generic SSE kernels ("Prescott"), several times slower;
+// OPENBLAS_CORETYPE overrides its choice.
+inline std::string gemm_backend_kernels() {
+#if defined(GQE_GEMM_OPENBLAS)
+  const char* core = openblas_get_corename();
+  return core ? core : "";
+#else
+  return "";
+#endif
+}
+
+// The backend's name, with its kernels where it says: "eigen", "openblas (SkylakeX kernels)".
+inline std::string gemm_backend_description() {
+  const std::string kernels = gemm_backend_kernels();
+  return kernels.empty() ? std::string(gemm_backend()) : std::string(gemm_backend()) + " (" + kernels + " kernels)";
+}
+
 }  // namespace gqe
