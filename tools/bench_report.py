@@ -249,13 +249,12 @@ def report(data, command=None):
         llc = last_level_cache_bytes(ctx)
         in_cache = []
         for L in decode_L:
-            rate = runs.median('decode_gqa', L, 'GB')
-            step_bytes = rate * 1e9 * runs.median('decode_gqa', L) if rate else 0
+            seconds, rate = runs.median('decode_gqa', L), runs.median('decode_gqa', L, 'GB')
             share = percent(share_of(rate, bandwidth))
-            if llc and step_bytes <= llc:
+            if llc and rate * 1e9 * seconds <= llc:
                 in_cache.append(L)
                 share += " (in cache)"
-            add(f"| {L} | {1e6 * runs.median('decode_gqa', L):.0f} | {1e6 * runs.median('decode_gqe', L):.0f} | "
+            add(f"| {L} | {1e6 * seconds:.0f} | {1e6 * runs.median('decode_gqe', L):.0f} | "
                 f"{fmt_range(runs.ratio('decode_gqa', 'decode_gqe', L))} | "
                 f"{runs.ratio('decode_gqa', 'decode_gqe', L, 'cpu')[0]:.2f} | "
                 f"{rate:.1f} | {share} | "
