@@ -78,6 +78,8 @@ void add_context(const gqe::bench::MachinePeaks& peaks, bool probed) {
   benchmark::AddCustomContext("gemm_backend", gqe::gemm_backend());
   if (const std::string kernels = gqe::gemm_backend_kernels(); !kernels.empty())
     benchmark::AddCustomContext("gemm_backend_kernels", kernels);
+  if (const std::string warning = gqe::gemm_backend_warning(); !warning.empty())
+    benchmark::AddCustomContext("gemm_backend_warning", warning);
   benchmark::AddCustomContext("compiler", gqe::compiler_name());
   benchmark::AddCustomContext("build_type", GQE_BENCH_BUILD_TYPE);
   benchmark::AddCustomContext("flags", GQE_BENCH_FLAGS);
@@ -152,6 +154,8 @@ int main(int argc, char** argv) {
   }
   if (help) std::fputs(kUsage, stdout);
   gqe::set_num_threads(static_cast<int>(threads));
+  if (const std::string warning = gqe::gemm_backend_warning(); !warning.empty())
+    std::fprintf(stderr, "gqe-bench: warning: %s\n", warning.c_str());
   try {
     if (checkpoint) return gqe::bench::run_checkpoint_benchmark(model);
     if (layer) return gqe::bench::run_layer_speedup(shape);

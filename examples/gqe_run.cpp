@@ -198,6 +198,8 @@ int run(const Options& opt) {
       std::fprintf(stderr, "attention_type is gqa: every query head is active, no routing statistics\n");
     const auto rate = [](gqe::Index tokens, double seconds) { return seconds > 0 ? static_cast<double>(tokens) / seconds : 0.0; };
     const auto tokens = [](gqe::Index n) { return std::to_string(n) + (n == 1 ? " token" : " tokens"); };
+    if (const std::string warning = gqe::gemm_backend_warning(); !warning.empty())
+      std::fprintf(stderr, "warning: %s\n", warning.c_str());
     std::fprintf(stderr, "load: %.1f ms (%s, %td parameters)\n", 1e3 * load_seconds, opt.model.c_str(),
                  config.parameter_count());
     std::fprintf(stderr, "%s: %s in %.2f ms, %.1f tokens/s\n", opt.mode == "prefill" ? "prefill" : "prompt, stepwise",

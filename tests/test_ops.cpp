@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <fstream>
 #include <limits>
 #include <random>
 #include <string>
@@ -467,6 +468,35 @@ TEST(BuildInfo, NamesTheGemmBackendAndTheKernelsItPicked) {
   EXPECT_TRUE(name == "eigen" || name == "onednn") << name;
   EXPECT_TRUE(kernels.empty()) << kernels;
   EXPECT_EQ(gqe::gemm_backend_description(), name);
+#endif
+}
+
+// A user of OpenBLAS on a CPU it does not know is told, in one line, that it fell back to kernels
+// without AVX2, and how to fix it; vector kernels, other CPUs and other backends draw no warning.
+TEST(BuildInfo, WarnsWhenOpenBlasFellBackToKernelsWithoutAvx2) {
+  for (const char* old_core : {"Prescott", "Core2", "Nehalem", "Sandybridge", "Unknown"}) {
+    const std::string warning = gqe::gemm_backend_warning(old_core, true);
+    EXPECT_NE(warning.find(std::string("\"") + old_core + "\""), std::string::npos) << warning;
+    EXPECT_NE(warning.find("OPENBLAS_CORETYPE"), std::string::npos) << warning;
+    EXPECT_EQ(warning.find('\n'), std::string::npos) << warning;
+    EXPECT_EQ(gqe::gemm_backend_warning(old_core, false), "") << old_core << " on a CPU without AVX2 is its best";
+  }
+  for (const char* vector_core : {"Haswell", "haswell", "Zen", "SkylakeX", "SKYLAKEX", "CooperLake", "SapphireRapids"})
+    EXPECT_EQ(gqe::gemm_backend_warning(vector_core, true), "") << vector_core;
+  EXPECT_EQ(gqe::gemm_backend_warning("", true), "") << "backends that do not name their kernels";
+#if !defined(GQE_GEMM_OPENBLAS)
+  EXPECT_EQ(gqe::gemm_backend_warning(), "");
+#endif
+#if defined(__linux__) && (defined(__x86_64__) || defined(__i386__))
+  // The CPU check against the kernel's own account of the CPU's flags.
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(cpuinfo, line) && line.rfind("flags", 0) != 0) {
+  }
+  if (!line.empty()) {
+    const auto has = [&](const std::string& flag) { return (line + " ").find(" " + flag + " ") != std::string::npos; };
+    EXPECT_EQ(gqe::cpu_has_avx2_fma(), has("avx2") && has("fma")) << line;
+  }
 #endif
 }
 

@@ -164,6 +164,9 @@ def report(data, command=None):
         + (f" ({ctx['gemm_backend_kernels']} kernels)" if ctx.get("gemm_backend_kernels") else "")
         + f". {reps} interleaved repetitions; figures are "
         f"medians, speed-ups the median of the per-round ratios with their range.")
+    if ctx.get("gemm_backend_warning"):
+        add("")
+        add(f"**Warning:** {ctx['gemm_backend_warning']}")
     if peak and bandwidth:
         add("")
         add(f"Measured in the same run: float32 FMA peak {peak:.0f} GFLOP/s on {ctx.get('gqe_threads', '?')} threads"

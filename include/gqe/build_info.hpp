@@ -2,6 +2,8 @@
 // What a build of gqe computes with, for reports: the SIMD level the compiler targeted, the GEMM
 // backend and the compiler. Results are bit-identical within one build; they may differ between
 // SIMD levels (wider packets add the same terms in another order) and between backends.
+#include <algorithm>
+#include <cctype>
 #include <string>
 
 #include "gqe/ops/gemm_backend.hpp"
@@ -58,5 +60,31 @@ inline std::string gemm_backend_description() {
   const std::string kernels = gemm_backend_kernels();
   return kernels.empty() ? std::string(gemm_backend()) : std::string(gemm_backend()) + " (" + kernels + " kernels)";
 }
+
+// Whether this CPU runs AVX2 and FMA instructions, whatever the build targets (x86-64 with GCC or
+// clang; false elsewhere).
+inline bool cpu_has_avx2_fma() {
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+// One line for the user when the backend's kernels are far below what the CPU can run, else empty:
+// OpenBLAS on a CPU with AVX2 and FMA that it took for an older one (its products then run 5-7x
+// slower, measured on an Intel Xeon that Debian's OpenBLAS 0.3.21 did not know). `kernels` is
+// gemm_backend_kernels()'s answer; OpenBLAS's cores with AVX2 + FMA kernels or wider are listed.
+inline std::string gemm_backend_warning(std::string kernels, bool cpu_avx2_fma) {
+  if (kernels.empty() || !cpu_avx2_fma) return "";
+  const std::string name = kernels;
+  std::transform(kernels.begin(), kernels.end(), kernels.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  for (const char* vector_core : {"haswell", "zen", "skylakex", "cooperlake", "sapphirerapids", "excavator"})
+    if (kernels == vector_core) return "";
+  return "OpenBLAS picked its \"" + name + "\" kernels, made for CPUs without AVX2, on a CPU with AVX2 and FMA: its products run "
+         "several times slower. Set OPENBLAS_CORETYPE=Haswell (SkylakeX on a CPU with AVX-512) before the program starts, or "
+         "build gqe with GQE_GEMM=eigen.";
+}
+inline std::string gemm_backend_warning() { return gemm_backend_warning(gemm_backend_kernels(), cpu_has_avx2_fma()); }
 
 }  // namespace gqe
