@@ -3,6 +3,7 @@
 
     /usr/bin/python3 tools/bench_report.py [--bench build/bench/gqe-bench] [--repetitions 3]
         [--min-time 0.2] [--threads N] [--filter REGEX] [--json FILE] [--out build/bench-results]
+        [--model DIR [--decode-tokens 32]]
 
 Every speed figure is a ratio measured in one run. The suite runs with random interleaving: each
 round runs every benchmark once, in a shuffled order, so that a dense and a GQE figure of the same
@@ -14,7 +15,12 @@ the steadier one when other programs compete for the cores.
 The FLOP ceiling of GQE's speed-up is computed here from the FLOP model of docs/flop-model.md, and
 checked against the one gqe-bench recorded. docs/benchmarks.md says how to read the report.
 
-Writes bench.json and bench.log (when it runs the suite), report.md, speedup.dat, speedup.gp and speedup.png
+With --model, the report ends with gqe-bench --model on that checkpoint folder (load, time to the
+first token, decode beside the read bandwidth, peak memory): a model larger than the last-level cache
+shows decode at the memory's speed, which the suite's one-layer decode may not
+(tools/make_large_checkpoint.py writes such a model).
+
+Writes bench.json and bench.log (when it runs the suite), model.txt (with --model), report.md, speedup.dat, speedup.gp and speedup.png
 (gnuplot; apt-get install gnuplot-nox) into --out, and prints the report.
 """
 
@@ -342,6 +348,25 @@ plot 1 with lines lw 1 lc rgb '#000000' notitle, \\
     return png
 
 
+def run_model(args):
+    """gqe-bench --model on args.model; its output, written to model.txt in --out too."""
+    cmd = [args.bench, "--model", args.model, "--decode-tokens", str(args.decode_tokens)]
+    if args.threads:
+        cmd.append(f"--threads={args.threads}")
+    print(f"running: {' '.join(cmd)}", file=sys.stderr)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"bench_report: gqe-bench --model failed with status {done.returncode}: {done.stderr.strip()}")
+    with open(os.path.join(args.out, "model.txt"), "w") as f:
+        f.write(done.stdout)
+    return cmd, done.stdout
+
+
+def model_section(cmd, output):
+    return "\n".join(["", f"## A checkpoint: `{os.path.basename(os.path.normpath(cmd[2]))}`", "",
+                       f"Command: `{' '.join(cmd)}`", "", "```", output.rstrip(), "```", ""])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", default="build/bench/gqe-bench", help="the gqe-bench program")
@@ -351,19 +376,28 @@ def main():
     ap.add_argument("--threads", type=int, help="gqe-bench --threads (default: its own, the machine's cores)")
     ap.add_argument("--filter", help="--benchmark_filter regex")
     ap.add_argument("--out", default="build/bench-results", help="folder for the JSON, report and plot")
+    ap.add_argument("--model", help="also run gqe-bench --model on this checkpoint folder and report it")
+    ap.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed with --model")
     args = ap.parse_args()
+    if args.model and not os.path.isdir(args.model):
+        sys.exit(f"bench_report: --model {args.model} is not a folder; expected a checkpoint folder "
+                 "(config.json and safetensors), such as tools/make_large_checkpoint.py writes")
+    if args.decode_tokens < 1:
+        sys.exit(f"bench_report: --decode-tokens is {args.decode_tokens}; expected at least 1")
     os.makedirs(args.out, exist_ok=True)
     command = None
     path = args.json
+    if (not path or args.model) and not os.access(args.bench, os.X_OK):
+        sys.exit(f"bench_report: {args.bench} is not an executable; build it with "
+                 "cmake --build build --target gqe-bench, or pass --bench" + ("" if args.model else " or --json"))
     if not path:
-        if not os.access(args.bench, os.X_OK):
-            sys.exit(f"bench_report: {args.bench} is not an executable; build it with "
-                     "cmake --build build --target gqe-bench, or pass --bench or --json")
         path = os.path.join(args.out, "bench.json")
         command = run_suite(args, path)
     with open(path) as f:
         data = json.load(f)
     text, points = report(data, command)
+    if args.model:
+        text += model_section(*run_model(args))
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(text)
     print(text)
