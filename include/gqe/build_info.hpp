@@ -74,16 +74,20 @@ inline bool cpu_has_avx2_fma() {
 // One line for the user when the backend's kernels are far below what the CPU can run, else empty:
 // OpenBLAS on a CPU with AVX2 and FMA that it took for an older one (its products then run 5-7x
 // slower, measured on an Intel Xeon that Debian's OpenBLAS 0.3.21 did not know). `kernels` is
-// gemm_backend_kernels()'s answer; OpenBLAS's cores with AVX2 + FMA kernels or wider are listed.
+// gemm_backend_kernels()'s answer. Only OpenBLAS's cores known to lack AVX2 + FMA kernels warn: a
+// name not listed (a newer core, another build's spelling) is taken to be fine.
 inline std::string gemm_backend_warning(std::string kernels, bool cpu_avx2_fma) {
   if (kernels.empty() || !cpu_avx2_fma) return "";
   const std::string name = kernels;
   std::transform(kernels.begin(), kernels.end(), kernels.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-  for (const char* vector_core : {"haswell", "zen", "skylakex", "cooperlake", "sapphirerapids", "excavator"})
-    if (kernels == vector_core) return "";
-  return "OpenBLAS picked its \"" + name + "\" kernels, made for CPUs without AVX2, on a CPU with AVX2 and FMA: its products run "
-         "several times slower. Set OPENBLAS_CORETYPE=Haswell (SkylakeX on a CPU with AVX-512) before the program starts, or "
-         "build gqe with GQE_GEMM=eigen.";
+  for (const char* older_core : {"katmai", "coppermine", "northwood", "prescott", "banias", "atom", "core2", "penryn", "dunnington",
+                                 "nehalem", "athlon", "opteron", "opteron_sse3", "barcelona", "nano", "sandybridge", "bobcat",
+                                 "bulldozer", "piledriver", "steamroller"})
+    if (kernels == older_core)
+      return "OpenBLAS picked its \"" + name + "\" kernels, which do not use AVX2, on a CPU with AVX2 and FMA: its products "
+             "run several times slower. Set OPENBLAS_CORETYPE=Haswell (SkylakeX on a CPU with AVX-512) before the program "
+             "starts, or build gqe with GQE_GEMM=eigen.";
+  return "";
 }
 inline std::string gemm_backend_warning() { return gemm_backend_warning(gemm_backend_kernels(), cpu_has_avx2_fma()); }
 
