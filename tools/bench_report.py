@@ -20,8 +20,9 @@ first token, decode beside the read bandwidth, peak memory): a model larger than
 shows decode at the memory's speed, which the suite's one-layer decode may not
 (tools/make_large_checkpoint.py writes such a model).
 
-Writes bench.json and bench.log (when it runs the suite), model.txt (with --model), report.md, speedup.dat, speedup.gp and speedup.png
-(gnuplot; apt-get install gnuplot-nox) into --out, and prints the report.
+Writes bench.json and bench.log (when it runs the suite), model.txt (with --model), report.md,
+speedup.dat, speedup.gp and speedup.png (gnuplot; apt-get install gnuplot-nox) into --out, and
+prints the report.
 """
 
 import argparse
@@ -398,10 +399,13 @@ def main():
     with open(path) as f:
         data = json.load(f)
     text, points = report(data, command)
+    report_path = os.path.join(args.out, "report.md")
+    with open(report_path, "w") as f:  # written before the checkpoint's run, which may fail
+        f.write(text)
     if args.model:
         text += model_section(*run_model(args))
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(text)
+        with open(report_path, "w") as f:
+            f.write(text)
     print(text)
     if points:
         png = plot(points, args.out, data.get("context", {}))
