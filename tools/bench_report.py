@@ -365,8 +365,8 @@ def run_model(args):
     return cmd, output
 
 
-def model_section(cmd, output):
-    return "\n".join(["", f"## A checkpoint: `{os.path.basename(os.path.normpath(cmd[2]))}`", "",
+def model_section(model_dir, cmd, output):
+    return "\n".join(["", f"## A checkpoint: `{os.path.basename(os.path.normpath(model_dir))}`", "",
                        f"Command: `{' '.join(cmd)}`", "", "```", output.rstrip(), "```", ""])
 
 
@@ -403,9 +403,10 @@ def main():
     with open(report_path, "w") as f:  # written before the checkpoint's run, which may fail
         f.write(text)
     if args.model:
-        text += model_section(*run_model(args))
-        with open(report_path, "w") as f:
-            f.write(text)
+        section = model_section(args.model, *run_model(args))
+        with open(report_path, "a") as f:
+            f.write(section)
+        text += section
     print(text)
     if points:
         png = plot(points, args.out, data.get("context", {}))
