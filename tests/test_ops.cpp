@@ -694,7 +694,7 @@ TYPED_TEST(OpsTest, AttentionChunkAfterAPastIsAlignedBottomRight) {
 TYPED_TEST(OpsTest, AttentionDecodeSeesTheWholePast) {
   for (Index dh : {6, 10, 64})
     for (Index past : {0, 1, 6, 127, 255, 256, 511, 512, 600})
-      for (Index heads : {1, 3, 13})  // 13 rows: more than one register tile of gemm
+      for (Index heads : {1, 2, 3, 13})  // 1, 2 rows: gemm's wide tiles; 13: more than one register tile
         check_attention<TypeParam>(dh, {{past, 1, heads}}, static_cast<unsigned>(300 + dh + past + heads));
 }
 

@@ -73,21 +73,27 @@ struct GemmShape {
   // each row of B in longer runs, which the hardware prefetchers follow.
   static constexpr Index kDepthFewRows = 2048;
   static Index depth_block(Index m) { return m <= kRows ? kDepthFewRows : kDepth; }
+  // With at most kWideRows rows and B in place (a decode step's attention: one or two query rows
+  // against a cached tile), a tile spans up to kWideAccumulators / rows packets: NR-wide tiles
+  // would leave a row's two chains waiting on each other's multiply-add latency, and read each row
+  // of B in short runs, where a decode step streams B from memory once.
+  static constexpr int kWideRows = 2;
+  static constexpr int kWideAccumulators = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 16 : 8;
 };
 
-// An MR x NR block of C in registers: Rows x kVectors packets, started from zero or from C, and
-// stored back to C's first `cols` columns (a narrow block goes through `edge`).
-template <class Scalar, int Rows>
+// A Rows x (V packets) block of C in registers (MR x NR by default), started from zero or from C,
+// and stored back to C's first `cols` columns (a narrow block goes through `edge`).
+template <class Scalar, int Rows, int V = GemmShape<Scalar>::kVectors>
 struct Accumulators {
   using S = GemmShape<Scalar>;
   using Packet = typename S::Packet;
-  static constexpr int V = S::kVectors, L = S::kLanes;
+  static constexpr int L = S::kLanes, Width = V * L;
   Packet acc[Rows][V];
-  alignas(64) Scalar edge[Rows][S::kCols];
+  alignas(64) Scalar edge[Rows][Width];
 
   void begin(const Scalar* c, Index ldc, Index cols, bool load) {
     using namespace Eigen::internal;
-    const bool narrow = cols < S::kCols;
+    const bool narrow = cols < Width;
     if (load && narrow)
       for (int i = 0; i < Rows; ++i) std::copy_n(c + i * ldc, cols, edge[i]);
 #pragma GCC unroll 16
@@ -99,7 +105,7 @@ struct Accumulators {
 
   void end(Scalar* c, Index ldc, Index cols) {
     using namespace Eigen::internal;
-    if (cols == S::kCols) {
+    if (cols == Width) {
 #pragma GCC unroll 16
       for (int i = 0; i < Rows; ++i)
 #pragma GCC unroll 4
@@ -119,7 +125,7 @@ struct Accumulators {
 #pragma GCC unroll 16
     for (int i = 0; i < Rows; ++i) {
       const Packet ai = pset1<Packet>(a(i));
-#pragma GCC unroll 4
+#pragma GCC unroll 16
       for (int v = 0; v < V; ++v) acc[i][v] = pmadd(ai, bv[v], acc[i][v]);
     }
   }
@@ -161,20 +167,20 @@ struct LhsReader {
   }
 };
 
-// C[0..Rows)[0..cols) (+)= A [Rows][kc] x B [kc][>= NR] (row stride ldb), A read in place. With
-// `load`, the chains continue from C; otherwise they start at zero. Columns past `cols` are
+// C[0..Rows)[0..cols) (+)= A [Rows][kc] x B [kc][>= V packets] (row stride ldb), A read in place.
+// With `load`, the chains continue from C; otherwise they start at zero. Columns past `cols` are
 // computed on B's padding and never stored.
-template <class Scalar, int Rows, bool Table>
+template <class Scalar, int Rows, bool Table, int V = GemmShape<Scalar>::kVectors>
 void micro_tile(Index kc, const LhsBlock<Scalar>& a_block, const Scalar* b, Index ldb, Scalar* c, Index ldc, Index cols,
                 bool load) {
   using S = GemmShape<Scalar>;
   const LhsReader<Scalar, Rows, Table> a(a_block);
-  Accumulators<Scalar, Rows> block;
+  Accumulators<Scalar, Rows, V> block;
   block.begin(c, ldc, cols, load);
   for (Index p = 0; p < kc; ++p) {
-    typename S::Packet bv[S::kVectors];
-#pragma GCC unroll 4
-    for (int v = 0; v < S::kVectors; ++v) bv[v] = Eigen::internal::ploadu<typename S::Packet>(b + p * ldb + v * S::kLanes);
+    typename S::Packet bv[V];
+#pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) bv[v] = Eigen::internal::ploadu<typename S::Packet>(b + p * ldb + v * S::kLanes);
     block.step(bv, [&](int i) { return a(i, p); });
   }
   block.end(c, ldc, cols);
@@ -193,6 +199,35 @@ template <class Scalar>
 MicroTile<Scalar> micro_tile_for(Index rows, bool table) {
   constexpr auto R = std::make_index_sequence<GemmShape<Scalar>::kRows>{};
   return table ? micro_tile_for<Scalar, true>(rows, R) : micro_tile_for<Scalar, false>(rows, R);
+}
+
+// The wide tiles, Rows x (4, 8 or 16 packets): wide_tiles<Scalar>[table][Rows - 1][log2(packets) - 2].
+template <class Scalar, int Rows, bool Table>
+inline constexpr MicroTile<Scalar> wide_tiles_of[3] = {&micro_tile<Scalar, Rows, Table, 4>, &micro_tile<Scalar, Rows, Table, 8>,
+                                                &micro_tile<Scalar, Rows, Table, 16>};
+template <class Scalar>
+inline constexpr const MicroTile<Scalar>* wide_tiles[2][2] = {{wide_tiles_of<Scalar, 1, false>, wide_tiles_of<Scalar, 2, false>},
+                                                        {wide_tiles_of<Scalar, 1, true>, wide_tiles_of<Scalar, 2, true>}};
+
+// How rows <= kWideRows go over `columns` in-place columns of B: in passes of `rows` rows, each
+// through `tile` over `packets` packets (the widest that fits the columns and the accumulators,
+// so one row at a time over a long row of B: each pass streams B's rows from start to end).
+template <class Scalar>
+struct WidePlan {
+  MicroTile<Scalar> tile = nullptr;  // null: no wide tile fits
+  int packets = 0, rows = 0;
+};
+template <class Scalar>
+WidePlan<Scalar> wide_plan(Index rows, bool table, Index columns) {
+  using S = GemmShape<Scalar>;
+  static_assert(S::kWideRows == 2, "wide_tiles holds tiles of 1 and 2 rows");
+  for (int w = 2; w >= 0; --w) {
+    const int packets = 4 << w;
+    if (packets > S::kWideAccumulators || packets * S::kLanes > columns) continue;
+    const int pass = static_cast<int>(std::min<Index>(rows, S::kWideAccumulators / packets));
+    return {wide_tiles<Scalar>[table ? 1 : 0][pass - 1][w], packets, pass};
+  }
+  return {};
 }
 
 // Copies `count` values of a stored row (any float dtype, any alignment), starting at element
@@ -589,8 +624,19 @@ void gemm(Index m, Index n, Index k, const LhsMatrix<Scalar>& a, const RhsMatrix
       const Index rows = std::min<Index>(MR, m - i0);
       const detail::LhsBlock<Scalar> a_block{&a, i0, p0};
       const auto tile = detail::micro_tile_for<Scalar>(rows, a.rows != nullptr);
+      // In-place panels go W at a time through a wide tile where one applies (the same chains).
+      const auto wide = rows <= S::kWideRows ? detail::wide_plan<Scalar>(rows, a.rows != nullptr, first_packed * NR)
+                                             : detail::WidePlan<Scalar>{};
+      const Index W = wide.packets / S::kVectors;
       for (Index jp = 0; jp < panels; ++jp) {
         const Index j0 = jp * NR;
+        if (wide.tile && jp + W <= first_packed) {
+          for (Index r = 0; r < rows; r += wide.rows)
+            wide.tile(kc, detail::LhsBlock<Scalar>{&a, i0 + r, p0}, static_cast<const Scalar*>(b.data) + p0 * b.stride + j0, b.stride,
+                      c + (i0 + r) * ldc + j0, ldc, W * NR, load);
+          jp += W - 1;
+          continue;
+        }
         const bool packed = jp >= first_packed;
         const Scalar* panel = packed ? buf.rhs.data() + (jp - first_packed) * kc * NR
                                      : static_cast<const Scalar*>(b.data) + p0 * b.stride + j0;
