@@ -698,6 +698,17 @@ TYPED_TEST(OpsTest, AttentionDecodeSeesTheWholePast) {
         check_attention<TypeParam>(dh, {{past, 1, heads}}, static_cast<unsigned>(300 + dh + past + heads));
 }
 
+// Keys come in chunks of kKeyChunk positions, merged in order; a decode step over more than one
+// chunk runs them as separate units. Queries before, at and after chunk boundaries, alone and
+// beside a prefill entry (which takes the one-unit-per-query-tile path).
+TYPED_TEST(OpsTest, AttentionAcrossKeyChunksMatchesTheCausalReference) {
+  constexpr Index C = gqe::detail::kKeyChunk;
+  for (Index past : {C - 1, C, 2 * C + 37})
+    for (Index heads : {1, 2, 5}) check_attention<TypeParam>(6, {{past, 1, heads}}, static_cast<unsigned>(700 + past + heads));
+  check_attention<TypeParam>(6, {{C - 3, 7, 2}, {2 * C + 1, 2, 1}}, 710);  // short chunks that cross a boundary
+  check_attention<TypeParam>(6, {{C + 5, 1, 2}, {0, 200, 2}}, 711);        // decode beside a prefill
+}
+
 TYPED_TEST(OpsTest, AttentionEntriesOfDifferentLengthsInOneCall) {
   // As a batch of segments: each entry has its own past and count and number of tiles.
   const std::vector<EntrySpec> mixed = {{0, 300, 2}, {130, 3, 1}, {600, 1, 3}, {5, 70, 3}, {0, 1, 1}};
@@ -731,6 +742,39 @@ TYPED_TEST(OpsTest, AttentionGivesEachQueryTheSameBitsHoweverTheSequenceIsCut) {
     std::vector<std::pair<Index, Index>> steps;
     for (Index t = 0; t < 300; ++t) steps.emplace_back(t, 1);
     EXPECT_TRUE((run(steps).array() == prefill.array()).all()) << "one at a time, d_h " << dh;
+  }
+}
+
+// The same past a key chunk: a prefill merges a query's chunks in turn, decode steps (the chunks
+// as separate units, merged after) and short chunks must give the same bits.
+TYPED_TEST(OpsTest, AttentionGivesTheSameBitsAcrossKeyChunksHoweverTheSequenceIsCut) {
+  using S = TypeParam;
+  constexpr Index C = gqe::detail::kKeyChunk, T = C + 200, dh = 6;
+  std::mt19937 rng(800);
+  EntryBuffers<S> b({0, T, 2}, dh, rng);
+  const auto run = [&](const std::vector<std::pair<Index, Index>>& cuts) {  // (past, count): one call each, in order
+    b.out.setConstant(EntryBuffers<S>::kSentinel);
+    for (const auto& [past, count] : cuts) {
+      gqe::QueryGroup<S> g = b.head();
+      g.query += past * g.query_stride;
+      g.out += past * g.out_stride;
+      g.past = past;
+      g.count = count;
+      gqe::causal_attention(std::vector<gqe::QueryGroup<S>>{g}, dh, S(1) / std::sqrt(S(dh)));
+    }
+    return Matrix<S>(b.result().bottomRows(T - (C - 40)));  // the rows around and past the boundary
+  };
+  const Matrix<S> prefill = run({{0, T}});
+  std::vector<std::pair<Index, Index>> cuts{{0, C - 40}};
+  for (Index t = C - 40; t < T;) {  // steps of 1, 2 and 3 queries
+    const Index count = std::min<Index>(1 + t % 3, T - t);
+    cuts.emplace_back(t, count);
+    t += count;
+  }
+  EXPECT_TRUE((run(cuts).array() == prefill.array()).all()) << "decode steps and short chunks";
+  for (int threads : {1, 3}) {
+    gqe::set_num_threads(threads);
+    EXPECT_TRUE((run(cuts).array() == prefill.array()).all()) << "threads " << threads;
   }
 }
 

@@ -8,13 +8,16 @@
 // (one group of query heads sharing a KV head, one tile of queries): for each key tile left of the
 // diagonal, S = (Q * scale) K^T, an online softmax update per query row (running maximum m and sum
 // l), O = O * exp(m_old - m) + P V; finally O /= l and, for training, lse = m + log(l). No T x T
-// matrix is ever held; blocks above the diagonal are never computed.
+// matrix is ever held; blocks above the diagonal are never computed. The key tiles are taken in
+// chunks of kKeyChunk positions, each chunk's state (O, m, l) started from scratch and merged into
+// the first chunk's in order: a decode step over a long cache runs its chunks as separate units
+// (a few groups would otherwise leave threads idle) and merges them after, with the same arithmetic.
 //
 // Masking is aligned bottom-right: with `past` keys already cached, query i of the chunk sits at
 // position past + i and sees keys 0 .. past + i.
 //
 // Batch invariance: a query row's arithmetic depends only on its own position and values. Key
-// tiles start at fixed positions, masked keys contribute exact zeros, the row sums add packets in a
+// tiles and chunks start at fixed positions, masked keys contribute exact zeros, the row sums add packets in a
 // fixed lane order, and gemm's products are row-invariant; so prefill, chunks and decode give the
 // same bits for the same position, whatever the other rows of the tile.
 //
@@ -77,13 +80,17 @@ struct QueryGroupGrad {
 namespace detail {
 
 constexpr Index kQueryTile = 128;
+// Positions per key chunk: a query's keys are taken chunk by chunk, each chunk's online softmax
+// from scratch, and the chunks' states merged in order. Decode runs a long cache's chunks in
+// parallel and merges them after; prefill runs them in turn; both give the same bits.
+constexpr Index kKeyChunk = 8 * kKeyTile;
 
 
 // Grow-only scratch, reused call after call: no allocation once warm.
 template <class Scalar>
 struct AttentionScratch {
-  std::vector<Scalar> query, scores, acc, row_max, row_sum, d_out, d_scores, delta, lse, d_query, d_key, d_value,
-      key_rows, value_t;
+  std::vector<Scalar> query, scores, acc, row_max, row_sum, chunk_acc, chunk_max, chunk_sum, d_out, d_scores, delta, lse,
+      d_query, d_key, d_value, key_rows, value_t;
   static void grow(std::vector<Scalar>& v, Index n) {
     if (static_cast<Index>(v.size()) < n) v.resize(static_cast<std::size_t>(n));
   }
@@ -112,31 +119,37 @@ Scalar max_or_nan(Scalar a, Scalar b) {
   return std::isnan(a) || std::isnan(b) ? std::numeric_limits<Scalar>::quiet_NaN() : std::max(a, b);
 }
 
-// Queries [first, first + n) of every head of g.
+// The online softmax's state of `rows` stacked query rows over a run of keys: O unnormalised
+// [rows][d_h], the running maximum m and sum l per row.
 template <class Scalar>
-void attention_tile(const QueryGroup<Scalar>& g, Index head_dim, Scalar scale, Index first, Index n) {
+struct SoftmaxState {
+  Scalar* acc;
+  Scalar* max;
+  Scalar* sum;
+};
+
+// Key chunk c of g (positions [c*KC, (c+1)*KC), cut at what the rows see) for the stacked,
+// scaled queries `query` [rows][d_h] of queries [first, first + n): the state from scratch. A row
+// that sees no key of the chunk keeps m = -inf, l = 0, O = 0.
+template <class Scalar>
+void attend_chunk(const QueryGroup<Scalar>& g, Index head_dim, Index first, Index n, Index chunk, const Scalar* query,
+                  const SoftmaxState<Scalar>& st) {
   constexpr Index KT = kKeyTile, L = kPacketLanes<Scalar>;
   auto& s = attention_scratch<Scalar>();
   const Index rows = g.heads * n, dh = head_dim;
-  s.grow(s.query, rows * dh);
   s.grow(s.scores, rows * KT + L);
-  s.grow(s.acc, rows * dh);
-  s.grow(s.row_max, rows);
-  s.grow(s.row_sum, rows);
-  stack_heads(g.query, g.query_stride, g.heads, dh, first, n, scale, s.query.data());
-  std::fill_n(s.acc.data(), rows * dh, Scalar(0));
-  std::fill_n(s.row_max.data(), rows, -std::numeric_limits<Scalar>::infinity());
-  std::fill_n(s.row_sum.data(), rows, Scalar(0));
-
+  std::fill_n(st.acc, rows * dh, Scalar(0));
+  std::fill_n(st.max, rows, -std::numeric_limits<Scalar>::infinity());
+  std::fill_n(st.sum, rows, Scalar(0));
   const Index first_pos = g.past + first, last_pos = first_pos + n - 1;
-  for (Index t = 0; t * KT <= last_pos; ++t) {
+  const Index t_end = std::min((chunk + 1) * kKeyChunk, last_pos + 1);
+  for (Index t = chunk * kKeyChunk / KT; t * KT < t_end; ++t) {
     const Index j0 = t * KT, nk = std::min(KT, last_pos + 1 - j0);
-    gemm<Scalar>(rows, nk, dh, LhsMatrix<Scalar>{s.query.data(), dh, 1}, rhs_of(g.kv.key(t), KT, false), s.scores.data(), KT,
-                 false);
+    gemm<Scalar>(rows, nk, dh, LhsMatrix<Scalar>{query, dh, 1}, rhs_of(g.kv.key(t), KT, false), s.scores.data(), KT, false);
     for (Index r = 0; r < rows; ++r) {
       Scalar* row = s.scores.data() + r * KT;
       const Index valid = std::min(nk, first_pos + r % n - j0 + 1);  // the row's keys in this tile
-      Scalar& m = s.row_max[static_cast<std::size_t>(r)];
+      Scalar& m = st.max[r];
       if (valid <= 0) {
         std::fill(row, row + nk, Scalar(0));
         continue;
@@ -144,25 +157,122 @@ void attention_tile(const QueryGroup<Scalar>& g, Index head_dim, Scalar scale, I
       const Scalar new_max = max_or_nan(m, row_maximum(row, valid));
       const Scalar correction = std::exp(m - new_max);  // 0 on the first tile (exp(-inf))
       const Scalar tile_sum = exp_row(row, valid, nk, new_max);
-      s.row_sum[static_cast<std::size_t>(r)] = s.row_sum[static_cast<std::size_t>(r)] * correction + tile_sum;
+      st.sum[r] = st.sum[r] * correction + tile_sum;
       if (correction != Scalar(1)) {  // times 1 is exact: skipping it changes no bit
-        Scalar* acc = s.acc.data() + r * dh;
+        Scalar* acc = st.acc + r * dh;
         for (Index c = 0; c < dh; ++c) acc[c] *= correction;
       }
       m = new_max;
     }
-    gemm<Scalar>(rows, dh, nk, LhsMatrix<Scalar>{s.scores.data(), KT, 1}, rhs_of(g.kv.value(t), dh, false), s.acc.data(), dh,
-                 true);
+    gemm<Scalar>(rows, dh, nk, LhsMatrix<Scalar>{s.scores.data(), KT, 1}, rhs_of(g.kv.value(t), dh, false), st.acc, dh, true);
   }
+}
+
+// st becomes the state over its keys and those of `later` (the next chunk's state).
+template <class Scalar>
+void merge_states(Index rows, Index head_dim, const SoftmaxState<Scalar>& st, const SoftmaxState<Scalar>& later) {
+  for (Index r = 0; r < rows; ++r) {
+    const Scalar m_later = later.max[r];
+    if (m_later == -std::numeric_limits<Scalar>::infinity()) continue;  // the row saw no key there
+    const Scalar new_max = max_or_nan(st.max[r], m_later);
+    const Scalar a = std::exp(st.max[r] - new_max), b = std::exp(m_later - new_max);
+    st.sum[r] = st.sum[r] * a + later.sum[r] * b;
+    Scalar* acc = st.acc + r * head_dim;
+    const Scalar* acc_later = later.acc + r * head_dim;
+    for (Index c = 0; c < head_dim; ++c) acc[c] = acc[c] * a + acc_later[c] * b;
+    st.max[r] = new_max;
+  }
+}
+
+// out = O / l for queries [first, first + n) of g, and lse = m + log(l) when g keeps it.
+template <class Scalar>
+void write_attention(const QueryGroup<Scalar>& g, Index head_dim, Index first, Index n, const SoftmaxState<Scalar>& st) {
+  const Index dh = head_dim;
   for (Index h = 0; h < g.heads; ++h)
     for (Index i = 0; i < n; ++i) {
       const Index r = h * n + i;
-      const Scalar sum = s.row_sum[static_cast<std::size_t>(r)];
-      const Scalar* acc = s.acc.data() + r * dh;
+      const Scalar sum = st.sum[r];
+      const Scalar* acc = st.acc + r * dh;
       Scalar* out = g.out + (first + i) * g.out_stride + h * dh;
       for (Index c = 0; c < dh; ++c) out[c] = acc[c] / sum;
-      if (g.lse) g.lse[(first + i) * g.lse_stride + h] = s.row_max[static_cast<std::size_t>(r)] + std::log(sum);
+      if (g.lse) g.lse[(first + i) * g.lse_stride + h] = st.max[r] + std::log(sum);
     }
+}
+
+// Key chunks that queries [first, first + n) of g see.
+template <class Scalar>
+Index chunks_seen(const QueryGroup<Scalar>& g, Index first, Index n) {
+  return (g.past + first + n - 1) / kKeyChunk + 1;
+}
+
+// Queries [first, first + n) of every head of g: chunk by chunk, each merged into the first.
+template <class Scalar>
+void attention_tile(const QueryGroup<Scalar>& g, Index head_dim, Scalar scale, Index first, Index n) {
+  auto& s = attention_scratch<Scalar>();
+  const Index rows = g.heads * n, dh = head_dim, chunks = chunks_seen(g, first, n);
+  for (auto* v : {&s.query, &s.acc, &s.chunk_acc}) s.grow(*v, rows * dh);
+  for (auto* v : {&s.row_max, &s.row_sum, &s.chunk_max, &s.chunk_sum}) s.grow(*v, rows);
+  stack_heads(g.query, g.query_stride, g.heads, dh, first, n, scale, s.query.data());
+  const SoftmaxState<Scalar> state{s.acc.data(), s.row_max.data(), s.row_sum.data()};
+  const SoftmaxState<Scalar> chunk{s.chunk_acc.data(), s.chunk_max.data(), s.chunk_sum.data()};
+  attend_chunk(g, dh, first, n, 0, s.query.data(), state);
+  for (Index c = 1; c < chunks; ++c) {
+    attend_chunk(g, dh, first, n, c, s.query.data(), chunk);
+    merge_states(rows, dh, state, chunk);
+  }
+  write_attention(g, dh, first, n, state);
+}
+
+// Every group one query tile (decode, short chunks after a cache): each (group, key chunk) is a
+// unit of its own, so that a long cache's few groups still spread over every thread; then each
+// group's chunk states are merged in order, as attention_tile merges them.
+template <class Scalar>
+void attention_by_chunks(const std::vector<QueryGroup<Scalar>>& groups, Index head_dim, Scalar scale, double flops) {
+  const Index dh = head_dim;
+  struct Plan {
+    std::vector<std::pair<Index, Index>> units;  // (group, chunk), a group's chunks consecutive
+    std::vector<Index> first_unit, offset;       // per group; per unit, of its state in `states`
+    std::vector<Scalar> states;                  // per unit: O [rows][d_h], m [rows], l [rows]
+  };
+  thread_local Plan plan;  // grow-only; the units, on other threads, reach it through these references
+  auto& units = plan.units;
+  auto& first_unit = plan.first_unit;
+  auto& offset = plan.offset;
+  auto& states = plan.states;
+  units.clear();
+  first_unit.clear();
+  offset.assign(1, 0);
+  for (std::size_t gi = 0; gi < groups.size(); ++gi) {
+    const auto& g = groups[gi];
+    first_unit.push_back(static_cast<Index>(units.size()));
+    for (Index c = 0; c < chunks_seen(g, 0, g.count); ++c) {
+      units.emplace_back(static_cast<Index>(gi), c);
+      offset.push_back(offset.back() + g.heads * g.count * (dh + 2));
+    }
+  }
+  first_unit.push_back(static_cast<Index>(units.size()));
+  if (static_cast<Index>(states.size()) < offset.back()) states.resize(static_cast<std::size_t>(offset.back()));
+  const auto state_of = [&](Index unit) {
+    const Index rows = groups[static_cast<std::size_t>(units[static_cast<std::size_t>(unit)].first)].heads *
+                       groups[static_cast<std::size_t>(units[static_cast<std::size_t>(unit)].first)].count;
+    Scalar* acc = states.data() + offset[static_cast<std::size_t>(unit)];
+    return SoftmaxState<Scalar>{acc, acc + rows * dh, acc + rows * dh + rows};
+  };
+  thread_pool().parallel_for(static_cast<Index>(units.size()), [&](Index u) {
+    const auto [gi, c] = units[static_cast<std::size_t>(u)];
+    const auto& g = groups[static_cast<std::size_t>(gi)];
+    auto& s = attention_scratch<Scalar>();
+    s.grow(s.query, g.heads * g.count * dh);
+    stack_heads(g.query, g.query_stride, g.heads, dh, Index(0), g.count, scale, s.query.data());
+    attend_chunk(g, dh, 0, g.count, c, s.query.data(), state_of(u));
+  }, flops);
+  thread_pool().parallel_for(static_cast<Index>(groups.size()), [&](Index gi) {
+    const auto& g = groups[static_cast<std::size_t>(gi)];
+    const Index first = first_unit[static_cast<std::size_t>(gi)], last = first_unit[static_cast<std::size_t>(gi) + 1];
+    const SoftmaxState<Scalar> state = state_of(first);
+    for (Index u = first + 1; u < last; ++u) merge_states(g.heads * g.count, dh, state, state_of(u));
+    write_attention(g, dh, 0, g.count, state);
+  }, 4.0 * static_cast<double>(offset.back()));
 }
 
 // dst [cols][rows] = src [rows][cols] (row strides given).
@@ -265,6 +375,11 @@ void causal_attention(const std::vector<QueryGroup<Scalar>>& groups, Index head_
     flops += 4.0 * static_cast<double>(g.heads * g.count * head_dim) * static_cast<double>(g.past + g.count);
   }
   const Index num_groups = static_cast<Index>(groups.size());
+  const bool long_cache = std::any_of(groups.begin(), groups.end(), [](const auto& g) { return detail::chunks_seen(g, 0, g.count) > 1; });
+  if (max_tiles == 1 && long_cache) {
+    detail::attention_by_chunks(groups, head_dim, scale, flops);
+    return;
+  }
   thread_pool().parallel_for(num_groups * max_tiles, [&](Index unit) {
     const Index tile = max_tiles - 1 - unit / num_groups;
     const auto& g = groups[static_cast<std::size_t>(unit % num_groups)];
