@@ -4,6 +4,9 @@
 //                            the FLOP model's, active heads per token, the FLOP ceiling at T;
 //   decode_{gqa,gqe}/L       one token against a cache of L positions, GB/s of weights and cache read;
 //   attention_{gqa,gqe}/T    the causal attention kernel alone, with the layer's head layout;
+//   decode_one_kv_head/L/N   the kernel's decode step for one KV head read by 8 query heads (d_h=128,
+//                            a multi-query model) over L cached positions, on N threads (0: the
+//                            pool's): one group, so its key chunks are what spreads over threads;
 //   gemm_*/4096              a plain [4096 x 1024] x [1024 x 1024] product measured in the same run,
 //                            the machine's GEMM rate that the layer's GFLOP/s is compared with
 //                            (Eigen's own product on one thread, gqe::linear, and the GEMM
@@ -166,6 +169,44 @@ void attention_kernel(benchmark::State& state, AttentionType type) {
   state.counters["active_heads"] = static_cast<double>(active);
 }
 
+void decode_one_kv_head(benchmark::State& state) {
+  const Index L = state.range(0), dh = 128, heads = 8;
+  const int threads = state.range(1) > 0 ? static_cast<int>(state.range(1)) : num_threads(), pool = num_threads();
+  AttentionConfig c;
+  c.num_heads = heads;
+  c.num_kv_heads = 1;
+  c.head_dim = dh;
+  AttentionCache<float> cache(c);  // [L + 1] positions of one KV head
+  cache.reserve(L + 1);
+  {
+    const Matrix<float> keys = random_input(L + 1, dh, 14), values = random_input(L + 1, dh, 15);
+    for (Index t = 0; t <= L; ++t) cache.write(t, keys.row(t).data(), values.row(t).data());
+  }
+  const Matrix<float> query = random_input(1, heads * dh, 16);  // [1, heads*d_h]
+  Matrix<float> out(1, heads * dh);                              // [1, heads*d_h]
+  QueryGroup<float> group;
+  group.query = query.data();
+  group.query_stride = query.cols();
+  group.kv = cache.head(0);
+  group.out = out.data();
+  group.out_stride = out.cols();
+  group.past = L;
+  group.count = 1;
+  group.heads = heads;
+  const std::vector<QueryGroup<float>> groups{group};
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
+  set_num_threads(threads);
+  causal_attention(groups, dh, scale);  // untimed: scratch buffers sized
+  for (auto _ : state) {
+    causal_attention(groups, dh, scale);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  set_num_threads(pool);
+  bench::report_bytes(state, 2.0 * static_cast<double>((L + 1) * dh) * sizeof(float));  // K and V read once
+  state.counters["threads"] = threads;
+}
+
 // Y [T, 1024] = X [T, 1024] W^T, W [1024, 1024]: the size of the layer's projections at T tokens.
 struct GemmOperands {
   explicit GemmOperands(Index rows) : x(random_input(rows, 1024, 21)), w(random_input(1024, 1024, 22)), y(rows, 1024) {}
@@ -258,6 +299,9 @@ void decode_args(benchmark::internal::Benchmark* b) {
 void kernel_args(benchmark::internal::Benchmark* b) {
   b->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond)->MeasureProcessCPUTime()->UseRealTime();
 }
+void one_kv_head_args(benchmark::internal::Benchmark* b) {
+  b->Args({32768, 1})->Args({32768, 0})->Unit(benchmark::kMicrosecond)->MeasureProcessCPUTime()->UseRealTime();
+}
 void gemm_args(benchmark::internal::Benchmark* b) {
   b->Arg(4096)->Unit(benchmark::kMillisecond)->MeasureProcessCPUTime()->UseRealTime();
 }
@@ -270,6 +314,7 @@ BENCHMARK(decode_gqa)->Apply(decode_args);
 BENCHMARK(decode_gqe)->Apply(decode_args);
 BENCHMARK(attention_gqa)->Apply(kernel_args);
 BENCHMARK(attention_gqe)->Apply(kernel_args);
+BENCHMARK(decode_one_kv_head)->Apply(one_kv_head_args);
 BENCHMARK(gemm_eigen_1thread)->Apply(gemm_args);
 BENCHMARK(gemm_gqe_linear)->Apply(gemm_args);
 #if defined(GQE_GEMM_OPENBLAS) || defined(GQE_GEMM_ONEDNN)

@@ -61,19 +61,29 @@ bool parse_integer(const char* flag, const char* text, long lo, long hi, long& o
   return true;
 }
 
-std::string cpu_name() {
+// The value of the first /proc/cpuinfo line that starts with `key`, or "unknown".
+std::string cpuinfo(const std::string& key) {
   std::ifstream in("/proc/cpuinfo");
   for (std::string line; std::getline(in, line);)
-    if (line.rfind("model name", 0) == 0) {
+    if (line.rfind(key, 0) == 0) {
       const auto colon = line.find(':');
-      return colon == std::string::npos ? line : line.substr(line.find_first_not_of(" \t", colon + 1));
+      const auto value = colon == std::string::npos ? std::string::npos : line.find_first_not_of(" \t", colon + 1);
+      return value == std::string::npos ? "unknown" : line.substr(value);
     }
   return "unknown";
 }
 
+// Vendor, family, model and stepping: a virtual machine's model name ("AMD EPYC") may name no
+// generation, and these tell them apart (AMD family 25 is Zen 3 and Zen 4, 26 is Zen 5).
+std::string cpu_model() {
+  return cpuinfo("vendor_id") + " family " + cpuinfo("cpu family") + " model " + cpuinfo("model\t") + " stepping " +
+         cpuinfo("stepping");
+}
+
 void add_context(const gqe::bench::MachinePeaks& peaks, bool probed) {
   benchmark::AddCustomContext("gqe_version", GQE_VERSION_STRING);
-  benchmark::AddCustomContext("cpu", cpu_name());
+  benchmark::AddCustomContext("cpu", cpuinfo("model name"));
+  benchmark::AddCustomContext("cpu_model", cpu_model());
   benchmark::AddCustomContext("simd_level", gqe::simd_level());
   benchmark::AddCustomContext("gemm_backend", gqe::gemm_backend());
   if (const std::string kernels = gqe::gemm_backend_kernels(); !kernels.empty())

@@ -104,7 +104,9 @@ class Runs:
             for old_name, name_now in RENAMED.items():  # JSON of gqe-bench before 0.2.0
                 if old_name in figures and name_now not in figures:
                     figures[name_now] = figures[old_name]
-            key = (name[0], int(name[1]) if len(name) > 1 and name[1].isdigit() else None)
+            # A second numeric argument (decode_one_kv_head/L/threads) becomes part of the family.
+            family = name[0] + (f"/{name[2]}" if len(name) > 2 and name[2].isdigit() else "")
+            key = (family, int(name[1]) if len(name) > 1 and name[1].isdigit() else None)
             reps = self.runs.setdefault(key, {})
             reps[b.get("repetition_index", len(reps))] = figures
 
@@ -163,7 +165,8 @@ def report(data, command=None):
     add("")
     peak, bandwidth = float_or_none(ctx.get("fma_peak_gflops")), float_or_none(ctx.get("read_bandwidth_gbps"))
     peak_one = float_or_none(ctx.get("fma_peak_gflops_1_thread"))
-    add(f"Machine: {ctx.get('cpu', '?')}, {ctx.get('num_cpus', '?')} logical CPUs, load average at start "
+    add(f"Machine: {ctx.get('cpu', '?')}" + (f" ({ctx['cpu_model']})" if ctx.get("cpu_model") else "")
+        + f", {ctx.get('num_cpus', '?')} logical CPUs, load average at start "
         f"{', '.join(f'{x:.2f}' for x in ctx.get('load_avg', []))}; gqe {ctx.get('gqe_version', '?')}, threads "
         f"{ctx.get('gqe_threads', '?')}. Compiler {ctx.get('compiler', '?')}, {ctx.get('build_type', '?')}: "
         f"`{ctx.get('flags', '?')}`; SIMD {ctx.get('simd_level', '?')}; GEMM backend "
@@ -277,6 +280,19 @@ def report(data, command=None):
                 f"{llc / 2**20:.0f} MiB last-level cache, so its bytes may come from the cache rather than from "
                 "memory: its share of the memory's read bandwidth is not a measure of the kernel there (the "
                 "`--model` mode on a checkpoint larger than the cache is).")
+
+    # One KV head's decode: one group, so only its key chunks spread over threads.
+    for L in sorted(t for (f, t) in runs.runs if f == "decode_one_kv_head/1"):
+        pool = runs.get("decode_one_kv_head/0", L)
+        r = runs.ratio("decode_one_kv_head/1", "decode_one_kv_head/0", L)
+        if not pool or not r:
+            continue
+        threads = int(next(iter(pool.values())).get("threads", 0))
+        add("")
+        add(f"One KV head's decode step in the kernel alone (8 query heads, d_h=128, a multi-query model's layer; "
+            f"cache {L}): {1e6 * runs.median('decode_one_kv_head/1', L):.0f} us on 1 thread, "
+            f"{1e6 * runs.median('decode_one_kv_head/0', L):.0f} us on {threads}: {fmt_range(r)} times as fast. "
+            "Its key chunks are the only work to spread over the threads.")
 
     # The small model.
     rows = []
