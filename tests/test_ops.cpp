@@ -636,6 +636,16 @@ struct EntryBuffers {
       }
     return result;
   }
+  // Queries [past, past + count) of head(), after `past` cached positions: one piece of a sequence
+  // cut into chunks or decode steps.
+  gqe::QueryGroup<S> piece(Index past, Index count) {
+    gqe::QueryGroup<S> g = head();
+    g.query += past * g.query_stride;
+    g.out += past * g.out_stride;
+    g.past = past;
+    g.count = count;
+    return g;
+  }
   auto result() const { return out.middleCols(kOutOffset, spec.heads * head_dim); }
   bool padding_untouched() const {
     return (out.leftCols(kOutOffset).array() == kSentinel).all() &&
@@ -726,14 +736,7 @@ TYPED_TEST(OpsTest, AttentionGivesEachQueryTheSameBitsHoweverTheSequenceIsCut) {
     const auto run = [&](const std::vector<std::pair<Index, Index>>& cuts) {  // (past, count) pieces
       b.out.setConstant(EntryBuffers<S>::kSentinel);
       std::vector<gqe::QueryGroup<S>> groups;
-      for (const auto& [past, count] : cuts) {
-        gqe::QueryGroup<S> g = b.head();
-        g.query += past * g.query_stride;
-        g.out += past * g.out_stride;
-        g.past = past;
-        g.count = count;
-        groups.push_back(g);
-      }
+      for (const auto& [past, count] : cuts) groups.push_back(b.piece(past, count));
       gqe::causal_attention(groups, dh, S(1) / std::sqrt(S(dh)));
       return Matrix<S>(b.result());
     };
@@ -754,14 +757,8 @@ TYPED_TEST(OpsTest, AttentionGivesTheSameBitsAcrossKeyChunksHoweverTheSequenceIs
   EntryBuffers<S> b({0, T, 2}, dh, rng);
   const auto run = [&](const std::vector<std::pair<Index, Index>>& cuts) {  // (past, count): one call each, in order
     b.out.setConstant(EntryBuffers<S>::kSentinel);
-    for (const auto& [past, count] : cuts) {
-      gqe::QueryGroup<S> g = b.head();
-      g.query += past * g.query_stride;
-      g.out += past * g.out_stride;
-      g.past = past;
-      g.count = count;
-      gqe::causal_attention(std::vector<gqe::QueryGroup<S>>{g}, dh, S(1) / std::sqrt(S(dh)));
-    }
+    for (const auto& [past, count] : cuts)
+      gqe::causal_attention(std::vector<gqe::QueryGroup<S>>{b.piece(past, count)}, dh, S(1) / std::sqrt(S(dh)));
     return Matrix<S>(b.result().bottomRows(T - (C - 40)));  // the rows around and past the boundary
   };
   const Matrix<S> prefill = run({{0, T}});
