@@ -253,8 +253,8 @@ void attention_by_chunks(const std::vector<QueryGroup<Scalar>>& groups, Index he
   first_unit.push_back(static_cast<Index>(units.size()));
   if (static_cast<Index>(states.size()) < offset.back()) states.resize(static_cast<std::size_t>(offset.back()));
   const auto state_of = [&](Index unit) {
-    const Index rows = groups[static_cast<std::size_t>(units[static_cast<std::size_t>(unit)].first)].heads *
-                       groups[static_cast<std::size_t>(units[static_cast<std::size_t>(unit)].first)].count;
+    const auto& g = groups[static_cast<std::size_t>(units[static_cast<std::size_t>(unit)].first)];
+    const Index rows = g.heads * g.count;
     Scalar* acc = states.data() + offset[static_cast<std::size_t>(unit)];
     return SoftmaxState<Scalar>{acc, acc + rows * dh, acc + rows * dh + rows};
   };

@@ -11,7 +11,8 @@
 //
 // A register-blocked micro-kernel keeps an MR x NR block of C in registers and, per step of p,
 // loads one row of NR values of B and broadcasts MR values of A (AVX-512: 12 x 32 floats in 24 of
-// its 32 registers; AVX2 and SSE: 6 x 2 packets). A is read in place, row-major or a transposed
+// its 32 registers; AVX2 and SSE: 6 x 2 packets; one or two rows against a B read in place go
+// through wider tiles, see GemmShape::kWideRows). A is read in place, row-major or a transposed
 // view alike: a broadcast is a plain load wherever its value sits. B is packed per NR-column panel
 // ([kc][NR]), converting 16-bit weights to Scalar on the way; a B already laid out [k][n] in Scalar
 // is read in place. The depth is cut into blocks of kDepth so that the panels stay in cache; the
@@ -74,9 +75,10 @@ struct GemmShape {
   static constexpr Index kDepthFewRows = 2048;
   static Index depth_block(Index m) { return m <= kRows ? kDepthFewRows : kDepth; }
   // With at most kWideRows rows and B in place (a decode step's attention: one or two query rows
-  // against a cached tile), a tile spans up to kWideAccumulators / rows packets: NR-wide tiles
-  // would leave a row's two chains waiting on each other's multiply-add latency, and read each row
-  // of B in short runs, where a decode step streams B from memory once.
+  // against a cached tile), tiles hold up to kWideAccumulators packets: one row over a long row of
+  // B, or two rows over half as many columns. NR-wide tiles would leave a row's two chains waiting
+  // on each other's multiply-add latency, and read each row of B in short runs, where a decode step
+  // streams B from memory once.
   static constexpr int kWideRows = 2;
   static constexpr int kWideAccumulators = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 16 : 8;
 };
@@ -204,10 +206,10 @@ MicroTile<Scalar> micro_tile_for(Index rows, bool table) {
 // The wide tiles, Rows x (4, 8 or 16 packets): wide_tiles<Scalar>[table][Rows - 1][log2(packets) - 2].
 template <class Scalar, int Rows, bool Table>
 inline constexpr MicroTile<Scalar> wide_tiles_of[3] = {&micro_tile<Scalar, Rows, Table, 4>, &micro_tile<Scalar, Rows, Table, 8>,
-                                                &micro_tile<Scalar, Rows, Table, 16>};
+                                                       &micro_tile<Scalar, Rows, Table, 16>};
 template <class Scalar>
 inline constexpr const MicroTile<Scalar>* wide_tiles[2][2] = {{wide_tiles_of<Scalar, 1, false>, wide_tiles_of<Scalar, 2, false>},
-                                                        {wide_tiles_of<Scalar, 1, true>, wide_tiles_of<Scalar, 2, true>}};
+                                                               {wide_tiles_of<Scalar, 1, true>, wide_tiles_of<Scalar, 2, true>}};
 
 // How rows <= kWideRows go over `columns` in-place columns of B: in passes of `rows` rows, each
 // through `tile` over `packets` packets (the widest that fits the columns and the accumulators,
