@@ -211,9 +211,10 @@ template <class Scalar>
 inline constexpr const MicroTile<Scalar>* wide_tiles[2][2] = {{wide_tiles_of<Scalar, 1, false>, wide_tiles_of<Scalar, 2, false>},
                                                                {wide_tiles_of<Scalar, 1, true>, wide_tiles_of<Scalar, 2, true>}};
 
-// How rows <= kWideRows go over `columns` in-place columns of B: in passes of `rows` rows, each
-// through `tile` over `packets` packets (the widest that fits the columns and the accumulators,
-// so one row at a time over a long row of B: each pass streams B's rows from start to end).
+// How rows <= kWideRows go over `columns` in-place columns of B (more rows: no plan): in passes
+// of `rows` rows, each through `tile` over `packets` packets (the widest that fits the columns and
+// the accumulators, so one row at a time over a long row of B: each pass streams B's rows from
+// start to end).
 template <class Scalar>
 struct WidePlan {
   MicroTile<Scalar> tile = nullptr;  // null: no wide tile fits
@@ -223,6 +224,7 @@ template <class Scalar>
 WidePlan<Scalar> wide_plan(Index rows, bool table, Index columns) {
   using S = GemmShape<Scalar>;
   static_assert(S::kWideRows == 2, "wide_tiles holds tiles of 1 and 2 rows");
+  if (rows > S::kWideRows) return {};
   for (int w = 2; w >= 0; --w) {
     const int packets = 4 << w;
     if (packets > S::kWideAccumulators || packets * S::kLanes > columns) continue;
@@ -627,8 +629,7 @@ void gemm(Index m, Index n, Index k, const LhsMatrix<Scalar>& a, const RhsMatrix
       const detail::LhsBlock<Scalar> a_block{&a, i0, p0};
       const auto tile = detail::micro_tile_for<Scalar>(rows, a.rows != nullptr);
       // In-place panels go W at a time through a wide tile where one applies (the same chains).
-      const auto wide = rows <= S::kWideRows ? detail::wide_plan<Scalar>(rows, a.rows != nullptr, first_packed * NR)
-                                             : detail::WidePlan<Scalar>{};
+      const auto wide = detail::wide_plan<Scalar>(rows, a.rows != nullptr, first_packed * NR);
       const Index W = wide.packets / S::kVectors;
       for (Index jp = 0; jp < panels; ++jp) {
         const Index j0 = jp * NR;
