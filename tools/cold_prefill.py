@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Times GQE against dense GQA from a cold process, the figure a user of gqe-run sees.
+
+    /usr/bin/python3 tools/cold_prefill.py [--run build/examples/gqe-run] [--tokens 2048 4096]
+        [--pairs 11] [--threads N] [--models build/cold-models]
+
+Each run is a whole `gqe-run -m MODEL -p PROMPT --stats` process (start, load, prefill of T tokens,
+exit), timed by the wall clock. The models are one layer of the paper's shape (d=1024, d_h=64,
+N=16, G=8, k=1; SwiGLU intermediate 256, vocabulary 256, random weights), written once by
+tools/make_large_checkpoint.py into --models. Dense and GQE run in turn, in alternating order, for
+--pairs pairs per T on the same random prompt; the speed-up is the median of the pairs' ratios (with
+its range), the times are medians. The whole-model FLOP ceiling counts the layer (the FLOP model of
+docs/flop-model.md, as tools/bench_report.py computes it), its feed-forward block and the last
+position's logits, which is all gqe-run computes without --logits-out.
+"""
+
+import argparse
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_report import D, dense_flops, gqe_flops  # noqa: E402  (the one FLOP model)
+
+INTERMEDIATE, VOCAB = 256, 256
+SHAPE = ["--hidden", str(D), "--layers", "1", "--vocab", str(VOCAB), "--head-dim", "64",
+         "--intermediate", str(INTERMEDIATE)]
+
+
+def whole_model_ceiling(T):
+    rest = 2 * T * 3 * D * INTERMEDIATE + 2 * D * VOCAB  # feed-forward of every token, one row of logits
+    return (dense_flops(T) + rest) / (gqe_flops(T) + rest)
+
+
+def make_models(folder):
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = {}
+    for attention in ("gqa", "gqe"):
+        path = os.path.join(folder, f"one-layer-{attention}")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            print(f"cold_prefill: writing {path}", file=sys.stderr)
+            subprocess.run([sys.executable, os.path.join(here, "make_large_checkpoint.py"), "--attention", attention,
+                            *SHAPE, "--out", path], check=True, stdout=subprocess.DEVNULL)
+        paths[attention] = path
+    return paths
+
+
+def timed_run(args, model, prompt):
+    cmd = [args.run, "-m", model, "-p", prompt, "--stats"]
+    if args.threads:
+        cmd += ["-t", str(args.threads)]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"cold_prefill: {' '.join(cmd[:3])} ... failed with status {done.returncode}: {done.stderr.strip()}")
+    return seconds
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default="build/examples/gqe-run", help="the gqe-run program")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096], help="prompt lengths T")
+    ap.add_argument("--pairs", type=int, default=11, help="dense/GQE pairs per T")
+    ap.add_argument("--threads", type=int, help="gqe-run -t (default: its own, the CPUs it may use)")
+    ap.add_argument("--models", default="build/cold-models", help="folder of the two one-layer models")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the random prompts")
+    args = ap.parse_args()
+    if not os.access(args.run, os.X_OK):
+        sys.exit(f"cold_prefill: {args.run} is not an executable; build it with "
+                 "cmake --build build --target gqe-run, or pass --run")
+    if args.pairs < 1 or any(T < 1 for T in args.tokens):
+        sys.exit("cold_prefill: --pairs and every --tokens must be at least 1")
+    models = make_models(args.models)
+    rng = random.Random(args.seed)
+    print("| T | dense s | GQE s | speed-up (range) | whole-model FLOP ceiling | of ceiling |")
+    print("|---|---:|---:|---|---:|---:|")
+    for T in args.tokens:
+        prompt = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(T))
+        times = {"gqa": [], "gqe": []}
+        ratios = []
+        for pair in range(args.pairs):
+            order = ("gqa", "gqe") if pair % 2 == 0 else ("gqe", "gqa")
+            seconds = {name: timed_run(args, models[name], prompt) for name in order}
+            for name in order:
+                times[name].append(seconds[name])
+            ratios.append(seconds["gqa"] / seconds["gqe"])
+            print(f"cold_prefill: T={T} pair {pair + 1}/{args.pairs}", end="\r", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        speedup, ceiling = statistics.median(ratios), whole_model_ceiling(T)
+        print(f"| {T} | {statistics.median(times['gqa']):.3f} | {statistics.median(times['gqe']):.3f} | "
+              f"{speedup:.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | {ceiling:.2f} | {100 * speedup / ceiling:.0f}% |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
