@@ -27,6 +27,7 @@
 #include "gqe/ops/gemm_backend.hpp"
 #include "gqe/ops/linear.hpp"
 #include "gqe/ops/rope.hpp"
+#include "gqe/tensor/scratch_buffer.hpp"
 #include "gqe/tensor/scratch_matrix.hpp"
 #include "gqe/tensor/tensor.hpp"
 #include "gqe/tensor/weight.hpp"
@@ -148,7 +149,8 @@ class Attention {
     Routing<Scalar> routing;
     ScratchMatrix<Scalar> key, value;  // [R, G*d_h]
     ScratchMatrix<Scalar> query, out, lse;
-    std::vector<Index> expert_rows, expert_slots, expert_first, expert_next;  // see group_by_expert
+    detail::ScratchBuffer<Index> expert_rows, expert_slots;  // see group_by_expert
+    std::vector<Index> expert_first, expert_next;
     std::vector<std::pair<Index, Index>> units;
     std::vector<QueryGroup<Scalar>> groups;
   };
@@ -169,7 +171,8 @@ class Attention {
   }
   struct GradWorkspace {
     Matrix<Scalar> d_cat, d_out, d_probs, d_logits, d_query, d_key, d_value, d_mean_key, d_mean_value;
-    std::vector<Index> expert_rows, expert_slots, expert_first, expert_next;
+    detail::ScratchBuffer<Index> expert_rows, expert_slots;
+    std::vector<Index> expert_first, expert_next;
     std::vector<ScratchMatrix<Scalar>> expert_dx;  // [rows of expert e, d] each
     std::vector<QueryGroup<Scalar>> groups;
     std::vector<QueryGroupGrad<Scalar>> grads;
@@ -247,19 +250,19 @@ class Attention {
 
   // Rows grouped by the expert they kept: rows[first[e] .. first[e+1]) kept expert e = g*M + m,
   // in row order, slots[...] the slot j it holds there.
-  void group_by_expert(const Routing<Scalar>& route, std::vector<Index>& rows, std::vector<Index>& slots,
+  void group_by_expert(const Routing<Scalar>& route, detail::ScratchBuffer<Index>& rows, detail::ScratchBuffer<Index>& slots,
                        std::vector<Index>& first, std::vector<Index>& next) const {
     const Index G = config_.num_kv_heads, M = config_.experts_per_group(), k = config_.top_k, R = route.rows();
     first.assign(static_cast<std::size_t>(G * M + 1), 0);
     for (Index r = 0; r < R; ++r)
       for (Index s = 0; s < G * k; ++s) ++first[static_cast<std::size_t>((s / k) * M + route.experts(r, s) + 1)];
     for (std::size_t e = 1; e < first.size(); ++e) first[e] += first[e - 1];
-    rows.resize(static_cast<std::size_t>(R * G * k));
-    slots.resize(rows.size());
+    rows.reserve(R * G * k);  // every entry written below
+    slots.reserve(R * G * k);
     next.assign(first.begin(), first.end() - 1);
     for (Index r = 0; r < R; ++r)
       for (Index s = 0; s < G * k; ++s) {
-        const auto i = static_cast<std::size_t>(next[static_cast<std::size_t>((s / k) * M + route.experts(r, s))]++);
+        const Index i = next[static_cast<std::size_t>((s / k) * M + route.experts(r, s))]++;
         rows[i] = r;
         slots[i] = s % k;
       }
@@ -282,14 +285,14 @@ class Attention {
       thread_local Matrix<Scalar> projected;         // [kGatherTile, d_h]
       rows.resize(static_cast<std::size_t>(kGatherTile));
       projected.resize(kGatherTile, dh);
-      for (Index i = 0; i < n; ++i) rows[static_cast<std::size_t>(i)] = x.row(ws.expert_rows[static_cast<std::size_t>(begin + i)]).data();
+      for (Index i = 0; i < n; ++i) rows[static_cast<std::size_t>(i)] = x.row(ws.expert_rows[begin + i]).data();
       const Weight& w = q_proj_;
       const WeightMatrix rows_of_e{static_cast<const unsigned char*>(w.raw()) + static_cast<std::size_t>(e * dh * d) * dtype_size(w.dtype()),
                                    w.dtype(), d};
       backend::weight_product<Scalar>(n, dh, d, rows.data(), rows_of_e, projected.data(), dh);
       for (Index i = 0; i < n; ++i) {
-        const Index slot = (e / M) * k + ws.expert_slots[static_cast<std::size_t>(begin + i)];
-        query.row(ws.expert_rows[static_cast<std::size_t>(begin + i)]).segment(slot * dh, dh) = projected.row(i);
+        const Index slot = (e / M) * k + ws.expert_slots[begin + i];
+        query.row(ws.expert_rows[begin + i]).segment(slot * dh, dh) = projected.row(i);
       }
     }, 2.0 * static_cast<double>(x.rows() * config_.hard_slots()) * static_cast<double>(d * dh));
   }
@@ -451,16 +454,16 @@ class Attention {
       gathered.resize(n, d);
       dq.resize(n, dh);
       for (Index i = 0; i < n; ++i) {
-        const Index r = g.expert_rows[static_cast<std::size_t>(begin + i)];
+        const Index r = g.expert_rows[begin + i];
         gathered.row(i) = tape.x.row(r);
-        dq.row(i) = d_query.row(r).segment(((e / M) * k + g.expert_slots[static_cast<std::size_t>(begin + i)]) * dh, dh);
+        dq.row(i) = d_query.row(r).segment(((e / M) * k + g.expert_slots[begin + i]) * dh, dh);
       }
       const WeightMatrix w_e{q_proj_.data<Scalar>() + e * dh * d, dtype_of<Scalar>(), d};
       linear_backward<Scalar>(gathered, w_e, dq, dx_e, false, d_weight.middleRows(e * dh, dh));
     }, 4.0 * static_cast<double>(tape.x.rows() * config_.hard_slots() * d * dh));
     for (Index e = 0; e < experts; ++e)
       for (Index i = 0; i < g.expert_dx[static_cast<std::size_t>(e)].rows(); ++i)
-        dx.row(g.expert_rows[static_cast<std::size_t>(g.expert_first[static_cast<std::size_t>(e)] + i)]) +=
+        dx.row(g.expert_rows[g.expert_first[static_cast<std::size_t>(e)] + i]) +=
             g.expert_dx[static_cast<std::size_t>(e)].row(i);
   }
 

@@ -33,6 +33,7 @@
 #include "gqe/ops/gemm.hpp"
 #include "gqe/ops/rows.hpp"
 #include "gqe/tensor/eigen.hpp"
+#include "gqe/tensor/scratch_buffer.hpp"
 #include "gqe/tensor/tensor.hpp"
 #include "gqe/util/thread_pool.hpp"
 
@@ -89,11 +90,9 @@ constexpr Index kKeyChunk = 8 * kKeyTile;
 // Grow-only scratch, reused call after call: no allocation once warm.
 template <class Scalar>
 struct AttentionScratch {
-  std::vector<Scalar> query, scores, acc, row_max, row_sum, chunk_acc, chunk_max, chunk_sum, d_out, d_scores, delta, lse,
+  ScratchBuffer<Scalar> query, scores, acc, row_max, row_sum, chunk_acc, chunk_max, chunk_sum, d_out, d_scores, delta, lse,
       d_query, d_key, d_value, key_rows, value_t;
-  static void grow(std::vector<Scalar>& v, Index n) {
-    if (static_cast<Index>(v.size()) < n) v.resize(static_cast<std::size_t>(n));
-  }
+  static void grow(ScratchBuffer<Scalar>& v, Index n) { v.reserve(n); }
 };
 template <class Scalar>
 AttentionScratch<Scalar>& attention_scratch() {
@@ -232,7 +231,7 @@ void attention_by_chunks(const std::vector<QueryGroup<Scalar>>& groups, Index he
   struct Plan {
     std::vector<std::pair<Index, Index>> units;  // (group, chunk), a group's chunks consecutive
     std::vector<Index> first_unit, offset;       // per group; per unit, of its state in `states`
-    std::vector<Scalar> states;                  // per unit: O [rows][d_h], m [rows], l [rows]
+    ScratchBuffer<Scalar> states;                // per unit: O [rows][d_h], m [rows], l [rows]
   };
   thread_local Plan plan;  // grow-only; the units, on other threads, reach it through these references
   auto& units = plan.units;
@@ -251,7 +250,7 @@ void attention_by_chunks(const std::vector<QueryGroup<Scalar>>& groups, Index he
     }
   }
   first_unit.push_back(static_cast<Index>(units.size()));
-  if (static_cast<Index>(states.size()) < offset.back()) states.resize(static_cast<std::size_t>(offset.back()));
+  states.reserve(offset.back());
   const auto state_of = [&](Index unit) {
     const auto& g = groups[static_cast<std::size_t>(units[static_cast<std::size_t>(unit)].first)];
     const Index rows = g.heads * g.count;
@@ -297,8 +296,8 @@ void attention_backward_block(const QueryGroup<Scalar>& g, const QueryGroupGrad<
   for (Index r = 0; r < rows; ++r) {  // delta = rowsum(dO * O), and the forward's lse
     const Index h = r / n, i = r % n;
     const Scalar* o = g.out + (first + i) * g.out_stride + h * dh;
-    s.delta[static_cast<std::size_t>(r)] = row_dot(s.d_out.data() + r * dh, o, dh);
-    s.lse[static_cast<std::size_t>(r)] = g.lse[(first + i) * g.lse_stride + h];
+    s.delta[(r)] = row_dot(s.d_out.data() + r * dh, o, dh);
+    s.lse[(r)] = g.lse[(first + i) * g.lse_stride + h];
   }
   // P = exp(Q K^T * scale - lse), masked.
   gemm<Scalar>(rows, nk, dh, LhsMatrix<Scalar>{s.query.data(), dh, 1}, rhs_of(g.kv.key(t), KT, false), s.scores.data(), KT, false);
@@ -308,7 +307,7 @@ void attention_backward_block(const QueryGroup<Scalar>& g, const QueryGroupGrad<
     if (valid == 0)
       std::fill(row, row + nk, Scalar(0));
     else
-      exp_row(row, valid, nk, s.lse[static_cast<std::size_t>(r)]);
+      exp_row(row, valid, nk, s.lse[(r)]);
   }
   // dV[keys] += P^T dO; dP = dO V^T; dS = P * (dP - delta).
   gemm<Scalar>(nk, dh, rows, LhsMatrix<Scalar>{s.scores.data(), 1, KT}, rhs_of(s.d_out.data(), dh, false),
@@ -318,7 +317,7 @@ void attention_backward_block(const QueryGroup<Scalar>& g, const QueryGroupGrad<
   for (Index r = 0; r < rows; ++r) {
     const Scalar* p = s.scores.data() + r * KT;
     Scalar* ds = s.d_scores.data() + r * KT;
-    const Scalar delta = s.delta[static_cast<std::size_t>(r)];
+    const Scalar delta = s.delta[(r)];
     for (Index j = 0; j < nk; ++j) ds[j] = p[j] * (ds[j] - delta);
   }
   // dQ += dS K (per head: its rows land in its own columns); dK[keys] += dS^T (Q * scale).
@@ -355,7 +354,7 @@ void attention_backward_group(const QueryGroup<Scalar>& g, const QueryGroupGrad<
     for (Index first = j0 / QT * QT; first < T; first += QT) attention_backward_block(g, d, head_dim, scale, t, first);
   }
   for (Index i = 0; i < T; ++i) {
-    for (Index c = 0; c < H * dh; ++c) d.d_query[i * g.query_stride + c] = s.d_query[static_cast<std::size_t>(i * H * dh + c)] * scale;
+    for (Index c = 0; c < H * dh; ++c) d.d_query[i * g.query_stride + c] = s.d_query[(i * H * dh + c)] * scale;
     std::copy_n(s.d_key.data() + i * dh, dh, d.d_key + i * d.d_kv_stride);
     std::copy_n(s.d_value.data() + i * dh, dh, d.d_value + i * d.d_kv_stride);
   }

@@ -26,6 +26,7 @@
 
 #include "gqe/tensor/dtype.hpp"
 #include "gqe/tensor/eigen.hpp"
+#include "gqe/tensor/scratch_buffer.hpp"
 #include "gqe/tensor/tensor.hpp"
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -297,17 +298,14 @@ void pack_rhs(const RhsMatrix& b, Index j0, Index cols, Index p0, Index kc, Scal
 template <class Scalar>
 struct GemmBuffers {
   static constexpr Index kSlack = GemmShape<Scalar>::kLanes;
-  std::vector<Scalar> rhs, stage;
+  ScratchBuffer<Scalar> rhs, stage;
 
   // Room for panels of rhs_size values and for staging rows of `depth` values (returns the
   // staging stride: a row and a packet of slack).
   Index reserve(Index rhs_size, Index depth) {
     constexpr Index L = GemmShape<Scalar>::kLanes;
-    const auto grow = [](std::vector<Scalar>& v, Index n) {
-      if (static_cast<Index>(v.size()) < n + kSlack) v.resize(static_cast<std::size_t>(n + kSlack));
-    };
-    grow(rhs, rhs_size);
-    grow(stage, L * (depth + L));
+    rhs.reserve(rhs_size + kSlack);
+    stage.reserve(L * (depth + L) + kSlack);
     return depth + L;
   }
 };
