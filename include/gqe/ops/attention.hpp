@@ -296,8 +296,8 @@ void attention_backward_block(const QueryGroup<Scalar>& g, const QueryGroupGrad<
   for (Index r = 0; r < rows; ++r) {  // delta = rowsum(dO * O), and the forward's lse
     const Index h = r / n, i = r % n;
     const Scalar* o = g.out + (first + i) * g.out_stride + h * dh;
-    s.delta[(r)] = row_dot(s.d_out.data() + r * dh, o, dh);
-    s.lse[(r)] = g.lse[(first + i) * g.lse_stride + h];
+    s.delta[r] = row_dot(s.d_out.data() + r * dh, o, dh);
+    s.lse[r] = g.lse[(first + i) * g.lse_stride + h];
   }
   // P = exp(Q K^T * scale - lse), masked.
   gemm<Scalar>(rows, nk, dh, LhsMatrix<Scalar>{s.query.data(), dh, 1}, rhs_of(g.kv.key(t), KT, false), s.scores.data(), KT, false);
@@ -307,7 +307,7 @@ void attention_backward_block(const QueryGroup<Scalar>& g, const QueryGroupGrad<
     if (valid == 0)
       std::fill(row, row + nk, Scalar(0));
     else
-      exp_row(row, valid, nk, s.lse[(r)]);
+      exp_row(row, valid, nk, s.lse[r]);
   }
   // dV[keys] += P^T dO; dP = dO V^T; dS = P * (dP - delta).
   gemm<Scalar>(nk, dh, rows, LhsMatrix<Scalar>{s.scores.data(), 1, KT}, rhs_of(s.d_out.data(), dh, false),
@@ -317,7 +317,7 @@ void attention_backward_block(const QueryGroup<Scalar>& g, const QueryGroupGrad<
   for (Index r = 0; r < rows; ++r) {
     const Scalar* p = s.scores.data() + r * KT;
     Scalar* ds = s.d_scores.data() + r * KT;
-    const Scalar delta = s.delta[(r)];
+    const Scalar delta = s.delta[r];
     for (Index j = 0; j < nk; ++j) ds[j] = p[j] * (ds[j] - delta);
   }
   // dQ += dS K (per head: its rows land in its own columns); dK[keys] += dS^T (Q * scale).
@@ -354,7 +354,7 @@ void attention_backward_group(const QueryGroup<Scalar>& g, const QueryGroupGrad<
     for (Index first = j0 / QT * QT; first < T; first += QT) attention_backward_block(g, d, head_dim, scale, t, first);
   }
   for (Index i = 0; i < T; ++i) {
-    for (Index c = 0; c < H * dh; ++c) d.d_query[i * g.query_stride + c] = s.d_query[(i * H * dh + c)] * scale;
+    for (Index c = 0; c < H * dh; ++c) d.d_query[i * g.query_stride + c] = s.d_query[i * H * dh + c] * scale;
     std::copy_n(s.d_key.data() + i * dh, dh, d.d_key + i * d.d_kv_stride);
     std::copy_n(s.d_value.data() + i * dh, dh, d.d_value + i * d.d_kv_stride);
   }
