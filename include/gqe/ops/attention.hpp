@@ -92,7 +92,6 @@ template <class Scalar>
 struct AttentionScratch {
   ScratchBuffer<Scalar> query, scores, acc, row_max, row_sum, chunk_acc, chunk_max, chunk_sum, d_out, d_scores, delta, lse,
       d_query, d_key, d_value, key_rows, value_t;
-  static void grow(ScratchBuffer<Scalar>& v, Index n) { v.reserve(n); }
 };
 template <class Scalar>
 AttentionScratch<Scalar>& attention_scratch() {
@@ -136,7 +135,7 @@ void attend_chunk(const QueryGroup<Scalar>& g, Index head_dim, Index first, Inde
   constexpr Index KT = kKeyTile, L = kPacketLanes<Scalar>;
   auto& s = attention_scratch<Scalar>();
   const Index rows = g.heads * n, dh = head_dim;
-  s.grow(s.scores, rows * KT + L);
+  s.scores.reserve(rows * KT + L);
   std::fill_n(st.acc, rows * dh, Scalar(0));
   std::fill_n(st.max, rows, -std::numeric_limits<Scalar>::infinity());
   std::fill_n(st.sum, rows, Scalar(0));
@@ -209,8 +208,8 @@ template <class Scalar>
 void attention_tile(const QueryGroup<Scalar>& g, Index head_dim, Scalar scale, Index first, Index n) {
   auto& s = attention_scratch<Scalar>();
   const Index rows = g.heads * n, dh = head_dim, chunks = chunks_seen(g, first, n);
-  for (auto* v : {&s.query, &s.acc, &s.chunk_acc}) s.grow(*v, rows * dh);
-  for (auto* v : {&s.row_max, &s.row_sum, &s.chunk_max, &s.chunk_sum}) s.grow(*v, rows);
+  for (auto* v : {&s.query, &s.acc, &s.chunk_acc}) v->reserve(rows * dh);
+  for (auto* v : {&s.row_max, &s.row_sum, &s.chunk_max, &s.chunk_sum}) v->reserve(rows);
   stack_heads(g.query, g.query_stride, g.heads, dh, first, n, scale, s.query.data());
   const SoftmaxState<Scalar> state{s.acc.data(), s.row_max.data(), s.row_sum.data()};
   const SoftmaxState<Scalar> chunk{s.chunk_acc.data(), s.chunk_max.data(), s.chunk_sum.data()};
@@ -261,7 +260,7 @@ void attention_by_chunks(const std::vector<QueryGroup<Scalar>>& groups, Index he
     const auto [gi, c] = units[static_cast<std::size_t>(u)];
     const auto& g = groups[static_cast<std::size_t>(gi)];
     auto& s = attention_scratch<Scalar>();
-    s.grow(s.query, g.heads * g.count * dh);
+    s.query.reserve(g.heads * g.count * dh);
     stack_heads(g.query, g.query_stride, g.heads, dh, Index(0), g.count, scale, s.query.data());
     attend_chunk(g, dh, 0, g.count, c, s.query.data(), state_of(u));
   }, flops);
@@ -335,15 +334,15 @@ void attention_backward_group(const QueryGroup<Scalar>& g, const QueryGroupGrad<
   constexpr Index KT = kKeyTile, QT = kQueryTile, L = kPacketLanes<Scalar>;
   auto& s = attention_scratch<Scalar>();
   const Index T = g.count, H = g.heads, dh = head_dim, rows_max = H * std::min(QT, T);
-  for (auto* v : {&s.query, &s.d_out}) s.grow(*v, rows_max * dh);
-  s.grow(s.scores, rows_max * KT + L);
-  s.grow(s.d_scores, rows_max * KT);
-  s.grow(s.delta, rows_max);
-  s.grow(s.lse, rows_max);
-  s.grow(s.d_query, T * H * dh);
-  for (auto* v : {&s.d_key, &s.d_value}) s.grow(*v, T * dh);
-  s.grow(s.key_rows, KT * dh);
-  s.grow(s.value_t, dh * KT);
+  for (auto* v : {&s.query, &s.d_out}) v->reserve(rows_max * dh);
+  s.scores.reserve(rows_max * KT + L);
+  s.d_scores.reserve(rows_max * KT);
+  s.delta.reserve(rows_max);
+  s.lse.reserve(rows_max);
+  s.d_query.reserve(T * H * dh);
+  for (auto* v : {&s.d_key, &s.d_value}) v->reserve(T * dh);
+  s.key_rows.reserve(KT * dh);
+  s.value_t.reserve(dh * KT);
   std::fill_n(s.d_query.data(), T * H * dh, Scalar(0));  // [T][H*d_h], unscaled dS K
   std::fill_n(s.d_key.data(), T * dh, Scalar(0));
   std::fill_n(s.d_value.data(), T * dh, Scalar(0));

@@ -3,8 +3,10 @@
 // counterpart of ScratchMatrix: never zero-filled, so that a buffer whose every value read is first
 // written costs no pass over memory when it grows, and no allocation once warm. Growing keeps no
 // values. Large buffers sit on transparent huge pages (see AlignedBytes).
+#include <cassert>
 #include <cstddef>
 #include <type_traits>
+#include <utility>
 
 #include "gqe/tensor/aligned_bytes.hpp"
 #include "gqe/tensor/tensor.hpp"
@@ -17,8 +19,17 @@ class ScratchBuffer {
                 "ScratchBuffer holds plain values, which it never constructs");
 
  public:
+  ScratchBuffer() = default;
+  ScratchBuffer(ScratchBuffer&& other) noexcept { *this = std::move(other); }
+  ScratchBuffer& operator=(ScratchBuffer&& other) noexcept {  // the moved-from buffer is left empty
+    storage_ = std::move(other.storage_);
+    capacity_ = std::exchange(other.capacity_, 0);
+    return *this;
+  }
+
   // Room for at least n values (their contents undefined until written).
   T* reserve(Index n) {
+    assert(n >= 0);
     if (static_cast<std::size_t>(n) > capacity_) {
       storage_ = AlignedBytes::allocate(static_cast<std::size_t>(n) * sizeof(T));
       capacity_ = static_cast<std::size_t>(n);
@@ -29,7 +40,6 @@ class ScratchBuffer {
   const T* data() const { return reinterpret_cast<const T*>(storage_.get()); }
   T& operator[](Index i) { return data()[i]; }
   const T& operator[](Index i) const { return data()[i]; }
-  Index capacity() const { return static_cast<Index>(capacity_); }
 
  private:
   AlignedBytes::Pointer storage_;

@@ -7,7 +7,7 @@
 #include <new>
 #include <utility>
 
-#include "gqe/tensor/aligned_bytes.hpp"
+#include "gqe/tensor/scratch_buffer.hpp"
 #include "gqe/tensor/tensor.hpp"
 
 namespace gqe {
@@ -24,7 +24,6 @@ class ScratchMatrix : public Eigen::Map<Matrix<Scalar>, Eigen::Aligned64> {
   ScratchMatrix& operator=(ScratchMatrix&& other) noexcept {
     if (this == &other) return *this;
     storage_ = std::move(other.storage_);
-    capacity_ = std::exchange(other.capacity_, 0);
     rebind(other.rows(), other.cols());
     other.rebind(0, 0);
     return *this;
@@ -34,11 +33,7 @@ class ScratchMatrix : public Eigen::Map<Matrix<Scalar>, Eigen::Aligned64> {
   // Throws ShapeError, as a Shape does, for a negative size or more elements than a Shape may hold.
   void resize(Index rows, Index cols) {
     if (rows == this->rows() && cols == this->cols()) return;
-    const auto needed = static_cast<std::size_t>(Shape{rows, cols}.numel());
-    if (needed > capacity_) {
-      storage_ = detail::AlignedBytes::allocate(needed * sizeof(Scalar));
-      capacity_ = needed;
-    }
+    storage_.reserve(Shape{rows, cols}.numel());
     rebind(rows, cols);
   }
   // Resized to `value`'s shape and filled with it (what `=` does for an Eigen matrix).
@@ -51,11 +46,10 @@ class ScratchMatrix : public Eigen::Map<Matrix<Scalar>, Eigen::Aligned64> {
  private:
   // Eigen's own Ref rebinds its Map base the same way.
   void rebind(Index rows, Index cols) {
-    ::new (static_cast<Base*>(this)) Base(reinterpret_cast<Scalar*>(storage_.get()), rows, cols);
+    ::new (static_cast<Base*>(this)) Base(storage_.data(), rows, cols);
   }
 
-  detail::AlignedBytes::Pointer storage_;
-  std::size_t capacity_ = 0;  // elements
+  detail::ScratchBuffer<Scalar> storage_;
 };
 
 }  // namespace gqe
