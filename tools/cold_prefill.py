@@ -23,11 +23,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_report import D, dense_flops, gqe_flops  # noqa: E402  (the one FLOP model)
+from bench_report import D, DH, G, K, N, dense_flops, gqe_flops  # noqa: E402  (the one FLOP model)
 
 INTERMEDIATE, VOCAB = 256, 256
-SHAPE = ["--hidden", str(D), "--layers", "1", "--vocab", str(VOCAB), "--head-dim", "64",
-         "--intermediate", str(INTERMEDIATE)]
+SHAPE = ["--hidden", str(D), "--layers", "1", "--vocab", str(VOCAB), "--heads", str(N), "--kv-heads", str(G),
+         "--head-dim", str(DH), "--top-k", str(K), "--intermediate", str(INTERMEDIATE)]
 
 
 def whole_model_ceiling(T):
