@@ -565,6 +565,67 @@ TEST(OpsDecode, FewRowsReadWeightsInPlaceAtAnyOffsetAsThePackedProductDoes) {
       }
 }
 
+// A weight laid out in panels gives every product the bits of the row-major weight it came from:
+// decode steps (1-4 rows), prefill (more rows, several column units), rows gathered against one
+// expert's block of rows, for every storage type and odd size, with a depth past the kernels' blocks.
+// Its rows and stored bytes read back unchanged, and its old storage is reported read exactly once,
+// front to back.
+TEST(OpsPanels, PanelLaidWeightsGiveTheRowMajorBits) {
+  if (std::string(gqe::backend::kName) != "eigen")
+    GTEST_SKIP() << "F32 row-major weights go to the " << gqe::backend::kName << " backend, panels to the library's kernels";
+  std::mt19937 rng(47);
+  struct Size {
+    Index in, out;
+  };
+  constexpr Index W = gqe::kPanelWidth;
+  for (const gqe::DType dtype : {gqe::DType::F32, gqe::DType::BF16, gqe::DType::F16})
+    for (const Size s : {Size{1, 1}, Size{7, 33}, Size{67, 45}, Size{130, 70}, Size{67, 300}, Size{2100, 3 * W + 5}}) {
+      SCOPED_TRACE(std::string(gqe::dtype_name(dtype)) + " " + std::to_string(s.in) + " -> " + std::to_string(s.out));
+      const std::size_t size = gqe::dtype_size(dtype), total = static_cast<std::size_t>(s.in * s.out) * size;
+      const Matrix<float> values = random_matrix<float>(s.out, s.in, rng);  // [out, in]
+      std::vector<unsigned char> stored(total);
+      for (Index i = 0; i < values.size(); ++i) {
+        const float v = values.data()[i];
+        const std::uint16_t h = dtype == gqe::DType::BF16 ? gqe::float_to_bf16(v) : gqe::float_to_half(v);
+        if (dtype == gqe::DType::F32) std::memcpy(&stored[static_cast<std::size_t>(i) * size], &v, size);
+        else std::memcpy(&stored[static_cast<std::size_t>(i) * size], &h, size);
+      }
+      gqe::Weight row_major(gqe::Shape{s.out, s.in});
+      row_major.borrow(stored.data(), dtype, nullptr);
+      gqe::Weight panels = row_major;
+      std::size_t read = 0;
+      panels.lay_out_in_panels([&](const void* begin, std::size_t bytes) {
+        EXPECT_EQ(static_cast<const unsigned char*>(begin), stored.data() + read);
+        read += bytes;
+      });
+      EXPECT_EQ(read, total);
+      ASSERT_TRUE(panels.panels() && panels.owned() && !row_major.panels());
+      EXPECT_EQ(panels.row_major_bytes(), std::string(stored.begin(), stored.end()));
+      for (const Index r : {Index(0), s.out / 2, s.out - 1}) {
+        std::vector<float> a(static_cast<std::size_t>(s.in)), b(a.size());
+        row_major.row(r, a.data());
+        panels.row(r, b.data());
+        EXPECT_EQ(a, b) << "row " << r;
+      }
+      for (const Index rows : {1, 2, 3, 4, 5, 13, 40}) {
+        const Matrix<float> x = random_matrix<float>(rows, s.in, rng);  // [rows, in]
+        Matrix<float> want(rows, s.out), got(rows, s.out);               // [rows, out]
+        gqe::linear<float>(x, row_major, want);
+        gqe::linear<float>(x, panels, got);
+        EXPECT_TRUE((got.array() == want.array()).all()) << rows << " rows";
+        if (s.out < 3 * W) continue;
+        // Rows gathered from x (reversed) against the block of whole panels from row W on.
+        std::vector<const float*> gathered;
+        for (Index i = rows - 1; i >= 0; --i) gathered.push_back(x.row(i).data());
+        const Index n = 2 * W;
+        Matrix<float> block_want(rows, n), block_got(rows, n);  // [rows, 2 W]
+        gqe::backend::weight_product<float>(rows, n, s.in, gathered.data(), gqe::rows_from(row_major.matrix(), W), block_want.data(), n);
+        gqe::backend::weight_product<float>(rows, n, s.in, gathered.data(), gqe::rows_from(panels.matrix(), W), block_got.data(), n);
+        EXPECT_TRUE((block_got.array() == block_want.array()).all()) << rows << " gathered rows";
+      }
+    }
+}
+
 // ---- causal attention ---------------------------------------------------------------------------
 
 // One QueryGroup entry of a test: `heads` query heads over `past` cached keys and `count` new

@@ -33,6 +33,7 @@
 #include "gqe/tensor/aligned_bytes.hpp"
 #include "gqe/tensor/dtype.hpp"
 #include "gqe/tensor/eigen.hpp"
+#include "gqe/tensor/panels.hpp"
 #include "gqe/tensor/scratch_buffer.hpp"
 #include "gqe/tensor/scratch_matrix.hpp"
 #include "gqe/tensor/tensor.hpp"

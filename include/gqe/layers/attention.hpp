@@ -79,6 +79,15 @@ class Attention {
     fn("o_proj.weight", self.o_proj_);
   }
 
+  // Calls lay_out(weight) on the weights that may go into panels (Weight::lay_out_in_panels): all,
+  // but a GQE layer's q_proj only when its experts' row blocks (d_h rows each) start on a panel.
+  template <class LayOut>
+  void lay_out_in_panels(const LayOut& lay_out) {
+    visit(*this, [&](const char*, Weight& w) {
+      if (&w != &q_proj_ || !config_.is_gqe() || config_.head_dim % kPanelWidth == 0) lay_out(w);
+    });
+  }
+
   // y [R, d] = attention over x [R, d] (normed hidden states). Each segment's rows continue its
   // cache (its K and V are appended and committed); rope holds the rows' angles [R, d_h/2]. A tape,
   // when given, keeps what backward() needs; `routing`, when given, receives the rows' routing.
@@ -286,10 +295,7 @@ class Attention {
       rows.resize(static_cast<std::size_t>(kGatherTile));
       projected.resize(kGatherTile, dh);
       for (Index i = 0; i < n; ++i) rows[static_cast<std::size_t>(i)] = x.row(ws.expert_rows[begin + i]).data();
-      const Weight& w = q_proj_;
-      const WeightMatrix rows_of_e{static_cast<const unsigned char*>(w.raw()) + static_cast<std::size_t>(e * dh * d) * dtype_size(w.dtype()),
-                                   w.dtype(), d};
-      backend::weight_product<Scalar>(n, dh, d, rows.data(), rows_of_e, projected.data(), dh);
+      backend::weight_product<Scalar>(n, dh, d, rows.data(), rows_from(q_proj_.matrix(), e * dh), projected.data(), dh);
       for (Index i = 0; i < n; ++i) {
         const Index slot = (e / M) * k + ws.expert_slots[begin + i];
         query.row(ws.expert_rows[begin + i]).segment(slot * dh, dh) = projected.row(i);

@@ -9,6 +9,7 @@
 // that inference runs.
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "gqe/layers/attention.hpp"
@@ -75,6 +76,27 @@ class Transformer {
       std::fill(data, data + w.numel(), Scalar(w.shape().rank() == 1 ? 1 : 0));
     });
   }
+  // Lays the matrices that the products read out in panels (tensor/panels.hpp), for inference: a
+  // decode step then streams every weight in order. Same values and bits, so the same logits; the
+  // embeddings stay as they are unless they serve as lm_head. Such a model cannot be trained.
+  // Only the matrices for which which(weight) holds; `consumed` is told of the old storage of each
+  // as it is read (Weight::lay_out_in_panels).
+  template <class Which, class Consumed>
+  void lay_out_in_panels(const Which& which, const Consumed& consumed) {
+    static_assert(std::is_same_v<Scalar, float>, "panels are the float kernels' layout");
+    const auto lay_out = [&](Weight& w) {
+      if (which(static_cast<const Weight&>(w))) w.lay_out_in_panels(consumed);
+    };
+    for (auto& block : blocks_) {
+      block.attention.lay_out_in_panels(lay_out);
+      FeedForward<Scalar>::visit(block.mlp, [&](const char*, Weight& w) { lay_out(w); });
+    }
+    lay_out(config_.tie_word_embeddings ? embed_.weight() : lm_head_);
+  }
+  void lay_out_in_panels() {
+    lay_out_in_panels([](const Weight&) { return true; }, [](const void*, std::size_t) {});
+  }
+
   // Bytes the weights keep in memory of their own (mapped ones are the file's).
   std::size_t owned_bytes() const {
     std::size_t n = 0;

@@ -26,6 +26,7 @@
 
 #include "gqe/tensor/dtype.hpp"
 #include "gqe/tensor/eigen.hpp"
+#include "gqe/tensor/panels.hpp"
 #include "gqe/tensor/scratch_buffer.hpp"
 #include "gqe/tensor/tensor.hpp"
 
@@ -48,12 +49,15 @@ struct LhsMatrix {
 
 // B [k, n] in any float dtype, stored row-major either as itself ([k, n], element (p, j) at
 // data[p * stride + j]) or as its transpose ([n, k], element (p, j) at data[j * stride + p]: a
-// weight [out, in] read as W^T). Any alignment.
+// weight [out, in] read as W^T). Any alignment. Or, with `panels` (and `transposed`), a
+// panel-laid weight (tensor/panels.hpp) of rows `stride` long read as W^T: its panels are B's
+// NR-column panels, read in place (float) or widened one block at a time (16-bit).
 struct RhsMatrix {
   const void* data = nullptr;
   DType dtype = DType::F32;
   Index stride = 0;
   bool transposed = false;
+  bool panels = false;
 };
 
 template <class Scalar>
@@ -69,6 +73,7 @@ struct GemmShape {
   static constexpr int kLanes = Eigen::internal::unpacket_traits<Packet>::size;
   static constexpr int kVectors = 2;                  // packets per micro-tile row
   static constexpr int kCols = kVectors * kLanes;     // NR
+  static_assert(!std::is_same_v<Scalar, float> || kCols == kPanelWidth, "a weight's panels are the float kernel's NR columns");
   static constexpr int kRows = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 12 : 6;  // MR
   static constexpr Index kDepth = 256;                // kc: depth per packed block
   // With at most MR rows and B in place, the product streams B once: longer depth blocks read
@@ -286,6 +291,11 @@ template <class Scalar>
 void pack_rhs(const RhsMatrix& b, Index j0, Index cols, Index p0, Index kc, Scalar* dst, Scalar* stage,
               Index stage_stride) {
   constexpr int NR = GemmShape<Scalar>::kCols;
+  if (b.panels) {  // already [kc][NR] in place: widened (padding rows included, zeros)
+    const std::size_t first = static_cast<std::size_t>(j0 * b.stride + p0 * NR);
+    convert_values(static_cast<const unsigned char*>(b.data) + first * dtype_size(b.dtype), b.dtype, static_cast<std::size_t>(kc * NR), dst);
+    return;
+  }
   if (b.transposed) {
     pack_transposed(b.data, b.dtype, b.stride, j0, cols, p0, kc, Index(NR), dst, stage, stage_stride);
     return;
@@ -568,6 +578,66 @@ FewRowsTile<float> few_rows_tile_simd_for(Index rows, bool table) {
   constexpr auto R = std::make_index_sequence<kFewRows>{};
   return table ? few_rows_tile_simd_for<Stored, true>(rows, R) : few_rows_tile_simd_for<Stored, false>(rows, R);
 }
+
+// One depth step of a panel (NR stored values at `at`) as the micro-kernel's two packets of float.
+template <class Stored>
+EIGEN_ALWAYS_INLINE void load_panel_step(const unsigned char* at, DecodePacket* out) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<Stored, float>) {
+    out[0] = _mm512_loadu_ps(at);
+    out[1] = _mm512_loadu_ps(at + 64);
+  } else if constexpr (std::is_same_v<Stored, Bf16Stored>) {
+    const __m512i v = _mm512_loadu_si512(at);
+    out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+    out[1] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+  } else {
+    out[0] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)));
+    out[1] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + 32)));
+  }
+#else
+  out[0] = load8<Stored>(at);
+  out[1] = load8<Stored>(at + 8 * stored_bytes<Stored>());
+#endif
+}
+
+// C[0..Rows)[0..cols) (+)= A [Rows][k] x B for B in panels (RhsMatrix::panels), `Panels` panels side
+// by side from `panel` on (panel_bytes apart), read and widened in registers: micro_tile's chains
+// over a weight that streams in order. Two panels at once give one row of A four independent chains.
+template <class Stored, int Rows, bool Table, int Panels>
+void panel_tile(Index k, const LhsBlock<float>& a_block, const unsigned char* panel, Index panel_bytes, float* c, Index ldc, Index cols,
+                bool load) {
+  constexpr Index step_bytes = GemmShape<float>::kCols * stored_bytes<Stored>();
+  const LhsReader<float, Rows, Table> a(a_block);
+  Accumulators<float, Rows, 2 * Panels> block;
+  block.begin(c, ldc, cols, load);
+  for (Index p = 0; p < k; ++p) {
+    DecodePacket bv[2 * Panels];
+#pragma GCC unroll 2
+    for (int q = 0; q < Panels; ++q) load_panel_step<Stored>(panel + q * panel_bytes + p * step_bytes, bv + 2 * q);
+    block.step(bv, [&](int i) { return a(i, p); });
+  }
+  block.end(c, ldc, cols);
+}
+
+using PanelTile = void (*)(Index, const LhsBlock<float>&, const unsigned char*, Index, float*, Index, Index, bool);
+
+template <class Stored, bool Table, int Panels, std::size_t... R>
+PanelTile panel_tile_for(Index rows, std::index_sequence<R...>) {
+  static constexpr PanelTile table[] = {&panel_tile<Stored, static_cast<int>(R) + 1, Table, Panels>...};
+  return table[rows - 1];
+}
+// The panel kernel for `rows` (<= kFewRows) rows of A, one or two panels at once, B's storage type.
+template <class Stored>
+PanelTile panel_tile_for(Index rows, bool table, int panels) {
+  constexpr auto R = std::make_index_sequence<kFewRows>{};
+  if (panels == 2) return table ? panel_tile_for<Stored, true, 2>(rows, R) : panel_tile_for<Stored, false, 2>(rows, R);
+  return table ? panel_tile_for<Stored, true, 1>(rows, R) : panel_tile_for<Stored, false, 1>(rows, R);
+}
+inline PanelTile panel_tile_for(Index rows, bool table, int panels, DType stored) {
+  if (stored == DType::F32) return panel_tile_for<float>(rows, table, panels);
+  if (stored == DType::BF16) return panel_tile_for<Bf16Stored>(rows, table, panels);
+  return panel_tile_for<F16Stored>(rows, table, panels);
+}
 #endif
 
 // The decode kernel for `rows` rows of A (through a row table or not) and B's storage type.
@@ -600,7 +670,8 @@ void gemm(Index m, Index n, Index k, const LhsMatrix<Scalar>& a, const RhsMatrix
       for (Index i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, Scalar(0));
     return;
   }
-  if (b.transposed && m <= detail::kFewRows) {  // a decode step: B read once, in place
+  assert(!b.panels || (b.transposed && std::is_same_v<Scalar, float>));
+  if (b.transposed && !b.panels && m <= detail::kFewRows) {  // a decode step: B read once, in place
     const auto tile = detail::decode_tile_for<Scalar>(m, a.rows != nullptr, b.dtype);
     for (Index j0 = 0; j0 < n; j0 += NR)
       tile(k, detail::LhsBlock<Scalar>{&a, 0, 0}, b, j0, c + j0, ldc, std::min<Index>(NR, n - j0), accumulate);
@@ -608,9 +679,39 @@ void gemm(Index m, Index n, Index k, const LhsMatrix<Scalar>& a, const RhsMatrix
   }
   auto& buf = detail::gemm_buffers<Scalar>();
   const Index panels = (n + NR - 1) / NR;
-  // B in place when stored [k][n] in Scalar; then only a ragged last panel is copied.
-  const bool in_place = !b.transposed && b.dtype == dtype_of<Scalar>();
-  const Index first_packed = in_place ? n / NR : 0;
+  // B in place when stored [k][n] in Scalar (then only a ragged last panel is copied) or as panels
+  // in Scalar.
+  const bool in_place = (!b.transposed || b.panels) && b.dtype == dtype_of<Scalar>();
+  const Index first_packed = !in_place ? 0 : b.panels ? panels : n / NR;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (b.panels && m <= detail::kFewRows) {  // a decode step: the panels streamed in order, two at a time
+      const Index panel_bytes = NR * b.stride * static_cast<Index>(dtype_size(b.dtype));
+      const auto* base = static_cast<const unsigned char*>(b.data);
+      for (Index j0 = 0; j0 < n; j0 += 2 * NR) {
+        const int both = n - j0 > NR ? 2 : 1;
+        const auto tile = detail::panel_tile_for(m, a.rows != nullptr, both, b.dtype);
+        tile(k, detail::LhsBlock<Scalar>{&a, 0, 0}, base + (j0 / NR) * panel_bytes, panel_bytes, c + j0, ldc,
+             std::min<Index>(both * NR, n - j0), accumulate);
+      }
+      return;
+    }
+  }
+#endif
+  if (b.panels && !in_place && m <= detail::kFewRows) {
+    // A decode step over 16-bit panels without AVX2: each panel widened a depth block at a time
+    // into a buffer that stays in L1 and used at once, so that B streams from memory once, in order.
+    constexpr Index kWidened = 128;  // depth per widened block: 16 KB of float with AVX-512
+    buf.reserve(kWidened * NR, 0);
+    const auto tile = detail::micro_tile_for<Scalar>(m, a.rows != nullptr);
+    for (Index j0 = 0; j0 < n; j0 += NR)
+      for (Index p0 = 0; p0 < k; p0 += kWidened) {
+        const Index kc = std::min(kWidened, k - p0);
+        detail::pack_rhs(b, j0, NR, p0, kc, buf.rhs.data(), buf.stage.data(), 0);
+        tile(kc, detail::LhsBlock<Scalar>{&a, 0, p0}, buf.rhs.data(), NR, c + j0, ldc, std::min<Index>(NR, n - j0), accumulate || p0 > 0);
+      }
+    return;
+  }
   const Index depth = in_place ? S::depth_block(m) : S::kDepth;
   for (Index p0 = 0; p0 < k; p0 += depth) {
     const Index kc = std::min(depth, k - p0);
@@ -627,7 +728,7 @@ void gemm(Index m, Index n, Index k, const LhsMatrix<Scalar>& a, const RhsMatrix
       const detail::LhsBlock<Scalar> a_block{&a, i0, p0};
       const auto tile = detail::micro_tile_for<Scalar>(rows, a.rows != nullptr);
       // In-place panels go W at a time through a wide tile where one applies (the same chains).
-      const auto wide = detail::wide_plan<Scalar>(rows, a.rows != nullptr, first_packed * NR);
+      const auto wide = b.panels ? detail::WidePlan<Scalar>{} : detail::wide_plan<Scalar>(rows, a.rows != nullptr, first_packed * NR);
       const Index W = wide.packets / S::kVectors;
       for (Index jp = 0; jp < panels; ++jp) {
         const Index j0 = jp * NR;
@@ -639,9 +740,10 @@ void gemm(Index m, Index n, Index k, const LhsMatrix<Scalar>& a, const RhsMatrix
           continue;
         }
         const bool packed = jp >= first_packed;
-        const Scalar* panel = packed ? buf.rhs.data() + (jp - first_packed) * kc * NR
-                                     : static_cast<const Scalar*>(b.data) + p0 * b.stride + j0;
-        tile(kc, a_block, panel, packed ? NR : b.stride, c + i0 * ldc + j0, ldc, std::min<Index>(NR, n - j0), load);
+        const Scalar* panel = packed     ? buf.rhs.data() + (jp - first_packed) * kc * NR
+                              : b.panels ? static_cast<const Scalar*>(b.data) + j0 * b.stride + p0 * NR
+                                         : static_cast<const Scalar*>(b.data) + p0 * b.stride + j0;
+        tile(kc, a_block, panel, packed || b.panels ? NR : b.stride, c + i0 * ldc + j0, ldc, std::min<Index>(NR, n - j0), load);
       }
     }
   }
@@ -660,7 +762,7 @@ void gemm(Index m, Index n, Index k, const LhsMatrix<Scalar>& a, const RhsMatrix
 
 template <class Scalar>
 void gemm_bt(Index m, Index n, Index k, const Scalar* a, Index lda, const WeightMatrix& w, Scalar* c, Index ldc) {
-  gemm<Scalar>(m, n, k, LhsMatrix<Scalar>{a, lda, 1}, RhsMatrix{w.data, w.dtype, w.stride, true}, c, ldc, false);
+  gemm<Scalar>(m, n, k, LhsMatrix<Scalar>{a, lda, 1}, RhsMatrix{w.data, w.dtype, w.stride, true, w.panels}, c, ldc, false);
 }
 
 }  // namespace gqe

@@ -101,7 +101,7 @@ template <class Scalar>
 void weight_product(Index m, Index n, Index k, const Scalar* a, Index lda, const WeightMatrix& w, Scalar* c, Index ldc) {
 #if defined(GQE_GEMM_OPENBLAS) || defined(GQE_GEMM_ONEDNN)
   if constexpr (std::is_same_v<Scalar, float>) {
-    if (w.dtype == DType::F32 && k > 0) {  // 16-bit weights stay with the library's kernels
+    if (w.dtype == DType::F32 && !w.panels && k > 0) {  // 16-bit and panel-laid weights stay with the library's kernels
       detail::float_product(m, n, k, a, lda, static_cast<const float*>(w.data), w.stride, c, ldc);
       return;
     }
@@ -116,7 +116,7 @@ template <class Scalar>
 void weight_product(Index m, Index n, Index k, const Scalar* const* rows, const WeightMatrix& w, Scalar* c, Index ldc) {
 #if defined(GQE_GEMM_OPENBLAS) || defined(GQE_GEMM_ONEDNN)
   if constexpr (std::is_same_v<Scalar, float>) {
-    if (w.dtype == DType::F32 && k > 0) {
+    if (w.dtype == DType::F32 && !w.panels && k > 0) {
       thread_local std::vector<float> gathered;
       gathered.resize(static_cast<std::size_t>(m * k));
       for (Index i = 0; i < m; ++i) std::copy_n(rows[i], k, gathered.data() + i * k);
@@ -125,7 +125,7 @@ void weight_product(Index m, Index n, Index k, const Scalar* const* rows, const 
     }
   }
 #endif
-  gemm<Scalar>(m, n, k, LhsMatrix<Scalar>{nullptr, 0, 1, rows}, RhsMatrix{w.data, w.dtype, w.stride, true}, c, ldc, false);
+  gemm<Scalar>(m, n, k, LhsMatrix<Scalar>{nullptr, 0, 1, rows}, RhsMatrix{w.data, w.dtype, w.stride, true, w.panels}, c, ldc, false);
 }
 
 }  // namespace gqe::backend

@@ -18,8 +18,10 @@ namespace gqe {
 namespace detail {
 // Rows of x per unit.
 constexpr Index kLinearRowTile = 1024;
-// Columns (rows of W) per unit: about 512 KB of W, the panels a unit packs and keeps in cache.
+// Columns (rows of W) per unit: about 512 KB of W, the panels a unit packs and keeps in cache; a
+// multiple of 32, so that units start on a panel of a panel-laid W.
 inline Index linear_col_tile(Index in) {
+  static_assert(32 % kPanelWidth == 0);
   constexpr Index kPanelBytes = Index(512) << 10;
   return std::clamp<Index>(kPanelBytes / (4 * std::max<Index>(in, 1)) / 32 * 32, 32, 256);
 }
@@ -36,9 +38,7 @@ void linear(const Eigen::Ref<const Matrix<Scalar>>& x, const WeightMatrix& w, Ei
   thread_pool().parallel_for(row_tiles * col_tiles, [&](Index unit) {
     const Index r0 = (unit / col_tiles) * row_tile, c0 = (unit % col_tiles) * col_tile;
     const Index nr = std::min(row_tile, rows - r0), nc = std::min(col_tile, cols - c0);
-    const WeightMatrix block{static_cast<const unsigned char*>(w.data) + static_cast<std::size_t>(c0 * w.stride) * dtype_size(w.dtype),
-                             w.dtype, w.stride};
-    backend::weight_product<Scalar>(nr, nc, in, x.data() + r0 * x.outerStride(), x.outerStride(), block,
+    backend::weight_product<Scalar>(nr, nc, in, x.data() + r0 * x.outerStride(), x.outerStride(), rows_from(w, c0),
                                     y.data() + r0 * y.outerStride() + c0, y.outerStride());
   }, 2.0 * static_cast<double>(rows) * static_cast<double>(cols) * static_cast<double>(in));
 }

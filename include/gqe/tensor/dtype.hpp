@@ -99,11 +99,13 @@ inline std::uint16_t float_to_bf16(float f) {
 }
 
 // A matrix of stored values, as the kernels read a weight: row-major in a float dtype, `stride`
-// elements between rows, any alignment.
+// elements between rows, any alignment; or, with `panels`, in the panel layout of
+// tensor/panels.hpp (float models' inference), `stride` then being the row length.
 struct WeightMatrix {
   const void* data = nullptr;
   DType dtype = DType::F32;
   std::ptrdiff_t stride = 0;
+  bool panels = false;
 };
 
 // out[0 .. count) = the values stored at `data` in dtype (any alignment), converted to Out; F16 and
