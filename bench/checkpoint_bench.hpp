@@ -89,8 +89,8 @@ inline int run_checkpoint_benchmark(const CheckpointOptions& o) {
   const ModelConfig& c = model.config();
   const Index T = std::min(o.prompt_tokens, c.max_position_embeddings - o.decode_tokens);
   if (T < 1) fail<InputError>("the model's max_position_embeddings (", c.max_position_embeddings, ") leaves no room for a prompt");
-  std::printf("load %.3f s (%s, %.1f MB owned by the model)\n", load_s, o.load.map ? "mapped" : "read",
-              static_cast<double>(model.owned_bytes()) * 1e-6);
+  std::printf("load %.3f s (%s, panels %s, %.1f MB owned by the model)\n", load_s, o.load.map ? "mapped" : "read",
+              panel_layout_name(o.load.panels), static_cast<double>(model.owned_bytes()) * 1e-6);
 
   std::vector<std::int32_t> prompt(static_cast<std::size_t>(T));
   std::mt19937 rng(1);

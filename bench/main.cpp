@@ -22,7 +22,8 @@ namespace {
 
 constexpr const char* kUsage = R"(Usage:
   gqe-bench [--threads N] [--no-probe] [Google Benchmark flags]   the suite (see below)
-  gqe-bench --model DIR [--prompt-tokens T] [--decode-tokens N] [--no-mmap] [--dtype stored|f32] [--threads N]
+  gqe-bench --model DIR [--prompt-tokens T] [--decode-tokens N] [--no-mmap] [--dtype stored|f32]
+            [--panels 16bit|all|none] [--threads N]
   gqe-bench --layer-speedup [--hidden D] [--heads N] [--kv-heads G] [--head-dim DH] [--top-k K]
             [--variant gqe|hard_concat|weighted_concat] [--tokens T] [--rounds R] [--threads N]
   gqe-bench --version | --help
@@ -36,7 +37,8 @@ and every rate is also given as a share of them (of_peak, of_bandwidth). Counter
 --model DIR       time a checkpoint folder as gqe-run uses it: load, first and warm prefill of T
                   tokens (default 128), N decode steps (default 64) against the read bandwidth,
                   peak resident memory. --no-mmap reads the files instead of mapping them;
-                  --dtype f32 widens BF16/F16 weights at load instead of keeping them 16-bit.
+                  --dtype f32 widens BF16/F16 weights at load instead of keeping them 16-bit;
+                  --panels says which matrices are re-laid into panels after loading (as gqe-run).
 --layer-speedup   print, as JSON, the prefill time of one dense GQA layer and one GQE layer of
                   the given shape (defaults: the paper's), the median speed-up over R interleaved
                   rounds (default 5) and its FLOP ceiling.
@@ -144,6 +146,14 @@ int main(int argc, char** argv) {
         return 2;
       }
       model.load.keep_16bit = d == "stored";
+    } else if (a == "--panels" && i + 1 < argc) {
+      const std::string p = argv[++i];
+      const auto layout = gqe::panel_layout_from_name(p);
+      if (!layout) {
+        std::fprintf(stderr, "gqe-bench: error: --panels is \"%s\"; expected 16bit, all or none\n", p.c_str());
+        return 2;
+      }
+      model.load.panels = *layout;
     } else if (a == "--layer-speedup") layer = true;
     else if (a == "--hidden") ok = integer_flag(i, "--hidden", 1, 1 << 16, shape.hidden);
     else if (a == "--heads") ok = integer_flag(i, "--heads", 1, 1024, shape.heads);

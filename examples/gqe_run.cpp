@@ -381,6 +381,11 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"stored", "f32"}))->capture_default_str();
   bool no_mmap = false;
   app.add_flag("--no-mmap", no_mmap, "Read the checkpoint's files into memory instead of mapping them");
+  std::string panels = gqe::panel_layout_name(opt.load.panels);
+  app.add_option("--panels", panels,
+                 "Matrices re-laid into panels after loading, which decode streams in order: 16bit (BF16 and F16 ones), "
+                 "all, or none (every matrix as the file stores it, F32 ones used in place from the mapping)")
+      ->check(CLI::IsMember({"16bit", "all", "none"}))->capture_default_str();
   auto* perplexity_file = app.add_option("--perplexity", opt.perplexity,
                                          "Instead of a prompt: report the model's nats per byte and perplexity on "
                                          "this text file (bytes as token ids 0..255)");
@@ -401,6 +406,7 @@ int main(int argc, char** argv) {
     opt.sampler.validate();
     opt.load.keep_16bit = dtype == "stored";
     opt.load.map = !no_mmap;
+    opt.load.panels = *gqe::panel_layout_from_name(panels);
     opt.temperature_given = temperature->count() > 0;
     opt.top_k_given = top_k->count() > 0;
     opt.top_p_given = top_p->count() > 0;

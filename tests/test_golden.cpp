@@ -172,8 +172,8 @@ TEST_P(Golden, GqeRunLogitsOutMatchesReference) {
   }
 }
 
-// How the weights are held changes nothing: mapped or read, 16-bit kept or widened at load, the
-// logits file is the same, byte for byte.
+// How the weights are held changes nothing: mapped or read, 16-bit kept or widened at load, in
+// panels or as stored, the logits file is the same, byte for byte.
 TEST_P(Golden, GqeRunGivesTheSameBitsWhateverTheLoadOptions) {
   if (std::string(gqe::backend::kName) != "eigen")
     GTEST_SKIP() << "with the " << gqe::backend::kName << " backend, F32 weights and widened 16-bit ones take other kernels";
@@ -181,7 +181,8 @@ TEST_P(Golden, GqeRunGivesTheSameBitsWhateverTheLoadOptions) {
   std::string ids;
   for (auto id : e.prompt) ids += (ids.empty() ? "" : ",") + std::to_string(id);
   std::vector<std::string> files;
-  for (const char* options : {"", "--no-mmap", "--dtype f32", "--no-mmap --dtype f32"}) {
+  for (const char* options : {"", "--no-mmap", "--dtype f32", "--no-mmap --dtype f32", "--panels all", "--panels none",
+                              "--no-mmap --panels all"}) {
     const fs::path out = fs::temp_directory_path() / ("gqe-golden-load-" + GetParam() + std::to_string(files.size()) + ".st");
     const std::string command = std::string("\"") + GQE_RUN_PATH + "\" --model \"" + dir().string() + "\" --prompt-ids " +
                                 ids + " " + options + " --logits-out \"" + out.string() + "\"";

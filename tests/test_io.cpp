@@ -814,7 +814,7 @@ std::map<std::string, std::vector<Scalar>> weights_of(const gqe::Transformer<Sca
   std::map<std::string, std::vector<Scalar>> w;
   model.for_each_parameter([&](const std::string& name, const gqe::Weight& v) {  // any stored dtype, as Scalar
     w[name].resize(static_cast<std::size_t>(v.numel()));
-    gqe::convert_values(v.raw(), v.dtype(), w[name].size(), w[name].data());
+    gqe::convert_values(v.row_major_bytes().data(), v.dtype(), w[name].size(), w[name].data());
   });
   return w;
 }
@@ -1115,7 +1115,7 @@ TEST(Checkpoint, MapsWeightsAndKeepsSixteenBitOnes) {
   for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
     SCOPED_TRACE(gqe::dtype_name(dtype));
     gqe::save_checkpoint(model, dir, dtype);
-    const auto mapped = gqe::load_checkpoint<float>(dir);
+    const auto mapped = gqe::load_checkpoint<float>(dir, gqe::LoadOptions{true, true, false, gqe::PanelLayout::none});
     EXPECT_EQ(mapped.owned_bytes(), norms);
     mapped.for_each_parameter([&](const std::string& name, const gqe::Weight& w) {
       EXPECT_EQ(w.dtype(), w.shape().rank() == 2 ? dtype : DType::F32) << name;
@@ -1134,6 +1134,73 @@ TEST(Checkpoint, MapsWeightsAndKeepsSixteenBitOnes) {
     gqe::save_checkpoint(mapped, copy, DType::F32);
     EXPECT_EQ(logits_of(gqe::load_checkpoint<float>(copy)), want);
   }
+}
+
+// Logits [T, V] of the same prompt fed one token at a time (decode steps).
+std::vector<float> decoded_logits_of(const gqe::Transformer<float>& model) {
+  const std::vector<std::int32_t> prompt = {1, 5, 2, 9, 0, 3, 3, 7};
+  std::vector<gqe::KVCache<float>> caches{model.new_cache()};
+  std::vector<float> out;
+  for (const std::int32_t token : prompt) {
+    const auto logits = model.decode(gqe::TensorView<const std::int32_t>(&token, gqe::Shape{1}), caches);
+    out.insert(out.end(), logits.data(), logits.data() + logits.numel());
+  }
+  return out;
+}
+
+// Panels (LoadOptions::panels) change the order of a float model's weights in memory, not their
+// values: prefill and decode give the in-place model's bits, for both attention types, tied
+// embeddings, and a GQE q_proj whose experts' rows are whole panels (d_h = kPanelWidth) or not.
+// By default only 16-bit matrices go into panels. The model saves back the very tensors it was
+// loaded from, and refuses to be trained.
+TEST(Checkpoint, PanelLaidWeightsGiveTheInPlaceBits) {
+  if (std::string(gqe::backend::kName) != "eigen")
+    GTEST_SKIP() << "F32 weights in place go to the " << gqe::backend::kName << " backend, panels to the library's kernels";
+  std::vector<gqe::ModelConfig> configs = {small_config(gqe::AttentionType::gqa), small_config(gqe::AttentionType::gqe),
+                                           small_config(gqe::AttentionType::gqe, gqe::GqeVariant::gqe, true)};
+  gqe::ModelConfig whole_panels = small_config(gqe::AttentionType::gqe);
+  whole_panels.head_dim = gqe::kPanelWidth;
+  configs.push_back(whole_panels);
+  const fs::path dir = scratch("panels"), copy = scratch("panels-copy");
+  for (const auto& c : configs)
+    for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
+      SCOPED_TRACE(std::string(gqe::to_string(c.attention_type)) + " d_h " + std::to_string(c.head_dim) + (c.tie_word_embeddings ? " tied " : " ") +
+                   gqe::dtype_name(dtype));
+      gqe::save_checkpoint(random_model<float>(c, 37), dir, dtype);
+      const auto in_place = gqe::load_checkpoint<float>(dir, gqe::LoadOptions{true, true, false, gqe::PanelLayout::none});
+      const auto all = gqe::load_checkpoint<float>(dir, gqe::LoadOptions{true, true, false, gqe::PanelLayout::all});
+      const auto by_default = gqe::load_checkpoint<float>(dir);
+      const auto read = gqe::load_checkpoint<float>(dir, gqe::LoadOptions{false, true, false, gqe::PanelLayout::all});
+      std::size_t laid_out = 0;
+      all.for_each_parameter([&](const std::string& name, const gqe::Weight& w) {
+        const bool expected = w.shape().rank() == 2 && (name != "model.embed_tokens.weight" || c.tie_word_embeddings) &&
+                              (name.find("q_proj") == std::string::npos || c.attention_type == gqe::AttentionType::gqa ||
+                               c.head_dim % gqe::kPanelWidth == 0);
+        EXPECT_EQ(w.panels(), expected) << name;
+        laid_out += w.panels() ? 1 : 0;
+      });
+      EXPECT_GT(laid_out, 0u);
+      by_default.for_each_parameter([&](const std::string& name, const gqe::Weight& w) {
+        if (w.panels()) {
+          EXPECT_NE(dtype, DType::F32) << name;
+        }
+      });
+      const auto want = logits_of(in_place), want_decoded = decoded_logits_of(in_place);
+      for (const auto* m : {&all, &by_default, &read}) {
+        EXPECT_EQ(logits_of(*m), want);
+        EXPECT_EQ(decoded_logits_of(*m), want_decoded);
+      }
+      gqe::save_checkpoint(all, copy, dtype);
+      const auto original = gqe::SafetensorsFile::read(dir / "model.safetensors");
+      const auto saved = gqe::SafetensorsFile::read(copy / "model.safetensors");
+      for (const auto& t : original.tensors()) EXPECT_EQ(saved.raw_bytes(saved.at(t.name)), original.raw_bytes(t)) << t.name;
+      gqe::Transformer<float> trainee = all;
+      trainee.for_each_parameter([&](const std::string& name, gqe::Weight& w) {
+        if (w.panels()) {
+          EXPECT_THROW(w.attach_grad<float>(), gqe::InputError) << name;
+        }
+      });
+    }
 }
 
 // The fixtures of tests/data load in float and in double, hold the config's parameters, and save

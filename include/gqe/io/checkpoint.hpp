@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <utility>
@@ -29,10 +30,33 @@
 
 namespace gqe {
 
+// Which matrices of a float model are re-laid into panels (tensor/panels.hpp) after loading, for
+// inference: a decode step then streams them in order instead of reading many rows side by side.
+// It pays most for 16-bit weights, whose rows the decode kernel would otherwise widen and
+// transpose in registers (figures in docs/results.md). F32 matrices stay in place, mapped, by
+// default: re-laying them costs about half a second per GB at load for a faster decode
+// (docs/gqe-run.md).
+enum class PanelLayout {
+  none,        // every matrix as stored (in place when mapped)
+  sixteen_bit, // BF16 and F16 matrices kept 16-bit
+  all,         // every matrix
+};
+
+// The names of the command-line options (gqe-run --panels, gqe-bench --panels).
+inline const char* panel_layout_name(PanelLayout p) {
+  return p == PanelLayout::none ? "none" : p == PanelLayout::all ? "all" : "16bit";
+}
+inline std::optional<PanelLayout> panel_layout_from_name(const std::string& name) {
+  for (PanelLayout p : {PanelLayout::none, PanelLayout::sixteen_bit, PanelLayout::all})
+    if (name == panel_layout_name(p)) return p;
+  return std::nullopt;
+}
+
 struct LoadOptions {
   bool map = true;         // map the files; false reads them into memory
   bool keep_16bit = true;  // a float model keeps BF16/F16 matrices 16-bit; false widens them to F32
   bool owned = false;      // every weight converted into memory of the model's own (to train it)
+  PanelLayout panels = PanelLayout::sixteen_bit;  // ignored with `owned` and for double models
 };
 
 struct SaveOptions {
@@ -204,6 +228,17 @@ Transformer<Scalar> load_checkpoint(const std::filesystem::path& dir, const Load
     const auto& [file, t] = files.tensors.at(name);
     detail::bind_weight<Scalar>(w, *file, *t, options);
   });
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (!options.owned && options.panels != PanelLayout::none) {
+      const bool all = options.panels == PanelLayout::all;
+      // The mapped pages a weight was read from are released as it goes into panels, so that the
+      // process holds the weights about once, not twice, at any time.
+      model.lay_out_in_panels([&](const Weight& w) { return all || w.dtype() == DType::BF16 || w.dtype() == DType::F16; },
+                              [&](const void* begin, std::size_t bytes) {
+                                for (const auto& file : files.files) file.release(begin, bytes);
+                              });
+    }
+  }
   return model;
 }
 
@@ -211,13 +246,11 @@ Transformer<Scalar> load_checkpoint(const std::filesystem::path& dir, const Load
 inline EncodedTensor encode_weight(const std::string& name, const Weight& w, DType dtype) {
   const auto dims = w.shape().dims();
   const std::vector<std::int64_t> shape(dims.begin(), dims.end());
-  if (w.dtype() == dtype) {
-    EncodedTensor t{name, dtype, shape, std::string(static_cast<const char*>(w.raw()), static_cast<std::size_t>(w.numel()) * dtype_size(dtype))};
-    return t;
-  }
-  if (w.dtype() == DType::F64) return encode_tensor(name, dtype, shape, w.data<double>());
+  if (w.dtype() == dtype) return EncodedTensor{name, dtype, shape, w.row_major_bytes()};
+  if (w.dtype() == DType::F64) return encode_tensor(name, dtype, shape, w.data<double>());  // a double model's: never in panels
+  const std::string stored = w.row_major_bytes();
   std::vector<float> values(static_cast<std::size_t>(w.numel()));
-  convert_values(w.raw(), w.dtype(), values.size(), values.data());
+  convert_values(stored.data(), w.dtype(), values.size(), values.data());
   return encode_tensor(name, dtype, shape, values.data());
 }
 

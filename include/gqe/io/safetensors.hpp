@@ -323,6 +323,11 @@ class SafetensorsFile {
   std::string_view raw_bytes(const TensorRecord& t) const {
     return {reinterpret_cast<const char*>(data(t)), t.end - t.begin};
   }
+  // Gives the mapped pages within [begin, begin + bytes) back (FileBytes::release): for values
+  // that have been copied elsewhere and will not be read from here again.
+  void release(const void* begin, std::size_t bytes) const {
+    if (bytes_) bytes_->release(begin, bytes);
+  }
   // Keeps the values alive (weights borrowed from the file hold it).
   std::shared_ptr<const void> keep_alive() const {
     require_values();
