@@ -1151,15 +1151,18 @@ std::vector<float> decoded_logits_of(const gqe::Transformer<float>& model) {
 // Panels (LoadOptions::panels) change the order of a float model's weights in memory, not their
 // values: prefill and decode give the in-place model's bits, for both attention types, tied
 // embeddings, and a GQE q_proj whose experts' rows are whole panels (d_h = kPanelWidth) or not.
-// By default only 16-bit matrices go into panels. The model saves back the very tensors it was
-// loaded from, and refuses to be trained.
+// By default only 16-bit matrices go into panels. The pages they came from are released, mapped
+// or read, and nothing still in use is lost with them. The model saves back the very tensors it
+// was loaded from, and refuses to be trained.
 TEST(Checkpoint, PanelLaidWeightsGiveTheInPlaceBits) {
   if (std::string(gqe::backend::kName) != "eigen")
     GTEST_SKIP() << "F32 weights in place go to the " << gqe::backend::kName << " backend, panels to the library's kernels";
   std::vector<gqe::ModelConfig> configs = {small_config(gqe::AttentionType::gqa), small_config(gqe::AttentionType::gqe),
                                            small_config(gqe::AttentionType::gqe, gqe::GqeVariant::gqe, true)};
-  gqe::ModelConfig whole_panels = small_config(gqe::AttentionType::gqe);
+  gqe::ModelConfig whole_panels = small_config(gqe::AttentionType::gqe);  // also large enough to release whole pages
   whole_panels.head_dim = gqe::kPanelWidth;
+  whole_panels.hidden_size = 96;
+  whole_panels.intermediate_size = 200;
   configs.push_back(whole_panels);
   const fs::path dir = scratch("panels"), copy = scratch("panels-copy");
   for (const auto& c : configs)

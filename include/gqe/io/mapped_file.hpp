@@ -77,12 +77,14 @@ class FileBytes {
   const unsigned char* data() const { return data_; }
   std::size_t size() const { return size_; }
   bool mapped() const { return mapping_ != nullptr; }
-  // Gives the whole pages of [begin, begin + bytes) that lie in this file's mapping back to the
-  // system (the page cache keeps them; reading them again maps them again). Anything else: no-op.
+  // Gives the whole pages of [begin, begin + bytes) that lie in this file's bytes back to the
+  // system, for bytes that were copied elsewhere and will not be read here again: a mapping's
+  // pages stay in the page cache (reading them would map them again), a read file's pages are
+  // freed (reading them would give zeros). Bytes handed over by hold() stay.
   void release(const void* begin, std::size_t bytes) const {
 #ifdef GQE_HAS_MMAP
-    const auto first = reinterpret_cast<std::uintptr_t>(begin), start = reinterpret_cast<std::uintptr_t>(mapping_);
-    if (!mapping_ || first < start || first + bytes > start + size_) return;
+    const auto first = reinterpret_cast<std::uintptr_t>(begin), start = reinterpret_cast<std::uintptr_t>(data_);
+    if (!(mapping_ || owned_) || first < start || first + bytes > start + size_) return;
     const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
     const std::uintptr_t lo = (first + page - 1) / page * page, hi = (first + bytes) / page * page;
     if (lo < hi) ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
