@@ -19,11 +19,12 @@ namespace detail {
 // Rows of x per unit.
 constexpr Index kLinearRowTile = 1024;
 // Columns (rows of W) per unit: about 512 KB of W, the panels a unit packs and keeps in cache; a
-// multiple of 32, so that units start on a panel of a panel-laid W.
+// multiple of 32, so that units start on a panel of a panel-laid W, and at least two panels, which
+// a decode step streams side by side (one alone leaves a row's chains waiting on each other).
 inline Index linear_col_tile(Index in) {
   static_assert(32 % kPanelWidth == 0);
-  constexpr Index kPanelBytes = Index(512) << 10;
-  return std::clamp<Index>(kPanelBytes / (4 * std::max<Index>(in, 1)) / 32 * 32, 32, 256);
+  constexpr Index kPanelBytes = Index(512) << 10, kMin = std::max<Index>(32, 2 * kPanelWidth);
+  return std::clamp<Index>(kPanelBytes / (4 * std::max<Index>(in, 1)) / 32 * 32, kMin, 256);
 }
 }  // namespace detail
 
