@@ -200,8 +200,8 @@ int run(const Options& opt) {
     const auto tokens = [](gqe::Index n) { return std::to_string(n) + (n == 1 ? " token" : " tokens"); };
     if (const std::string warning = gqe::gemm_backend_warning(); !warning.empty())
       std::fprintf(stderr, "warning: %s\n", warning.c_str());
-    std::fprintf(stderr, "load: %.1f ms (%s, %td parameters)\n", 1e3 * load_seconds, opt.model.c_str(),
-                 config.parameter_count());
+    std::fprintf(stderr, "load: %.1f ms (%s, %td parameters, panels %s)\n", 1e3 * load_seconds, opt.model.c_str(),
+                 config.parameter_count(), gqe::panel_layout_name(opt.load.panels));
     std::fprintf(stderr, "%s: %s in %.2f ms, %.1f tokens/s\n", opt.mode == "prefill" ? "prefill" : "prompt, stepwise",
                  tokens(T).c_str(), 1e3 * prompt_seconds, rate(T, prompt_seconds));
     if (decode_steps > 0)

@@ -19,6 +19,7 @@
 #include "gqe/model/config.hpp"
 #include "gqe/model/kv_cache.hpp"
 #include "gqe/tensor/scratch_matrix.hpp"
+#include "gqe/util/thread_pool.hpp"
 
 namespace gqe {
 
@@ -80,12 +81,15 @@ class Transformer {
   // decode step then streams every weight in order. Same values and bits, so the same logits; the
   // embeddings stay as they are unless they serve as lm_head. Such a model cannot be trained.
   // Only the matrices for which which(weight) holds; `consumed` is told of the old storage of each
-  // as it is read (Weight::lay_out_in_panels).
+  // as it is read (Weight::lay_out_in_panels), from the library's threads.
   template <class Which, class Consumed>
   void lay_out_in_panels(const Which& which, const Consumed& consumed) {
     static_assert(std::is_same_v<Scalar, float>, "panels are the float kernels' layout");
+    const auto on_threads = [](Index count, const auto& fn) {
+      thread_pool().parallel_for(count, fn);
+    };
     const auto lay_out = [&](Weight& w) {
-      if (which(static_cast<const Weight&>(w))) w.lay_out_in_panels(consumed);
+      if (which(static_cast<const Weight&>(w))) w.lay_out_in_panels(consumed, on_threads);
     };
     for (auto& block : blocks_) {
       block.attention.lay_out_in_panels(lay_out);

@@ -86,26 +86,33 @@ class Weight {
 
   // Re-lays a matrix out in panels, in memory of its own (same dtype and bits); `consumed(begin,
   // bytes)` is told of each run of the old storage once read (a loader releases those pages),
-  // which then may no longer be read. For inference: such a weight cannot be trained. A vector, or
-  // a weight already in panels, stays as it is.
-  template <class Consumed>
-  void lay_out_in_panels(const Consumed& consumed) {
+  // which then may no longer be read. The runs, about 2 MB each, go through
+  // parallel_for(count, fn(i)), which may run them on several threads: the first touch of fresh
+  // memory is much of the cost. For inference: such a weight cannot be trained. A vector, or a
+  // weight already in panels, stays as it is.
+  template <class Consumed, class ParallelFor>
+  void lay_out_in_panels(const Consumed& consumed, const ParallelFor& parallel_for) {
     if (shape_.rank() != 2 || panels_ || !bound()) return;
     if (grad_) fail<InputError>("a weight with a gradient cannot be laid out in panels; expected an inference model");
     const Index in = cols();
-    auto panels = detail::AlignedBytes::allocate(static_cast<std::size_t>(panel_rows(rows()) * in) * dtype_size(dtype_));
-    // About 4 MB of rows at a time, so that the old pages go before the new ones all exist.
-    const Index step = std::max<Index>(1, (Index(4) << 20) / std::max<Index>(1, in * static_cast<Index>(dtype_size(dtype_))) / kPanelWidth) * kPanelWidth;
-    for (Index r0 = 0; r0 < rows(); r0 += step) {
-      const Index r1 = std::min(rows(), r0 + step);
+    const std::size_t row_bytes = static_cast<std::size_t>(in) * dtype_size(dtype_);
+    auto panels = detail::AlignedBytes::allocate(static_cast<std::size_t>(panel_rows(rows())) * row_bytes);
+    const Index step = std::max<Index>(1, static_cast<Index>((std::size_t(2) << 20) / std::max<std::size_t>(row_bytes, 1)) / kPanelWidth) * kPanelWidth;
+    parallel_for((rows() + step - 1) / step, [&](Index run) {
+      const Index r0 = run * step, r1 = std::min(rows(), r0 + step);
       lay_out_panels(data_, dtype_, rows(), in, r0, r1, panels.get());
-      const std::size_t row_bytes = static_cast<std::size_t>(in) * dtype_size(dtype_);
       consumed(static_cast<const unsigned char*>(data_) + static_cast<std::size_t>(r0) * row_bytes, static_cast<std::size_t>(r1 - r0) * row_bytes);
-    }
+    });
     owned_ = std::move(panels);
     keep_alive_.reset();
     data_ = owned_.get();
     panels_ = true;
+  }
+  template <class Consumed>
+  void lay_out_in_panels(const Consumed& consumed) {
+    lay_out_in_panels(consumed, [](Index count, const auto& fn) {
+      for (Index i = 0; i < count; ++i) fn(i);
+    });
   }
   void lay_out_in_panels() {
     lay_out_in_panels([](const void*, std::size_t) {});
