@@ -34,8 +34,8 @@ namespace gqe {
 // inference: a decode step then streams them in order instead of reading many rows side by side.
 // It pays most for 16-bit weights, whose rows the decode kernel would otherwise widen and
 // transpose in registers (figures in docs/results.md). F32 matrices stay in place, mapped, by
-// default: re-laying them costs about half a second per GB at load for a faster decode
-// (docs/gqe-run.md).
+// default: re-laying them costs fresh memory, half a second to a second and a half per GB at load
+// on the virtual machines measured, for a faster decode (docs/gqe-run.md).
 enum class PanelLayout {
   none,        // every matrix as stored (in place when mapped)
   sixteen_bit, // BF16 and F16 matrices kept 16-bit

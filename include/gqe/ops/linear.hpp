@@ -64,7 +64,7 @@ template <class Scalar>
 void linear_backward(const Eigen::Ref<const Matrix<Scalar>>& x, const WeightMatrix& w, const Eigen::Ref<const Matrix<Scalar>>& dy,
                      Eigen::Ref<Matrix<Scalar>> dx, bool accumulate_dx, Eigen::Ref<Matrix<Scalar>> dw) {
   const Index rows = x.rows(), in = x.cols(), out = dy.cols();
-  assert(dy.rows() == rows && dw.rows() == out && dw.cols() == in);
+  assert(dy.rows() == rows && dw.rows() == out && dw.cols() == in && !w.panels);  // trained weights are row-major
   constexpr Index kTile = 256;
   const double flops = 2.0 * static_cast<double>(rows) * static_cast<double>(in) * static_cast<double>(out);
   if (rows == 0) return;
