@@ -95,7 +95,7 @@ class Transformer {
       block.attention.lay_out_in_panels(lay_out);
       FeedForward<Scalar>::visit(block.mlp, [&](const char*, Weight& w) { lay_out(w); });
     }
-    lay_out(config_.tie_word_embeddings ? embed_.weight() : lm_head_);
+    lay_out(head_weight());
   }
   void lay_out_in_panels() {
     lay_out_in_panels([](const Weight&) { return true; }, [](const void*, std::size_t) {});
@@ -157,8 +157,8 @@ class Transformer {
     const Index R = d_logits.rows(), d = config_.hidden_size;
     d_normed.resize(R, d);
     d_hidden.resize(R, d);
-    Weight& head_weight = config_.tie_word_embeddings ? embed_.weight() : lm_head_;
-    linear_backward<Scalar>(tape.normed, head_weight.matrix(), d_logits, d_normed, false, head_weight.grad_matrix<Scalar>());
+    Weight& head = head_weight();
+    linear_backward<Scalar>(tape.normed, head.matrix(), d_logits, d_normed, false, head.grad_matrix<Scalar>());
     norm_.backward(tape.final_norm, d_normed, d_hidden, false);
     for (Index l = config_.num_layers - 1; l >= 0; --l) {
       Block& block = blocks_[static_cast<std::size_t>(l)];
@@ -239,8 +239,12 @@ class Transformer {
     ScratchMatrix<Scalar>& normed = tape ? tape->normed : ws.normed;
     if (tape) normed.resize(rows, config_.hidden_size);
     norm_.forward(final_rows, normed.topRows(rows), tape ? &tape->final_norm : nullptr);
-    linear<Scalar>(normed.topRows(rows), config_.tie_word_embeddings ? embed_.weight() : lm_head_, logits.matrix(rows));
+    linear<Scalar>(normed.topRows(rows), head_weight(), logits.matrix(rows));
   }
+
+  // The output head's weight [V, d]: the embeddings when tied.
+  Weight& head_weight() { return config_.tie_word_embeddings ? embed_.weight() : lm_head_; }
+  const Weight& head_weight() const { return config_.tie_word_embeddings ? embed_.weight() : lm_head_; }
 
   template <class Self, class Fn>
   static void visit(Self& self, Fn& fn) {

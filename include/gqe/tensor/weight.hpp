@@ -146,30 +146,27 @@ class Weight {
   template <class T>
   void row(Index r, T* out) const {
     assert(r >= 0 && r < rows());
-    const std::size_t size = dtype_size(dtype_);
-    const auto* bytes = static_cast<const unsigned char*>(data_);
     if (!panels_) {
-      convert_values(bytes + static_cast<std::size_t>(r * cols()) * size, dtype_, static_cast<std::size_t>(cols()), out);
+      convert_values(static_cast<const unsigned char*>(data_) + static_cast<std::size_t>(r * cols()) * dtype_size(dtype_), dtype_,
+                     static_cast<std::size_t>(cols()), out);
       return;
     }
     // A panel's row r holds every kPanelWidth-th value: gathered a run at a time, then converted.
     constexpr Index kRun = 256;
-    const unsigned char* first = bytes + panel_index(r, 0, cols()) * size;
     alignas(64) unsigned char run[kRun * 8];
     for (Index p0 = 0; p0 < cols(); p0 += kRun) {
       const Index count = std::min(kRun, cols() - p0);
-      for (Index p = 0; p < count; ++p) std::memcpy(run + p * size, first + (p0 + p) * kPanelWidth * size, size);
+      gather_panel_row(r, p0, count, run);
       convert_values(run, dtype_, static_cast<std::size_t>(count), out + p0);
     }
   }
   // The stored bytes in row-major order (a copy; what a checkpoint holds).
   std::string row_major_bytes() const {
-    const std::size_t size = dtype_size(dtype_), row_bytes = static_cast<std::size_t>(cols()) * size;
-    const auto* bytes = static_cast<const unsigned char*>(data_);
-    if (!panels_) return std::string(reinterpret_cast<const char*>(bytes), static_cast<std::size_t>(rows()) * row_bytes);
+    const std::size_t row_bytes = static_cast<std::size_t>(cols()) * dtype_size(dtype_);
+    if (!panels_) return std::string(static_cast<const char*>(data_), static_cast<std::size_t>(rows()) * row_bytes);
     std::string out(static_cast<std::size_t>(rows()) * row_bytes, '\0');
     for (Index r = 0; r < rows(); ++r)
-      for (Index p = 0; p < cols(); ++p) std::memcpy(&out[static_cast<std::size_t>(r) * row_bytes + static_cast<std::size_t>(p) * size], bytes + panel_index(r, p, cols()) * size, size);
+      gather_panel_row(r, 0, cols(), reinterpret_cast<unsigned char*>(&out[static_cast<std::size_t>(r) * row_bytes]));
     return out;
   }
 
@@ -196,6 +193,12 @@ class Weight {
   std::size_t bytes() const {
     const Index stored = panels_ ? panel_rows(rows()) * cols() : numel();
     return static_cast<std::size_t>(stored) * dtype_size(dtype_);
+  }
+  // The stored bytes of elements [p0, p0 + count) of row r of a panel-laid matrix, into out.
+  void gather_panel_row(Index r, Index p0, Index count, unsigned char* out) const {
+    const std::size_t size = dtype_size(dtype_);
+    const auto* first = static_cast<const unsigned char*>(data_) + panel_index(r, p0, cols()) * size;
+    for (Index p = 0; p < count; ++p) std::memcpy(out + static_cast<std::size_t>(p) * size, first + static_cast<std::size_t>(p * kPanelWidth) * size, size);
   }
   void copy_owned(const Weight& other) {
     owned_ = detail::AlignedBytes::allocate(bytes());
