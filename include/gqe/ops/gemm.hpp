@@ -698,20 +698,6 @@ void gemm(Index m, Index n, Index k, const LhsMatrix<Scalar>& a, const RhsMatrix
     }
   }
 #endif
-  if (b.panels && !in_place && m <= detail::kFewRows) {
-    // A decode step over 16-bit panels without AVX2: each panel widened a depth block at a time
-    // into a buffer that stays in L1 and used at once, so that B streams from memory once, in order.
-    constexpr Index kWidened = 128;  // depth per widened block: 16 KB of float with AVX-512
-    buf.reserve(kWidened * NR, 0);
-    const auto tile = detail::micro_tile_for<Scalar>(m, a.rows != nullptr);
-    for (Index j0 = 0; j0 < n; j0 += NR)
-      for (Index p0 = 0; p0 < k; p0 += kWidened) {
-        const Index kc = std::min(kWidened, k - p0);
-        detail::pack_rhs(b, j0, NR, p0, kc, buf.rhs.data(), buf.stage.data(), 0);
-        tile(kc, detail::LhsBlock<Scalar>{&a, 0, p0}, buf.rhs.data(), NR, c + j0, ldc, std::min<Index>(NR, n - j0), accumulate || p0 > 0);
-      }
-    return;
-  }
   const Index depth = in_place ? S::depth_block(m) : S::kDepth;
   for (Index p0 = 0; p0 < k; p0 += depth) {
     const Index kc = std::min(depth, k - p0);
