@@ -150,7 +150,9 @@ int main(int argc, char** argv) {
       const std::string p = argv[++i];
       const auto layout = gqe::panel_layout_from_name(p);
       if (!layout) {
-        std::fprintf(stderr, "gqe-bench: error: --panels is \"%s\"; expected 16bit, all or none\n", p.c_str());
+        std::string names;
+        for (gqe::PanelLayout each : gqe::kPanelLayouts) names += std::string(names.empty() ? "" : ", ") + gqe::panel_layout_name(each);
+        std::fprintf(stderr, "gqe-bench: error: --panels is \"%s\"; expected one of %s\n", p.c_str(), names.c_str());
         return 2;
       }
       model.load.panels = *layout;

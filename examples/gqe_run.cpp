@@ -382,10 +382,12 @@ int main(int argc, char** argv) {
   bool no_mmap = false;
   app.add_flag("--no-mmap", no_mmap, "Read the checkpoint's files into memory instead of mapping them");
   std::string panels = gqe::panel_layout_name(opt.load.panels);
+  std::vector<std::string> panel_names;
+  for (gqe::PanelLayout p : gqe::kPanelLayouts) panel_names.emplace_back(gqe::panel_layout_name(p));
   app.add_option("--panels", panels,
                  "Matrices re-laid into panels after loading, which decode streams in order: 16bit (BF16 and F16 ones), "
                  "all, or none (every matrix as the file stores it, F32 ones used in place from the mapping)")
-      ->check(CLI::IsMember({"16bit", "all", "none"}))->capture_default_str();
+      ->check(CLI::IsMember(panel_names))->capture_default_str();
   auto* perplexity_file = app.add_option("--perplexity", opt.perplexity,
                                          "Instead of a prompt: report the model's nats per byte and perplexity on "
                                          "this text file (bytes as token ids 0..255)");

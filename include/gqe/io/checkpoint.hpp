@@ -42,12 +42,15 @@ enum class PanelLayout {
   all,         // every matrix
 };
 
+// Every layout, in the order the command lines list them.
+inline constexpr PanelLayout kPanelLayouts[] = {PanelLayout::sixteen_bit, PanelLayout::all, PanelLayout::none};
+
 // The names of the command-line options (gqe-run --panels, gqe-bench --panels).
 inline const char* panel_layout_name(PanelLayout p) {
   return p == PanelLayout::none ? "none" : p == PanelLayout::all ? "all" : "16bit";
 }
 inline std::optional<PanelLayout> panel_layout_from_name(const std::string& name) {
-  for (PanelLayout p : {PanelLayout::none, PanelLayout::sixteen_bit, PanelLayout::all})
+  for (PanelLayout p : kPanelLayouts)
     if (name == panel_layout_name(p)) return p;
   return std::nullopt;
 }
