@@ -6,12 +6,15 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "gqe/tensor/aligned_bytes.hpp"
+#include "gqe/tensor/scratch_buffer.hpp"
 #include "gqe/tensor/scratch_matrix.hpp"
 #include "gqe/tensor/tensor.hpp"
 
@@ -292,4 +295,24 @@ TEST(ScratchMatrix, GrowsOnlyAndActsAsAnEigenMatrixOfItsShape) {
   EXPECT_EQ(target.data(), storage);
 }
 
+// Small buffers sit on a cache line, large ones on a 2 MB (huge page) boundary: from 2 MB on by
+// default, from 1 MB on for scratch (so that scratch just under 2 MB takes one huge page instead of
+// 512 small ones). Every requested byte is writable.
+TEST(AlignedBytes, AlignsToACacheLineAndLargeBuffersToAHugePage) {
+  constexpr std::size_t kMB = std::size_t(1) << 20;
+  const auto address = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p); };
+  for (const std::size_t bytes : {std::size_t(1), std::size_t(100), std::size_t(64 * 1024), kMB - 64, kMB, 2 * kMB - 4096,
+                                  2 * kMB, 5 * kMB + 3}) {
+    const auto plain = gqe::detail::AlignedBytes::allocate(bytes);
+    EXPECT_EQ(address(plain.get()) % (bytes >= 2 * kMB ? 2 * kMB : 64), 0u) << bytes << " bytes";
+    std::memset(plain.get(), 0x5a, bytes);
+    EXPECT_EQ(plain[bytes - 1], 0x5a);
+
+    gqe::detail::ScratchBuffer<unsigned char> scratch;
+    unsigned char* data = scratch.reserve(static_cast<Index>(bytes));
+    EXPECT_EQ(address(data) % (bytes >= kMB ? 2 * kMB : 64), 0u) << bytes << " bytes of scratch";
+    std::memset(data, 0x5a, bytes);
+    EXPECT_EQ(data[bytes - 1], 0x5a);
+  }
+}
 }  // namespace

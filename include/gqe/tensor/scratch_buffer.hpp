@@ -2,7 +2,9 @@
 // Grow-only scratch of plain values (packed panels, softmax states, index lists), the vector
 // counterpart of ScratchMatrix: never zero-filled, so that a buffer whose every value read is first
 // written costs no pass over memory when it grows, and no allocation once warm. Growing keeps no
-// values. Large buffers sit on transparent huge pages (see AlignedBytes).
+// values. Buffers from 1 MB on sit on transparent huge pages (see AlignedBytes): scratch is a few
+// buffers per thread, so rounding one up to a whole 2 MB page costs at most 1 MB, where one just
+// under 2 MB (a prompt a token short of a power of two) would else fault 512 pages one by one.
 #include <cassert>
 #include <cstddef>
 #include <type_traits>
@@ -31,7 +33,7 @@ class ScratchBuffer {
   T* reserve(Index n) {
     assert(n >= 0);
     if (static_cast<std::size_t>(n) > capacity_) {
-      storage_ = AlignedBytes::allocate(static_cast<std::size_t>(n) * sizeof(T));
+      storage_ = AlignedBytes::allocate(static_cast<std::size_t>(n) * sizeof(T), AlignedBytes::kHugePage / 2);
       capacity_ = static_cast<std::size_t>(n);
     }
     return data();

@@ -1,8 +1,9 @@
 #pragma once
 // A row-major [rows, cols] matrix for the scratch of a forward (activations, tapes), used as any
 // Eigen map. Its storage only grows and is never zero-filled: a decode step after a prefill keeps
-// the prefill's buffer, the next prefill reuses it, and nothing is faulted in again. Large buffers
-// sit on transparent huge pages (see AlignedBytes). resize() keeps no values, as Eigen's does not.
+// the prefill's buffer, the next prefill reuses it, and nothing is faulted in again. Buffers from
+// 1 MB on sit on transparent huge pages (see ScratchBuffer). resize() keeps no values, as Eigen's
+// does not.
 #include <cstddef>
 #include <new>
 #include <utility>
