@@ -5,7 +5,8 @@
         [--pairs 11] [--threads N] [--models build/cold-models]
 
 Each run is a whole `gqe-run -m MODEL -p PROMPT --stats` process (start, load, prefill of T tokens,
-exit), timed by the wall clock. The models are one layer of the paper's shape (d=1024, d_h=64,
+exit), timed by the wall clock; its page faults (minor and major, the kernel's count for the child)
+are reported beside, since first touches of memory are most of what a cold process adds. The models are one layer of the paper's shape (d=1024, d_h=64,
 N=16, G=8, k=1; SwiGLU intermediate 256, vocabulary 256, random weights), written once by
 tools/make_large_checkpoint.py into --models. Dense and GQE run in turn, in alternating order, for
 --pairs pairs per T on the same random prompt; the speed-up is the median of the pairs' ratios (with
@@ -17,6 +18,7 @@ position's logits, which is all gqe-run computes without --logits-out.
 import argparse
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -48,16 +50,23 @@ def make_models(folder):
     return paths
 
 
+def child_faults():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_minflt + usage.ru_majflt
+
+
 def timed_run(args, model, prompt):
+    """(wall seconds, page faults) of one whole gqe-run process."""
     cmd = [args.run, "-m", model, "-p", prompt, "--stats"]
     if args.threads:
         cmd += ["-t", str(args.threads)]
+    faults = child_faults()  # the children's counts add up as each is waited for: one run's is the difference
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"cold_prefill: {' '.join(cmd[:3])} ... failed with status {done.returncode}: {done.stderr.strip()}")
-    return seconds
+    return seconds, child_faults() - faults
 
 
 def main():
@@ -76,24 +85,26 @@ def main():
         sys.exit("cold_prefill: --pairs and every --tokens must be at least 1")
     models = make_models(args.models)
     rng = random.Random(args.seed)
-    print("| T | dense s | GQE s | speed-up (range) | whole-model FLOP ceiling | of ceiling |")
-    print("|---|---:|---:|---|---:|---:|")
+    print("| T | dense s | GQE s | speed-up (range) | whole-model FLOP ceiling | of ceiling | page faults, dense / GQE |")
+    print("|---|---:|---:|---|---:|---:|---:|")
     for T in args.tokens:
         prompt = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(T))
         times = {"gqa": [], "gqe": []}
+        faults = {"gqa": [], "gqe": []}
         ratios = []
         for pair in range(args.pairs):
             order = ("gqa", "gqe") if pair % 2 == 0 else ("gqe", "gqa")
-            seconds = {name: timed_run(args, models[name], prompt) for name in order}
+            runs = {name: timed_run(args, models[name], prompt) for name in order}
             for name in order:
-                times[name].append(seconds[name])
-            ratios.append(seconds["gqa"] / seconds["gqe"])
+                times[name].append(runs[name][0])
+                faults[name].append(runs[name][1])
+            ratios.append(runs["gqa"][0] / runs["gqe"][0])
             print(f"cold_prefill: T={T} pair {pair + 1}/{args.pairs}", end="\r", file=sys.stderr, flush=True)
         print(file=sys.stderr)
         speedup, ceiling = statistics.median(ratios), whole_model_ceiling(T)
         print(f"| {T} | {statistics.median(times['gqa']):.3f} | {statistics.median(times['gqe']):.3f} | "
-              f"{speedup:.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | {ceiling:.2f} | {100 * speedup / ceiling:.0f}% |",
-              flush=True)
+              f"{speedup:.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | {ceiling:.2f} | {100 * speedup / ceiling:.0f}% | "
+              f"{statistics.median(faults['gqa']):.0f} / {statistics.median(faults['gqe']):.0f} |", flush=True)
 
 
 if __name__ == "__main__":
