@@ -6,13 +6,14 @@
 
 Each run is a whole `gqe-run -m MODEL -p PROMPT --stats` process (start, load, prefill of T tokens,
 exit), timed by the wall clock; its page faults (minor and major, the kernel's count for the child)
-are reported beside, since first touches of memory are most of what a cold process adds. The models are one layer of the paper's shape (d=1024, d_h=64,
-N=16, G=8, k=1; SwiGLU intermediate 256, vocabulary 256, random weights), written once by
-tools/make_large_checkpoint.py into --models. Dense and GQE run in turn, in alternating order, for
---pairs pairs per T on the same random prompt; the speed-up is the median of the pairs' ratios (with
-its range), the times are medians. The whole-model FLOP ceiling counts the layer (the FLOP model of
-docs/flop-model.md, as tools/bench_report.py computes it), its feed-forward block and the last
-position's logits, which is all gqe-run computes without --logits-out.
+are reported beside, since first touches of memory are most of what a cold process adds. The models
+are one layer of the paper's shape (d=1024, d_h=64, N=16, G=8, k=1; SwiGLU intermediate 256,
+vocabulary 256, random weights), written once by tools/make_large_checkpoint.py into --models. Dense
+and GQE run in turn, in alternating order, for --pairs pairs per T on the same random prompt; the
+speed-up is the median of the pairs' ratios (with its range), the times are medians. The whole-model
+FLOP ceiling counts the layer (the FLOP model of docs/flop-model.md, as tools/bench_report.py
+computes it), its feed-forward block and the last position's logits, which is all gqe-run computes
+without --logits-out.
 """
 
 import argparse
