@@ -315,4 +315,5 @@ TEST(AlignedBytes, AlignsToACacheLineAndLargeBuffersToAHugePage) {
     EXPECT_EQ(data[bytes - 1], 0x5a);
   }
 }
+
 }  // namespace
