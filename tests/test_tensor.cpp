@@ -2,7 +2,8 @@
 // compared with the element the obvious formula ((i*D1 + j)*D2 + k) addresses in the owning buffer,
 // after reshape, operator[], slice, matrix() and the const conversion. Error paths must throw
 // gqe::ShapeError with a message that names the shapes. ScratchMatrix: storage that only grows,
-// every element written through it read back through a plain Eigen matrix.
+// every element written through it read back through a plain Eigen matrix. AlignedBytes and
+// ScratchBuffer: the alignment each size gets (a cache line, or a huge page from its threshold).
 #include <gtest/gtest.h>
 
 #include <cstdint>
