@@ -8,9 +8,10 @@
 // (one group of query heads sharing a KV head, one tile of queries): for each key tile left of the
 // diagonal, S = (Q * scale) K^T, an online softmax update per query row (running maximum m and sum
 // l), O = O * exp(m_old - m) + P V; finally O /= l and, for training, lse = m + log(l). No T x T
-// matrix is ever held; blocks above the diagonal are never computed. The key tiles are taken in
-// chunks of kKeyChunk positions, each chunk's state (O, m, l) started from scratch and merged into
-// the first chunk's in order: a decode step over a long cache runs its chunks as separate units
+// matrix is ever held; blocks above the diagonal are never computed, and in the diagonal's tile each
+// register tile of rows stops at its latest query's keys. The key tiles are taken in chunks of
+// kKeyChunk positions, each chunk's state (O, m, l) started from scratch and merged into the first
+// chunk's in order: a decode step over a long cache runs its chunks as separate units
 // (a few groups would otherwise leave threads idle) and merges them after, with the same arithmetic.
 //
 // Masking is aligned bottom-right: with `past` keys already cached, query i of the chunk sits at
@@ -132,7 +133,7 @@ struct SoftmaxState {
 template <class Scalar>
 void attend_chunk(const QueryGroup<Scalar>& g, Index head_dim, Index first, Index n, Index chunk, const Scalar* query,
                   const SoftmaxState<Scalar>& st) {
-  constexpr Index KT = kKeyTile, L = kPacketLanes<Scalar>;
+  constexpr Index KT = kKeyTile, L = kPacketLanes<Scalar>, MR = GemmShape<Scalar>::kRows, NR = GemmShape<Scalar>::kCols;
   auto& s = attention_scratch<Scalar>();
   const Index rows = g.heads * n, dh = head_dim;
   s.scores.reserve(rows * KT + L);
@@ -143,7 +144,27 @@ void attend_chunk(const QueryGroup<Scalar>& g, Index head_dim, Index first, Inde
   const Index t_end = std::min((chunk + 1) * kKeyChunk, last_pos + 1);
   for (Index t = chunk * kKeyChunk / KT; t * KT < t_end; ++t) {
     const Index j0 = t * KT, nk = std::min(KT, last_pos + 1 - j0);
-    gemm<Scalar>(rows, nk, dh, LhsMatrix<Scalar>{query, dh, 1}, rhs_of(g.kv.key(t), KT, false), s.scores.data(), KT, false);
+    // Calls product(r0, rb, seen) for blocks of stacked rows [r0, r0 + rb) and the keys they see:
+    // left of the diagonal every row sees the whole tile, one block; on it, MR rows at a time, each
+    // block over the keys of its latest query, so that the triangle above the diagonal is skipped
+    // down to a register tile. What lies past a row's own keys is never read (masked scores) or
+    // adds exact zeros (probabilities), as the rest of the tile does.
+    const auto by_blocks = [&](const auto& product) {
+      if (first_pos - j0 + 1 >= nk) {
+        product(Index(0), rows, nk);
+        return;
+      }
+      for (Index r0 = 0; r0 < rows; r0 += MR) {
+        const Index rb = std::min(MR, rows - r0);
+        const Index latest = r0 / n == (r0 + rb - 1) / n ? (r0 + rb - 1) % n : n - 1;  // the block may span two heads
+        const Index seen = std::min(nk, first_pos + latest - j0 + 1);
+        if (seen > 0) product(r0, rb, seen);
+      }
+    };
+    by_blocks([&](Index r0, Index rb, Index seen) {  // whole panels of K^T, read in place
+      gemm<Scalar>(rb, std::min(nk, (seen + NR - 1) / NR * NR), dh, LhsMatrix<Scalar>{query + r0 * dh, dh, 1},
+                   rhs_of(g.kv.key(t), KT, false), s.scores.data() + r0 * KT, KT, false);
+    });
     for (Index r = 0; r < rows; ++r) {
       Scalar* row = s.scores.data() + r * KT;
       const Index valid = std::min(nk, first_pos + r % n - j0 + 1);  // the row's keys in this tile
@@ -162,7 +183,10 @@ void attend_chunk(const QueryGroup<Scalar>& g, Index head_dim, Index first, Inde
       }
       m = new_max;
     }
-    gemm<Scalar>(rows, dh, nk, LhsMatrix<Scalar>{s.scores.data(), KT, 1}, rhs_of(g.kv.value(t), dh, false), st.acc, dh, true);
+    by_blocks([&](Index r0, Index rb, Index seen) {
+      gemm<Scalar>(rb, dh, seen, LhsMatrix<Scalar>{s.scores.data() + r0 * KT, KT, 1}, rhs_of(g.kv.value(t), dh, false),
+                   st.acc + r0 * dh, dh, true);
+    });
   }
 }
 
