@@ -11,9 +11,9 @@
 //
 // A register-blocked micro-kernel keeps an MR x NR block of C in registers and, per step of p,
 // loads one row of NR values of B and broadcasts MR values of A (AVX-512: 12 x 32 floats in 24 of
-// its 32 registers; AVX2 and SSE: 6 x 2 packets; one or two rows against a B read in place go
-// through wider tiles, see GemmShape::kWideRows). A is read in place, row-major or a transposed
-// view alike: a broadcast is a plain load wherever its value sits. B is packed per NR-column panel
+// its 32 registers; AVX2 and SSE: 6 x 2 packets; up to four rows against a B read in place go
+// through wider tiles, see wide_plan). A is read in place, row-major or a transposed view alike:
+// a broadcast is a plain load wherever its value sits. B is packed per NR-column panel
 // ([kc][NR]), converting 16-bit weights to Scalar on the way; a B already laid out [k][n] in Scalar
 // is read in place. The depth is cut into blocks of kDepth so that the panels stay in cache; the
 // chain continues from one block to the next through C, unchanged.
@@ -217,10 +217,18 @@ template <class Scalar>
 inline constexpr const MicroTile<Scalar>* wide_tiles[2][2] = {{wide_tiles_of<Scalar, 1, false>, wide_tiles_of<Scalar, 2, false>},
                                                                {wide_tiles_of<Scalar, 1, true>, wide_tiles_of<Scalar, 2, true>}};
 
-// How rows <= kWideRows go over `columns` in-place columns of B (more rows: no plan): in passes
-// of `rows` rows, each through `tile` over `packets` packets (the widest that fits the columns and
-// the accumulators, so one row at a time over a long row of B: each pass streams B's rows from
-// start to end).
+// 3 or 4 rows x 4 packets, for the last rows of a longer product (the 4 left of 256 attention rows
+// in register tiles of 12) or 3-4 query heads of a decode step: twice the chains per row of an
+// MR-row tile's two packets, so that they do not wait on the multiply-adds' latency (1% of the
+// attention kernel's time at T = 4096): quad_tiles<Scalar>[table][Rows - 3].
+template <class Scalar>
+inline constexpr MicroTile<Scalar> quad_tiles[2][2] = {{&micro_tile<Scalar, 3, false, 4>, &micro_tile<Scalar, 4, false, 4>},
+                                                       {&micro_tile<Scalar, 3, true, 4>, &micro_tile<Scalar, 4, true, 4>}};
+
+// How rows <= kWideRows go over `columns` in-place columns of B: in passes of `rows` rows, each
+// through `tile` over `packets` packets (the widest that fits the columns and the accumulators, so
+// one row at a time over a long row of B: each pass streams B's rows from start to end). 3 or 4
+// rows go through a quad tile where the accumulators hold one (AVX-512); more rows: no plan.
 template <class Scalar>
 struct WidePlan {
   MicroTile<Scalar> tile = nullptr;  // null: no wide tile fits
@@ -230,7 +238,12 @@ template <class Scalar>
 WidePlan<Scalar> wide_plan(Index rows, bool table, Index columns) {
   using S = GemmShape<Scalar>;
   static_assert(S::kWideRows == 2, "wide_tiles holds tiles of 1 and 2 rows");
-  if (rows > S::kWideRows) return {};
+  if (rows > S::kWideRows) {
+    if constexpr (S::kWideAccumulators >= 16) {
+      if (rows <= 4 && 4 * S::kLanes <= columns) return {quad_tiles<Scalar>[table ? 1 : 0][rows - 3], 4, static_cast<int>(rows)};
+    }
+    return {};
+  }
   for (int w = 2; w >= 0; --w) {
     const int packets = 4 << w;
     if (packets > S::kWideAccumulators || packets * S::kLanes > columns) continue;
