@@ -144,6 +144,7 @@ void attend_chunk(const QueryGroup<Scalar>& g, Index head_dim, Index first, Inde
   const Index t_end = std::min((chunk + 1) * kKeyChunk, last_pos + 1);
   for (Index t = chunk * kKeyChunk / KT; t * KT < t_end; ++t) {
     const Index j0 = t * KT, nk = std::min(KT, last_pos + 1 - j0);
+    const auto keys_of = [&](Index i) { return std::min(nk, first_pos + i - j0 + 1); };  // query i's keys in this tile
     // Calls product(r0, rb, seen) for blocks of stacked rows [r0, r0 + rb) and the keys they see:
     // left of the diagonal every row sees the whole tile, one block; on it, MR rows at a time, each
     // block over the keys of its latest query, so that the triangle above the diagonal is skipped
@@ -157,7 +158,7 @@ void attend_chunk(const QueryGroup<Scalar>& g, Index head_dim, Index first, Inde
       for (Index r0 = 0; r0 < rows; r0 += MR) {
         const Index rb = std::min(MR, rows - r0);
         const Index latest = r0 / n == (r0 + rb - 1) / n ? (r0 + rb - 1) % n : n - 1;  // the block may span two heads
-        const Index seen = std::min(nk, first_pos + latest - j0 + 1);
+        const Index seen = keys_of(latest);
         if (seen > 0) product(r0, rb, seen);
       }
     };
@@ -167,7 +168,7 @@ void attend_chunk(const QueryGroup<Scalar>& g, Index head_dim, Index first, Inde
     });
     for (Index r = 0; r < rows; ++r) {
       Scalar* row = s.scores.data() + r * KT;
-      const Index valid = std::min(nk, first_pos + r % n - j0 + 1);  // the row's keys in this tile
+      const Index valid = keys_of(r % n);
       Scalar& m = st.max[r];
       if (valid <= 0) {
         std::fill(row, row + nk, Scalar(0));
