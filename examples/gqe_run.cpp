@@ -36,6 +36,7 @@ struct Options {
   gqe::SamplerConfig sampler;
   int threads = gqe::default_thread_count();
   std::string mode = "prefill";
+  std::optional<gqe::Index> chunk;  // --chunk N: prompt tokens per forward pass (default: all)
   std::optional<std::string> logits_out;
   bool stats = false;
   bool print_ids = false;
@@ -135,19 +136,20 @@ int run(const Options& opt) {
         for (gqe::Index s = 0; s < G * k; ++s) experts.view()[l][first + t].flat()(s) = r.experts(t, s);
     }
   };
-  const gqe::TensorView<const std::int32_t> ids(prompt.data(), gqe::Shape{1, T});
+  // The prompt goes through the model in chunks appended to the cache: all of it at once, --chunk N
+  // tokens at a time (activations for N tokens, not T), or one token at a time (stepwise). The
+  // logits do not depend on the cut (batch invariance), bit for bit.
+  const gqe::Index chunk = opt.mode == "stepwise" ? 1 : std::min(opt.chunk.value_or(T), T);
+  const gqe::TensorView<const std::int32_t> ids(prompt.data(), gqe::Shape{T});
   const auto prompt_start = Clock::now();
-  if (opt.mode == "prefill") {
+  for (gqe::Index first = 0; first < T; first += chunk) {
+    const gqe::Index n = std::min(chunk, T - first);
+    const auto part = ids.slice(first, n).reshape(gqe::Shape{1, n});  // [1, n]
     if (every_position)
-      model.forward(ids, caches, logits.view(), false, &trace);
+      model.forward(part, caches, logits.view()[0].slice(first, n).reshape(gqe::Shape{1, n, V}), false, &trace);
     else
-      model.forward(ids, caches, logits.view()[0], true, &trace);  // [1, V]
-    record(0, T);
-  } else {
-    for (gqe::Index t = 0; t < T; ++t) {
-      model.forward(ids.reshape(gqe::Shape{T, 1}).slice(t, 1), caches, logits.view()[0].slice(every_position ? t : 0, 1), true, &trace);
-      record(t, 1);
-    }
+      model.forward(part, caches, logits.view()[0], true, &trace);  // [1, V]: the last chunk's last token is kept
+    record(first, n);
   }
   const double prompt_seconds = seconds_since(prompt_start);
 
@@ -202,8 +204,11 @@ int run(const Options& opt) {
       std::fprintf(stderr, "warning: %s\n", warning.c_str());
     std::fprintf(stderr, "load: %.1f ms (%s, %td parameters, panels %s)\n", 1e3 * load_seconds, opt.model.c_str(),
                  config.parameter_count(), gqe::panel_layout_name(opt.load.panels));
-    std::fprintf(stderr, "%s: %s in %.2f ms, %.1f tokens/s\n", opt.mode == "prefill" ? "prefill" : "prompt, stepwise",
-                 tokens(T).c_str(), 1e3 * prompt_seconds, rate(T, prompt_seconds));
+    const std::string prompt_name = opt.mode == "stepwise" ? "prompt, stepwise"
+                                    : chunk < T            ? "prefill in chunks of " + std::to_string(chunk)
+                                                           : "prefill";
+    std::fprintf(stderr, "%s: %s in %.2f ms, %.1f tokens/s\n", prompt_name.c_str(), tokens(T).c_str(), 1e3 * prompt_seconds,
+                 rate(T, prompt_seconds));
     if (decode_steps > 0)
       std::fprintf(stderr, "decode: %s in %.2f ms, %.1f tokens/s\n", tokens(decode_steps).c_str(), 1e3 * decode_seconds,
                    rate(decode_steps, decode_seconds));
@@ -370,6 +375,11 @@ int main(int argc, char** argv) {
       ->transform(gqe::cli::integer_in(1, 1024))->capture_default_str();
   auto* mode = app.add_option("--mode", opt.mode, "prefill: the prompt at once; stepwise: one token at a time through the KV cache")
       ->check(CLI::IsMember({"prefill", "stepwise"}))->capture_default_str();
+  auto* chunk = app.add_option("--chunk", opt.chunk,
+                               "With --mode prefill: feed the prompt N tokens at a time through the KV cache (default: "
+                               "all at once), so that the prefill's activations take memory for N tokens, not the "
+                               "whole prompt; the logits do not change")
+      ->transform(gqe::cli::integer_in(gqe::Index(1), gqe::Limits::max_positions))->type_name("N");
   auto* logits_out = app.add_option("--logits-out", opt.logits_out,
                  "Write the prompt's logits (F32 [T, V]) and, for GQE, expert_indices (I32 [L, T, G, k]) as safetensors");
   auto* stats = app.add_flag("--stats", opt.stats,
@@ -391,7 +401,7 @@ int main(int argc, char** argv) {
   auto* perplexity_file = app.add_option("--perplexity", opt.perplexity,
                                          "Instead of a prompt: report the model's nats per byte and perplexity on "
                                          "this text file (bytes as token ids 0..255)");
-  for (auto* other : {prompt, ids, generate, mode, logits_out, stats, temperature, top_k, top_p, seed, ignore_eos, print_ids})
+  for (auto* other : {prompt, ids, generate, mode, chunk, logits_out, stats, temperature, top_k, top_p, seed, ignore_eos, print_ids})
     perplexity_file->excludes(other);
   app.add_option("--window", opt.window,
                  "With --perplexity: score whole, non-overlapping windows of T bytes, each from an empty cache "
@@ -406,6 +416,9 @@ int main(int argc, char** argv) {
     if (!opt.prompt && !opt.prompt_ids && !opt.perplexity)
       gqe::fail<gqe::InputError>("no prompt; expected --prompt TEXT, --prompt-ids 1,2,3 or --perplexity FILE");
     opt.sampler.validate();
+    if (opt.chunk && opt.mode == "stepwise")
+      gqe::fail<gqe::InputError>("--chunk ", *opt.chunk, " with --mode stepwise; expected one of them (stepwise feeds "
+                                 "the prompt one token at a time)");
     opt.load.keep_16bit = dtype == "stored";
     opt.load.map = !no_mmap;
     opt.load.panels = *gqe::panel_layout_from_name(panels);

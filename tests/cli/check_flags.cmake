@@ -234,6 +234,30 @@ run_ok(out err "${GQE_RUN}" -m "${BYTE_MODEL}" -p "${prompt}" --stats --mode ste
 expect_match("${err}" "\nprompt, stepwise: 13 tokens in ${number} ms" "--stats names a stepwise prompt")
 expect_match("${err}" "\ndecode: no step \\(0 tokens generated\\)\n$" "--stats without generation has no decode rate")
 
+# ---- --chunk and --mode stepwise: the prompt cut into chunks, the same logits and routing -----
+# A GQE model, so that expert_indices are compared too; chunks of 1, 5 (the last one short), the
+# whole prompt and more, and one token at a time.
+run_ok(out err "${GQE_RUN}" -m "${BYTE_MODEL}" -p "${prompt}" --logits-out "${TMP}/whole.safetensors")
+file(SHA256 "${TMP}/whole.safetensors" whole)
+run_ok(whole_stats err "${GQE_RUN}" -m "${BYTE_MODEL}" -p "${prompt}" -n 6 --print-ids --stats)
+string(REGEX REPLACE "\nload: .*" "" whole_routing "${err}")
+expect_match("${whole_routing}" "^layer 0: tokens [0-9]+, aux_loss [^\n]*\n  group 0 load: [0-9]" "--stats: routing statistics to compare")
+foreach(cut IN ITEMS "--chunk;1" "--chunk;5" "--chunk;13" "--chunk;99" "--mode;stepwise")
+  list(JOIN cut " " name)
+  run_ok(out err "${GQE_RUN}" -m "${BYTE_MODEL}" -p "${prompt}" ${cut} --logits-out "${TMP}/cut.safetensors")
+  file(SHA256 "${TMP}/cut.safetensors" got)
+  expect_equal("${got}" "${whole}" "${name}: logits and expert_indices equal the whole prompt's, bit for bit")
+  file(REMOVE "${TMP}/cut.safetensors")
+  run_ok(out err "${GQE_RUN}" -m "${BYTE_MODEL}" -p "${prompt}" -n 6 --print-ids --stats ${cut})
+  expect_equal("${out}" "${whole_stats}" "${name}: the same continuation")
+  string(REGEX REPLACE "\nload: .*" "" routing "${err}")
+  expect_equal("${routing}" "${whole_routing}" "${name}: the same routing statistics")
+endforeach()
+run_ok(out err "${GQE_RUN}" -m "${BYTE_MODEL}" -p "${prompt}" --stats --chunk 5)
+expect_match("${err}" "\nprefill in chunks of 5: 13 tokens in ${number} ms" "--stats names the chunks")
+run_ok(out err "${GQE_RUN}" -m "${BYTE_MODEL}" -p "${prompt}" --stats --chunk 13)
+expect_match("${err}" "\nprefill: 13 tokens in ${number} ms" "a chunk as long as the prompt is a plain prefill")
+
 # ---- warnings for sampling flags that have no effect -----------------------------------------
 foreach(flag IN ITEMS "--top-k;3" "--top-p;0.5" "--seed;9" "-s;9")
   list(GET flag 0 name)
