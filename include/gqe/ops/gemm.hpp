@@ -251,18 +251,24 @@ template <class Scalar>
 inline constexpr const MicroTile<Scalar>* wide_tiles[2][2] = {{wide_tiles_of<Scalar, 1, false>, wide_tiles_of<Scalar, 2, false>},
                                                                {wide_tiles_of<Scalar, 1, true>, wide_tiles_of<Scalar, 2, true>}};
 
-// 3 or 4 rows x 4 packets, for the last rows of a longer product (the 4 left of 256 attention rows
-// in register tiles of 12) or 3-4 query heads of a decode step: twice the chains per row of an
+// 3, 4 or 6 rows x 4 packets against an in-place B, where the accumulators hold them (AVX-512):
+// quad_tiles<Scalar>[table][0, 1, 2 for 3, 4, 6 rows]. 3-4 rows (the 4 left of 256 attention rows
+// in register tiles of 12, or 3-4 query heads of a decode step) get twice the chains per row of an
 // MR-row tile's two packets, so that they do not wait on the multiply-adds' latency (1% of the
-// attention kernel's time at T = 4096): quad_tiles<Scalar>[table][Rows - 3].
+// attention kernel's time at T = 4096). A whole MR-row tile goes as two tiles of 6 rows: per step
+// of the depth, 6 broadcasts of A and 4 loads of B feed 24 multiply-adds, where 12 rows x 2 packets
+// take 12 broadcasts and 2 loads, and broadcast each value of A once per panel pair instead of once
+// per panel (the attention tiles' S = Q K^T and O += P V: 2-5% of the kernel's time).
 template <class Scalar>
-inline constexpr MicroTile<Scalar> quad_tiles[2][2] = {{&micro_tile<Scalar, 3, false, 4>, &micro_tile<Scalar, 4, false, 4>},
-                                                       {&micro_tile<Scalar, 3, true, 4>, &micro_tile<Scalar, 4, true, 4>}};
+inline constexpr MicroTile<Scalar> quad_tiles[2][3] = {
+    {&micro_tile<Scalar, 3, false, 4>, &micro_tile<Scalar, 4, false, 4>, &micro_tile<Scalar, 6, false, 4>},
+    {&micro_tile<Scalar, 3, true, 4>, &micro_tile<Scalar, 4, true, 4>, &micro_tile<Scalar, 6, true, 4>}};
 
-// How rows <= kWideRows go over `columns` in-place columns of B: in passes of `rows` rows, each
-// through `tile` over `packets` packets (the widest that fits the columns and the accumulators, so
-// one row at a time over a long row of B: each pass streams B's rows from start to end). 3 or 4
-// rows go through a quad tile where the accumulators hold one (AVX-512); more rows: no plan.
+// How rows go over `columns` in-place columns of B: in passes of `rows` rows, each through `tile`
+// over `packets` packets. Up to kWideRows rows: the widest tile that fits the columns and the
+// accumulators, so one row at a time over a long row of B (each pass streams B's rows from start
+// to end). 3 or 4 rows, and multiples of 6 (a whole MR-row tile), through the quad tiles where the
+// accumulators hold them (AVX-512). Other counts: no plan.
 template <class Scalar>
 struct WidePlan {
   MicroTile<Scalar> tile = nullptr;  // null: no wide tile fits
@@ -274,7 +280,9 @@ WidePlan<Scalar> wide_plan(Index rows, bool table, Index columns) {
   static_assert(S::kWideRows == 2, "wide_tiles holds tiles of 1 and 2 rows");
   if (rows > S::kWideRows) {
     if constexpr (S::kWideAccumulators >= 16) {
-      if (rows <= 4 && 4 * S::kLanes <= columns) return {quad_tiles<Scalar>[table ? 1 : 0][rows - 3], 4, static_cast<int>(rows)};
+      const auto& quad = quad_tiles<Scalar>[table ? 1 : 0];
+      if (4 * S::kLanes <= columns && rows <= 4) return {quad[rows - 3], 4, static_cast<int>(rows)};
+      if (4 * S::kLanes <= columns && rows % 6 == 0) return {quad[2], 4, 6};
     }
     return {};
   }
