@@ -55,8 +55,8 @@ void lay_out_panels(const unsigned char* src, Index rows, Index cols, Index firs
           for (Index p = 0; p < depth; ++p) out[p * W] = T(0);
           continue;
         }
-        const unsigned char* in = src + (static_cast<std::size_t>(r0 + r) * cols + p0) * sizeof(T);
-        for (Index p = 0; p < depth; ++p) std::memcpy(out + p * W, in + p * sizeof(T), sizeof(T));
+        const unsigned char* in = src + static_cast<std::size_t>((r0 + r) * cols + p0) * sizeof(T);
+        for (Index p = 0; p < depth; ++p) std::memcpy(out + p * W, in + static_cast<std::size_t>(p) * sizeof(T), sizeof(T));
       }
     }
   }
