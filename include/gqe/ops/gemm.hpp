@@ -258,7 +258,8 @@ inline constexpr const MicroTile<Scalar>* wide_tiles[2][2] = {{wide_tiles_of<Sca
 // attention kernel's time at T = 4096). A whole MR-row tile goes as two tiles of 6 rows: per step
 // of the depth, 6 broadcasts of A and 4 loads of B feed 24 multiply-adds, where 12 rows x 2 packets
 // take 12 broadcasts and 2 loads, and broadcast each value of A once per panel pair instead of once
-// per panel (the attention tiles' S = Q K^T and O += P V: 2-5% of the kernel's time).
+// per panel. Measured on 2 threads: the attention tiles' S = Q K^T and O += P V 1-7% faster,
+// training's dx = dy W and dW += dy^T x 9-11%.
 template <class Scalar>
 inline constexpr MicroTile<Scalar> quad_tiles[2][3] = {
     {&micro_tile<Scalar, 3, false, 4>, &micro_tile<Scalar, 4, false, 4>, &micro_tile<Scalar, 6, false, 4>},
