@@ -11,12 +11,13 @@
 //
 // A register-blocked micro-kernel keeps an MR x NR block of C in registers and, per step of p,
 // loads one row of NR values of B and broadcasts MR values of A (AVX-512: 12 x 32 floats in 24 of
-// its 32 registers; AVX2 and SSE: 6 x 2 packets; up to four rows against a B read in place go
-// through wider tiles, see wide_plan). A is read in place, row-major or a transposed view alike:
-// a broadcast is a plain load wherever its value sits. B is packed per NR-column panel
-// ([kc][NR]), converting 16-bit weights to Scalar on the way; a B already laid out [k][n] in Scalar
-// is read in place. The depth is cut into blocks of kDepth so that the panels stay in cache; the
-// chain continues from one block to the next through C, unchanged.
+// its 32 registers; AVX2 and SSE: 6 x 2 packets; against a B read in place, up to four rows go
+// through wider tiles, and on AVX-512 a whole 12-row block as two of 6 x 4 packets, see wide_plan).
+// A is read in place, row-major or a transposed view alike: a broadcast is a plain load wherever
+// its value sits. B is packed per NR-column panel ([kc][NR]), converting 16-bit weights to Scalar
+// on the way; a B already laid out [k][n] in Scalar is read in place. The depth is cut into blocks
+// of kDepth so that the panels stay in cache; the chain continues from one block to the next
+// through C, unchanged.
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
