@@ -1,8 +1,9 @@
 cmake_minimum_required(VERSION 3.21)
 # What gqe-run's flags do when the invocation is good (bad ones: check_cli.cmake): short flags equal
 # long ones, a prompt alone prints a continuation of the default length, --print-ids, a stop at
-# config.json's eos_token_id (and --ignore-eos), --stats timings, warnings for sampling flags that
-# have no effect; and every program answers --version with the library's version.
+# config.json's eos_token_id (and --ignore-eos), --stats timings, --chunk and --mode stepwise
+# against the whole prompt, warnings for sampling flags that have no effect; and every program
+# answers --version with the library's version.
 # Usage: cmake -DGQE_RUN=... -DGQE_TRAIN=... -DGQE_DEMO=... -DVERSION=x.y.z -DBYTE_MODEL=<gqe_k2_m3>
 #              -DSMALL_MODEL=<gqe_k1_m2> -DSHORT_MODEL=<gqe_eps_theta> -DTMP=... -P check_flags.cmake
 foreach(var GQE_RUN GQE_TRAIN GQE_DEMO VERSION BYTE_MODEL SMALL_MODEL SHORT_MODEL TMP)
