@@ -21,11 +21,6 @@ struct LayerShape {
 
 namespace detail {
 
-inline double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
-}
-
 // One layer's prefill of x from an empty cache, timed; its output and cache are kept from call to
 // call (as a model keeps them), so that a round measures the layer, not fresh pages.
 struct TimedLayer {

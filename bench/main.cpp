@@ -35,8 +35,9 @@ and every rate is also given as a share of them (of_peak, of_bandwidth). Counter
 "GFLOP=81.7/s": 81.7 GFLOP per second.
 
 --model DIR       time a checkpoint folder as gqe-run uses it: load, first and warm prefill of T
-                  tokens (default 128), N decode steps (default 64) against the read bandwidth,
-                  peak resident memory. --no-mmap reads the files instead of mapping them;
+                  tokens (default 128), N decode steps (default 64), the same steps again in
+                  blocks in turn with passes of the read probe (medians compared), peak resident
+                  memory. --no-mmap reads the files instead of mapping them;
                   --dtype f32 widens BF16/F16 weights at load instead of keeping them 16-bit;
                   --panels says which matrices are re-laid into panels after loading (as gqe-run).
 --layer-speedup   print, as JSON, the prefill time of one dense GQA layer and one GQE layer of

@@ -1,0 +1,50 @@
+cmake_minimum_required(VERSION 3.21)
+# gqe-bench --model on a small checkpoint: it exits 0 and prints every line its docs promise (load,
+# prefill, decode, decode against the read bandwidth in turn with the probe, peak memory), with as
+# many probe blocks as asked-for steps allow; a missing folder or a bad count exits 2 with one line.
+# Usage: cmake -DGQE_BENCH=... -DMODEL=<a checkpoint folder> -P check_bench_model.cmake
+foreach(var GQE_BENCH MODEL)
+  if(NOT DEFINED ${var} OR "${${var}}" STREQUAL "")
+    message(FATAL_ERROR "check_bench_model.cmake needs -D${var}=...")
+  endif()
+endforeach()
+function(expect_match text regex what)
+  if(text MATCHES "${regex}")
+    message(STATUS "ok   ${what}")
+  else()
+    message(SEND_ERROR "FAIL ${what}: no match for ${regex} in\n${text}")
+  endif()
+endfunction()
+
+set(number "[0-9]+(\\.[0-9]+)?")
+foreach(steps 8 3)
+  execute_process(COMMAND "${GQE_BENCH}" --model "${MODEL}" --prompt-tokens 3 --decode-tokens ${steps} --threads 1
+                  RESULT_VARIABLE status OUTPUT_VARIABLE out ERROR_VARIABLE err TIMEOUT 120)
+  if(NOT status EQUAL 0)
+    message(SEND_ERROR "FAIL --decode-tokens ${steps}: exit ${status}\n${err}")
+    continue()
+  endif()
+  expect_match("${out}" "\nload ${number} s \\(mapped, panels 16bit" "--decode-tokens ${steps}: load line")
+  expect_match("${out}" "\nprefill of 3 tokens: first ${number} s" "--decode-tokens ${steps}: prefill line")
+  expect_match("${out}" "\ndecode: ${number} tokens/s, ${number} MB read per token, ${number} GB/s\n"
+               "--decode-tokens ${steps}: decode line")
+  set(blocks ${steps})
+  if(blocks GREATER 8)
+    set(blocks 8)
+  endif()
+  expect_match("${out}" "\ndecode against the read bandwidth, in turn \\(${blocks} blocks of 1 steps, a probe pass after each; medians\\): ${number} GB/s against ${number} GB/s = [0-9]+% \\(best pass ${number} GB/s: [0-9]+%\\)\n"
+               "--decode-tokens ${steps}: ${blocks} blocks against the probe")
+  expect_match("${out}" "\ntime to first token \\(load \\+ prefill\\): ${number} s; peak resident memory ${number} MB"
+               "--decode-tokens ${steps}: first token and peak memory")
+endforeach()
+
+foreach(args "--model;${MODEL}/no-such-folder" "--model;${MODEL};--decode-tokens;0")
+  execute_process(COMMAND "${GQE_BENCH}" ${args} RESULT_VARIABLE status OUTPUT_VARIABLE out ERROR_VARIABLE err TIMEOUT 60)
+  string(STRIP "${err}" err)
+  string(FIND "${err}" "\n" newline)
+  if(status EQUAL 2 AND err MATCHES "^gqe-bench: error: " AND newline EQUAL -1)
+    message(STATUS "ok   ${args}: exit 2, one line")
+  else()
+    message(SEND_ERROR "FAIL ${args}: exit ${status}, stderr:\n${err}")
+  endif()
+endforeach()
