@@ -614,11 +614,12 @@ TEST(OpsPanels, PanelLaidWeightsGiveTheRowMajorBits) {
         gqe::linear<float>(x, panels, got);
         EXPECT_TRUE((got.array() == want.array()).all()) << rows << " rows";
         if (s.out < 3 * W) continue;
-        // Rows gathered from x (reversed) against the block of whole panels from row W on.
+        // Rows gathered from x (reversed) against every whole panel from row W on (enough of them
+        // at out = 300 for one row's kPanelsAtOnce at a time).
         std::vector<const float*> gathered;
         for (Index i = rows - 1; i >= 0; --i) gathered.push_back(x.row(i).data());
-        const Index n = 2 * W;
-        Matrix<float> block_want(rows, n), block_got(rows, n);  // [rows, 2 W]
+        const Index n = (s.out - W) / W * W;
+        Matrix<float> block_want(rows, n), block_got(rows, n);  // [rows, n]
         gqe::backend::weight_product<float>(rows, n, s.in, gathered.data(), gqe::rows_from(row_major.matrix(), W), block_want.data(), n);
         gqe::backend::weight_product<float>(rows, n, s.in, gathered.data(), gqe::rows_from(panels.matrix(), W), block_got.data(), n);
         EXPECT_TRUE((block_got.array() == block_want.array()).all()) << rows << " gathered rows";

@@ -384,6 +384,9 @@ GemmBuffers<Scalar>& gemm_buffers() {
 
 // Rows of A up to which a product with a transposed B reads B in place (few_rows_tile), not packed.
 constexpr Index kFewRows = 4;
+// Panels of a panel-laid B that one row of A (a decode step) streams side by side: four streams per
+// thread draw more of the memory's bandwidth than two, and give the row eight independent chains.
+constexpr int kPanelsAtOnce = 4;
 
 // `count` (<= L) values of stored row `row` of B, from element p0, as one packet of Scalar (lanes
 // past count are zero).
@@ -657,9 +660,15 @@ EIGEN_ALWAYS_INLINE void load_panel_step(const unsigned char* at, DecodePacket* 
 #endif
 }
 
+// How far ahead of its loads a 16-bit panel is prefetched, one line per line read. A 16-bit panel
+// step reads half the bytes of a float one in the same time, and the hardware prefetchers alone
+// left it below the memory's speed; float panels reach it without (and lose a little with it).
+constexpr Index kPanelPrefetchBytes = 4096;
+
 // C[0..Rows)[0..cols) (+)= A [Rows][k] x B for B in panels (RhsMatrix::panels), `Panels` panels side
 // by side from `panel` on (panel_bytes apart), read and widened in registers: micro_tile's chains
-// over a weight that streams in order. Two panels at once give one row of A four independent chains.
+// over a weight that streams in order. Two panels at once give a row of A four independent chains;
+// one row alone takes kPanelsAtOnce.
 template <class Stored, int Rows, bool Table, int Panels>
 void panel_tile(Index k, const LhsBlock<float>& a_block, const unsigned char* panel, Index panel_bytes, float* c, Index ldc, Index cols,
                 bool load) {
@@ -669,8 +678,15 @@ void panel_tile(Index k, const LhsBlock<float>& a_block, const unsigned char* pa
   block.begin(c, ldc, cols, load);
   for (Index p = 0; p < k; ++p) {
     DecodePacket bv[2 * Panels];
-#pragma GCC unroll 2
-    for (int q = 0; q < Panels; ++q) load_panel_step<Stored>(panel + q * panel_bytes + p * step_bytes, bv + 2 * q);
+#pragma GCC unroll 4
+    for (int q = 0; q < Panels; ++q) {
+      const unsigned char* at = panel + q * panel_bytes + p * step_bytes;
+      if constexpr (stored_bytes<Stored>() == 2) {  // step_bytes divides a line (64 bytes): panels start on one
+        static_assert(64 % step_bytes == 0);
+        if ((p * step_bytes) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(at + kPanelPrefetchBytes), _MM_HINT_T0);
+      }
+      load_panel_step<Stored>(at, bv + 2 * q);
+    }
     block.step(bv, [&](int i) { return a(i, p); });
   }
   block.end(c, ldc, cols);
@@ -683,10 +699,15 @@ PanelTile panel_tile_for(Index rows, std::index_sequence<R...>) {
   static constexpr PanelTile table[] = {&panel_tile<Stored, static_cast<int>(R) + 1, Table, Panels>...};
   return table[rows - 1];
 }
-// The panel kernel for `rows` (<= kFewRows) rows of A, one or two panels at once, B's storage type.
+// The panel kernel for `rows` (<= kFewRows) rows of A, one or two panels at once (or, for one row,
+// kPanelsAtOnce), B's storage type.
 template <class Stored>
 PanelTile panel_tile_for(Index rows, bool table, int panels) {
   constexpr auto R = std::make_index_sequence<kFewRows>{};
+  if (panels == kPanelsAtOnce) {
+    assert(rows == 1);
+    return table ? &panel_tile<Stored, 1, true, kPanelsAtOnce> : &panel_tile<Stored, 1, false, kPanelsAtOnce>;
+  }
   if (panels == 2) return table ? panel_tile_for<Stored, true, 2>(rows, R) : panel_tile_for<Stored, false, 2>(rows, R);
   return table ? panel_tile_for<Stored, true, 1>(rows, R) : panel_tile_for<Stored, false, 1>(rows, R);
 }
@@ -742,14 +763,16 @@ void gemm(Index m, Index n, Index k, const LhsMatrix<Scalar>& a, const RhsMatrix
   const Index first_packed = !in_place ? 0 : b.panels ? panels : n / NR;
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
   if constexpr (std::is_same_v<Scalar, float>) {
-    if (b.panels && m <= detail::kFewRows) {  // a decode step: the panels streamed in order, two at a time
+    if (b.panels && m <= detail::kFewRows) {  // a decode step: the panels streamed in order, side by side
       const Index panel_bytes = NR * b.stride * static_cast<Index>(dtype_size(b.dtype));
       const auto* base = static_cast<const unsigned char*>(b.data);
-      for (Index j0 = 0; j0 < n; j0 += 2 * NR) {
-        const int both = n - j0 > NR ? 2 : 1;
-        const auto tile = detail::panel_tile_for(m, a.rows != nullptr, both, b.dtype);
+      for (Index j0 = 0; j0 < n;) {
+        const Index left = (n - j0 + NR - 1) / NR;  // panels, the last one padded
+        const int count = m == 1 && left >= detail::kPanelsAtOnce ? detail::kPanelsAtOnce : left >= 2 ? 2 : 1;
+        const auto tile = detail::panel_tile_for(m, a.rows != nullptr, count, b.dtype);
         tile(k, detail::LhsBlock<Scalar>{&a, 0, 0}, base + (j0 / NR) * panel_bytes, panel_bytes, c + j0, ldc,
-             std::min<Index>(both * NR, n - j0), accumulate);
+             std::min<Index>(count * NR, n - j0), accumulate);
+        j0 += count * NR;
       }
       return;
     }
