@@ -109,11 +109,14 @@ inline int run_checkpoint_benchmark(const CheckpointOptions& o) {
   }
   caches[0].reserve(T + o.decode_tokens);
   std::int32_t next = prompt.back();
+  const auto decode = [&](Index steps) {  // greedy steps from `next`
+    for (Index i = 0; i < steps; ++i) {
+      model.forward(TensorView<const std::int32_t>(&next, Shape{1, 1}), caches, step.view(), true);
+      next = static_cast<std::int32_t>(std::max_element(step.data(), step.data() + c.vocab_size) - step.data());
+    }
+  };
   start = std::chrono::steady_clock::now();
-  for (Index i = 0; i < o.decode_tokens; ++i) {
-    model.forward(TensorView<const std::int32_t>(&next, Shape{1, 1}), caches, step.view(), true);
-    next = static_cast<std::int32_t>(std::max_element(step.data(), step.data() + c.vocab_size) - step.data());
-  }
+  decode(o.decode_tokens);
   const double decode_s = detail::seconds_since(start);
   const double per_token = decode_s / static_cast<double>(o.decode_tokens);
   const double step_bytes = detail::decode_bytes(model, T + o.decode_tokens / 2);
@@ -129,10 +132,7 @@ inline int run_checkpoint_benchmark(const CheckpointOptions& o) {
   next = prompt.back();
   for (Index b = 0; b < blocks; ++b) {
     start = std::chrono::steady_clock::now();
-    for (Index i = 0; i < block_steps; ++i) {
-      model.forward(TensorView<const std::int32_t>(&next, Shape{1, 1}), caches, step.view(), true);
-      next = static_cast<std::int32_t>(std::max_element(step.data(), step.data() + c.vocab_size) - step.data());
-    }
+    decode(block_steps);
     const double block_bytes = static_cast<double>(block_steps) * detail::decode_bytes(model, T + b * block_steps + block_steps / 2);
     decode_gbps.push_back(block_bytes / detail::seconds_since(start) * 1e-9);
     probe_gbps.push_back(probe.pass());
