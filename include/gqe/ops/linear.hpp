@@ -18,15 +18,17 @@ namespace gqe {
 namespace detail {
 // Rows of x per unit.
 constexpr Index kLinearRowTile = 1024;
-// Columns (rows of W) per unit: about 512 KB of W, the panels a unit packs and keeps in cache; a
-// multiple of 32, so that units start on a panel of a panel-laid W, and at least two panels, which
-// a decode step streams side by side (one alone leaves a row's chains waiting on each other); at
-// least four for one row against a panel-laid W, which gemm streams four at a time.
-inline Index linear_col_tile(Index in, bool one_row_on_panels = false) {
+// Columns (rows of W) per unit: about 512 KB of W per MB of L2 for a product of many rows, the
+// panels a unit packs and keeps in cache; 512 KB for a decode step (kFewRows rows or fewer), which
+// streams W once. A multiple of 32, so that units start on a panel of a panel-laid W, and at least
+// two panels, which a decode step streams side by side (one alone leaves a row's chains waiting on
+// each other); at least four for one row against a panel-laid W, which gemm streams four at a time.
+inline Index linear_col_tile(Index in, Index rows, bool panels) {
   static_assert(32 % kPanelWidth == 0);
-  constexpr Index kPanelBytes = Index(512) << 10, kMin = std::max<Index>(32, 2 * kPanelWidth);
-  const Index least = one_row_on_panels ? std::max<Index>(kMin, kPanelsAtOnce * kPanelWidth) : kMin;
-  return std::clamp<Index>(kPanelBytes / (4 * std::max<Index>(in, 1)) / 32 * 32, least, 256);
+  constexpr Index kMin = std::max<Index>(32, 2 * kPanelWidth);
+  const Index bytes = (Index(512) << 10) * (rows <= kFewRows ? 1 : l2_scale());
+  const Index least = rows == 1 && panels ? std::max<Index>(kMin, kPanelsAtOnce * kPanelWidth) : kMin;
+  return std::clamp<Index>(bytes / (4 * std::max<Index>(in, 1)) / 32 * 32, least, 256);
 }
 }  // namespace detail
 
@@ -36,7 +38,7 @@ void linear(const Eigen::Ref<const Matrix<Scalar>>& x, const WeightMatrix& w, Ei
   assert(y.rows() == x.rows());
   const Index rows = x.rows(), cols = y.cols(), in = x.cols();
   const Index row_tile = rows <= detail::kLinearRowTile ? std::max<Index>(rows, 1) : detail::kLinearRowTile;
-  const Index col_tile = detail::linear_col_tile(in, rows == 1 && w.panels);
+  const Index col_tile = detail::linear_col_tile(in, rows, w.panels);
   const Index row_tiles = (rows + row_tile - 1) / row_tile, col_tiles = (cols + col_tile - 1) / col_tile;
   thread_pool().parallel_for(row_tiles * col_tiles, [&](Index unit) {
     const Index r0 = (unit / col_tiles) * row_tile, c0 = (unit % col_tiles) * col_tile;
