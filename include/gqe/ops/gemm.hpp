@@ -16,8 +16,8 @@
 // A is read in place, row-major or a transposed view alike: a broadcast is a plain load wherever
 // its value sits. B is packed per NR-column panel ([kc][NR]), converting 16-bit weights to Scalar
 // on the way; a B already laid out [k][n] in Scalar is read in place. The depth is cut into blocks
-// of kDepth (more with a larger L2) so that the panels stay in cache; the chain continues from one block to the next
-// through C, unchanged.
+// of kDepth (more with a larger L2) so that the panels stay in cache; the chain continues from one
+// block to the next through C, unchanged.
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
