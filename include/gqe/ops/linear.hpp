@@ -16,8 +16,17 @@
 
 namespace gqe {
 namespace detail {
-// Rows of x per unit.
-constexpr Index kLinearRowTile = 1024;
+// Rows of x per unit: at most kLinearRowTile, fewer where W's columns make fewer than
+// kLinearMinUnits units (a narrow W, such as GQE's shared query head or the router, would leave all
+// but one thread idle), but not under kLinearMinRows. The rows of a unit are a multiple of 12, every
+// build's register tile. A function of the shapes alone, so the results never depend on the
+// thread count.
+constexpr Index kLinearRowTile = 1024, kLinearMinUnits = 2, kLinearMinRows = 96;
+inline Index linear_row_tile(Index rows, Index col_tiles) {
+  const Index row_tiles = std::max((rows + kLinearRowTile - 1) / kLinearRowTile, (kLinearMinUnits + col_tiles - 1) / std::max<Index>(col_tiles, 1));
+  const Index tile = ((rows + row_tiles - 1) / row_tiles + 11) / 12 * 12;
+  return std::clamp<Index>(tile, std::min(kLinearMinRows, std::max<Index>(rows, 1)), kLinearRowTile);
+}
 // Columns (rows of W) per unit: about 512 KB of W per MB of L2 for a product of many rows, the
 // panels a unit packs and keeps in cache; 512 KB for a decode step (kFewRows rows or fewer), which
 // streams W once. A multiple of 32, so that units start on a panel of a panel-laid W, and at least
@@ -37,9 +46,8 @@ template <class Scalar>
 void linear(const Eigen::Ref<const Matrix<Scalar>>& x, const WeightMatrix& w, Eigen::Ref<Matrix<Scalar>> y) {
   assert(y.rows() == x.rows());
   const Index rows = x.rows(), cols = y.cols(), in = x.cols();
-  const Index row_tile = rows <= detail::kLinearRowTile ? std::max<Index>(rows, 1) : detail::kLinearRowTile;
-  const Index col_tile = detail::linear_col_tile(in, rows, w.panels);
-  const Index row_tiles = (rows + row_tile - 1) / row_tile, col_tiles = (cols + col_tile - 1) / col_tile;
+  const Index col_tile = detail::linear_col_tile(in, rows, w.panels), col_tiles = (cols + col_tile - 1) / col_tile;
+  const Index row_tile = detail::linear_row_tile(rows, col_tiles), row_tiles = (rows + row_tile - 1) / row_tile;
   thread_pool().parallel_for(row_tiles * col_tiles, [&](Index unit) {
     const Index r0 = (unit / col_tiles) * row_tile, c0 = (unit % col_tiles) * col_tile;
     const Index nr = std::min(row_tile, rows - r0), nc = std::min(col_tile, cols - c0);
