@@ -26,6 +26,7 @@
 #include "gqe/ops/linear.hpp"
 #include "gqe/ops/rmsnorm.hpp"
 #include "gqe/ops/rope.hpp"
+#include "gqe/ops/rows.hpp"
 #include "gqe/util/thread_pool.hpp"
 
 namespace {
@@ -249,6 +250,33 @@ TYPED_TEST(OpsTest, SoftmaxPropagatesNaNToTheWholeRow) {
     gqe::softmax_inplace(v);
     for (Index i = 0; i < 7; ++i) EXPECT_TRUE(std::isnan(v(i))) << "NaN at " << where << ", entry " << i << " = " << v(i);
   }
+}
+
+// The attention kernel's exponentials (scores minus their maximum): within 2 ulp of exp in double
+// over the whole range that stays normal, at every lane of a packet; NaN stays NaN; below it the
+// result is at most exp(-87), with no overflow or negative value.
+TYPED_TEST(OpsTest, SoftmaxExponentialIsExpToWithinTwoUlp) {
+  using S = TypeParam;
+  using P = gqe::detail::Packet<S>;
+  constexpr Index L = gqe::detail::kPacketLanes<S>;
+  std::mt19937 rng(41);
+  std::uniform_real_distribution<double> spread(-87.0, 0.0), near_zero(-1e-3, 0.0);
+  std::vector<S> x = {S(0), S(-0.0), S(-1), S(-0.5), -std::log(S(2)) / 2, S(-86.99)};
+  for (int i = 0; i < 20000; ++i) x.push_back(static_cast<S>(i % 4 == 0 ? near_zero(rng) : spread(rng)));
+  const std::size_t checked = x.size();
+  for (S v : {S(-87.5), S(-100), S(-1e30), -std::numeric_limits<S>::infinity(), std::numeric_limits<S>::quiet_NaN()}) x.push_back(v);
+  while (x.size() % static_cast<std::size_t>(L) != 0) x.push_back(S(0));
+  std::vector<S> y(x.size());
+  for (std::size_t i = 0; i < x.size(); i += static_cast<std::size_t>(L))
+    Eigen::internal::pstoreu(y.data() + i, gqe::detail::exp_nonpositive<S>(Eigen::internal::ploadu<P>(x.data() + i)));
+  for (std::size_t i = 0; i < checked; ++i) {
+    const double want = std::exp(static_cast<double>(x[i]));
+    const double ulp = std::ldexp(1.0, std::ilogb(want) - std::numeric_limits<S>::digits + 1);
+    ASSERT_LE(std::abs(static_cast<double>(y[i]) - want), 2 * ulp) << "exp(" << x[i] << ") = " << y[i] << ", want " << want;
+  }
+  for (std::size_t i = checked; i + 1 < checked + 5; ++i)
+    EXPECT_TRUE(y[i] >= S(0) && y[i] <= std::exp(S(-87))) << "exp(" << x[i] << ") = " << y[i];
+  EXPECT_TRUE(std::isnan(y[checked + 4])) << "exp(NaN) = " << y[checked + 4];
 }
 
 TYPED_TEST(OpsTest, SiluMatchesXTimesSigmoid) {
