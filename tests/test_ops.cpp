@@ -254,7 +254,7 @@ TYPED_TEST(OpsTest, SoftmaxPropagatesNaNToTheWholeRow) {
 
 // The attention kernel's exponentials (scores minus their maximum): within 2 ulp of exp in double
 // over the whole range that stays normal, at every lane of a packet; NaN stays NaN; below it the
-// result is at most exp(-87), with no overflow or negative value.
+// result is at most exp(-87) (to rounding), never negative.
 TYPED_TEST(OpsTest, SoftmaxExponentialIsExpToWithinTwoUlp) {
   using S = TypeParam;
   using P = gqe::detail::Packet<S>;
@@ -275,7 +275,8 @@ TYPED_TEST(OpsTest, SoftmaxExponentialIsExpToWithinTwoUlp) {
     ASSERT_LE(std::abs(static_cast<double>(y[i]) - want), 2 * ulp) << "exp(" << x[i] << ") = " << y[i] << ", want " << want;
   }
   for (std::size_t i = checked; i + 1 < checked + 5; ++i)
-    EXPECT_TRUE(y[i] >= S(0) && y[i] <= std::exp(S(-87))) << "exp(" << x[i] << ") = " << y[i];
+    EXPECT_TRUE(y[i] >= S(0) && y[i] <= std::exp(S(-87)) * (1 + 4 * std::numeric_limits<S>::epsilon()))
+        << "exp(" << x[i] << ") = " << y[i];
   EXPECT_TRUE(std::isnan(y[checked + 4])) << "exp(NaN) = " << y[checked + 4];
 }
 

@@ -169,9 +169,9 @@ void attend_chunk(const QueryGroup<Scalar>& g, Index head_dim, Index first, Inde
                    rhs_of(g.kv.key(t), KT, false), s.scores.data() + r0 * KT, KT, false);
     });
     // Every row's new maximum first, then the rescaling factors exp(m_old - m_new) a packet of rows
-    // at a time, where rows in turn would each wait on a scalar exp (the kernel 1.04-1.12x as fast). The
-    // factor is 1 where the maximum did not move (a row that saw no key here included) and, on a
-    // row's first tile, exp's floor (about 1e-38), which multiplies a state of zeros.
+    // at a time, where rows in turn would each wait on a scalar exp (the kernel 1.04-1.12x as
+    // fast). The factor is 1 where the maximum did not move (a row that saw no key here included)
+    // and, on a row's first tile, exp's floor (about 1e-38), which multiplies a state of zeros.
     Scalar* const new_max = s.tile_max.data();
     Scalar* const correction = s.correction.data();
     for (Index r = 0; r < rows; ++r) {

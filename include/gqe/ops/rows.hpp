@@ -87,11 +87,11 @@ Scalar row_maximum(const Scalar* row, Index valid) {
 // exp(x) lane by lane for x <= 0 (NaN stays NaN): the softmax's exponentials, whose arguments are
 // scores minus their maximum. With AVX2 or AVX-512 a shorter route than Eigen's general pexp (half
 // its instructions; the exponentials were a sixth of the attention kernel's time): x is clamped at
-// -87 (exp(-87), about 2^-125.5, is still normal; smaller arguments give that, a weight of 0 to any
-// sum with a term near 1), split as
-// n ln 2 + r with n = round(x / ln 2) (ln 2 in two parts, so r is exact to float's precision) and
-// |r| <= ln 2 / 2, exp(r) from a degree-6 polynomial fitted to exp on that range, times 2^n, which
-// is exact: within 1.04 ulp of exp over [-87, 0]. AVX2 and AVX-512 give the same bits.
+// -87 (exp(-87), about 2^-125.5, is still normal; smaller arguments give that, a weight of 0 beside
+// any term near 1), split as n ln 2 + r with n = round(x / ln 2) (ln 2 in two parts, so that r is
+// exact to float's precision) and |r| <= ln 2 / 2; exp(r) comes from a degree-6 polynomial fitted
+// on that range, times 2^n, which is exact. Within 1.04 ulp of exp over [-87, 0]; AVX2 and AVX-512
+// give the same bits.
 template <class Scalar>
 Packet<Scalar> exp_nonpositive(const Packet<Scalar>& x) {
 #if defined(EIGEN_VECTORIZE_AVX512) || (defined(EIGEN_VECTORIZE_AVX2) && defined(EIGEN_VECTORIZE_FMA))
