@@ -222,11 +222,16 @@ class Transformer {
       block.input_norm.forward(ws.hidden, ws.normed, t ? &t->input_norm : nullptr);
       block.attention.forward(ws.normed, ws.segments, rope, ws.delta, t ? &t->attention : nullptr,
                               trace && config_.attention().is_gqe() ? &trace->routing[static_cast<std::size_t>(l)] : nullptr);
-      ws.hidden += ws.delta;
+      add_residual(ws.delta, ws.hidden);
       block.post_norm.forward(ws.hidden, ws.normed, t ? &t->post_norm : nullptr);
       block.mlp.forward(ws.normed, ws.delta, t ? &t->mlp : nullptr);
-      ws.hidden += ws.delta;
+      add_residual(ws.delta, ws.hidden);
     }
+  }
+
+  // hidden [R, d] += delta [R, d], runs of rows on the library's pool.
+  static void add_residual(const ScratchMatrix<Scalar>& delta, ScratchMatrix<Scalar>& hidden) {
+    parallel_rows(hidden.rows(), 4.0 * static_cast<double>(hidden.cols()), [&](Index r) { hidden.row(r) += delta.row(r); });
   }
 
   // The final norm and the lm_head, of every row or of each sequence's last.

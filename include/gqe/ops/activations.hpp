@@ -8,6 +8,7 @@
 #include "gqe/ops/rows.hpp"
 #include "gqe/tensor/eigen.hpp"
 #include "gqe/tensor/tensor.hpp"
+#include "gqe/util/thread_pool.hpp"
 
 namespace gqe {
 
@@ -43,19 +44,20 @@ void silu_inplace(Eigen::Ref<Matrix<Scalar>> values) {
   }
 }
 
-// h [R, I] = silu(gate) * up (SwiGLU's hidden activation).
+// h [R, I] = silu(gate) * up (SwiGLU's hidden activation); runs of rows are units of the
+// library's pool.
 template <class Scalar>
 void swiglu(const Eigen::Ref<const Matrix<Scalar>>& gate, const Eigen::Ref<const Matrix<Scalar>>& up,
             Eigen::Ref<Matrix<Scalar>> h) {
   using namespace Eigen::internal;
   const Index n = gate.cols();
-  for (Index r = 0; r < gate.rows(); ++r) {
+  parallel_rows(gate.rows(), 20.0 * static_cast<double>(n), [&](Index r) {  // an exponential and a division each
     const Scalar* g = gate.data() + r * gate.outerStride();
     const Scalar* u = up.data() + r * up.outerStride();
     Scalar* out = h.data() + r * h.outerStride();
     for (Index j = 0; j < n; j += detail::kPacketLanes<Scalar>)
       detail::store_partial(out, j, n, pmul(detail::psilu(detail::load_partial(g, j, n)), detail::load_partial(u, j, n)));
-  }
+  });
 }
 
 // For h = silu(gate) * up: d_gate = dh * up * silu'(gate), d_up = dh * silu(gate), where

@@ -6,6 +6,7 @@
 #include "gqe/ops/rows.hpp"
 #include "gqe/tensor/eigen.hpp"
 #include "gqe/tensor/tensor.hpp"
+#include "gqe/util/thread_pool.hpp"
 
 namespace gqe {
 
@@ -16,19 +17,19 @@ Scalar inverse_rms(const Scalar* x, Index d, double eps) {
 }
 
 // y [R, d] = rmsnorm(x [R, d]) * weight [d]; inv_rms [R] receives each row's 1/rms when given
-// (the backward pass needs it). y may alias x.
+// (the backward pass needs it). y may alias x. Runs of rows are units of the library's pool.
 template <class Scalar>
 void rms_norm(const Eigen::Ref<const Matrix<Scalar>>& x, const Scalar* weight, double eps, Eigen::Ref<Matrix<Scalar>> y,
               Scalar* inv_rms = nullptr) {
   assert(y.rows() == x.rows() && y.cols() == x.cols());
   const Index d = x.cols();
-  for (Index r = 0; r < x.rows(); ++r) {
+  parallel_rows(x.rows(), 4.0 * static_cast<double>(d), [&](Index r) {
     const Scalar* in = x.data() + r * x.outerStride();
     Scalar* out = y.data() + r * y.outerStride();
     const Scalar inv = inverse_rms(in, d, eps);
     if (inv_rms) inv_rms[r] = inv;
     for (Index c = 0; c < d; ++c) out[c] = (in[c] * inv) * weight[c];
-  }
+  });
 }
 
 // For y = x * inv_rms * weight per row: dweight [d] += sum_r dy * x * inv_rms, and

@@ -50,24 +50,19 @@ template <class Scalar>
 void apply_rope(Eigen::Ref<Matrix<Scalar>> x, Index head_dim, const RopeTable<Scalar>& table) {
   const Index half = head_dim / 2, heads = x.cols() / head_dim;
   assert(x.cols() == heads * head_dim && table.cos.rows() == x.rows() && table.cos.cols() == half);
-  constexpr Index kRowsPerUnit = 64;
-  const auto rotate_rows = [&](Index unit) {
-    const Index end = std::min(x.rows(), (unit + 1) * kRowsPerUnit);
-    for (Index r = unit * kRowsPerUnit; r < end; ++r) {
-      const Scalar* c = table.cos.row(r).data();
-      const Scalar* s = table.sin.row(r).data();
-      for (Index h = 0; h < heads; ++h) {
-        Scalar* x1 = x.row(r).data() + h * head_dim;
-        Scalar* x2 = x1 + half;
-        for (Index i = 0; i < half; ++i) {
-          const Scalar a = x1[i], b = x2[i];
-          x1[i] = a * c[i] - b * s[i];
-          x2[i] = b * c[i] + a * s[i];
-        }
+  parallel_rows(x.rows(), 3.0 * static_cast<double>(x.cols()), [&](Index r) {
+    const Scalar* c = table.cos.row(r).data();
+    const Scalar* s = table.sin.row(r).data();
+    for (Index h = 0; h < heads; ++h) {
+      Scalar* x1 = x.row(r).data() + h * head_dim;
+      Scalar* x2 = x1 + half;
+      for (Index i = 0; i < half; ++i) {
+        const Scalar a = x1[i], b = x2[i];
+        x1[i] = a * c[i] - b * s[i];
+        x2[i] = b * c[i] + a * s[i];
       }
     }
-  };
-  thread_pool().parallel_for((x.rows() + kRowsPerUnit - 1) / kRowsPerUnit, rotate_rows, 3.0 * static_cast<double>(x.size()));
+  });
 }
 
 }  // namespace gqe

@@ -332,4 +332,16 @@ inline void set_num_threads(int threads) {
 
 inline int num_threads() { return thread_pool().threads(); }
 
+// Calls fn(r) for every row r in [0, rows): runs of 64 rows are units of the library's pool, for
+// row-wise work (norms, activations, residual adds) that would otherwise leave the other threads
+// idle between two products. work_per_row estimates a row's cost in flops (see parallel_for).
+template <class Fn>
+void parallel_rows(Index rows, double work_per_row, Fn&& fn) {
+  constexpr Index kRowsPerUnit = 64;
+  thread_pool().parallel_for((rows + kRowsPerUnit - 1) / kRowsPerUnit, [&](Index unit) {
+    const Index end = std::min(rows, (unit + 1) * kRowsPerUnit);
+    for (Index r = unit * kRowsPerUnit; r < end; ++r) fn(r);
+  }, work_per_row * static_cast<double>(rows));
+}
+
 }  // namespace gqe
