@@ -360,6 +360,20 @@ TEST(ThreadPool, RethrowsTheExceptionOfAUnitAfterAllUnitsFinish) {
   EXPECT_THROW(gqe::ThreadPool(0), gqe::ConfigError);
 }
 
+// Every row exactly once, for row counts around the run length, large work (run on the pool's
+// threads) and small (on the caller's alone).
+TEST(ThreadPool, ParallelRowsVisitsEveryRowOnce) {
+  gqe::set_num_threads(3);
+  for (const Index rows : {0, 1, 63, 64, 65, 200}) {
+    for (const double work : {1.0, 1e9}) {
+      std::vector<std::atomic<int>> visits(static_cast<std::size_t>(rows));
+      gqe::parallel_rows(rows, work, [&](Index r) { ++visits[static_cast<std::size_t>(r)]; });
+      for (Index r = 0; r < rows; ++r) EXPECT_EQ(visits[static_cast<std::size_t>(r)].load(), 1) << "row " << r << " of " << rows;
+    }
+  }
+  gqe::set_num_threads(gqe::default_thread_count());
+}
+
 // A unit may call parallel_for: its job's units go to threads that are free. Two outer units on a
 // pool of four leave two threads free, which must take part in the inner jobs (units sleep, so that
 // they do before the posting threads finish alone); every inner unit runs exactly once.
