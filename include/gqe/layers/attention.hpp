@@ -31,6 +31,7 @@
 #include "gqe/tensor/scratch_matrix.hpp"
 #include "gqe/tensor/tensor.hpp"
 #include "gqe/tensor/weight.hpp"
+#include "gqe/util/thread_pool.hpp"
 
 namespace gqe {
 
@@ -347,7 +348,7 @@ class Attention {
     }
     const Index hard = config_.hard_slots(), dh = config_.head_dim, M = config_.experts_per_group(), k = config_.top_k;
     if (&cat != &out) cat.assign(out);
-    for (Index r = 0; r < out.rows(); ++r) {
+    parallel_rows(out.rows(), 2.0 * static_cast<double>(hard * dh), [&](Index r) {
       if (config_.has_weighted_slot()) {
         auto weighted = cat.row(r).segment(hard * dh, dh);
         weighted.setZero();
@@ -356,7 +357,7 @@ class Attention {
       if (config_.scales_slots_by_prob())
         for (Index s = 0; s < hard; ++s) cat.row(r).segment(s * dh, dh) *= route.probs(r, (s / k) * M + route.experts(r, s));
       if (route.probs.row(r).hasNaN()) cat.row(r).setConstant(std::numeric_limits<Scalar>::quiet_NaN());
-    }
+    });
   }
 
   // The backward of mix_slots and of the load-balancing loss: d_out (out's layout) and dL/dp

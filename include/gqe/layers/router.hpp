@@ -17,6 +17,7 @@
 #include "gqe/ops/linear.hpp"
 #include "gqe/tensor/tensor.hpp"
 #include "gqe/tensor/weight.hpp"
+#include "gqe/util/thread_pool.hpp"
 
 namespace gqe {
 
@@ -68,7 +69,8 @@ class Router {
     out.experts.resize(rows, G * k);
     out.weights.resize(rows, G * k);
     linear<Scalar>(x, weight_, out.logits);
-    for (Index r = 0; r < rows; ++r) {
+    // Scalar work per row (exponentials, comparisons): weighed as a few hundred flops per expert.
+    parallel_rows(rows, 200.0 * static_cast<double>(G * M), [&](Index r) {
       Scalar kept_sum = 0;
       for (Index g = 0; g < G; ++g) {
         auto p = out.probs.row(r).segment(g * M, M);
@@ -80,7 +82,7 @@ class Router {
       // Renormalised across all groups, as the paper's weighted slot.
       const Scalar denom = std::max(Scalar(1e-9), kept_sum);
       for (Index s = 0; s < G * k; ++s) out.weights(r, s) = out.probs(r, (s / k) * M + out.experts(r, s)) / denom;
-    }
+    });
   }
 
  private:
