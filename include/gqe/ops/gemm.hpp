@@ -233,6 +233,9 @@ void micro_tile(Index kc, const LhsBlock<Scalar>& a_block, const Scalar* b, Inde
   const LhsReader<Scalar, Rows, Table> a(a_block);
   Accumulators<Scalar, Rows, V> block;
   block.begin(c, ldc, cols, load);
+  // Unrolled four times: fewer turns of the loop per register tile, whose depth is often short
+  // (64, the score product's d_h). The same arithmetic in the same order; measured 1-4% faster.
+#pragma GCC unroll 4
   for (Index p = 0; p < kc; ++p) {
     typename S::Packet bv[V];
 #pragma GCC unroll 16
