@@ -125,16 +125,23 @@ class AttentionCache {
     thread_local std::vector<Scalar> mean_rows;  // [n, d_h] of K, then of V
     mean_rows.resize(static_cast<std::size_t>(2 * n * dh));
     Scalar* mean = mean_rows.data();
-    for (Index i = 0; i < n; ++i)
-      for (Index c = 0; c < dh; ++c) {
-        Scalar sk = 0, sv = 0;
-        for (Index g = 0; g < kv_heads_; ++g) {  // groups in order: the same sum for every position
-          sk += key[i * stride + g * dh + c];
-          sv += value[i * stride + g * dh + c];
+    // Position i's channels side by side (a vector loop), each summed over the groups in order: the
+    // same sum for every position.
+    for (Index i = 0; i < n; ++i) {
+      Scalar* sk = mean + i * dh;
+      Scalar* sv = mean + (n + i) * dh;
+      std::fill_n(sk, dh, Scalar(0));
+      std::fill_n(sv, dh, Scalar(0));
+      for (Index g = 0; g < kv_heads_; ++g)
+        for (Index c = 0; c < dh; ++c) {
+          sk[c] += key[i * stride + g * dh + c];
+          sv[c] += value[i * stride + g * dh + c];
         }
-        mean[i * dh + c] = sk / Scalar(kv_heads_);
-        mean[(n + i) * dh + c] = sv / Scalar(kv_heads_);
+      for (Index c = 0; c < dh; ++c) {
+        sk[c] /= Scalar(kv_heads_);
+        sv[c] /= Scalar(kv_heads_);
       }
+    }
     write_head(tile, kv_heads_, slot, n, mean, mean + n * dh, dh);
   }
   // Head h's K^T [d_h][KT] and V [KT][d_h] at slots [slot, slot + n) from rows of key and value.
