@@ -796,13 +796,16 @@ void gemm(Index m, Index n, Index k, const LhsMatrix<Scalar>& a, const RhsMatrix
     }
   }
 #endif
-  const Index depth = in_place ? S::depth_block(m) : S::packed_depth();
-  for (Index p0 = 0; p0 < k; p0 += depth) {
-    const Index kc = std::min(depth, k - p0);
+  const Index depth = in_place ? S::depth_block(m) : S::packed_depth(), longest = depth + depth / 4;
+  for (Index p0 = 0, kc = 0; p0 < k; p0 += kc) {
+    // A tail of at most a quarter block joins the last block: a pass of its own would store and
+    // reload C for little depth (GQE's o_proj, depth 576 = 512 + 64 at d_h = 64: [1024 x 576] x
+    // [576 x 1024]^T 1.05-1.08x as fast in one block). Either way each chain runs over p in order.
+    kc = k - p0 <= longest ? k - p0 : depth;
     const bool load = accumulate || p0 > 0;
-    // An in-place B's depth grows with a KV cache: room for a whole block at once, so that decode
-    // steps do not reallocate as the cache grows.
-    const Index room = in_place ? depth : kc;
+    // An in-place B's depth grows with a KV cache: room for the longest block at once, so that
+    // decode steps do not reallocate as the cache grows.
+    const Index room = in_place ? longest : kc;
     const Index stage_stride = buf.reserve((panels - first_packed) * room * NR, room);
     for (Index jp = first_packed; jp < panels; ++jp)
       detail::pack_rhs(b, jp * NR, std::min<Index>(NR, n - jp * NR), p0, kc, buf.rhs.data() + (jp - first_packed) * kc * NR,
