@@ -248,16 +248,17 @@ void micro_tile(Index kc, const LhsBlock<Scalar>& a_block, const Scalar* b, Inde
 template <class Scalar>
 using MicroTile = void (*)(Index, const LhsBlock<Scalar>&, const Scalar*, Index, Index, Scalar*, Index, Index, bool);
 
-// micro_tile<Scalar, rows, Table> for rows = 1 .. MR.
-template <class Scalar, bool Table, std::size_t... R>
+// micro_tile<Scalar, rows, Table, V> for rows = 1 .. MR: V packets wide, NR (V = 2) or, for a
+// last panel of at most one packet's columns, one packet (V = 1).
+template <class Scalar, bool Table, int V, std::size_t... R>
 MicroTile<Scalar> micro_tile_for(Index rows, std::index_sequence<R...>) {
-  static constexpr MicroTile<Scalar> table[] = {&micro_tile<Scalar, static_cast<int>(R) + 1, Table>...};
+  static constexpr MicroTile<Scalar> table[] = {&micro_tile<Scalar, static_cast<int>(R) + 1, Table, V>...};
   return table[rows - 1];
 }
-template <class Scalar>
+template <class Scalar, int V = GemmShape<Scalar>::kVectors>
 MicroTile<Scalar> micro_tile_for(Index rows, bool table) {
   constexpr auto R = std::make_index_sequence<GemmShape<Scalar>::kRows>{};
-  return table ? micro_tile_for<Scalar, true>(rows, R) : micro_tile_for<Scalar, false>(rows, R);
+  return table ? micro_tile_for<Scalar, true, V>(rows, R) : micro_tile_for<Scalar, false, V>(rows, R);
 }
 
 // The wide tiles, Rows x (4, 8 or 16 packets): wide_tiles<Scalar>[table][Rows - 1][log2(packets) - 2].
@@ -814,6 +815,9 @@ void gemm(Index m, Index n, Index k, const LhsMatrix<Scalar>& a, const RhsMatrix
       const Index rows = std::min<Index>(MR, m - i0);
       const detail::LhsBlock<Scalar> a_block{&a, i0, p0};
       const auto tile = detail::micro_tile_for<Scalar>(rows, a.rows != nullptr);
+      // A last panel of one packet's columns or fewer (GQE's router, 16 experts) through a tile one
+      // packet wide: the same chains, without multiplying the padding.
+      const auto narrow = detail::micro_tile_for<Scalar, 1>(rows, a.rows != nullptr);
       // In-place panels go W at a time through a wide tile where one applies (the same chains).
       const auto wide = b.panels ? detail::WidePlan<Scalar>{} : detail::wide_plan<Scalar>(rows, a.rows != nullptr, first_packed * NR);
       const Index W = wide.packets / S::kVectors;
@@ -841,7 +845,8 @@ void gemm(Index m, Index n, Index k, const LhsMatrix<Scalar>& a, const RhsMatrix
           ++jp;
           continue;
         }
-        tile(kc, a_block, panel, packed || b.panels ? NR : b.stride, NR, c + i0 * ldc + j0, ldc, std::min<Index>(NR, n - j0), load);
+        (n - j0 <= S::kLanes ? narrow : tile)(kc, a_block, panel, packed || b.panels ? NR : b.stride, NR, c + i0 * ldc + j0, ldc,
+                                             std::min<Index>(NR, n - j0), load);
       }
     }
   }
