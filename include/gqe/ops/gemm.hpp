@@ -804,9 +804,10 @@ void gemm(Index m, Index n, Index k, const LhsMatrix<Scalar>& a, const RhsMatrix
     // [576 x 1024]^T 1.05-1.08x as fast in one block). Either way each chain runs over p in order.
     kc = k - p0 <= longest ? k - p0 : depth;
     const bool load = accumulate || p0 > 0;
-    // An in-place B's depth grows with a KV cache: room for the longest block at once, so that
-    // decode steps do not reallocate as the cache grows.
-    const Index room = in_place ? longest : kc;
+    // Room for the longest block at once, whatever this block's depth: an in-place B's depth grows
+    // with a KV cache, and packed products alternate between depths (GQE's o_proj, 576, after
+    // the projections' 512), which would otherwise grow the buffers, fresh pages and all, anew.
+    const Index room = longest;
     const Index stage_stride = buf.reserve((panels - first_packed) * room * NR, room);
     for (Index jp = first_packed; jp < panels; ++jp)
       detail::pack_rhs(b, jp * NR, std::min<Index>(NR, n - jp * NR), p0, kc, buf.rhs.data() + (jp - first_packed) * kc * NR,
