@@ -332,8 +332,8 @@ TYPED_TEST(OpsTest, LinearIsXTimesWTransposedAcrossTiles) {
     Index rows, in, out;
   };
   // {301, 37, 40}: W narrow enough for one unit of columns, so the rows are cut into two units.
-  // Depth 517 and 600: one block with its short tail; 1300: three blocks. Outputs 1, 16, 40 and
-  // 45 end in a panel of at most one packet's columns.
+  // Depth 517 and 600: one block with its short tail; 1300: three blocks. Outputs 1 and 130 end in
+  // a panel of at most one packet's columns (float or double, whatever the SIMD level).
   for (const Size s : {Size{300, 517, 270}, Size{1, 7, 1}, Size{7, 63, 65}, Size{65, 10, 130}, Size{257, 6, 513}, Size{301, 37, 40},
                        Size{29, 1300, 45}, Size{13, 600, 16}}) {
     SCOPED_TRACE(std::to_string(s.rows) + " x " + std::to_string(s.in) + " x " + std::to_string(s.out));

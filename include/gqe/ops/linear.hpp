@@ -31,9 +31,10 @@ inline Index linear_row_tile(Index rows, Index col_tiles) {
 // panels a unit packs for one depth block and keeps in cache (a deeper W is packed a block at a
 // time, so its depth past a block does not narrow the unit: [4096 x 2816] x [2816 x 1024] 1.09x
 // as fast with 256 columns as with 64); 512 KB for a decode step (kFewRows rows or fewer), which
-// streams W once, all of its depth. A multiple of 32, so that units start on a panel of a panel-laid W, and at least
-// two panels, which a decode step streams side by side (one alone leaves a row's chains waiting on
-// each other); at least four for one row against a panel-laid W, which gemm streams four at a time.
+// streams W once, all of its depth. A multiple of 32, so that units start on a panel of a
+// panel-laid W, and at least two panels, which a decode step streams side by side (one alone
+// leaves a row's chains waiting on each other); at least four for one row against a panel-laid W,
+// which gemm streams four at a time.
 inline Index linear_col_tile(Index in, Index rows, bool panels) {
   static_assert(32 % kPanelWidth == 0);
   constexpr Index kMin = std::max<Index>(32, 2 * kPanelWidth);
