@@ -4,6 +4,7 @@
 //                            the FLOP model's, active heads per token, the FLOP ceiling at T;
 //   decode_{gqa,gqe}/L       one token against a cache of L positions, GB/s of weights and cache read;
 //   attention_{gqa,gqe}/T    the causal attention kernel alone, with the layer's head layout;
+//   attention_gqa_dh128/T    the dense kernel at d_h=128 (N=8, G=4: the same width);
 //   decode_one_kv_head/L/N   the kernel's decode step for one KV head read by 8 query heads (d_h=128,
 //                            a multi-query model) over L cached positions, on N threads (0: the
 //                            pool's): one group, so its key chunks are what spreads over threads;
@@ -131,9 +132,13 @@ void decode(benchmark::State& state, AttentionType type) {
 
 // The attention kernel alone over T tokens with the layer's layout: GQA's 8 KV heads each read by
 // M = 2 query heads; GQE's 8 KV heads each read by k = 1 slot, plus the shared head on the mean K/V.
-void attention_kernel(benchmark::State& state, AttentionType type) {
+// With head_dim 128, the same width in half as many heads (N = 8, G = 4).
+void attention_kernel(benchmark::State& state, AttentionType type, Index head_dim = 64) {
   const Index T = state.range(0);
-  const AttentionConfig c = paper_layer(type);
+  AttentionConfig c = paper_layer(type);
+  c.num_heads = c.num_heads * c.head_dim / head_dim;
+  c.num_kv_heads = c.num_kv_heads * c.head_dim / head_dim;
+  c.head_dim = head_dim;
   const Index dh = c.head_dim, G = c.num_kv_heads, per_kv = c.is_gqe() ? c.top_k : c.experts_per_group();
   const Index active = c.active_heads(), kv_heads = G + (c.has_shared_head() ? 1 : 0);
   const Matrix<float> query = random_input(T, active * dh, 11);   // [T, active*d_h]
@@ -285,6 +290,7 @@ void decode_gqa(benchmark::State& s) { decode<Attention<float>>(s, AttentionType
 void decode_gqe(benchmark::State& s) { decode<Attention<float>>(s, AttentionType::gqe); }
 void attention_gqa(benchmark::State& s) { attention_kernel(s, AttentionType::gqa); }
 void attention_gqe(benchmark::State& s) { attention_kernel(s, AttentionType::gqe); }
+void attention_gqa_dh128(benchmark::State& s) { attention_kernel(s, AttentionType::gqa, 128); }
 
 // Wall-clock time is the figure (UseRealTime); the process's CPU time over all threads is recorded
 // beside it, the steadier figure when other programs compete for the cores.
@@ -314,6 +320,7 @@ BENCHMARK(decode_gqa)->Apply(decode_args);
 BENCHMARK(decode_gqe)->Apply(decode_args);
 BENCHMARK(attention_gqa)->Apply(kernel_args);
 BENCHMARK(attention_gqe)->Apply(kernel_args);
+BENCHMARK(attention_gqa_dh128)->Apply(kernel_args);
 BENCHMARK(decode_one_kv_head)->Apply(one_kv_head_args);
 BENCHMARK(gemm_eigen_1thread)->Apply(gemm_args);
 BENCHMARK(gemm_gqe_linear)->Apply(gemm_args);

@@ -244,6 +244,13 @@ def report(data, command=None):
                 f"{runs.median('attention_gqa', T, 'GFLOP'):.1f} | "
                 f"{percent(share_of(runs.median('attention_gqa', T, 'GFLOP'), peak))} | "
                 f"{runs.median('attention_gqe', T, 'GFLOP'):.1f} |")
+        wide_T = [T for T in kernel_T if runs.get("attention_gqa_dh128", T)]
+        if wide_T:
+            add("")
+            add(f"The same dense kernel at d_h = 128 ({N * DH // 128} heads over {G * DH // 128} KV heads, the same width): "
+                + ", ".join(f"{runs.median('attention_gqa_dh128', T, 'GFLOP'):.1f} GFLOP/s at T = {T}"
+                            f" ({percent(share_of(runs.median('attention_gqa_dh128', T, 'GFLOP'), peak))} of the peak)"
+                            for T in wide_T) + ".")
         add("")
         add("The rest of the layer (projections, router, kept-query gather and scatter, RoPE, cache writes, weighted "
             f"slot) has a FLOP ceiling of {(2 * D * (2 * N + 2 * G) * DH) / (2 * D * ((K * G + 1) + 2 * G + (K * G + 2)) * DH + 2 * D * G * M):.2f} "
