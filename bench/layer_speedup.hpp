@@ -2,7 +2,10 @@
 // gqe-bench --layer-speedup: one attention layer of any shape, dense GQA (N query heads over G KV
 // heads) against GQE (N experts in G groups, k kept, a variant), prefill of T tokens from an empty
 // cache. Interleaved rounds after a warm-up; the speed-up is the median of the rounds' ratios,
-// printed as one JSON object beside the FLOP model's ceiling.
+// printed as one JSON object beside the FLOP model's ceiling. With `peak`, each round is followed
+// by one trial of the FMA probe on the library's threads, and both layers' useful GFLOP/s are
+// given as shares of the median trial: the peak measured in turn with the layers, which on a
+// shared machine moves from run to run more than they do.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -10,6 +13,7 @@
 
 #include "bench_common.hpp"
 #include "gqe/layers/attention.hpp"
+#include "probes.hpp"
 
 namespace gqe::bench {
 
@@ -17,6 +21,7 @@ struct LayerShape {
   Index hidden = 1024, heads = 16, kv_heads = 8, head_dim = 64, top_k = 1, tokens = 4096;
   GqeVariant variant = GqeVariant::gqe;
   int rounds = 5;
+  bool peak = false;  // also the FMA peak, in turn with the rounds
 };
 
 namespace detail {
@@ -61,16 +66,28 @@ inline int run_layer_speedup(const LayerShape& s) {
   detail::TimedLayer dense_run(gqa, s.tokens), gqe_run(gqe_layer, s.tokens);
   dense_run.seconds(x, rope);  // warm-up: workspaces sized, pages touched
   gqe_run.seconds(x, rope);
-  std::vector<double> dense_s, gqe_s, ratios;
+  std::vector<double> dense_s, gqe_s, ratios, peaks;
   for (int r = 0; r < s.rounds; ++r) {
     dense_s.push_back(dense_run.seconds(x, rope));
     gqe_s.push_back(gqe_run.seconds(x, rope));
     ratios.push_back(dense_s.back() / gqe_s.back());
+    if (s.peak) peaks.push_back(fma_peak(num_threads(), 1));
   }
+  const double dense_ms = 1e3 * detail::median(dense_s), gqe_ms = 1e3 * detail::median(gqe_s);
   std::printf("{\"tokens\": %td, \"dense_ms\": %.3f, \"gqe_ms\": %.3f, \"speedup\": %.4f, \"flop_ceiling\": %.4f, "
-              "\"active_query_heads\": %td, \"rounds\": %d, \"threads\": %d}\n",
-              s.tokens, 1e3 * detail::median(dense_s), 1e3 * detail::median(gqe_s), detail::median(ratios),
-              dense.prefill_flops(s.tokens) / routed.prefill_flops(s.tokens), routed.active_heads(), s.rounds, num_threads());
+              "\"active_query_heads\": %td, \"rounds\": %d, \"threads\": %d",
+              s.tokens, dense_ms, gqe_ms, detail::median(ratios), dense.prefill_flops(s.tokens) / routed.prefill_flops(s.tokens),
+              routed.active_heads(), s.rounds, num_threads());
+  if (s.peak) {
+    // Useful GFLOP/s (the FLOP model's) of each layer's median time, against the median trial.
+    const double dense_gflops = dense.prefill_flops(s.tokens) / dense_ms * 1e-6;
+    const double gqe_gflops = routed.prefill_flops(s.tokens) / gqe_ms * 1e-6, peak = detail::median(peaks);
+    std::printf(", \"dense_gflops\": %.1f, \"gqe_gflops\": %.1f, \"fma_peak_gflops\": %.1f, \"fma_peak_range\": [%.1f, %.1f], "
+                "\"dense_of_peak\": %.4f, \"gqe_of_peak\": %.4f",
+                dense_gflops, gqe_gflops, peak, *std::min_element(peaks.begin(), peaks.end()),
+                *std::max_element(peaks.begin(), peaks.end()), dense_gflops / peak, gqe_gflops / peak);
+  }
+  std::printf("}\n");
   return 0;
 }
 

@@ -25,7 +25,7 @@ constexpr const char* kUsage = R"(Usage:
   gqe-bench --model DIR [--prompt-tokens T] [--decode-tokens N] [--no-mmap] [--dtype stored|f32]
             [--panels 16bit|all|none] [--threads N]
   gqe-bench --layer-speedup [--hidden D] [--heads N] [--kv-heads G] [--head-dim DH] [--top-k K]
-            [--variant gqe|hard_concat|weighted_concat] [--tokens T] [--rounds R] [--threads N]
+            [--variant gqe|hard_concat|weighted_concat] [--tokens T] [--rounds R] [--peak] [--threads N]
   gqe-bench --version | --help
 
 The suite times one attention layer of the paper's shape (d=1024, d_h=64, N=16, G=8, k=1) dense and
@@ -42,7 +42,9 @@ and every rate is also given as a share of them (of_peak, of_bandwidth). Counter
                   --panels says which matrices are re-laid into panels after loading (as gqe-run).
 --layer-speedup   print, as JSON, the prefill time of one dense GQA layer and one GQE layer of
                   the given shape (defaults: the paper's), the median speed-up over R interleaved
-                  rounds (default 5) and its FLOP ceiling.
+                  rounds (default 5) and its FLOP ceiling. --peak also runs a trial of the FMA
+                  probe after each round and gives both layers' useful GFLOP/s as shares of the
+                  median trial (dense_of_peak, gqe_of_peak): the peak measured in turn with them.
 --threads N       the library's threads (default: the processor's cores; or GQE_THREADS=N).
 
 Google Benchmark's own flags follow. Its "library was built as DEBUG" warning and the JSON field
@@ -165,6 +167,7 @@ int main(int argc, char** argv) {
     else if (a == "--top-k") ok = integer_flag(i, "--top-k", 1, 1024, shape.top_k);
     else if (a == "--tokens") ok = integer_flag(i, "--tokens", 1, 1 << 20, shape.tokens);
     else if (a == "--rounds") ok = integer_flag(i, "--rounds", 1, 1000, shape.rounds);
+    else if (a == "--peak") shape.peak = true;
     else if (a == "--variant" && i + 1 < argc) {
       try {
         shape.variant = gqe::gqe_variant_from_string(argv[++i]);

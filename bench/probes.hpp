@@ -70,11 +70,12 @@ inline double median(std::vector<double> values) {
 
 }  // namespace detail
 
-// The best of three trials of `threads` threads running FMA chains at once, in GFLOP/s.
-inline double fma_peak(int threads) {
+// The best of `trials` trials of `threads` threads running FMA chains at once, in GFLOP/s (a
+// trial takes about 50 ms).
+inline double fma_peak(int threads, int trials = 3) {
   constexpr long kIterations = 20'000'000;
   double best = 0;
-  for (int trial = 0; trial < 3; ++trial) {
+  for (int trial = 0; trial < trials; ++trial) {
     double total = 0;
     for (double rate : detail::on_threads(threads, [](int) { return detail::fma_chains_per_second(kIterations); }))
       total += rate;
