@@ -98,12 +98,7 @@ foreach(with_peak OFF ON)
   endif()
 endforeach()
 
-# A bad flag still exits 2 with one line.
-execute_process(COMMAND "${GQE_BENCH}" --layer-speedup --rounds 0 RESULT_VARIABLE status OUTPUT_VARIABLE out ERROR_VARIABLE err TIMEOUT 60)
-string(STRIP "${err}" err)
-string(FIND "${err}" "\n" newline)
-if(status EQUAL 2 AND err MATCHES "^gqe-bench: error: " AND newline EQUAL -1)
-  message(STATUS "ok   --rounds 0: exit 2, one line")
-else()
-  message(SEND_ERROR "FAIL --rounds 0: exit ${status}, stderr:\n${err}")
-endif()
+# Bad counts still exit 2 with one line.
+include(${CMAKE_CURRENT_LIST_DIR}/bench_checks.cmake)
+expect_bench_usage_error("${GQE_BENCH}" "--layer-speedup;--rounds;0")
+expect_bench_usage_error("${GQE_BENCH}" "--layer-speedup;--tokens;0;--peak")
