@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <thread>
 #include <vector>
 
 #include "bench_common.hpp"
@@ -71,7 +72,12 @@ inline int run_layer_speedup(const LayerShape& s) {
     dense_s.push_back(dense_run.seconds(x, rope));
     gqe_s.push_back(gqe_run.seconds(x, rope));
     ratios.push_back(dense_s.back() / gqe_s.back());
-    if (s.peak) peaks.push_back(fma_peak(num_threads(), 1));
+    if (s.peak) {
+      // The pool's workers spin for up to a millisecond after a job before they sleep: let them,
+      // so that the probe's threads have the cores to themselves.
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      peaks.push_back(fma_peak(num_threads(), 1));
+    }
   }
   const double dense_ms = 1e3 * detail::median(dense_s), gqe_ms = 1e3 * detail::median(gqe_s);
   std::printf("{\"tokens\": %td, \"dense_ms\": %.3f, \"gqe_ms\": %.3f, \"speedup\": %.4f, \"flop_ceiling\": %.4f, "
