@@ -80,14 +80,15 @@ inline int run_layer_speedup(const LayerShape& s) {
     }
   }
   const double dense_ms = 1e3 * detail::median(dense_s), gqe_ms = 1e3 * detail::median(gqe_s);
+  const double dense_flops = dense.prefill_flops(s.tokens), gqe_flops = routed.prefill_flops(s.tokens);
   std::printf("{\"tokens\": %td, \"dense_ms\": %.3f, \"gqe_ms\": %.3f, \"speedup\": %.4f, \"flop_ceiling\": %.4f, "
               "\"active_query_heads\": %td, \"rounds\": %d, \"threads\": %d",
-              s.tokens, dense_ms, gqe_ms, detail::median(ratios), dense.prefill_flops(s.tokens) / routed.prefill_flops(s.tokens),
-              routed.active_heads(), s.rounds, num_threads());
+              s.tokens, dense_ms, gqe_ms, detail::median(ratios), dense_flops / gqe_flops, routed.active_heads(), s.rounds,
+              num_threads());
   if (s.peak) {
     // Useful GFLOP/s (the FLOP model's) of each layer's median time, against the median trial.
-    const double dense_gflops = dense.prefill_flops(s.tokens) / dense_ms * 1e-6;
-    const double gqe_gflops = routed.prefill_flops(s.tokens) / gqe_ms * 1e-6, peak = detail::median(peaks);
+    const double dense_gflops = dense_flops / dense_ms * 1e-6, gqe_gflops = gqe_flops / gqe_ms * 1e-6;
+    const double peak = detail::median(peaks);
     std::printf(", \"dense_gflops\": %.1f, \"gqe_gflops\": %.1f, \"fma_peak_gflops\": %.1f, \"fma_peak_range\": [%.1f, %.1f], "
                 "\"dense_of_peak\": %.4f, \"gqe_of_peak\": %.4f",
                 dense_gflops, gqe_gflops, peak, *std::min_element(peaks.begin(), peaks.end()),
