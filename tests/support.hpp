@@ -1,10 +1,43 @@
 #pragma once
-// What several test files share: a weight as an Eigen matrix the test can read and write.
+// What several test files share: random matrices, relative errors against a double reference, and
+// a weight as an Eigen matrix the test can read and write.
 #include <algorithm>
+#include <limits>
+#include <random>
 
+#include "gqe/tensor/eigen.hpp"
 #include "gqe/tensor/weight.hpp"
 
 namespace gqe::testing {
+
+using MatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// S's machine epsilon, as a double.
+template <class S>
+constexpr double eps() {
+  return static_cast<double>(std::numeric_limits<S>::epsilon());
+}
+
+// Entries drawn from N(mean, sigma) and rounded to S.
+template <class S>
+Matrix<S> random_matrix(Index rows, Index cols, std::mt19937& rng, double sigma = 1.0, double mean = 0.0) {
+  std::normal_distribution<double> dist(mean, sigma);
+  Matrix<S> m(rows, cols);
+  for (Index i = 0; i < rows; ++i)
+    for (Index j = 0; j < cols; ++j) m(i, j) = static_cast<S>(dist(rng));
+  return m;
+}
+
+template <class Derived>
+MatrixD to_double(const Eigen::MatrixBase<Derived>& m) {
+  return m.template cast<double>();
+}
+
+// ||got - want||_F / ||want||_F.
+template <class Derived>
+double relative_error(const Eigen::MatrixBase<Derived>& got, const MatrixD& want) {
+  return (to_double(got) - want).norm() / want.norm();
+}
 
 // The weight's values as a [rows, cols] matrix of S, giving it owned zero storage of S first when
 // it has none of that type (a freshly built layer's weights have only their shapes).

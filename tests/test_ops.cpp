@@ -28,40 +28,20 @@
 #include "gqe/ops/rope.hpp"
 #include "gqe/ops/rows.hpp"
 #include "gqe/util/thread_pool.hpp"
+#include "support.hpp"
 
 namespace {
 
 using gqe::Index;
 template <class S>
 using Matrix = gqe::Matrix<S>;
-using MatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using gqe::testing::eps;
+using gqe::testing::MatrixD;
+using gqe::testing::random_matrix;
+using gqe::testing::relative_error;
+using gqe::testing::to_double;
 
-template <class S>
-constexpr double eps() {
-  return static_cast<double>(std::numeric_limits<S>::epsilon());
-}
 constexpr double kEpsDouble = std::numeric_limits<double>::epsilon();
-
-// Entries drawn from N(mean, sigma) and rounded to S.
-template <class S>
-Matrix<S> random_matrix(Index rows, Index cols, std::mt19937& rng, double sigma = 1.0, double mean = 0.0) {
-  std::normal_distribution<double> dist(mean, sigma);
-  Matrix<S> m(rows, cols);
-  for (Index i = 0; i < rows; ++i)
-    for (Index j = 0; j < cols; ++j) m(i, j) = static_cast<S>(dist(rng));
-  return m;
-}
-
-template <class Derived>
-MatrixD to_double(const Eigen::MatrixBase<Derived>& m) {
-  return m.template cast<double>();
-}
-
-// ||got - want||_F / ||want||_F.
-template <class Derived>
-double relative_error(const Eigen::MatrixBase<Derived>& got, const MatrixD& want) {
-  return (to_double(got) - want).norm() / want.norm();
-}
 
 template <class S>
 class OpsTest : public ::testing::Test {
