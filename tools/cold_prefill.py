@@ -2,7 +2,7 @@
 """Times GQE against dense GQA from a cold process, the figure a user of gqe-run sees.
 
     /usr/bin/python3 tools/cold_prefill.py [--run build/examples/gqe-run] [--tokens 2048 4096]
-        [--pairs 11] [--threads N] [--models build/cold-models]
+        [--pairs 11] [--threads N] [--chunk N] [--models build/cold-models]
 
 Each run is a whole `gqe-run -m MODEL -p PROMPT --stats` process (start, load, prefill of T tokens,
 exit), timed by the wall clock; its page faults (minor and major, the kernel's count for the child)
@@ -61,6 +61,8 @@ def timed_run(args, model, prompt):
     cmd = [args.run, "-m", model, "-p", prompt, "--stats"]
     if args.threads:
         cmd += ["-t", str(args.threads)]
+    if args.chunk:
+        cmd += ["--chunk", str(args.chunk)]
     faults = child_faults()  # the children's counts add up as each is waited for: one run's is the difference
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -76,14 +78,15 @@ def main():
     ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096], help="prompt lengths T")
     ap.add_argument("--pairs", type=int, default=11, help="dense/GQE pairs per T")
     ap.add_argument("--threads", type=int, help="gqe-run -t (default: its own, the CPUs it may use)")
+    ap.add_argument("--chunk", type=int, help="gqe-run --chunk N (default: the whole prompt in one call)")
     ap.add_argument("--models", default="build/cold-models", help="folder of the two one-layer models")
     ap.add_argument("--seed", type=int, default=1, help="seed of the random prompts")
     args = ap.parse_args()
     if not os.access(args.run, os.X_OK):
         sys.exit(f"cold_prefill: {args.run} is not an executable; build it with "
                  "cmake --build build --target gqe-run, or pass --run")
-    if args.pairs < 1 or any(T < 1 for T in args.tokens):
-        sys.exit("cold_prefill: --pairs and every --tokens must be at least 1")
+    if args.pairs < 1 or any(T < 1 for T in args.tokens) or (args.chunk is not None and args.chunk < 1):
+        sys.exit("cold_prefill: --pairs, every --tokens and --chunk must be at least 1")
     models = make_models(args.models)
     rng = random.Random(args.seed)
     print("| T | dense s | GQE s | speed-up (range) | whole-model FLOP ceiling | of ceiling | page faults, dense / GQE |")
