@@ -85,8 +85,8 @@ def main():
     if not os.access(args.run, os.X_OK):
         sys.exit(f"cold_prefill: {args.run} is not an executable; build it with "
                  "cmake --build build --target gqe-run, or pass --run")
-    if args.pairs < 1 or any(T < 1 for T in args.tokens) or (args.chunk is not None and args.chunk < 1):
-        sys.exit("cold_prefill: --pairs, every --tokens and --chunk must be at least 1")
+    if args.pairs < 1 or any(T < 1 for T in args.tokens) or any(v is not None and v < 1 for v in (args.threads, args.chunk)):
+        sys.exit("cold_prefill: --pairs, every --tokens, --threads and --chunk must be at least 1")
     models = make_models(args.models)
     rng = random.Random(args.seed)
     print("| T | dense s | GQE s | speed-up (range) | whole-model FLOP ceiling | of ceiling | page faults, dense / GQE |")
