@@ -123,17 +123,20 @@ int run(const Options& opt) {
   const gqe::Index rows = every_position ? T : 1;
   gqe::Tensor<Scalar> logits(gqe::Shape{1, rows, V});  // [1, rows, V]
   const bool routed = config.attention_type == gqe::AttentionType::gqe;
+  // The routing is traced only for what was asked of it: expert choices go into --logits-out's
+  // file, statistics to --stats.
+  const bool keep_experts = routed && opt.logits_out, keep_stats = routed && opt.stats;
   const gqe::Index L = config.num_layers, G = config.num_kv_heads, k = config.top_k;
-  gqe::Tensor<std::int32_t> experts(gqe::Shape{L, T, G, routed ? k : 1});  // [L, T, G, k]
-  std::vector<gqe::RoutingStats> stats(static_cast<std::size_t>(routed ? L : 0));
+  gqe::Tensor<std::int32_t> experts(keep_experts ? gqe::Shape{L, T, G, k} : gqe::Shape{0, 0, 0, 0});  // [L, T, G, k]
+  std::vector<gqe::RoutingStats> stats(static_cast<std::size_t>(keep_stats ? L : 0));
   gqe::ForwardTrace<Scalar> trace;
+  gqe::ForwardTrace<Scalar>* const traced = keep_experts || keep_stats ? &trace : nullptr;
   // Records the routing of prompt rows [first, first + count) from the last call.
   const auto record = [&](gqe::Index first, gqe::Index count) {
-    for (gqe::Index l = 0; l < (routed ? L : 0); ++l) {
-      const auto& r = trace.routing[static_cast<std::size_t>(l)];
-      stats[static_cast<std::size_t>(l)].add(r);
-      for (gqe::Index t = 0; t < count; ++t)
-        for (gqe::Index s = 0; s < G * k; ++s) experts.view()[l][first + t].flat()(s) = r.experts(t, s);
+    for (gqe::Index l = 0; l < (traced ? L : 0); ++l) {
+      const auto& r = trace.routing[static_cast<std::size_t>(l)];  // experts [count, G*k], row-major
+      if (keep_stats) stats[static_cast<std::size_t>(l)].add(r);
+      if (keep_experts) std::copy_n(r.experts.data(), count * G * k, experts.view()[l][first].data());
     }
   };
   // The prompt goes through the model in chunks appended to the cache: all of it at once, --chunk N
@@ -146,9 +149,9 @@ int run(const Options& opt) {
     const gqe::Index n = std::min(chunk, T - first);
     const auto part = ids.slice(first, n).reshape(gqe::Shape{1, n});  // [1, n]
     if (every_position)
-      model.forward(part, caches, logits.view()[0].slice(first, n).reshape(gqe::Shape{1, n, V}), false, &trace);
+      model.forward(part, caches, logits.view()[0].slice(first, n).reshape(gqe::Shape{1, n, V}), false, traced);
     else
-      model.forward(part, caches, logits.view()[0], true, &trace);  // [1, V]: the last chunk's last token is kept
+      model.forward(part, caches, logits.view()[0], true, traced);  // [1, V]: the last chunk's last token is kept
     record(first, n);
   }
   const double prompt_seconds = seconds_since(prompt_start);
@@ -191,7 +194,7 @@ int run(const Options& opt) {
   gqe::cli::check_stdout();
 
   // The outputs, only now that everything else succeeded: a run that fails leaves no file.
-  if (opt.logits_out) gqe::cli::write_logits(*opt.logits_out, logits, routed ? &experts : nullptr);
+  if (opt.logits_out) gqe::cli::write_logits(*opt.logits_out, logits, keep_experts ? &experts : nullptr);
 
   if (opt.stats) {  // routing statistics of the prompt, then timings (wall-clock)
     if (routed)

@@ -97,8 +97,11 @@ class Attention {
                Routing<Scalar>* routing = nullptr) const {
     check_call(x, segments, rope, y);
     auto& ws = workspace();
-    Buffers b = tape ? Buffers{tape->routing, tape->query, tape->out, tape->lse, tape->cat}
-                     : Buffers{ws.routing, ws.query, ws.out, ws.lse, ws.out};
+    // A GQE layer routes straight into the caller's `routing` when there is no tape: no copy of
+    // it, and no second buffer for a cold process to fault in.
+    Routing<Scalar>& routed = tape ? tape->routing : routing && config_.is_gqe() ? *routing : ws.routing;
+    Buffers b = tape ? Buffers{routed, tape->query, tape->out, tape->lse, tape->cat}
+                     : Buffers{routed, ws.query, ws.out, ws.lse, ws.out};
     if (config_.is_gqe()) router_.route(x, b.routing);
     append_key_values(x, rope, segments, ws);
     project_queries(x, b.routing, rope, b.query);
@@ -109,7 +112,7 @@ class Attention {
     for (const auto& s : segments) s.cache->advance(s.count);
     mix_slots(b.routing, b.out, b.cat);
     linear<Scalar>(b.cat, o_proj_, y);
-    if (routing) *routing = b.routing;
+    if (routing && routing != &routed) *routing = routed;
     if (tape) {
       tape->x.assign(x);
       tape->segments = segments;
