@@ -99,7 +99,7 @@ class Attention {
     auto& ws = workspace();
     // A GQE layer routes straight into the caller's `routing` when there is no tape: no copy of
     // it, and no second buffer for a cold process to fault in.
-    Routing<Scalar>& routed = tape ? tape->routing : routing && config_.is_gqe() ? *routing : ws.routing;
+    Routing<Scalar>& routed = tape ? tape->routing : (routing && config_.is_gqe()) ? *routing : ws.routing;
     Buffers b = tape ? Buffers{routed, tape->query, tape->out, tape->lse, tape->cat}
                      : Buffers{routed, ws.query, ws.out, ws.lse, ws.out};
     if (config_.is_gqe()) router_.route(x, b.routing);
