@@ -112,7 +112,7 @@ class Attention {
     for (const auto& s : segments) s.cache->advance(s.count);
     mix_slots(b.routing, b.out, b.cat);
     linear<Scalar>(b.cat, o_proj_, y);
-    if (routing && routing != &routed) *routing = routed;
+    if (routing && routing != &b.routing) *routing = b.routing;
     if (tape) {
       tape->x.assign(x);
       tape->segments = segments;
