@@ -640,6 +640,55 @@ TEST(OpsPanels, PanelLaidWeightsGiveTheRowMajorBits) {
     }
 }
 
+// linear(..., accumulate) adds x W^T to y where it lies (the residual stream): y0 + x W^T against
+// the float64 reference, through every path a product can take (a decode step's in-place or panel
+// kernels, a prefill's packed ones, a depth past one block, the backend's sgemm for F32 row-major
+// weights), leaving the columns around y alone. With the library's kernels each row also has the
+// bits it has among 40 rows (a decode step adds to the hidden state as a prefill does).
+TEST(OpsLinear, AccumulateAddsTheProductToTheOutput) {
+  std::mt19937 rng(53);
+  struct Size {
+    Index in, out;
+  };
+  const bool own_kernels = std::string(gqe::backend::kName) == "eigen";
+  for (const gqe::DType dtype : {gqe::DType::F32, gqe::DType::BF16, gqe::DType::F16})
+    for (const bool panels : {false, true})
+      for (const Size s : {Size{7, 33}, Size{67, 45}, Size{517, 97}, Size{1300, 70}}) {
+        SCOPED_TRACE(std::string(gqe::dtype_name(dtype)) + (panels ? " panels " : " ") + std::to_string(s.in) + " -> " +
+                     std::to_string(s.out));
+        const std::size_t size = gqe::dtype_size(dtype);
+        const Matrix<float> values = random_matrix<float>(s.out, s.in, rng);  // [out, in]
+        std::vector<unsigned char> stored(static_cast<std::size_t>(values.size()) * size);
+        MatrixD widened(s.out, s.in);  // [out, in]: the stored values, exactly
+        for (Index i = 0; i < values.size(); ++i) {
+          const float v = values.data()[i];
+          const std::uint16_t h = dtype == gqe::DType::BF16 ? gqe::float_to_bf16(v) : gqe::float_to_half(v);
+          if (dtype == gqe::DType::F32) std::memcpy(&stored[static_cast<std::size_t>(i) * size], &v, size);
+          else std::memcpy(&stored[static_cast<std::size_t>(i) * size], &h, size);
+          widened.data()[i] = dtype == gqe::DType::F32 ? double(v) : dtype == gqe::DType::BF16 ? gqe::bf16_to_float(h) : gqe::half_to_float(h);
+        }
+        gqe::Weight weight(gqe::Shape{s.out, s.in});
+        weight.borrow(stored.data(), dtype, nullptr);
+        if (panels) weight.lay_out_in_panels([](const void*, std::size_t) {});
+        const Matrix<float> x = random_matrix<float>(40, s.in, rng);  // [40, in]
+        const Matrix<float> y0 = random_matrix<float>(40, s.out, rng);  // [40, out]
+        const MatrixD want = to_double(y0) + reference_linear(to_double(x), widened);
+        Matrix<float> wide = Matrix<float>::Constant(40, s.out + 5, 777.0f);  // [40, out + 5], y at columns 2..
+        wide.middleCols(2, s.out) = y0;
+        gqe::linear<float>(x, weight, wide.middleCols(2, s.out), true);
+        EXPECT_LT(relative_error(wide.middleCols(2, s.out), want), linear_tolerance<float>(s.in + 1));
+        EXPECT_TRUE((wide.leftCols(2).array() == 777.0f).all() && (wide.rightCols(3).array() == 777.0f).all());
+        for (const Index rows : {1, 3, 4}) {
+          Matrix<float> few = y0.middleRows(5, rows);  // [rows, out]
+          gqe::linear<float>(Matrix<float>(x.middleRows(5, rows)), weight, few, true);
+          EXPECT_LT(relative_error(few, want.middleRows(5, rows)), linear_tolerance<float>(s.in + 1)) << rows << " rows";
+          if (own_kernels) {
+            EXPECT_TRUE((few.array() == wide.middleCols(2, s.out).middleRows(5, rows).array()).all()) << rows << " rows";
+          }
+        }
+      }
+}
+
 // ---- causal attention ---------------------------------------------------------------------------
 
 // One QueryGroup entry of a test: `heads` query heads over `past` cached keys and `count` new

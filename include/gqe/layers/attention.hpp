@@ -89,12 +89,13 @@ class Attention {
     });
   }
 
-  // y [R, d] = attention over x [R, d] (normed hidden states). Each segment's rows continue its
-  // cache (its K and V are appended and committed); rope holds the rows' angles [R, d_h/2]. A tape,
-  // when given, keeps what backward() needs; `routing`, when given, receives the rows' routing.
+  // y [R, d] = attention over x [R, d] (normed hidden states), or y += it with accumulate (a
+  // residual stream). Each segment's rows continue its cache (its K and V are appended and
+  // committed); rope holds the rows' angles [R, d_h/2]. A tape, when given, keeps what backward()
+  // needs; `routing`, when given, receives the rows' routing.
   void forward(const Eigen::Ref<const Matrix<Scalar>>& x, const std::vector<Segment<Scalar>>& segments,
                const RopeTable<Scalar>& rope, Eigen::Ref<Matrix<Scalar>> y, AttentionTape<Scalar>* tape = nullptr,
-               Routing<Scalar>* routing = nullptr) const {
+               Routing<Scalar>* routing = nullptr, bool accumulate = false) const {
     check_call(x, segments, rope, y);
     auto& ws = workspace();
     // A GQE layer routes straight into the caller's `routing` when there is no tape: no copy of
@@ -111,7 +112,7 @@ class Attention {
     causal_attention(ws.groups, config_.head_dim, scale());
     for (const auto& s : segments) s.cache->advance(s.count);
     mix_slots(b.routing, b.out, b.cat);
-    linear<Scalar>(b.cat, o_proj_, y);
+    linear<Scalar>(b.cat, o_proj_, y, accumulate);
     if (routing && routing != &b.routing) *routing = b.routing;
     if (tape) {
       tape->x.assign(x);

@@ -36,8 +36,10 @@ class FeedForward {
     fn("down_proj.weight", self.down_proj_);
   }
 
-  // y [R, d] = ffn(x [R, d]); a tape, when given, keeps what backward() needs.
-  void forward(const Eigen::Ref<const Matrix<Scalar>>& x, Eigen::Ref<Matrix<Scalar>> y, FeedForwardTape<Scalar>* tape = nullptr) const {
+  // y [R, d] = ffn(x [R, d]), or y += ffn(x) with accumulate (a residual stream); a tape, when given,
+  // keeps what backward() needs.
+  void forward(const Eigen::Ref<const Matrix<Scalar>>& x, Eigen::Ref<Matrix<Scalar>> y, FeedForwardTape<Scalar>* tape = nullptr,
+               bool accumulate = false) const {
     const Index d = down_proj_.rows(), I = gate_proj_.rows();
     check_shape("feed-forward input", Shape{x.rows(), x.cols()}, Shape{x.rows(), d});
     check_shape("feed-forward output", Shape{y.rows(), y.cols()}, Shape{x.rows(), d});
@@ -51,7 +53,7 @@ class FeedForward {
     linear<Scalar>(x, gate_proj_, t.gate);
     linear<Scalar>(x, up_proj_, t.up);
     swiglu<Scalar>(t.gate, t.up, t.hidden);
-    linear<Scalar>(t.hidden, down_proj_, y);
+    linear<Scalar>(t.hidden, down_proj_, y, accumulate);
     if (tape) tape->x.assign(x);
   }
 

@@ -184,7 +184,8 @@ class Transformer {
   // Scratch of one thread's calls, reused: a decode step allocates nothing once warm.
   struct Workspace {
     RopeTable<Scalar> rope;
-    ScratchMatrix<Scalar> hidden, normed, delta;  // [R, d]
+    ScratchMatrix<Scalar> hidden, normed;  // [R, d]
+    ScratchMatrix<Scalar> last;            // [B, d]: each sequence's last hidden row, for last_only
     std::vector<Segment<Scalar>> segments;
     std::vector<Index> positions;  // [R]
     std::vector<Index> lengths;    // [B]: the caches' lengths before the call
@@ -195,7 +196,8 @@ class Transformer {
   }
 
   // Embeddings, then every block (x += attn(norm(x)); x += mlp(norm(x))), into the workspace's
-  // hidden rows [B*T, d]; each cache gets its sequence's K and V.
+  // hidden rows [B*T, d]; each cache gets its sequence's K and V. The blocks' output products add
+  // into the hidden rows where they lie (no buffer of deltas, no separate pass to add them).
   void run_blocks(TensorView<const std::int32_t> tokens, std::vector<KVCache<Scalar>>& caches, ForwardTrace<Scalar>* trace,
                   ModelTape<Scalar>* tape) const {
     auto& ws = workspace();
@@ -207,7 +209,6 @@ class Transformer {
     rope.compute(ws.positions, config_.head_dim, config_.rope_theta);
     ws.hidden.resize(rows, d);
     ws.normed.resize(rows, d);
-    ws.delta.resize(rows, d);
     embed_.forward(tokens.data(), ws.hidden);
     if (trace) trace->routing.resize(config_.attention().is_gqe() ? static_cast<std::size_t>(config_.num_layers) : 0);
     if (tape) {
@@ -220,27 +221,24 @@ class Transformer {
       ws.segments.clear();
       for (Index b = 0; b < B; ++b) ws.segments.push_back({&caches[static_cast<std::size_t>(b)].layer(l), b * T, T});
       block.input_norm.forward(ws.hidden, ws.normed, t ? &t->input_norm : nullptr);
-      block.attention.forward(ws.normed, ws.segments, rope, ws.delta, t ? &t->attention : nullptr,
-                              trace && config_.attention().is_gqe() ? &trace->routing[static_cast<std::size_t>(l)] : nullptr);
-      add_residual(ws.delta, ws.hidden);
+      constexpr bool kAddToHidden = true;
+      block.attention.forward(ws.normed, ws.segments, rope, ws.hidden, t ? &t->attention : nullptr,
+                              trace && config_.attention().is_gqe() ? &trace->routing[static_cast<std::size_t>(l)] : nullptr,
+                              kAddToHidden);
       block.post_norm.forward(ws.hidden, ws.normed, t ? &t->post_norm : nullptr);
-      block.mlp.forward(ws.normed, ws.delta, t ? &t->mlp : nullptr);
-      add_residual(ws.delta, ws.hidden);
+      block.mlp.forward(ws.normed, ws.hidden, t ? &t->mlp : nullptr, kAddToHidden);
     }
-  }
-
-  // hidden [R, d] += delta [R, d], runs of rows on the library's pool.
-  static void add_residual(const ScratchMatrix<Scalar>& delta, ScratchMatrix<Scalar>& hidden) {
-    parallel_rows(hidden.rows(), 4.0 * static_cast<double>(hidden.cols()), [&](Index r) { hidden.row(r) += delta.row(r); });
   }
 
   // The final norm and the lm_head, of every row or of each sequence's last.
   void head(Index B, Index T, bool last_only, TensorView<Scalar> logits, ModelTape<Scalar>* tape) const {
     auto& ws = workspace();
     const Index rows = last_only ? B : B * T;
-    if (last_only)
-      for (Index b = 0; b < B; ++b) ws.delta.row(b) = ws.hidden.row(b * T + T - 1);
-    const auto final_rows = last_only ? ws.delta.topRows(B) : ws.hidden.topRows(rows);
+    if (last_only) {
+      ws.last.resize(B, config_.hidden_size);
+      for (Index b = 0; b < B; ++b) ws.last.row(b) = ws.hidden.row(b * T + T - 1);
+    }
+    const auto final_rows = last_only ? ws.last.topRows(B) : ws.hidden.topRows(rows);
     ScratchMatrix<Scalar>& normed = tape ? tape->normed : ws.normed;
     if (tape) normed.resize(rows, config_.hidden_size);
     norm_.forward(final_rows, normed.topRows(rows), tape ? &tape->final_norm : nullptr);

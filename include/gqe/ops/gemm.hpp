@@ -865,8 +865,9 @@ void gemm(Index m, Index n, Index k, const LhsMatrix<Scalar>& a, const RhsMatrix
 // over row i of A and row j of W: batch invariant, whichever path a call takes.
 
 template <class Scalar>
-void gemm_bt(Index m, Index n, Index k, const Scalar* a, Index lda, const WeightMatrix& w, Scalar* c, Index ldc) {
-  gemm<Scalar>(m, n, k, LhsMatrix<Scalar>{a, lda, 1}, RhsMatrix{w.data, w.dtype, w.stride, true, w.panels}, c, ldc, false);
+void gemm_bt(Index m, Index n, Index k, const Scalar* a, Index lda, const WeightMatrix& w, Scalar* c, Index ldc,
+             bool accumulate = false) {
+  gemm<Scalar>(m, n, k, LhsMatrix<Scalar>{a, lda, 1}, RhsMatrix{w.data, w.dtype, w.stride, true, w.panels}, c, ldc, accumulate);
 }
 
 }  // namespace gqe

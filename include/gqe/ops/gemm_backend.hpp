@@ -77,17 +77,19 @@ class OpenBlasSingleThread {
 };
 #endif
 
-// c [m, n] = a [m, k] w^T in float, on this thread.
-inline void float_product(Index m, Index n, Index k, const float* a, Index lda, const float* w, Index ldw, float* c, Index ldc) {
+// c [m, n] = a [m, k] w^T (or += when accumulate) in float, on this thread.
+inline void float_product(Index m, Index n, Index k, const float* a, Index lda, const float* w, Index ldw, float* c, Index ldc,
+                          bool accumulate) {
+  const float beta = accumulate ? 1.0f : 0.0f;
 #if defined(GQE_GEMM_OPENBLAS)
   const OpenBlasSingleThread single;
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), 1.0f, a,
-              static_cast<int>(lda), w, static_cast<int>(ldw), 0.0f, c, static_cast<int>(ldc));
+              static_cast<int>(lda), w, static_cast<int>(ldw), beta, c, static_cast<int>(ldc));
 #else
   // oneDNN runs on OpenMP: this thread's own team size is set to one for the call and restored.
   const int saved = omp_get_max_threads();
   omp_set_num_threads(1);
-  const dnnl_status_t status = dnnl_sgemm('N', 'T', m, n, k, 1.0f, a, lda, w, ldw, 0.0f, c, ldc);
+  const dnnl_status_t status = dnnl_sgemm('N', 'T', m, n, k, 1.0f, a, lda, w, ldw, beta, c, ldc);
   omp_set_num_threads(saved);
   if (status != dnnl_success) fail<Error>("oneDNN's sgemm failed with status ", static_cast<int>(status));
 #endif
@@ -96,18 +98,19 @@ inline void float_product(Index m, Index n, Index k, const float* a, Index lda, 
 }  // namespace detail
 #endif
 
-// C [m, n] = A [m, k] W^T with W stored [n, k] (gemm_bt). Single-threaded.
+// C [m, n] = A [m, k] W^T (accumulate: C += A W^T) with W stored [n, k] (gemm_bt). Single-threaded.
 template <class Scalar>
-void weight_product(Index m, Index n, Index k, const Scalar* a, Index lda, const WeightMatrix& w, Scalar* c, Index ldc) {
+void weight_product(Index m, Index n, Index k, const Scalar* a, Index lda, const WeightMatrix& w, Scalar* c, Index ldc,
+                    bool accumulate = false) {
 #if defined(GQE_GEMM_OPENBLAS) || defined(GQE_GEMM_ONEDNN)
   if constexpr (std::is_same_v<Scalar, float>) {
     if (w.dtype == DType::F32 && !w.panels && k > 0) {  // 16-bit and panel-laid weights stay with the library's kernels
-      detail::float_product(m, n, k, a, lda, static_cast<const float*>(w.data), w.stride, c, ldc);
+      detail::float_product(m, n, k, a, lda, static_cast<const float*>(w.data), w.stride, c, ldc, accumulate);
       return;
     }
   }
 #endif
-  gemm_bt<Scalar>(m, n, k, a, lda, w, c, ldc);
+  gemm_bt<Scalar>(m, n, k, a, lda, w, c, ldc, accumulate);
 }
 
 // The same with A's row i at rows[i] (k consecutive values each): rows gathered from anywhere.
@@ -120,7 +123,7 @@ void weight_product(Index m, Index n, Index k, const Scalar* const* rows, const 
       thread_local std::vector<float> gathered;
       gathered.resize(static_cast<std::size_t>(m * k));
       for (Index i = 0; i < m; ++i) std::copy_n(rows[i], k, gathered.data() + i * k);
-      detail::float_product(m, n, k, gathered.data(), k, static_cast<const float*>(w.data), w.stride, c, ldc);
+      detail::float_product(m, n, k, gathered.data(), k, static_cast<const float*>(w.data), w.stride, c, ldc, false);
       return;
     }
   }

@@ -45,9 +45,10 @@ inline Index linear_col_tile(Index in, Index rows, bool panels) {
 }
 }  // namespace detail
 
-// y [R, out] = x [R, in] * W^T, W stored [out, in]. y must not alias x.
+// y [R, out] = x [R, in] * W^T, W stored [out, in]; with accumulate, y += x W^T (a residual stream
+// added to where it lies: each output's chain starts from y's value). y must not alias x.
 template <class Scalar>
-void linear(const Eigen::Ref<const Matrix<Scalar>>& x, const WeightMatrix& w, Eigen::Ref<Matrix<Scalar>> y) {
+void linear(const Eigen::Ref<const Matrix<Scalar>>& x, const WeightMatrix& w, Eigen::Ref<Matrix<Scalar>> y, bool accumulate = false) {
   assert(y.rows() == x.rows());
   const Index rows = x.rows(), cols = y.cols(), in = x.cols();
   const Index col_tile = detail::linear_col_tile(in, rows, w.panels), col_tiles = (cols + col_tile - 1) / col_tile;
@@ -56,20 +57,21 @@ void linear(const Eigen::Ref<const Matrix<Scalar>>& x, const WeightMatrix& w, Ei
     const Index r0 = (unit / col_tiles) * row_tile, c0 = (unit % col_tiles) * col_tile;
     const Index nr = std::min(row_tile, rows - r0), nc = std::min(col_tile, cols - c0);
     backend::weight_product<Scalar>(nr, nc, in, x.data() + r0 * x.outerStride(), x.outerStride(), rows_from(w, c0),
-                                    y.data() + r0 * y.outerStride() + c0, y.outerStride());
+                                    y.data() + r0 * y.outerStride() + c0, y.outerStride(), accumulate);
   }, 2.0 * static_cast<double>(rows) * static_cast<double>(cols) * static_cast<double>(in));
 }
 
 template <class Scalar>
-void linear(const Eigen::Ref<const Matrix<Scalar>>& x, const Weight& w, Eigen::Ref<Matrix<Scalar>> y) {
+void linear(const Eigen::Ref<const Matrix<Scalar>>& x, const Weight& w, Eigen::Ref<Matrix<Scalar>> y, bool accumulate = false) {
   assert(w.cols() == x.cols() && w.rows() == y.cols());
-  linear<Scalar>(x, w.matrix(), y);
+  linear<Scalar>(x, w.matrix(), y, accumulate);
 }
 // The same with the weight given as a matrix [out, in] of Scalar.
 template <class Scalar>
-void linear(const Eigen::Ref<const Matrix<Scalar>>& x, const Eigen::Ref<const Matrix<Scalar>>& w, Eigen::Ref<Matrix<Scalar>> y) {
+void linear(const Eigen::Ref<const Matrix<Scalar>>& x, const Eigen::Ref<const Matrix<Scalar>>& w, Eigen::Ref<Matrix<Scalar>> y,
+            bool accumulate = false) {
   assert(w.cols() == x.cols() && w.rows() == y.cols());
-  linear<Scalar>(x, WeightMatrix{w.data(), dtype_of<Scalar>(), w.outerStride()}, y);
+  linear<Scalar>(x, WeightMatrix{w.data(), dtype_of<Scalar>(), w.outerStride()}, y, accumulate);
 }
 
 // For y [R, out] = x [R, in] W^T: dx [R, in] = dy W (or += when accumulate_dx; skipped when dx is
