@@ -24,6 +24,7 @@
 #include "gqe/layers/attention_cache.hpp"
 #include "gqe/layers/feed_forward.hpp"
 #include "gqe/layers/router.hpp"
+#include "gqe/ops/gemm_backend.hpp"
 #include "support.hpp"
 
 namespace {
@@ -725,7 +726,8 @@ TEST(LayerConfig, RouterRefusesZeroKvHeadsWithAConfigError) {
 TYPED_TEST(LayersTest, FeedForwardIsSwiGLU) {
   using S = TypeParam;
   std::mt19937 rng(70);
-  for (Index rows : {1, 7, 130}) {
+  // 2500 rows: without a tape, runs of 1024 rows and a ragged last one.
+  for (Index rows : {1, 7, 130, 2500}) {
     const Index d = 37, I = 300;  // I crosses linear's 256-output tile
     SCOPED_TRACE("rows = " + std::to_string(rows));
     gqe::FeedForward<S> ffn(d, I);
@@ -762,6 +764,21 @@ TYPED_TEST(LayersTest, FeedForwardIsSwiGLU) {
     // Two products of length d, one of length I, and silu's few u: 4 (2 sqrt(d) + sqrt(I) + 8) eps.
     const double tol = 4 * (2 * std::sqrt(static_cast<double>(d)) + std::sqrt(static_cast<double>(I)) + 8) * eps<S>();
     EXPECT_LT(relative_error(y, ref), tol);
+
+    // With a tape (all rows at once, every activation kept) the same result; with accumulate,
+    // y0 + ffn(x). The library's kernels give the tape's run and the runs of rows the same bits.
+    gqe::FeedForwardTape<S> tape;
+    Matrix<S> taped(rows, d);  // [R, d]
+    ffn.forward(x, taped, &tape);
+    EXPECT_LT(relative_error(taped, ref), tol);
+    if (std::string(gqe::backend::kName) == "eigen") {
+      EXPECT_TRUE((taped.array() == y.array()).all());
+    }
+    ASSERT_EQ(tape.hidden.rows(), rows);
+    const Matrix<S> y0 = random_matrix<S>(rows, d, rng);  // [R, d]
+    Matrix<S> added = y0;
+    ffn.forward(x, added, nullptr, true);
+    EXPECT_LT(relative_error(added, to_double(y0) + ref), tol);
   }
 }
 

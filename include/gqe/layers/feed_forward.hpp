@@ -1,6 +1,8 @@
 #pragma once
 // SwiGLU feed-forward (Llama): down_proj(silu(gate_proj(x)) * up_proj(x)), no biases; its forward
 // with a tape and its backward pass.
+#include <algorithm>
+
 #include "gqe/ops/activations.hpp"
 #include "gqe/ops/linear.hpp"
 #include "gqe/tensor/scratch_matrix.hpp"
@@ -45,16 +47,27 @@ class FeedForward {
     check_shape("feed-forward output", Shape{y.rows(), y.cols()}, Shape{x.rows(), d});
     if (!gate_proj_.bound() || !up_proj_.bound() || !down_proj_.bound())
       fail<InputError>("feed-forward weights are not loaded; expected a loaded or initialised model");
-    thread_local FeedForwardTape<Scalar> scratch;
-    FeedForwardTape<Scalar>& t = tape ? *tape : scratch;
-    t.gate.resize(x.rows(), I);
-    t.up.resize(x.rows(), I);
-    t.hidden.resize(x.rows(), I);
-    linear<Scalar>(x, gate_proj_, t.gate);
-    linear<Scalar>(x, up_proj_, t.up);
-    swiglu<Scalar>(t.gate, t.up, t.hidden);
-    linear<Scalar>(t.hidden, down_proj_, y, accumulate);
-    if (tape) tape->x.assign(x);
+    if (tape) {
+      tape->gate.resize(x.rows(), I);
+      tape->up.resize(x.rows(), I);
+      tape->hidden.resize(x.rows(), I);
+      apply(x, tape->gate, tape->up, tape->hidden, y, accumulate);
+      tape->x.assign(x);
+      return;
+    }
+    // Without a tape the rows go through in runs of kRowRun, each with the same two [run, I]
+    // buffers, and the hidden activation is written over up: a long prompt's activations take
+    // 2 x kRowRun x I values instead of 3 x R x I (at I = 5632 and R = 4096, 46 MB instead of 277),
+    // memory that a cold process would also fault in. The library's kernels give a row the same
+    // bits whatever rows share its call, so the result is the whole's at once, bit for bit.
+    thread_local ScratchMatrix<Scalar> gate, up;  // [run, I]
+    const Index rows = std::min(x.rows(), kRowRun);
+    gate.resize(rows, I);
+    up.resize(rows, I);
+    for (Index r0 = 0; r0 < x.rows(); r0 += rows) {
+      const Index n = std::min(rows, x.rows() - r0);
+      apply(x.middleRows(r0, n), gate.topRows(n), up.topRows(n), up.topRows(n), y.middleRows(r0, n), accumulate);
+    }
   }
 
   // dx [R, d] (overwritten) from dy [R, d]; weights' gradients accumulated.
@@ -72,6 +85,18 @@ class FeedForward {
   }
 
  private:
+  static constexpr Index kRowRun = detail::kLinearRowTile;  // linear's largest unit of rows
+
+  // y (+)= down_proj(hidden), hidden [n, I] = silu(gate) * up from gate, up [n, I] = x [n, d]
+  // projected. hidden may be up (SwiGLU reads each packet before writing it).
+  void apply(const Eigen::Ref<const Matrix<Scalar>>& x, Eigen::Ref<Matrix<Scalar>> gate, Eigen::Ref<Matrix<Scalar>> up,
+           Eigen::Ref<Matrix<Scalar>> hidden, Eigen::Ref<Matrix<Scalar>> y, bool accumulate) const {
+    linear<Scalar>(x, gate_proj_, gate);
+    linear<Scalar>(x, up_proj_, up);
+    swiglu<Scalar>(gate, up, hidden);
+    linear<Scalar>(hidden, down_proj_, y, accumulate);
+  }
+
   Weight gate_proj_;  // [I, d]
   Weight up_proj_;    // [I, d]
   Weight down_proj_;  // [d, I]

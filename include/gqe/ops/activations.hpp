@@ -45,7 +45,7 @@ void silu_inplace(Eigen::Ref<Matrix<Scalar>> values) {
 }
 
 // h [R, I] = silu(gate) * up (SwiGLU's hidden activation); runs of rows are units of the
-// library's pool.
+// library's pool. h may be gate or up: each packet is read before it is written.
 template <class Scalar>
 void swiglu(const Eigen::Ref<const Matrix<Scalar>>& gate, const Eigen::Ref<const Matrix<Scalar>>& up,
             Eigen::Ref<Matrix<Scalar>> h) {
