@@ -90,7 +90,7 @@ class FeedForward {
   // y (+)= down_proj(hidden), hidden [n, I] = silu(gate) * up from gate, up [n, I] = x [n, d]
   // projected. hidden may be up (SwiGLU reads each packet before writing it).
   void apply(const Eigen::Ref<const Matrix<Scalar>>& x, Eigen::Ref<Matrix<Scalar>> gate, Eigen::Ref<Matrix<Scalar>> up,
-           Eigen::Ref<Matrix<Scalar>> hidden, Eigen::Ref<Matrix<Scalar>> y, bool accumulate) const {
+             Eigen::Ref<Matrix<Scalar>> hidden, Eigen::Ref<Matrix<Scalar>> y, bool accumulate) const {
     linear<Scalar>(x, gate_proj_, gate);
     linear<Scalar>(x, up_proj_, up);
     swiglu<Scalar>(gate, up, hidden);
