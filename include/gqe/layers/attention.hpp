@@ -161,7 +161,7 @@ class Attention {
   // Scratch of one thread's forward calls, reused call after call: no allocation once warm.
   struct Workspace {
     Routing<Scalar> routing;
-    ScratchMatrix<Scalar> key, value;  // [run, G*d_h]: one run of rows' K (after RoPE) and V
+    ScratchMatrix<Scalar> key, value;  // [R, G*d_h]
     ScratchMatrix<Scalar> query, out, lse;
     detail::ScratchBuffer<Index> expert_rows, expert_slots;  // see group_by_expert
     std::vector<Index> expert_first, expert_next;
@@ -233,26 +233,18 @@ class Attention {
 
   // K = x Wk^T and V = x Wv^T for all rows, RoPE on K, written to each segment's cache after its
   // cached positions (and the mean over groups, when the cache keeps one); not committed here.
-  // The rows go in runs of linear's largest row unit through the same two buffers, which the
-  // cache's write then reads from cache: a long prompt does not hold (or fault in) its K and V
-  // twice. The library's kernels give a row the same bits whatever rows share its call.
   void append_key_values(const Eigen::Ref<const Matrix<Scalar>>& x, const RopeTable<Scalar>& rope,
                          const std::vector<Segment<Scalar>>& segments, Workspace& ws) const {
-    const Index cols = config_.num_kv_heads * config_.head_dim, run = std::min(x.rows(), detail::kLinearRowTile);
-    for (const auto& s : segments) s.cache->reserve(s.cache->length() + s.count);
-    ws.key.resize(run, cols);
-    ws.value.resize(run, cols);
-    for (Index r0 = 0; r0 < x.rows(); r0 += run) {
-      const Index n = std::min(run, x.rows() - r0);
-      linear<Scalar>(x.middleRows(r0, n), k_proj_, ws.key.topRows(n));
-      linear<Scalar>(x.middleRows(r0, n), v_proj_, ws.value.topRows(n));
-      apply_rope<Scalar>(ws.key.topRows(n), config_.head_dim, rope, r0);
-      for (const auto& s : segments) {  // the segment's rows within this run
-        const Index begin = std::max(r0, s.row_begin), end = std::min(r0 + n, s.row_begin + s.count);
-        if (begin < end)
-          s.cache->write(s.cache->length() + (begin - s.row_begin), end - begin, ws.key.row(begin - r0).data(),
-                         ws.value.row(begin - r0).data(), cols);
-      }
+    const Index cols = config_.num_kv_heads * config_.head_dim;
+    ws.key.resize(x.rows(), cols);
+    ws.value.resize(x.rows(), cols);
+    linear<Scalar>(x, k_proj_, ws.key);
+    linear<Scalar>(x, v_proj_, ws.value);
+    apply_rope<Scalar>(ws.key, config_.head_dim, rope);
+    for (const auto& s : segments) {
+      const Index past = s.cache->length();
+      s.cache->reserve(past + s.count);
+      s.cache->write(past, s.count, ws.key.row(s.row_begin).data(), ws.value.row(s.row_begin).data(), cols);
     }
   }
 

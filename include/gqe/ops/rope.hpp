@@ -44,15 +44,15 @@ struct RopeTable {
   }
 };
 
-// Rotates every head of x [R, H*d_h] in place, row r by the angles of table row first_row + r;
-// runs of rows are units of the library's pool.
+// Rotates every head of x [R, H*d_h] in place, row r by the angles of table row r; runs of rows
+// are units of the library's pool.
 template <class Scalar>
-void apply_rope(Eigen::Ref<Matrix<Scalar>> x, Index head_dim, const RopeTable<Scalar>& table, Index first_row = 0) {
+void apply_rope(Eigen::Ref<Matrix<Scalar>> x, Index head_dim, const RopeTable<Scalar>& table) {
   const Index half = head_dim / 2, heads = x.cols() / head_dim;
-  assert(x.cols() == heads * head_dim && first_row >= 0 && table.cos.rows() >= first_row + x.rows() && table.cos.cols() == half);
+  assert(x.cols() == heads * head_dim && table.cos.rows() == x.rows() && table.cos.cols() == half);
   parallel_rows(x.rows(), 3.0 * static_cast<double>(x.cols()), [&](Index r) {
-    const Scalar* c = table.cos.row(first_row + r).data();
-    const Scalar* s = table.sin.row(first_row + r).data();
+    const Scalar* c = table.cos.row(r).data();
+    const Scalar* s = table.sin.row(r).data();
     for (Index h = 0; h < heads; ++h) {
       Scalar* x1 = x.row(r).data() + h * head_dim;
       Scalar* x2 = x1 + half;
