@@ -359,6 +359,51 @@ TYPED_TEST(LayersTest, AttentionLayersMatchTheReferenceInPrefillChunksDecodeAndB
   for (const auto& lc : layer_cases()) check_case<TypeParam>(lc, seed++);
 }
 
+// A long call over two sequences, 1300 rows (more than linear's largest unit of rows, 1024): a
+// new sequence of 600 rows and one with 11 cached rows continued by 700. Against the reference,
+// and against the same sequences in calls of their own: the same cache lengths and, with the
+// library's kernels, the same bits, and the caches continue alike.
+TYPED_TEST(LayersTest, AttentionLongCallsOverTwoSequencesMatchTheReference) {
+  using S = TypeParam;
+  unsigned seed = 90;
+  for (const std::size_t i : {std::size_t(0), std::size_t(2)}) {  // GQA, and GQE with its shared head's mean K/V
+    const LayerCase& lc = layer_cases()[i];
+    SCOPED_TRACE(lc.name);
+    const AttentionConfig c = lc.config();
+    std::mt19937 rng(seed++);
+    gqe::Attention<S> layer(c);
+    const Weights w = randomise<S>(layer, rng);
+    const Index d = c.hidden_size;
+    const Matrix<S> xa = random_matrix<S>(600, d, rng);  // [600, d]
+    const Matrix<S> xb = random_matrix<S>(711, d, rng);  // [11 + 700, d]
+    const Reference ref_a = reference_attention(c, w, to_double(xa)), ref_b = reference_attention(c, w, to_double(xb));
+    gqe::AttentionCache<S> cache_a(c), cache_b(c), alone_a(c), alone_b(c);
+    run<S>(layer, xb.topRows(11), Segments<S>{{&cache_b, 0, 11}});
+    run<S>(layer, xb.topRows(11), Segments<S>{{&alone_b, 0, 11}});
+    Matrix<S> batch(1300, d);  // [600 + 700, d]
+    batch.topRows(600) = xa;
+    batch.bottomRows(700) = xb.bottomRows(700);
+    const Matrix<S> both = run<S>(layer, batch, Segments<S>{{&cache_a, 0, 600}, {&cache_b, 600, 700}});  // [1300, d]
+    EXPECT_LT(relative_error(both.topRows(600), ref_a.y), layer_tolerance<S>(c, 600)) << "new sequence";
+    EXPECT_LT(relative_error(both.bottomRows(700), ref_b.y.bottomRows(700)), layer_tolerance<S>(c, 711)) << "continued sequence";
+    EXPECT_EQ(cache_a.length(), 600);
+    EXPECT_EQ(cache_b.length(), 711);
+    const Matrix<S> a = run<S>(layer, xa, Segments<S>{{&alone_a, 0, 600}});                 // [600, d]
+    const Matrix<S> b = run<S>(layer, xb.bottomRows(700), Segments<S>{{&alone_b, 0, 700}});  // [700, d]
+    if (std::string(gqe::backend::kName) == "eigen") {
+      EXPECT_TRUE((both.topRows(600).array() == a.array()).all());
+      EXPECT_TRUE((both.bottomRows(700).array() == b.array()).all());
+    }
+    // Both caches continue alike: one more step on each gives the same bits.
+    const Matrix<S> next = random_matrix<S>(1, d, rng);  // [1, d]
+    const Matrix<S> after_batch = run<S>(layer, next, Segments<S>{{&cache_b, 0, 1}});
+    const Matrix<S> after_alone = run<S>(layer, next, Segments<S>{{&alone_b, 0, 1}});
+    if (std::string(gqe::backend::kName) == "eigen") {
+      EXPECT_TRUE((after_batch.array() == after_alone.array()).all());
+    }
+  }
+}
+
 // o_proj's input order: with o_proj set to copy slot s into the first d_h outputs, the output is
 // exactly the reference's slot s ([slot(0,0), ..., slot(G-1,k-1), weighted, shared] for GQE, heads in
 // order for GQA), and every other output is 0.
