@@ -39,6 +39,7 @@ using gqe::testing::eps;
 using gqe::testing::MatrixD;
 using gqe::testing::random_matrix;
 using gqe::testing::relative_error;
+using gqe::testing::store_as;
 using gqe::testing::to_double;
 
 constexpr double kEpsDouble = std::numeric_limits<double>::epsilon();
@@ -523,12 +524,7 @@ TEST(OpsBf16, SixteenBitWeightsInPlaceEqualTheirWidenedValues) {
       const Matrix<float> x = random_matrix<float>(rows, 67, rng);  // [R, 67]
       const Matrix<float> w = random_matrix<float>(45, 67, rng);    // [45, 67]
       std::vector<std::uint16_t> stored(static_cast<std::size_t>(w.size()));
-      Matrix<float> widened(45, 67);
-      for (Index i = 0; i < w.size(); ++i) {
-        const std::uint16_t h = dtype == gqe::DType::BF16 ? gqe::float_to_bf16(w.data()[i]) : gqe::float_to_half(w.data()[i]);
-        stored[static_cast<std::size_t>(i)] = h;
-        widened.data()[i] = dtype == gqe::DType::BF16 ? gqe::bf16_to_float(h) : gqe::half_to_float(h);
-      }
+      const Matrix<float> widened = store_as(w, dtype, reinterpret_cast<unsigned char*>(stored.data())).cast<float>();  // exact
       Matrix<float> in_place(rows, 45), reference(rows, 45);
       gqe::linear<float>(x, gqe::WeightMatrix{stored.data(), dtype, 67}, in_place);
       gqe::linear<float>(x, widened, reference);
@@ -557,14 +553,7 @@ TEST(OpsDecode, FewRowsReadWeightsInPlaceAtAnyOffsetAsThePackedProductDoes) {
         std::vector<unsigned char> bytes(static_cast<std::size_t>(w.size() + shift) * size + 64);  // + room to align
         unsigned char* stored = bytes.data() + (64 - reinterpret_cast<std::uintptr_t>(bytes.data()) % 64) % 64 + shift * size;
         ASSERT_LE(stored + w.size() * size, bytes.data() + bytes.size());
-        MatrixD widened(s.out, s.in);  // [out, in]: the stored values, exactly
-        for (Index i = 0; i < w.size(); ++i) {
-          const float v = w.data()[i];
-          const std::uint16_t h = dtype == gqe::DType::BF16 ? gqe::float_to_bf16(v) : gqe::float_to_half(v);
-          if (dtype == gqe::DType::F32) std::memcpy(stored + i * size, &v, size);
-          else std::memcpy(stored + i * size, &h, size);
-          widened.data()[i] = dtype == gqe::DType::F32 ? double(v) : dtype == gqe::DType::BF16 ? gqe::bf16_to_float(h) : gqe::half_to_float(h);
-        }
+        const MatrixD widened = store_as(w, dtype, stored);  // [out, in]
         const gqe::WeightMatrix weights{stored, dtype, s.in};
         const Matrix<float> x = random_matrix<float>(40, s.in, rng);  // [40, in]
         Matrix<float> all(40, s.out);                                 // [40, out]
@@ -597,12 +586,7 @@ TEST(OpsPanels, PanelLaidWeightsGiveTheRowMajorBits) {
       const std::size_t size = gqe::dtype_size(dtype), total = static_cast<std::size_t>(s.in * s.out) * size;
       const Matrix<float> values = random_matrix<float>(s.out, s.in, rng);  // [out, in]
       std::vector<unsigned char> stored(total);
-      for (Index i = 0; i < values.size(); ++i) {
-        const float v = values.data()[i];
-        const std::uint16_t h = dtype == gqe::DType::BF16 ? gqe::float_to_bf16(v) : gqe::float_to_half(v);
-        if (dtype == gqe::DType::F32) std::memcpy(&stored[static_cast<std::size_t>(i) * size], &v, size);
-        else std::memcpy(&stored[static_cast<std::size_t>(i) * size], &h, size);
-      }
+      store_as(values, dtype, stored.data());
       gqe::Weight row_major(gqe::Shape{s.out, s.in});
       row_major.borrow(stored.data(), dtype, nullptr);
       gqe::Weight panels = row_major;
@@ -659,14 +643,7 @@ TEST(OpsLinear, AccumulateAddsTheProductToTheOutput) {
         const std::size_t size = gqe::dtype_size(dtype);
         const Matrix<float> values = random_matrix<float>(s.out, s.in, rng);  // [out, in]
         std::vector<unsigned char> stored(static_cast<std::size_t>(values.size()) * size);
-        MatrixD widened(s.out, s.in);  // [out, in]: the stored values, exactly
-        for (Index i = 0; i < values.size(); ++i) {
-          const float v = values.data()[i];
-          const std::uint16_t h = dtype == gqe::DType::BF16 ? gqe::float_to_bf16(v) : gqe::float_to_half(v);
-          if (dtype == gqe::DType::F32) std::memcpy(&stored[static_cast<std::size_t>(i) * size], &v, size);
-          else std::memcpy(&stored[static_cast<std::size_t>(i) * size], &h, size);
-          widened.data()[i] = dtype == gqe::DType::F32 ? double(v) : dtype == gqe::DType::BF16 ? gqe::bf16_to_float(h) : gqe::half_to_float(h);
-        }
+        const MatrixD widened = store_as(values, dtype, stored.data());  // [out, in]
         gqe::Weight weight(gqe::Shape{s.out, s.in});
         weight.borrow(stored.data(), dtype, nullptr);
         if (panels) weight.lay_out_in_panels([](const void*, std::size_t) {});
