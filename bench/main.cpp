@@ -3,11 +3,13 @@
 // (--model) and one attention layer of any shape, dense against GQE (--layer-speedup).
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <limits>
 #include <string>
 #include <vector>
@@ -46,6 +48,7 @@ and every rate is also given as a share of them (of_peak, of_bandwidth). Counter
                   probe after each round and gives both layers' useful GFLOP/s as shares of the
                   median trial (dense_of_peak, gqe_of_peak): the peak measured in turn with them.
 --threads N       the library's threads (default: the processor's cores; or GQE_THREADS=N).
+A flag's value may also follow an '=' (--threads=2), as with Google Benchmark's own flags.
 
 Google Benchmark's own flags follow. Its "library was built as DEBUG" warning and the JSON field
 library_build_type describe Debian's build of Google Benchmark itself, not gqe's code, which is
@@ -116,6 +119,24 @@ int main(int argc, char** argv) {
   bool probe = true, checkpoint = false, layer = false, help = false;
   gqe::bench::CheckpointOptions model;
   gqe::bench::LayerShape shape;
+  // gqe-bench's own flags that take a value take it as the next argument or after '=' (--threads=2),
+  // the form Google Benchmark's flags use; every other argument passes on whole.
+  static constexpr const char* kValueFlags[] = {"--threads", "--model",    "--prompt-tokens", "--decode-tokens", "--dtype",
+                                                "--panels",  "--hidden",   "--heads",         "--kv-heads",      "--head-dim",
+                                                "--top-k",   "--tokens",   "--rounds",        "--variant"};
+  std::vector<std::string> given;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    const std::size_t eq = a.find('=');
+    const bool own = eq != std::string::npos &&
+                     std::find(std::begin(kValueFlags), std::end(kValueFlags), a.substr(0, eq)) != std::end(kValueFlags);
+    given.push_back(own ? a.substr(0, eq) : a);
+    if (own) given.push_back(a.substr(eq + 1));
+  }
+  std::vector<char*> split{argv[0]};
+  for (std::string& a : given) split.push_back(a.data());
+  argc = static_cast<int>(split.size());
+  argv = split.data();
   std::vector<char*> args{argv[0]};
   const auto integer_flag = [&](int& i, const char* flag, long lo, long hi, auto& out) {
     if (i + 1 >= argc) {
@@ -179,6 +200,14 @@ int main(int argc, char** argv) {
     if (!ok) return 2;
   }
   if (help) std::fputs(kUsage, stdout);
+  if (checkpoint || layer) {
+    if (help) return 0;
+    if (args.size() > 1) {  // what neither mode knows (Google Benchmark's flags are the suite's)
+      std::fprintf(stderr, "gqe-bench: error: %s is not a flag of %s; expected those listed by --help\n",
+                   gqe::detail::one_line(args[1]).c_str(), checkpoint ? "--model" : "--layer-speedup");
+      return 2;
+    }
+  }
   gqe::set_num_threads(static_cast<int>(threads));
   if (const std::string warning = gqe::gemm_backend_warning(); !warning.empty())
     std::fprintf(stderr, "gqe-bench: warning: %s\n", warning.c_str());

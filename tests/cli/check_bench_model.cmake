@@ -39,6 +39,6 @@ foreach(steps 8 3)
 endforeach()
 
 include(${CMAKE_CURRENT_LIST_DIR}/bench_checks.cmake)
-foreach(args "--model;${MODEL}/no-such-folder" "--model;${MODEL};--decode-tokens;0")
+foreach(args "--model;${MODEL}/no-such-folder" "--model;${MODEL};--decode-tokens;0" "--model;${MODEL};--prompt=3")
   expect_bench_usage_error("${GQE_BENCH}" "${args}")
 endforeach()

@@ -101,3 +101,29 @@ endforeach()
 include(${CMAKE_CURRENT_LIST_DIR}/bench_checks.cmake)
 expect_bench_usage_error("${GQE_BENCH}" "--layer-speedup;--rounds;0")
 expect_bench_usage_error("${GQE_BENCH}" "--layer-speedup;--tokens;0;--peak")
+expect_bench_usage_error("${GQE_BENCH}" "--layer-speedup;--tokens;64;--no-such-flag")
+expect_bench_usage_error("${GQE_BENCH}" "--layer-speedup;--tokens=")
+expect_bench_usage_error("${GQE_BENCH}" "--layer-speedup;--rounds=-1")
+
+# A value after '=' is the same flag: the JSON reports the shape and threads given that way.
+execute_process(COMMAND "${GQE_BENCH}" --layer-speedup --hidden=64 --heads=8 --kv-heads=4 --head-dim=16 --top-k=1 --tokens=96
+                        --rounds=1 --threads=1
+                RESULT_VARIABLE status OUTPUT_VARIABLE out ERROR_VARIABLE err TIMEOUT 120)
+string(JSON tokens ERROR_VARIABLE json_error GET "${out}" tokens)
+string(JSON threads ERROR_VARIABLE threads_error GET "${out}" threads)
+string(JSON rounds ERROR_VARIABLE rounds_error GET "${out}" rounds)
+if(status EQUAL 0 AND NOT json_error AND NOT threads_error AND NOT rounds_error AND tokens EQUAL 96 AND threads EQUAL 1
+   AND rounds EQUAL 1)
+  message(STATUS "ok   --flag=value: tokens 96, threads 1, rounds 1")
+else()
+  message(SEND_ERROR "FAIL --flag=value: exit ${status}\n${out}\n${err}")
+endif()
+
+# --help with a mode prints the usage and runs nothing.
+execute_process(COMMAND "${GQE_BENCH}" --layer-speedup --help RESULT_VARIABLE status OUTPUT_VARIABLE out ERROR_VARIABLE err TIMEOUT 60)
+string(FIND "${out}" "{" json_at)
+if(status EQUAL 0 AND out MATCHES "^Usage:" AND json_at EQUAL -1)
+  message(STATUS "ok   --layer-speedup --help: the usage, nothing run")
+else()
+  message(SEND_ERROR "FAIL --layer-speedup --help: exit ${status}\n${out}\n${err}")
+endif()
