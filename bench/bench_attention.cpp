@@ -8,6 +8,8 @@
 //   decode_one_kv_head/L/N   the kernel's decode step for one KV head read by 8 query heads (d_h=128,
 //                            a multi-query model) over L cached positions, on N threads (0: the
 //                            pool's): one group, so its key chunks are what spreads over threads;
+//   register_tile/kc         the register tile of every product alone, one thread, operands in L1
+//                            (depth 64: d_h's score product; 256: a key tile or packed block);
 //   gemm_*/4096              a plain [4096 x 1024] x [1024 x 1024] product measured in the same run,
 //                            the machine's GEMM rate that the layer's GFLOP/s is compared with
 //                            (Eigen's own product on one thread, gqe::linear, and the GEMM
@@ -18,6 +20,7 @@
 #include "bench_common.hpp"
 #include "gqe/layers/attention.hpp"
 #include "gqe/ops/attention.hpp"
+#include "gqe/ops/gemm.hpp"
 #include "gqe/ops/linear.hpp"
 #include "gqe/ops/rope.hpp"
 #include "gqe/util/thread_pool.hpp"
@@ -249,6 +252,35 @@ void gemm_gqe_linear(benchmark::State& state) {
   state.counters["threads"] = num_threads();
 }
 
+// The register tile that carries the whole row blocks of every product above (6 rows x 4 packets
+// with 32 vector registers, MR x 2 packets otherwise), on one thread, over a depth of kc with its
+// operands in L1: A [rows][kc] read in place, B two packed panels [kc][NR] (one without 32
+// registers), C continued from itself. Its share of one thread's FMA peak is the ceiling of the
+// products in the layer, whose operands come from L2 and memory.
+void register_tile(benchmark::State& state) {
+  using Shape = detail::GemmShape<float>;
+  const Index kc = state.range(0);
+  const detail::WidePlan<float> plan = detail::wide_plan<float>(Shape::kRows, false, 2 * Shape::kCols);
+  const detail::MicroTile<float> tile = plan.tile ? plan.tile : detail::micro_tile_for<float>(Shape::kRows, false);
+  const Index rows = plan.tile ? plan.rows : Shape::kRows, cols = plan.tile ? plan.packets * Shape::kLanes : Shape::kCols;
+  const Matrix<float> a = random_input(rows, kc, 23);              // [rows, kc]
+  const Matrix<float> b = random_input(2 * kc, Shape::kCols, 24);  // two panels [kc, NR], one after the other
+  Matrix<float> c = Matrix<float>::Zero(rows, cols);               // [rows, cols]
+  const LhsMatrix<float> lhs{a.data(), kc, 1};
+  const detail::LhsBlock<float> block{&lhs, 0, 0};
+  for (auto _ : state) {
+    tile(kc, block, b.data(), Shape::kCols, kc * Shape::kCols, c.data(), cols, cols, true);
+    benchmark::ClobberMemory();
+  }
+  benchmark::DoNotOptimize(c.data());
+  const double flops = 2.0 * static_cast<double>(rows * cols * kc);
+  state.counters["GFLOP"] = bench::rate(flops * 1e-9);
+  if (bench::machine_peaks().fma_gflops_one > 0)
+    state.counters["of_peak"] = bench::rate(flops * 1e-9 / bench::machine_peaks().fma_gflops_one);
+  state.counters["rows"] = static_cast<double>(rows);
+  state.counters["packets"] = static_cast<double>(cols / Shape::kLanes);
+}
+
 #if defined(GQE_GEMM_OPENBLAS)
 // The backend's own sgemm over the whole product with as many threads as the library's pool (the
 // host's OpenBLAS thread count is put back afterwards): the rate the backend reaches on its own.
@@ -324,6 +356,7 @@ BENCHMARK(attention_gqa_dh128)->Apply(kernel_args);
 BENCHMARK(decode_one_kv_head)->Apply(one_kv_head_args);
 BENCHMARK(gemm_eigen_1thread)->Apply(gemm_args);
 BENCHMARK(gemm_gqe_linear)->Apply(gemm_args);
+BENCHMARK(register_tile)->Arg(64)->Arg(256);
 #if defined(GQE_GEMM_OPENBLAS) || defined(GQE_GEMM_ONEDNN)
 BENCHMARK(gemm_backend)->Apply(gemm_args);
 #endif

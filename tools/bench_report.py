@@ -229,6 +229,15 @@ def report(data, command=None):
         add("GEMM [4096 x 1024] x [1024 x 1024] in the same run: "
             + ", ".join(f"{name[5:]} {rate:.1f} GFLOP/s" for name, rate in sorted(gemm.items()))
             + (f"; the layer's figures are compared with the faster multi-threaded one ({best[5:]})." if best else "."))
+    tile = [(kc, runs.median("register_tile", kc, "GFLOP"), runs.median("register_tile", kc, "of_peak"))
+            for kc in (64, 256) if runs.get("register_tile", kc)]
+    if tile:
+        add("")
+        add("The register tile that carries every product, alone on one thread with its operands in L1: "
+            + ", ".join(f"{rate:.1f} GFLOP/s at depth {kc}" for kc, rate, _ in tile)
+            + (", " + " and ".join(percent(share) for _, _, share in tile) + " of one thread's FMA peak"
+               if all(share for _, _, share in tile) else "")
+            + ": the ceiling of the layer's products, whose operands come from L2 and memory.")
 
     # The attention kernel alone, and what is left of the layer's time.
     kernel_T = sorted(t for (f, t) in runs.runs if f == "attention_gqa" and runs.get("attention_gqe", t))
