@@ -8,8 +8,8 @@
 //   decode_one_kv_head/L/N   the kernel's decode step for one KV head read by 8 query heads (d_h=128,
 //                            a multi-query model) over L cached positions, on N threads (0: the
 //                            pool's): one group, so its key chunks are what spreads over threads;
-//   register_tile/kc         the register tile of every product alone, one thread, operands in L1
-//                            (depth 64: d_h's score product; 256: a key tile or packed block);
+//   register_tile/kc         the register tile of every product alone on one thread, over a depth
+//                            of 64 (the score product's; B in L1) or 256 (a key tile's);
 //   gemm_*/4096              a plain [4096 x 1024] x [1024 x 1024] product measured in the same run,
 //                            the machine's GEMM rate that the layer's GFLOP/s is compared with
 //                            (Eigen's own product on one thread, gqe::linear, and the GEMM
@@ -253,10 +253,11 @@ void gemm_gqe_linear(benchmark::State& state) {
 }
 
 // The register tile that carries the whole row blocks of every product above (6 rows x 4 packets
-// with 32 vector registers, MR x 2 packets otherwise), on one thread, over a depth of kc with its
-// operands in L1: A [rows][kc] read in place, B two packed panels [kc][NR] (one without 32
-// registers), C continued from itself. Its share of one thread's FMA peak is the ceiling of the
-// products in the layer, whose operands come from L2 and memory.
+// with 32 vector registers, MR x 2 packets otherwise), on one thread, over a depth of kc: A
+// [rows][kc] read in place, B two packed panels [kc][NR] (one without 32 registers), C continued
+// from itself, the same operands call after call. With AVX-512, at kc = 64 (the score product's
+// depth) B is 16 KB and stays in L1; at 256 (a key tile's) it is 64 KB, the size of a V tile. Its share of one
+// thread's FMA peak is the ceiling of the layer's products, whose operands come from further away.
 void register_tile(benchmark::State& state) {
   using Shape = detail::GemmShape<float>;
   const Index kc = state.range(0);

@@ -233,11 +233,12 @@ def report(data, command=None):
             for kc in (64, 256) if runs.get("register_tile", kc)]
     if tile:
         add("")
-        add("The register tile that carries every product, alone on one thread with its operands in L1: "
+        add("The register tile that carries every product, alone on one thread over the depth of the score product "
+            "(64) and of a key tile (256): "
             + ", ".join(f"{rate:.1f} GFLOP/s at depth {kc}" for kc, rate, _ in tile)
             + (", " + " and ".join(percent(share) for _, _, share in tile) + " of one thread's FMA peak"
                if all(share for _, _, share in tile) else "")
-            + ": the ceiling of the layer's products, whose operands come from L2 and memory.")
+            + ": the ceiling of the layer's products, whose operands come from further away.")
 
     # The attention kernel alone, and what is left of the layer's time.
     kernel_T = sorted(t for (f, t) in runs.runs if f == "attention_gqa" and runs.get("attention_gqe", t))
