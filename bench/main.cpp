@@ -34,8 +34,7 @@ The suite times one attention layer of the paper's shape (d=1024, d_h=64, N=16, 
 GQE in prefill and decode, the attention kernel alone, the products' register tile, plain GEMMs and
 a small whole model. Before it runs, the machine's float32 FMA peak and memory read bandwidth are
 measured (--no-probe skips that), and every rate is also given as a share of them (of_peak,
-of_bandwidth). Counters print as
-"GFLOP=81.7/s": 81.7 GFLOP per second.
+of_bandwidth). Counters print as "GFLOP=81.7/s": 81.7 GFLOP per second.
 
 --model DIR       time a checkpoint folder as gqe-run uses it: load, first and warm prefill of T
                   tokens (default 128), N decode steps (default 64), the same steps again in
