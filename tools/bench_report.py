@@ -418,6 +418,10 @@ def main():
     if args.model and not os.path.isdir(args.model):
         sys.exit(f"bench_report: --model {args.model} is not a folder; expected a checkpoint folder "
                  "(config.json and safetensors), such as tools/make_large_checkpoint.py writes")
+    if args.threads is not None and args.threads < 1:
+        sys.exit(f"bench_report: --threads is {args.threads}; expected at least 1")
+    if args.repetitions < 1:
+        sys.exit(f"bench_report: --repetitions is {args.repetitions}; expected at least 1")
     if args.decode_tokens < 1:
         sys.exit(f"bench_report: --decode-tokens is {args.decode_tokens}; expected at least 1")
     os.makedirs(args.out, exist_ok=True)
