@@ -256,8 +256,9 @@ void gemm_gqe_linear(benchmark::State& state) {
 // with 32 vector registers, MR x 2 packets otherwise), on one thread, over a depth of kc: A
 // [rows][kc] read in place, B two packed panels [kc][NR] (one without 32 registers), C continued
 // from itself, the same operands call after call. With AVX-512, at kc = 64 (the score product's
-// depth) B is 16 KB and stays in L1; at 256 (a key tile's) it is 64 KB, the size of a V tile. Its share of one
-// thread's FMA peak is the ceiling of the layer's products, whose operands come from further away.
+// depth) B is 16 KB and stays in L1; at 256 (a key tile's) it is 64 KB, the size of a V tile. Its
+// share of one thread's FMA peak is the ceiling of the layer's products, whose operands come from
+// further away.
 void register_tile(benchmark::State& state) {
   using Shape = detail::GemmShape<float>;
   const Index kc = state.range(0);
