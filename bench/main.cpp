@@ -3,13 +3,11 @@
 // (--model) and one attention layer of any shape, dense against GQE (--layer-speedup).
 #include <benchmark/benchmark.h>
 
-#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
-#include <iterator>
 #include <limits>
 #include <string>
 #include <vector>
@@ -119,24 +117,22 @@ int main(int argc, char** argv) {
   bool probe = true, checkpoint = false, layer = false, help = false;
   gqe::bench::CheckpointOptions model;
   gqe::bench::LayerShape shape;
-  // gqe-bench's own flags that take a value take it as the next argument or after '=' (--threads=2),
-  // the form Google Benchmark's flags use; every other argument passes on whole.
-  static constexpr const char* kValueFlags[] = {"--threads", "--model",    "--prompt-tokens", "--decode-tokens", "--dtype",
-                                                "--panels",  "--hidden",   "--heads",         "--kv-heads",      "--head-dim",
-                                                "--top-k",   "--tokens",   "--rounds",        "--variant"};
+  // A value may follow its flag after '=' (--threads=2), the form Google Benchmark's flags use:
+  // theirs (--benchmark_..., --v) pass on whole, any other "--flag=value" is read as "--flag value",
+  // so that the parsing below sees one form.
   std::vector<std::string> given;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     const std::size_t eq = a.find('=');
-    const bool own = eq != std::string::npos &&
-                     std::find(std::begin(kValueFlags), std::end(kValueFlags), a.substr(0, eq)) != std::end(kValueFlags);
-    given.push_back(own ? a.substr(0, eq) : a);
-    if (own) given.push_back(a.substr(eq + 1));
+    const bool theirs = a.rfind("--benchmark_", 0) == 0 || a.rfind("--v=", 0) == 0;
+    const bool split = a.rfind("--", 0) == 0 && eq != std::string::npos && !theirs;
+    given.push_back(split ? a.substr(0, eq) : a);
+    if (split) given.push_back(a.substr(eq + 1));
   }
-  std::vector<char*> split{argv[0]};
-  for (std::string& a : given) split.push_back(a.data());
-  argc = static_cast<int>(split.size());
-  argv = split.data();
+  std::vector<char*> one_form{argv[0]};
+  for (std::string& a : given) one_form.push_back(a.data());
+  argc = static_cast<int>(one_form.size());
+  argv = one_form.data();
   std::vector<char*> args{argv[0]};
   const auto integer_flag = [&](int& i, const char* flag, long lo, long hi, auto& out) {
     if (i + 1 >= argc) {
