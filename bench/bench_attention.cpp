@@ -262,16 +262,16 @@ void gemm_gqe_linear(benchmark::State& state) {
 void register_tile(benchmark::State& state) {
   using Shape = detail::GemmShape<float>;
   const Index kc = state.range(0);
-  const detail::WidePlan<float> plan = detail::wide_plan<float>(Shape::kRows, false, 2 * Shape::kCols);
-  const detail::MicroTile<float> tile = plan.tile ? plan.tile : detail::micro_tile_for<float>(Shape::kRows, false);
-  const Index rows = plan.tile ? plan.rows : Shape::kRows, cols = plan.tile ? plan.packets * Shape::kLanes : Shape::kCols;
+  detail::WidePlan<float> plan = detail::wide_plan<float>(Shape::kRows, false, 2 * Shape::kCols);
+  if (!plan.tile) plan = {detail::micro_tile_for<float>(Shape::kRows, false), Shape::kVectors, Shape::kRows};
+  const Index rows = plan.rows, cols = plan.packets * Shape::kLanes;
   const Matrix<float> a = random_input(rows, kc, 23);              // [rows, kc]
   const Matrix<float> b = random_input(2 * kc, Shape::kCols, 24);  // two panels [kc, NR], one after the other
   Matrix<float> c = Matrix<float>::Zero(rows, cols);               // [rows, cols]
   const LhsMatrix<float> lhs{a.data(), kc, 1};
   const detail::LhsBlock<float> block{&lhs, 0, 0};
   for (auto _ : state) {
-    tile(kc, block, b.data(), Shape::kCols, kc * Shape::kCols, c.data(), cols, cols, true);
+    plan.tile(kc, block, b.data(), Shape::kCols, kc * Shape::kCols, c.data(), cols, cols, true);
     benchmark::ClobberMemory();
   }
   benchmark::DoNotOptimize(c.data());
