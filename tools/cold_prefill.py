@@ -89,6 +89,7 @@ def main():
         sys.exit("cold_prefill: --pairs, every --tokens, --threads and --chunk must be at least 1")
     models = make_models(args.models)
     rng = random.Random(args.seed)
+    progress = sys.stderr.isatty()  # a line rewritten in place on a terminal; nothing in a log
     print("| T | dense s | GQE s | speed-up (range) | whole-model FLOP ceiling | of ceiling | page faults, dense / GQE |")
     print("|---|---:|---:|---|---:|---:|---:|")
     for T in args.tokens:
@@ -103,8 +104,10 @@ def main():
                 times[name].append(runs[name][0])
                 faults[name].append(runs[name][1])
             ratios.append(runs["gqa"][0] / runs["gqe"][0])
-            print(f"cold_prefill: T={T} pair {pair + 1}/{args.pairs}", end="\r", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
+            if progress:
+                print(f"cold_prefill: T={T} pair {pair + 1}/{args.pairs}", end="\r", file=sys.stderr, flush=True)
+        if progress:
+            print(file=sys.stderr)
         speedup, ceiling = statistics.median(ratios), whole_model_ceiling(T)
         print(f"| {T} | {statistics.median(times['gqa']):.3f} | {statistics.median(times['gqe']):.3f} | "
               f"{speedup:.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | {ceiling:.2f} | {100 * speedup / ceiling:.0f}% | "
