@@ -102,10 +102,10 @@ class ColdPrefill(unittest.TestCase):
             self.assertLessEqual(low, speedup)
             self.assertLessEqual(speedup, high)
             self.assertGreater(speedup, 1.0)  # unless a start took 0.4 s longer than the other's
-            self.assertEqual(f"{ceiling:.2f}", f"{whole_model_ceiling(T):.2f}")
+            exact = whole_model_ceiling(T)
+            self.assertEqual(f"{ceiling:.2f}", f"{exact:.2f}")
             # The share is the unrounded speed-up over the ceiling, rounded: within half a point of the
             # printed speed-up's share, and that speed-up's own rounding.
-            exact = whole_model_ceiling(T)
             self.assertLessEqual(abs(share - 100 * speedup / exact), 0.5 + 100 * 0.005 / exact + 1e-9)
 
     def test_a_failing_process_fails_the_tool(self):
