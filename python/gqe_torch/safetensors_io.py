@@ -69,7 +69,9 @@ def parse_header(blob, source):
     if not isinstance(header, dict):
         raise BadInput(f"{source}: the header is JSON but not an object")
 
-    metadata = header.pop("__metadata__", {})
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:  # absent or null: no metadata, as the format's own reader takes it
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise BadInput(f"{source}: __metadata__ is not an object of strings")
 

@@ -98,6 +98,11 @@ class Safetensors(unittest.TestCase):
             # 2^62 * 2^2 elements of 4 bytes wrap to 0 in 64 bits; the count must not.
             "overflowing shape": raw_file({"a": {"dtype": "F32", "shape": [2 ** 62, 4], "data_offsets": [0, 0]}}),
         }
+        # A null __metadata__ is none, as the format's own reader takes it.
+        path = os.path.join(self.tmp, "null-metadata.safetensors")
+        with open(path, "wb") as f:
+            f.write(raw_file({"__metadata__": None, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, four))
+        self.assertEqual(st.read_safetensors(path)[2], {})
         for what, blob in cases.items():
             with self.subTest(case=what):
                 path = os.path.join(self.tmp, "bad.safetensors")

@@ -186,7 +186,9 @@ class SafetensorsHeaderReader final : public nlohmann::json_sax<nlohmann::json> 
     switch (at_) {
       case At::start: case At::done:
         fail<FormatError>(source_, ": the header is JSON but not an object");
-      case At::top: return misplaced(text);
+      case At::top:
+        if (key_ == "__metadata__" && text == "null") return true;  // no metadata, as the format's own reader takes it
+        return misplaced(text);
       case At::metadata:
         if (!str) fail<FormatError>(source_, ": __metadata__ value of \"", printable(key_), "\" is ", text, "; expected a string");
         metadata[key_] = *str;
