@@ -1087,12 +1087,25 @@ TEST(Checkpoint, ShardedFoldersAreCheckedTensorByTensor) {
     std::ofstream(index_path) << text;
   }
   expect({"names \"model.norm.weight\" twice"});
-  // total_size that disagrees, a shard path outside the folder, no weight_map.
+  // A tensor gone from both its shard and the index: refused by its name, not by any byte count.
   fresh();
+  edit_shard(norm_shard, [](auto& t) { t.erase(std::remove_if(t.begin(), t.end(), [](const auto& x) { return x.name == "model.norm.weight"; }), t.end()); });
   auto j = index();
-  j["metadata"]["total_size"] = 12;
+  j["weight_map"].erase("model.norm.weight");
   write_index(j);
-  expect({"metadata.total_size is 12"});
+  expect({"tensor model.norm.weight is missing from the checkpoint's shards"});
+  // total_size is informational, as in Hugging Face's loaders: whatever it holds, the same model.
+  for (const nlohmann::ordered_json& total : {nlohmann::ordered_json(12), nlohmann::ordered_json(1.5), nlohmann::ordered_json("x")}) {
+    fresh();
+    j = index();
+    j["metadata"]["total_size"] = total;
+    write_index(j);
+    EXPECT_EQ(logits_of(gqe::load_checkpoint<float>(dir)), logits_of(model)) << total.dump();
+  }
+  // An empty weight_map, a shard path outside the folder, no weight_map.
+  fresh();
+  write_index(nlohmann::ordered_json{{"metadata", {{"total_size", 0}}}, {"weight_map", nlohmann::ordered_json::object()}});
+  expect({"weight_map is empty"});
   fresh();
   j = index();
   j["weight_map"]["model.norm.weight"] = "../model-00001-of-00002.safetensors";
