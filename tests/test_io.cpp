@@ -607,6 +607,16 @@ TEST(ConfigJson, PlainLlamaConfigGetsTheDocumentedDefaults) {
   EXPECT_FALSE(c.tie_word_embeddings);
   EXPECT_EQ(c.max_position_embeddings, 4096);
   EXPECT_EQ(c.gqe_variant, gqe::GqeVariant::gqe);
+  // Keys of the Llama family that say what gqe computes anyway load; so does RoPE's base given the
+  // newer way, inside "rope_parameters".
+  const auto same = parse("{" + kBase + R"(, "hidden_act": "silu", "use_rope": true, "use_sliding_window": false,
+                             "sliding_window": 32768, "layer_types": ["full_attention", "full_attention"],
+                             "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}})");
+  EXPECT_EQ(same.rope_theta, 500000.0);
+  EXPECT_EQ(parse("{" + kBase + R"(, "rope_theta": 500000, "rope_parameters": {"rope_theta": 500000.0, "type": "default"}})").rope_theta,
+            500000.0);
+  EXPECT_EQ(parse("{" + kBase + R"(, "rope_theta": 20000, "rope_parameters": {"rope_type": "default"}, "sliding_window": null})").rope_theta,
+            20000.0);
 }
 
 TEST(ConfigJson, ReadsEveryKeyAndWritesItBack) {
@@ -654,6 +664,19 @@ TEST(ConfigJson, RefusesBadValuesNamingTheKey) {
       {R"("rope_scaling": 0)", {"\"rope_scaling\" is 0", "does not implement"}},
       {R"("attention_bias": true)", {"\"attention_bias\" is true", "does not implement"}},
       {R"("mlp_bias": true)", {"\"mlp_bias\" is true", "does not implement"}},
+      {R"("hidden_act": "gelu")", {"\"hidden_act\" is \"gelu\"", "SiLU", "expected \"silu\""}},
+      {R"("use_rope": false)", {"\"use_rope\" is false", "always applies RoPE"}},
+      {R"("sliding_window": 4096)", {"\"sliding_window\" is 4096", "sliding-window attention"}},
+      {R"("use_sliding_window": true, "sliding_window": 4096)", {"\"use_sliding_window\" is true"}},
+      {R"("layer_types": ["full_attention", "sliding_attention"])", {"\"layer_types\" gives layer 1 \"sliding_attention\""}},
+      {R"("layer_types": "full_attention")", {"\"layer_types\" is \"full_attention\"", "expected a list"}},
+      {R"("rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0})", {"\"rope_parameters\" sets \"factor\""}},
+      {R"("rope_parameters": {"rope_type": "yarn", "rope_theta": 500000.0})", {"\"rope_type\" is \"yarn\"", "RoPE scaling"}},
+      {R"("rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}, "rope_theta": 10000.0)",
+       {"\"rope_theta\" is 10000.0 but \"rope_parameters\" gives 500000.0", "one value"}},
+      {R"("rope_parameters": {"rope_theta": "1e4"})", {"\"rope_parameters\": \"rope_theta\" is \"1e4\"", "expected a number"}},
+      {R"("rope_parameters": 10000)", {"\"rope_parameters\" is 10000", "expected an object"}},
+      {R"("rope_parameters": {"rope_theta": -1})", {"rope_theta is -1"}},
       {R"("tie_word_embeddings": "yes")", {"\"tie_word_embeddings\" is \"yes\"", "true or false"}},
       {R"("tie_word_embeddings": 1)", {"\"tie_word_embeddings\" is 1"}},
       {R"("rms_norm_eps": "1e-5")", {"\"rms_norm_eps\" is \"1e-5\"", "expected a number"}},

@@ -283,6 +283,16 @@ def config_from_dict(d: dict) -> Config:
     for key in ("rope_scaling", "attention_bias", "mlp_bias"):
         if d.get(key) not in (None, False):
             raise BadInput(f"config.json: {key} = {d[key]!r} is not supported (must be null or false)")
+    if d.get("hidden_act") not in (None, "silu"):
+        raise BadInput(f"config.json: hidden_act = {d['hidden_act']!r} is not supported (this model is SwiGLU with SiLU)")
+    rope_theta = _get_float(d, "rope_theta", 10000.0)
+    rope = d.get("rope_parameters")  # newer Hugging Face configs: {"rope_type": "default", "rope_theta": ...}
+    if rope is not None:
+        if not isinstance(rope, dict) or any(k not in ("rope_type", "type", "rope_theta") for k in rope) \
+                or any(rope.get(k) not in (None, "default") for k in ("rope_type", "type")):
+            raise BadInput(f"config.json: rope_parameters = {rope!r} is not supported (plain RoPE only)")
+        if rope.get("rope_theta") is not None:
+            rope_theta = _get_float(rope, "rope_theta", rope_theta)
 
     attention_type = d.get("attention_type") or "gqa"
     if attention_type not in ("gqa", "gqe"):
@@ -324,7 +334,7 @@ def config_from_dict(d: dict) -> Config:
         gqe_top_k=top_k,
         gqe_variant=variant,
         rms_norm_eps=_get_float(d, "rms_norm_eps", 1e-6),
-        rope_theta=_get_float(d, "rope_theta", 10000.0),
+        rope_theta=rope_theta,
         tie_word_embeddings=tie,
         max_position_embeddings=_get_int(d, "max_position_embeddings", 4096),
     )

@@ -248,6 +248,14 @@ def main():
                config=with_config(attention_bias=True), model_bytes=good)
     write_case("mlp_bias", "mlp_bias true (not implemented)", ['"mlp_bias" is true', "does not implement"],
                config=with_config(mlp_bias=True), model_bytes=good)
+    write_case("hidden_act_gelu", "hidden_act gelu (SwiGLU is computed with SiLU)", ['"hidden_act" is "gelu"', "SiLU"],
+               config=with_config(hidden_act="gelu"), model_bytes=good)
+    write_case("sliding_window", "a sliding window switched on (not implemented)", ['"sliding_window" is 8', "sliding-window"],
+               config=with_config(sliding_window=8), model_bytes=good)
+    write_case("rope_parameters_llama3", "RoPE scaling given the newer way, in rope_parameters",
+               ['"rope_parameters" sets "factor"'],
+               config=with_config(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0}),
+               model_bytes=good)
     write_case("eos_out_of_vocab", "eos_token_id 16 with vocab_size 16", ["eos_token_id 16", "vocab_size - 1 = 15"],
                config=with_config(eos_token_id=16), model_bytes=good)
     write_case("eos_not_ids", "eos_token_id a list holding a string", ['"eos_token_id" is [1, "2"]', "token ids"],

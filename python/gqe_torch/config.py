@@ -21,13 +21,40 @@ VARIANTS = ("gqe", "hard_concat", "weighted_concat")
 KNOWN_KEYS = ("attention_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "head_dim", "gqe_top_k", "gqe_variant",
               "rms_norm_eps", "rope_theta", "tie_word_embeddings", "max_position_embeddings",
-              "rope_scaling", "attention_bias", "mlp_bias")
+              "rope_scaling", "attention_bias", "mlp_bias", "rope_parameters")
 # Written by to_dict() from the model itself, so not carried over from `extra`.
 _DERIVED_KEYS = ("architectures", "model_type", "hidden_act", "torch_dtype")
 
 
 def _describe(v):
     return json.dumps(v) if isinstance(v, (str, bool, int, float, type(None))) else type(v).__name__
+
+
+def _refuse_unimplemented(d):
+    """Keys of Llama-family configs whose values change what the model computes in ways gqe does not
+    implement: refused unless they say what gqe computes (null counts as absent)."""
+    for key, feature in (("rope_scaling", "RoPE scaling"), ("attention_bias", "attention biases"),
+                         ("mlp_bias", "MLP biases")):
+        if d.get(key) not in (None, False):
+            raise BadInput(f'config: "{key}" is {_describe(d[key])}; gqe does not implement {feature} '
+                           "(expected null or false)")
+    for key, value, reason in (("hidden_act", "silu", "gqe computes SwiGLU with SiLU"),
+                               ("use_rope", True, "gqe always applies RoPE")):
+        if d.get(key) is not None and d[key] != value:
+            raise BadInput(f'config: "{key}" is {_describe(d[key])}; {reason} (expected {json.dumps(value)})')
+    # Qwen-style configs give a window size beside a switch that leaves it off.
+    window = "use_sliding_window" if d.get("use_sliding_window") is not None else "sliding_window"
+    if d.get(window) not in (None, False):
+        raise BadInput(f'config: "{window}" is {_describe(d[window])}; gqe does not implement sliding-window attention '
+                       "(expected null or false)")
+    types = d.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list):
+            raise BadInput(f'config: "layer_types" is {_describe(types)}; expected a list')
+        for i, t in enumerate(types):
+            if t != "full_attention":
+                raise BadInput(f'config: "layer_types" gives layer {i} {_describe(t)}; gqe runs full attention in '
+                               'every layer (expected "full_attention")')
 
 
 class GQEConfig:
@@ -43,11 +70,7 @@ class GQEConfig:
 
     def __init__(self, **config):
         self._d = config
-        for key, feature in (("rope_scaling", "RoPE scaling"), ("attention_bias", "attention biases"),
-                             ("mlp_bias", "MLP biases")):
-            if config.get(key) not in (None, False):
-                raise BadInput(f'config: "{key}" is {_describe(config[key])}; gqe does not implement {feature} '
-                               "(expected null or false)")
+        _refuse_unimplemented(config)
         self.attention_type = self._string("attention_type", "gqa")
         if self.attention_type not in ("gqa", "gqe"):
             raise BadInput(f'config: "attention_type" is {_describe(self.attention_type)}; expected "gqa" or "gqe"')
@@ -82,7 +105,7 @@ class GQEConfig:
         self.rms_norm_eps = self._number("rms_norm_eps", 1e-6)
         if not 0 < self.rms_norm_eps <= 1:
             raise BadInput(f'config: "rms_norm_eps" is {self.rms_norm_eps}; expected a number in (0, 1]')
-        self.rope_theta = self._number("rope_theta", 10000.0)
+        self.rope_theta = self._rope_theta()
         if not 0 < self.rope_theta <= 1e12:
             raise BadInput(f'config: "rope_theta" is {self.rope_theta}; expected a positive finite number')
         self.tie_word_embeddings = self._boolean("tie_word_embeddings", False)
@@ -176,6 +199,34 @@ class GQEConfig:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise BadInput(f'config: "{key}" is {_describe(v)}; expected a number')
         return float(v)
+
+    def _rope_theta(self):
+        """RoPE's base; newer Hugging Face configs keep it in "rope_parameters": {"rope_type":
+        "default", "rope_theta": ...}, where any other type or setting is refused as scaling is."""
+        top = self._number("rope_theta", 10000.0)
+        p = self._d.get("rope_parameters")
+        if p is None:
+            return top
+        if not isinstance(p, dict):
+            raise BadInput(f'config: "rope_parameters" is {_describe(p)}; expected an object such as '
+                           '{"rope_type": "default", "rope_theta": 10000.0}')
+        for key, value in p.items():
+            if key not in ("rope_type", "type", "rope_theta") and value is not None:
+                raise BadInput(f'config: "rope_parameters" sets {json.dumps(key)}; gqe implements plain RoPE, set by '
+                               "rope_theta alone")
+        for key in ("rope_type", "type"):
+            if p.get(key) is not None and p[key] != "default":
+                raise BadInput(f'config: "rope_parameters": "{key}" is {_describe(p[key])}; gqe does not implement '
+                               'RoPE scaling (expected "default")')
+        theta = p.get("rope_theta")
+        if theta is None:
+            return top
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+            raise BadInput(f'config: "rope_parameters": "rope_theta" is {_describe(theta)}; expected a number')
+        if self._has("rope_theta") and float(theta) != top:
+            raise BadInput(f'config: "rope_theta" is {_describe(self._d["rope_theta"])} but "rope_parameters" gives '
+                           f"{_describe(theta)}; expected one value")
+        return float(theta)
 
     def _boolean(self, key, default):
         if not self._has(key):

@@ -34,30 +34,6 @@ TORCH_FILE = "pytorch_model.bin"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def refuse_unsupported_config(path):
-    """Keys of a Hugging Face or GQE-module config that name something gqe does not compute (the
-    gqe's own three, rope_scaling, attention_bias and mlp_bias, GQEConfig refuses)."""
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError):
-        return  # load_config reports it
-    if not isinstance(d, dict):
-        return
-    if "use_rope" in d and d["use_rope"] is not True:
-        raise BadInput(f'{path}: "use_rope" is {json.dumps(d["use_rope"])}; gqe always applies RoPE')
-    if d.get("use_sliding_window") is True:
-        raise BadInput(f'{path}: "use_sliding_window" is true; gqe does not implement sliding-window attention')
-    if "use_sliding_window" not in d and d.get("sliding_window") not in (None, False):
-        raise BadInput(f'{path}: "sliding_window" is {json.dumps(d["sliding_window"])}; gqe does not implement '
-                       "sliding-window attention")
-    layer_types = d.get("layer_types")
-    if isinstance(layer_types, list) and any(t != "full_attention" for t in layer_types):
-        raise BadInput(f'{path}: "layer_types" holds {json.dumps(sorted(set(layer_types)))}; gqe runs full attention only')
-    if d.get("hidden_act", "silu") != "silu":
-        raise BadInput(f'{path}: "hidden_act" is {json.dumps(d["hidden_act"])}; gqe computes SwiGLU with SiLU')
-
-
 def read_state_dict(path):
     """A flat {name: tensor} from a torch.save'd file (tensors only: loaded with weights_only)."""
     try:
@@ -116,7 +92,6 @@ def torch_to_gqe(src, dst, config_path, dtype):
         raise BadInput(f"no config.json at {config_path}; give its path with --config")
     if any(os.path.exists(os.path.join(dst, n)) for n in (CONFIG, SINGLE, INDEX)):
         raise BadInput(f"{dst} already holds a checkpoint; expected a new folder")
-    refuse_unsupported_config(config_path)
     config = load_config(config_path)
     state = to_gqe_tensors(read_state_dict(src_file), config, src_file)
     model = GQEForCausalLM(config)

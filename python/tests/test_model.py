@@ -175,6 +175,14 @@ class Config(unittest.TestCase):
             "gqe_variant": dict(gqe_variant="soft"),
             "rms_norm_eps": dict(rms_norm_eps=0),
             "tie_word_embeddings": dict(tie_word_embeddings="yes"),
+            "hidden_act": dict(hidden_act="gelu"),
+            "use_rope": dict(use_rope=False),
+            "sliding_window": dict(sliding_window=4096),
+            "use_sliding_window": dict(use_sliding_window=True, sliding_window=64),
+            "layer_types": dict(layer_types=["full_attention", "sliding_attention"]),
+            "rope_parameters": dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}),
+            "rope_type": dict(rope_parameters={"rope_type": "yarn"}),
+            "rope_theta": dict(rope_theta=1e4, rope_parameters={"rope_theta": 5e5}),
         }
         for key, override in cases.items():
             with self.subTest(key=key):
@@ -183,6 +191,12 @@ class Config(unittest.TestCase):
                 self.assertIn(f'"{key.strip()}"', str(e.exception))
         # null and false are fine; 256.0 is an integer
         gt.GQEConfig(**dict(base, rope_scaling=None, attention_bias=False, mlp_bias=None, vocab_size=256.0))
+        # What gqe computes anyway loads, RoPE's base given inside "rope_parameters" included.
+        c = gt.GQEConfig(**dict(base, hidden_act="silu", use_rope=True, use_sliding_window=False, sliding_window=32768,
+                                layer_types=["full_attention"], rope_parameters={"rope_type": "default", "rope_theta": 5e5}))
+        self.assertEqual(c.rope_theta, 5e5)
+        self.assertEqual(c.to_dict()["rope_theta"], 5e5)
+        self.assertNotIn("rope_parameters", c.to_dict())  # the base is written where every reader looks
 
 
 if __name__ == "__main__":

@@ -81,6 +81,13 @@ class ConfigReader {
       fail<ConfigError>(source_, ": \"", key, "\" is ", describe_json(json_.at(key)), "; gqe does not implement ", feature,
                         " (expected null or false)");
   }
+  // Keys that, when given, must hold the one value gqe computes with.
+  void require_if_given(const char* key, const nlohmann::json& expected, const char* reason) const {
+    if (has(key) && json_.at(key) != expected)
+      fail<ConfigError>(source_, ": \"", key, "\" is ", describe_json(json_.at(key)), "; ", reason, " (expected ", expected.dump(), ")");
+  }
+  const nlohmann::json& at(const char* key) const { return json_.at(key); }
+  const std::string& source() const { return source_; }
 
  private:
   // An integer (256.0 counts: an integer written as a float; 2.5 does not), or nothing when v is
@@ -102,6 +109,51 @@ class ConfigReader {
   std::string source_;
 };
 
+// Keys of Llama-family configs whose values change what a model computes in ways gqe does not
+// implement: refused unless they say what gqe computes, so that such a model never runs silently
+// wrong. (Unknown keys, which change nothing here, are ignored.)
+inline void refuse_unimplemented(const ConfigReader& r) {
+  r.refuse_feature("rope_scaling", "RoPE scaling");
+  r.refuse_feature("attention_bias", "attention biases");
+  r.refuse_feature("mlp_bias", "MLP biases");
+  r.require_if_given("hidden_act", "silu", "gqe computes SwiGLU with SiLU");
+  r.require_if_given("use_rope", true, "gqe always applies RoPE");
+  // Qwen-style configs give a window size beside a switch that leaves it off.
+  r.refuse_feature(r.has("use_sliding_window") ? "use_sliding_window" : "sliding_window", "sliding-window attention");
+  if (r.has("layer_types")) {
+    const auto& types = r.at("layer_types");
+    if (!types.is_array()) fail<ConfigError>(r.source(), ": \"layer_types\" is ", describe_json(types), "; expected a list");
+    for (std::size_t i = 0; i < types.size(); ++i)
+      if (types[i] != "full_attention")
+        fail<ConfigError>(r.source(), ": \"layer_types\" gives layer ", i, " ", describe_json(types[i]),
+                          "; gqe runs full attention in every layer (expected \"full_attention\")");
+  }
+}
+
+// RoPE's base. Newer Hugging Face configs keep RoPE's settings in one object, "rope_parameters":
+// {"rope_type": "default", "rope_theta": 10000.0}; plain RoPE is read from there too, and any other
+// type or setting is refused as RoPE scaling is.
+inline double rope_theta_of(const ConfigReader& r) {
+  const double top = r.number("rope_theta", 10000.0);
+  if (!r.has("rope_parameters")) return top;
+  const auto& p = r.at("rope_parameters");
+  const std::string where = r.source() + ": \"rope_parameters\"";
+  if (!p.is_object())
+    fail<ConfigError>(where, " is ", describe_json(p), "; expected an object such as {\"rope_type\": \"default\", \"rope_theta\": 10000.0}");
+  for (const auto& [key, value] : p.items())
+    if (key != "rope_type" && key != "type" && key != "rope_theta" && !value.is_null())
+      fail<ConfigError>(where, " sets \"", printable(key), "\"; gqe implements plain RoPE, set by rope_theta alone");
+  const ConfigReader inner(p, where);
+  for (const char* key : {"rope_type", "type"})
+    if (inner.has(key) && inner.string(key, "") != "default")
+      fail<ConfigError>(where, ": \"", key, "\" is ", describe_json(p.at(key)), "; gqe does not implement RoPE scaling (expected \"default\")");
+  const double theta = inner.number("rope_theta", top);
+  if (r.has("rope_theta") && theta != top)
+    fail<ConfigError>(r.source(), ": \"rope_theta\" is ", r.at("rope_theta").dump(), " but \"rope_parameters\" gives ",
+                      p.at("rope_theta").dump(), "; expected one value");
+  return theta;
+}
+
 }  // namespace detail
 
 // A ModelConfig from parsed config.json, checked by ModelConfig::validate; `source` names the file
@@ -109,9 +161,7 @@ class ConfigReader {
 inline ModelConfig parse_model_config(const nlohmann::json& json, const std::string& source = "config.json") {
   if (!json.is_object()) fail<FormatError>(source, " is JSON but not an object; expected {\"vocab_size\": ..., ...}");
   const detail::ConfigReader r(json, source);
-  r.refuse_feature("rope_scaling", "RoPE scaling");
-  r.refuse_feature("attention_bias", "attention biases");
-  r.refuse_feature("mlp_bias", "MLP biases");
+  detail::refuse_unimplemented(r);
   ModelConfig c;
   try {
     // printable(): an unknown name is quoted in the message, which must stay one line.
@@ -135,7 +185,7 @@ inline ModelConfig parse_model_config(const nlohmann::json& json, const std::str
     }
     c.top_k = c.attention_type == AttentionType::gqe ? r.integer("gqe_top_k") : r.integer("gqe_top_k", 1);
     c.rms_norm_eps = r.number("rms_norm_eps", 1e-6);
-    c.rope_theta = r.number("rope_theta", 10000.0);
+    c.rope_theta = detail::rope_theta_of(r);
     c.tie_word_embeddings = r.boolean("tie_word_embeddings", false);
     c.max_position_embeddings = r.integer("max_position_embeddings", 4096);
     c.eos_token_ids = r.token_ids("eos_token_id");
