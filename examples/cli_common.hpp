@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 
 #include <cerrno>
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -26,38 +27,54 @@ constexpr int kUsageError = 2;
 
 // Output that went wrong after the fact: a full disk or a closed pipe behind stdout shows only when
 // the buffered bytes are flushed. IoError naming the error, unless everything was written.
-inline void check_stdout() {
+// `earlier` is the errno of writes that may have failed before (std::endl flushes by itself), the
+// reason to give when this flush finds the stream failed already.
+inline void check_stdout(int earlier = 0) {
   errno = 0;
   if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
-    const int error = errno;
+    const int error = errno ? errno : earlier;
     std::clearerr(stdout);
     fail<IoError>("cannot write to standard output: ", error ? std::strerror(error) : "write error");
   }
+}
+
+// A closed pipe behind stdout (SIGPIPE) or a file size limit (SIGXFSZ) would kill the process
+// silently; ignored, the write fails with EPIPE or EFBIG instead, and the error is reported (and a
+// temporary file removed) like any other write error.
+inline void ignore_output_signals() {
+#ifdef SIGPIPE
+  std::signal(SIGPIPE, SIG_IGN);
+#endif
+#ifdef SIGXFSZ
+  std::signal(SIGXFSZ, SIG_IGN);
+#endif
 }
 
 // Runs body() after parsing; maps every failure to one line on stderr (control characters escaped).
 // --help and --version exit 0. Standard output is checked before a success is reported.
 template <class Body>
 int run_main(CLI::App& app, int argc, char** argv, Body&& body) {
+  ignore_output_signals();
   const std::string program = app.get_name().empty() ? "gqe" : app.get_name();
   const auto say = [&](const char* kind, const std::string& message) {
     std::fprintf(stderr, "%s: %s: %s\n", program.c_str(), kind, gqe::detail::one_line(message).c_str());
+  };
+  // --help and --version: CLI11 prints the answer to std::cout.
+  const auto answer = [&](const CLI::Error& e) {
+    errno = 0;
+    const int status = app.exit(e);
+    check_stdout(errno);
+    return status;
   };
   try {
     try {
       app.parse(argc, argv);
     } catch (const CLI::CallForHelp& e) {
-      const int status = app.exit(e);
-      check_stdout();
-      return status;
+      return answer(e);
     } catch (const CLI::CallForAllHelp& e) {
-      const int status = app.exit(e);
-      check_stdout();
-      return status;
+      return answer(e);
     } catch (const CLI::CallForVersion& e) {
-      const int status = app.exit(e);
-      check_stdout();
-      return status;
+      return answer(e);
     } catch (const CLI::ParseError& e) {
       say("error", std::string(e.what()) + " (see --help)");
       return kUsageError;

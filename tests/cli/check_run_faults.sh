@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # gqe-run against faults beyond malformed files: threads the system refuses, odd output paths
-# (the model's own files, a FIFO, devices, a 250-byte name), full disks behind stdout, a model whose
-# output turns NaN, integer flags with leading zeros, paths holding control characters. Each refusal
-# is exit status 2 with one line on stderr and no output file; nothing is replaced that should not be.
+# (the model's own files, a FIFO, devices, a 250-byte name), full disks, closed pipes and file size
+# limits behind stdout and the logits file, a model whose output turns NaN, integer flags with
+# leading zeros, paths holding control characters. Each refusal is exit status 2 with one line on
+# stderr and no output file; nothing is replaced that should not be.
 # Usage: check_run_faults.sh GQE_RUN GOOD_MODEL BYTE_MODEL SHARDED_MODEL SCRATCH [sanitized]
 set -u
 run=$1 good=$2 bytes=$3 sharded=$4 tmp=$5 sanitized=${6:-}
@@ -102,6 +103,22 @@ if [[ -w /dev/full ]]; then
 else
   echo "skip stdout_full: no writable /dev/full"
 fi
+
+# A closed pipe behind stdout (`gqe-run ... | head -c 1`) and a file size limit (ulimit -f) are
+# write errors like a full disk, never a signal; the temporary logits file is removed.
+refused stdout_closed_pipe_generate "cannot write to standard output: Broken pipe" \
+  bash -c "$closed_pipe" "$tmp" "$run" --model "$bytes" --prompt hi --generate 50
+refused stdout_closed_pipe_version "cannot write to standard output: Broken pipe" \
+  bash -c "$closed_pipe" "$tmp" "$run" --version
+mkdir "$tmp/limited"
+refused logits_out_past_file_size_limit "cannot write $tmp/limited/x.safetensors" \
+  bash -c 'ulimit -f 2 && exec "$0" --model "$1" --prompt "hello world hello world" --logits-out "$2/x.safetensors"' \
+  "$run" "$bytes" "$tmp/limited"
+check file_size_limit_leaves_no_file test -z "$(ls -A "$tmp/limited")"
+# (A limit of 1 KB: stderr, a file here too, must take the message.)
+refused stdout_past_file_size_limit "cannot write to standard output: File too large" \
+  bash -c 'ulimit -f 1 && exec "$0" --model "$1" --prompt hi --generate 1500 > "$2/out.txt"' "$run" "$bytes" "$tmp/limited"
+rm -rf "$tmp/limited"
 
 # All or nothing: a model whose logits are NaN (every weight byte 0xff, a NaN in F32) fails in
 # --generate after the logits were computed; no logits file is left, and no statistics printed.

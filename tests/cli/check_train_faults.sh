@@ -17,6 +17,9 @@ check_timeout=300
 source "$(dirname "${BASH_SOURCE[0]}")/checks.sh"
 state_step() { grep -o '"step": *[0-9]*' "$1/train_state.json" | head -n 1 | grep -o '[0-9]*$'; }
 
+# A closed pipe behind stdout is a write error, never a signal.
+refused version_into_closed_pipe "cannot write to standard output: Broken pipe" bash -c "$closed_pipe" "$tmp" "$train" --version
+
 # A small shape, so that every run takes seconds.
 small=(--hidden 16 --layers 1 --heads 2 --kv-heads 1 --head-dim 8 --intermediate 32 --batch 4 --seq-len 32
        --mqar-pairs 4 --mqar-vocab 32 --seeds 1 --save-every 0 --warmup 2)

@@ -36,3 +36,9 @@ check() {
   cases=$((cases + 1))
   if "$@"; then ok "$name"; else fail "$name" "condition failed: $*"; fi
 }
+
+# A script for `bash -c "$closed_pipe" SCRATCH CMD...`: runs CMD with its stdout a pipe whose reading
+# end is already closed (the reader closes it, then lets CMD start), and exits with CMD's status.
+closed_pipe='gate=$0/gate; mkfifo "$gate" || exit 1
+{ read -r < "$gate"; exec "$@"; } | { exec 0<&-; echo > "$gate"; }
+status=${PIPESTATUS[0]}; rm -f "$gate"; exit "$status"'
