@@ -156,12 +156,6 @@ int run(const Options& opt) {
   }
   const double prompt_seconds = seconds_since(prompt_start);
 
-  if (continuation_by_default && generate == 0)  // this note says why nothing follows; no warnings besides
-    std::fprintf(stderr, "gqe-run: the prompt fills all %td positions of the model; no room for a continuation\n",
-                 config.max_position_embeddings);
-  else
-    for (const auto& line : ignored_flags(opt, generate, V)) std::fprintf(stderr, "gqe-run: warning: %s\n", line.c_str());
-
   // Generation: stream each token as it comes, as bytes when the vocabulary is byte-level and
   // --print-ids is not given, else as space-separated ids. An eos token ends it, unprinted.
   const bool as_text = V <= 256 && !opt.print_ids;
@@ -195,6 +189,13 @@ int run(const Options& opt) {
 
   // The outputs, only now that everything else succeeded: a run that fails leaves no file.
   if (opt.logits_out) gqe::cli::write_logits(*opt.logits_out, logits, keep_experts ? &experts : nullptr);
+
+  // Notes and warnings only for a run that succeeded: one that fails prints its error alone.
+  if (continuation_by_default && generate == 0)  // this note says why nothing follows; no warnings besides
+    std::fprintf(stderr, "gqe-run: the prompt fills all %td positions of the model; no room for a continuation\n",
+                 config.max_position_embeddings);
+  else
+    for (const auto& line : ignored_flags(opt, generate, V)) std::fprintf(stderr, "gqe-run: warning: %s\n", line.c_str());
 
   if (opt.stats) {  // routing statistics of the prompt, then timings (wall-clock)
     if (routed)

@@ -100,6 +100,9 @@ if [[ -w /dev/full ]]; then
     bash -c 'exec "$0" --model "$1" --perplexity "$2/text.txt" > /dev/full' "$run" "$bytes" "$tmp"
   refused stdout_full_text_generate "cannot write to standard output" \
     bash -c 'exec "$0" --model "$1" --prompt hi --generate 20 > /dev/full' "$run" "$bytes"
+  # A warning would have come first; a run that fails prints its error alone.
+  refused stdout_full_after_a_warning "cannot write to standard output" \
+    bash -c 'exec "$0" --model "$1" --prompt hi --generate 20 --top-k 3 > /dev/full' "$run" "$bytes"
 else
   echo "skip stdout_full: no writable /dev/full"
 fi
@@ -130,6 +133,8 @@ size=$(stat -c %s "$good/model.safetensors")
 refused nan_during_generate "is NaN" \
   "$run" --model "$tmp/nan" --prompt-ids 1,2 --generate 3 --stats --logits-out "$tmp/x.safetensors"
 check nan_leaves_no_logits test ! -e "$tmp/x.safetensors"
+refused nan_during_generate_after_a_warning "is NaN" \
+  "$run" --model "$tmp/nan" --prompt-ids 1,2 --generate 3 --top-k 3 --logits-out "$tmp/x.safetensors"
 rm -rf "$tmp/nan"
 
 echo "$cases checks, $failures failed"
