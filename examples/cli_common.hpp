@@ -3,7 +3,9 @@
 // prompt parsing, and the logits file of gqe-run.
 #include <CLI/CLI.hpp>
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <csignal>
@@ -148,6 +150,42 @@ inline std::vector<std::int32_t> parse_ids(const std::string& text) {
     pos = comma + 1;
   }
   return ids;
+}
+
+// Refuses, before any work, an output path that cannot be written: an empty one, a folder, or a
+// file in a folder that is missing, is not a folder or does not let this process create a file
+// there. The folder is probed with a file created and removed at once, so that whatever decides
+// (permissions, a read-only file system, /proc) is asked; a device or FIFO at the path, written
+// through rather than replaced, must be writable itself.
+inline void require_writable_output(const std::string& flag, const std::string& path_given) {
+  namespace fs = std::filesystem;
+  if (path_given.empty()) fail<InputError>(flag, " is an empty path; expected a file path");
+  const std::string cannot = flag + " " + path_given + " cannot be written: ";
+  std::error_code ec;
+  if (fs::is_directory(path_given, ec)) fail<InputError>(flag, " ", path_given, " is a folder; expected a file path");
+  if (detail::is_stream_target(path_given)) {
+    if (::access(path_given.c_str(), W_OK) != 0) fail<InputError>(cannot, std::strerror(errno));
+    return;
+  }
+  // The folder write_file_atomically puts its temporary file in: beside the file a link names.
+  fs::path path = path_given;
+  if (fs::is_symlink(path, ec)) {
+    path = fs::weakly_canonical(path, ec);
+    if (ec) fail<InputError>(cannot, "cannot follow the link (", ec.message(), ")");
+  }
+  const fs::path folder = path.has_parent_path() ? path.parent_path() : fs::path(".");
+  struct stat st {};
+  if (::stat(folder.c_str(), &st) != 0)
+    fail<InputError>(cannot, "folder ", folder.string(), ": ", std::strerror(errno), "; expected a file in an existing folder");
+  if (!S_ISDIR(st.st_mode))
+    fail<InputError>(cannot, folder.string(), " is a file, not a folder; expected a file in an existing folder");
+  const fs::path probe = folder / detail::temporary_name(path.filename().string(), detail::name_limit(folder));
+  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0600);
+  if (fd < 0)
+    fail<InputError>(cannot, "cannot create a file in folder ", folder.string(), ": ", std::strerror(errno),
+                     "; expected a file in a folder this process may write");
+  ::close(fd);
+  ::unlink(probe.c_str());
 }
 
 // Refuses an output path at which an input of the same run already stands: the same file by device

@@ -11,6 +11,14 @@ rm -rf "$tmp" && mkdir -p "$tmp" || exit 1
 trap 'rm -rf "$tmp"' EXIT
 source "$(dirname "${BASH_SOURCE[0]}")/checks.sh"
 
+# Permissions do not bind root: as root, the cases about them run as the user nobody (setpriv),
+# when it may run gqe-run and read the fixtures; else they are skipped ("none").
+unprivileged=()
+if [[ $(id -u) == 0 ]]; then
+  unprivileged=(setpriv --reuid=65534 --regid=65534 --clear-groups)
+  if ! "${unprivileged[@]}" "$run" --model "$good" --prompt-ids 1 --generate 1 > /dev/null 2>&1; then unprivileged=(none); fi
+fi
+
 # Threads the system refuses: 512 thread stacks do not fit in 400 MB of address space.
 if [[ -n $sanitized ]]; then
   echo "skip threads_refused: sanitizers reserve terabytes of address space, so ulimit -v cannot be set"
@@ -64,6 +72,29 @@ mkdir "$tmp/long"
 succeeds logits_out_250_byte_name "$run" --model "$good" --prompt-ids 1,2 --logits-out "$tmp/long/$long"
 check long_name_exists test -s "$tmp/long/$long"
 check long_name_written_alone test "$(ls -A "$tmp/long" | wc -l)" = 1
+
+# An unwritable --logits-out is refused before the model is loaded or run: nothing generated, the
+# reason named. A model folder that does not exist is not reached.
+refused logits_out_empty "--logits-out is an empty path" "$run" --model "$good" --prompt-ids 1 --generate 3 --logits-out ""
+refused logits_out_missing_folder "No such file or directory" \
+  "$run" --model "$good" --prompt-ids 1 --generate 3 --logits-out "$tmp/none/x.safetensors"
+check logits_out_missing_folder_generates_nothing test ! -s "$tmp/stdout"
+refused logits_out_is_a_folder "is a folder" "$run" --model "$good" --prompt-ids 1 --generate 3 --logits-out "$tmp"
+check logits_out_is_a_folder_generates_nothing test ! -s "$tmp/stdout"
+refused logits_out_in_a_file "$good/config.json is a file, not a folder" \
+  "$run" --model "$good" --prompt-ids 1 --generate 3 --logits-out "$good/config.json/x.safetensors"
+refused logits_out_checked_before_the_model "--logits-out $tmp/none/x.safetensors cannot be written" \
+  "$run" --model "$tmp/no-model" --prompt-ids 1 --logits-out "$tmp/none/x.safetensors"
+if [[ ${unprivileged[0]:-} != none ]]; then
+  mkdir "$tmp/read-only" && chmod 555 "$tmp/read-only"
+  refused logits_out_in_a_read_only_folder "cannot create a file in folder $tmp/read-only: Permission denied" \
+    "${unprivileged[@]}" "$run" --model "$good" --prompt-ids 1 --generate 3 --logits-out "$tmp/read-only/x.safetensors"
+  check logits_out_in_a_read_only_folder_generates_nothing test ! -s "$tmp/stdout"
+  check read_only_folder_left_empty test -z "$(ls -A "$tmp/read-only")"
+  rmdir "$tmp/read-only"
+else
+  echo "skip read-only folder: running as root, and setpriv cannot run gqe-run as the user nobody"
+fi
 
 # --logits-out onto an input of the same run: refused by device and inode, whatever the name.
 cp -R "$good" "$tmp/model"
