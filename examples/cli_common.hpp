@@ -203,13 +203,13 @@ inline void refuse_overwriting_inputs(const std::string& flag, const std::filesy
   }
 }
 
-// The files directly inside a folder (a checkpoint's config.json, its safetensors, an index and its
-// shards); empty when the folder cannot be listed.
-inline std::vector<std::filesystem::path> files_in(const std::filesystem::path& folder) {
-  std::vector<std::filesystem::path> files;
-  std::error_code ec;
-  for (std::filesystem::directory_iterator it(folder, ec), end; !ec && it != end; it.increment(ec))
-    files.push_back(it->path());
+// The files gqe::load_checkpoint reads from a checkpoint folder: config.json, model.safetensors or
+// the index and the shards it names. Named rather than listed, so that they are found in a folder
+// that cannot be listed (mode 0300) too.
+inline std::vector<std::filesystem::path> checkpoint_files(const std::filesystem::path& folder) {
+  std::vector<std::filesystem::path> files = {folder / "config.json", folder / detail::kSingleFile,
+                                              folder / detail::kIndexFile};
+  for (const auto& shard : detail::indexed_shards(folder)) files.push_back(folder / shard);
   return files;
 }
 

@@ -432,7 +432,7 @@ int main(int argc, char** argv) {
     opt.seed_given = seed->count() > 0;
     if (opt.logits_out) {  // checked before the run, which may take long, not only when the file is written
       gqe::cli::require_writable_output("--logits-out", *opt.logits_out);
-      gqe::cli::refuse_overwriting_inputs("--logits-out", *opt.logits_out, gqe::cli::files_in(opt.model));
+      gqe::cli::refuse_overwriting_inputs("--logits-out", *opt.logits_out, gqe::cli::checkpoint_files(opt.model));
     }
     gqe::set_num_threads(opt.threads);
     const bool in_double = gqe::checkpoint_is_double(opt.model);

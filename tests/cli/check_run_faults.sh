@@ -119,6 +119,19 @@ refused logits_out_is_the_index "an input of this run" \
   "$run" --model "$tmp/sharded" --prompt-ids 1,2 --logits-out "$tmp/sharded/model.safetensors.index.json"
 check shards_left_intact diff -r -q "$sharded" "$tmp/sharded"
 rm -rf "$tmp/sharded"
+# A model folder that can be searched but not listed (mode 0300): its files are inputs all the same.
+if [[ ${unprivileged[0]:-} != none ]]; then
+  cp -R "$good" "$tmp/unlisted"
+  [[ -n ${unprivileged[*]} ]] && chown -R 65534:65534 "$tmp/unlisted"
+  chmod 300 "$tmp/unlisted"
+  refused logits_out_is_the_model_in_an_unlisted_folder "an input of this run" \
+    "${unprivileged[@]}" "$run" --model "$tmp/unlisted" --prompt-ids 1,2 --logits-out "$tmp/unlisted/model.safetensors"
+  chmod 700 "$tmp/unlisted"
+  check unlisted_model_left_intact cmp -s "$tmp/unlisted/model.safetensors" "$good/model.safetensors"
+  rm -rf "$tmp/unlisted"
+else
+  echo "skip unlisted model folder: running as root, and setpriv cannot run gqe-run as the user nobody"
+fi
 
 # Write errors on stdout: a full disk stops the run with exit 2, and leaves no logits file.
 if [[ -w /dev/full ]]; then
