@@ -8,15 +8,19 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <charconv>
+#include <cmath>
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <limits>
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <type_traits>
 #include <vector>
 
@@ -96,9 +100,28 @@ int run_main(CLI::App& app, int argc, char** argv, Body&& body) {
   }
 }
 
-// An integer option in [lo, hi], written in decimal digits alone. CLI11 by itself reads a leading
-// zero as octal ("010" is 8) and "0x10" as hex, and clamps what overflows; here "010" is 10, a sign,
-// a prefix or a value out of range is refused. Passes the value on without its leading zeros.
+// Reads `text` as an integer in [lo, hi] written in decimal digits alone: "010" is 10; a sign, a
+// prefix, a space or a value out of range is refused. Returns what is wrong with it ("" when
+// nothing is, and then `value` holds it).
+inline std::string read_integer(const std::string& text, std::uint64_t lo, std::uint64_t hi, std::uint64_t& value) {
+  const std::string expected = "; expected a decimal integer from " + std::to_string(lo) + " to " + std::to_string(hi);
+  if (text.empty() || text.find_first_not_of("0123456789") != std::string::npos)
+    return "value \"" + gqe::detail::printable(text, 40) + "\" is not a decimal integer" + expected;
+  std::uint64_t v = 0;
+  bool over = false;
+  for (const char c : text) {
+    const auto digit = static_cast<std::uint64_t>(c - '0');
+    over = over || v > (UINT64_MAX - digit) / 10;
+    if (!over) v = v * 10 + digit;
+  }
+  if (over || v < lo || v > hi) return "value " + gqe::detail::printable(text, 40) + " is out of range" + expected;
+  value = v;
+  return "";
+}
+
+// An integer option in [lo, hi], read by read_integer. CLI11 by itself reads a leading zero as
+// octal ("010" is 8) and "0x10" as hex, and clamps what overflows. Passes the value on without its
+// leading zeros.
 template <class T>
 CLI::Validator integer_in(T lo, T hi) {
   static_assert(std::is_integral_v<T>, "integer_in is for integer options");
@@ -109,21 +132,72 @@ CLI::Validator integer_in(T lo, T hi) {
   const auto low = static_cast<std::uint64_t>(lo), high = static_cast<std::uint64_t>(hi);
   return CLI::Validator(
       [low, high](std::string& value) -> std::string {
-        const std::string expected = "; expected a decimal integer from " + std::to_string(low) + " to " + std::to_string(high);
-        if (value.empty() || value.find_first_not_of("0123456789") != std::string::npos)
-          return "value \"" + gqe::detail::printable(value, 40) + "\" is not a decimal integer" + expected;
         std::uint64_t v = 0;
-        bool over = false;
-        for (const char c : value) {
-          const auto digit = static_cast<std::uint64_t>(c - '0');
-          over = over || v > (UINT64_MAX - digit) / 10;
-          if (!over) v = v * 10 + digit;
-        }
-        if (over || v < low || v > high) return "value " + gqe::detail::printable(value, 40) + " is out of range" + expected;
-        value = std::to_string(v);
-        return "";
+        std::string problem = read_integer(value, low, high, v);
+        if (problem.empty()) value = std::to_string(v);
+        return problem;
       },
       "INT in [" + std::to_string(low) + " - " + std::to_string(high) + "]");
+}
+
+// The shortest decimal that reads back as x ("0.1", "1e-12", "1.0000001"), for messages and for
+// handing a checked value on.
+inline std::string shortest_decimal(double x) {
+  char text[32];
+  const auto [end, error] = std::to_chars(text, text + sizeof text, x);
+  return error == std::errc() ? std::string(text, end) : std::to_string(x);
+}
+
+// Reads `text` as a plain decimal number: an optional sign, digits with an optional fraction (at
+// least one digit in all: "2", "0.5", ".5"), an optional exponent ("5e-3"); no spaces, hex, inf or
+// nan. A value too large for a double, or a nonzero one that would round to 0 (1e-400), is refused
+// rather than read as inf or 0. Returns what is wrong with it ("" when nothing is, and then `value`
+// holds it).
+inline std::string read_decimal(const std::string& text, double& value) {
+  std::size_t at = 0;
+  const auto skip_sign = [&] { at += at < text.size() && (text[at] == '+' || text[at] == '-'); };
+  const auto digits = [&] {
+    const std::size_t from = at;
+    while (at < text.size() && text[at] >= '0' && text[at] <= '9') ++at;
+    return at - from;
+  };
+  skip_sign();
+  std::size_t mantissa_digits = digits();
+  if (at < text.size() && text[at] == '.') {
+    ++at;
+    mantissa_digits += digits();
+  }
+  const std::size_t mantissa_end = at;
+  bool well_formed = mantissa_digits > 0;
+  if (well_formed && at < text.size() && (text[at] == 'e' || text[at] == 'E')) {
+    ++at;
+    skip_sign();
+    well_formed = digits() > 0;
+  }
+  if (!well_formed || at != text.size())
+    return "value \"" + gqe::detail::printable(text, 40) + "\" is not a decimal number like 0.5 or 5e-3";
+  value = std::strtod(text.c_str(), nullptr);  // the "C" locale: these programs never set another
+  if (std::isinf(value)) return "value " + text + " is too large for a double";
+  if (value == 0 && text.find_first_of("123456789") < mantissa_end)
+    return "value " + text + " is too small for a double, which would hold it as 0";
+  return "";
+}
+
+// A decimal option in [lo, hi] (or (lo, hi] with above_lo), read by read_decimal; hi may be
+// infinity. CLI11 by itself takes "" as 0, " 0.5", "0x1p-1" as 0.5 and 1e-400 as 0. A value out of
+// range is echoed as given, so that 1.0000001 is not shown as 1 beside a bound of 1.
+inline CLI::Validator decimal_in(double lo, double hi, bool above_lo = false) {
+  std::string expected = "; expected a decimal number " + std::string(above_lo ? "> " : ">= ") + shortest_decimal(lo);
+  if (!std::isinf(hi)) expected += " and <= " + shortest_decimal(hi);
+  return CLI::Validator(
+      [lo, hi, above_lo, expected](std::string& value) -> std::string {
+        double v = 0;
+        if (std::string problem = read_decimal(value, v); !problem.empty()) return problem + expected;
+        if (v < lo || (above_lo && v == lo) || v > hi) return "value " + value + " is out of range" + expected;
+        value = shortest_decimal(v);
+        return "";
+      },
+      "DECIMAL");
 }
 
 // Byte-level tokens: each byte of the text is a token id 0..255.

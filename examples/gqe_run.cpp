@@ -363,12 +363,13 @@ int main(int argc, char** argv) {
                                   "(default: " + std::to_string(kDefaultContinuation) +
                                       " when neither --logits-out nor --stats is given, else 0)")
       ->transform(gqe::cli::integer_in(gqe::Index(0), gqe::Limits::max_positions));
+  const double infinity = std::numeric_limits<double>::infinity();
   auto* temperature = app.add_option("--temperature", opt.sampler.temperature, "Sampling temperature; 0 is greedy")
-      ->capture_default_str();
+      ->transform(gqe::cli::decimal_in(0.0, infinity))->capture_default_str();
   auto* top_k = app.add_option("--top-k", opt.sampler.top_k, "Keep the K most likely tokens; 0 is off")
       ->transform(gqe::cli::integer_in(gqe::Index(0), std::numeric_limits<gqe::Index>::max()))->capture_default_str();
   auto* top_p = app.add_option("--top-p", opt.sampler.top_p, "Keep the smallest set of tokens with probability >= P; 1 is off")
-      ->capture_default_str();
+      ->transform(gqe::cli::decimal_in(0.0, 1.0, true))->capture_default_str();
   auto* seed = app.add_option("-s,--seed", opt.sampler.seed, "Seed of the sampler (a decimal integer, 0 to 2^64 - 1)")
       ->transform(gqe::cli::integer_in(std::uint64_t(0), UINT64_MAX))->capture_default_str();
   auto* ignore_eos = app.add_flag("--ignore-eos", opt.ignore_eos,

@@ -381,12 +381,14 @@ int main(int argc, char** argv) {
   app.add_option("--out", o.out, "output folder: checkpoints, curves, plot, results")->capture_default_str();
   app.add_option("--threads", o.threads, "threads (default: the CPUs this process may use)")->transform(gqe::cli::integer_in<Index>(1, 1024));
   app.add_option("--resume", o.resume, "continue a run's folder (out/gqe-seed0) or a whole comparison's (out)");
-  app.add_option("--lr", o.lr, "peak learning rate")->capture_default_str();
+  app.add_option("--lr", o.lr, "peak learning rate")->transform(gqe::cli::decimal_in(1e-12, 10.0))->capture_default_str();
   app.add_option("--warmup", o.warmup, "warm-up steps (0: 5% of the steps)")->transform(gqe::cli::integer_in<Index>(0, std::numeric_limits<Index>::max()));
   app.add_option("--schedule", o.schedule, "cosine or wsd (warmup-stable-decay)")
       ->check(CLI::IsMember({"cosine", "wsd"}))->capture_default_str();
-  app.add_option("--aux-coef", o.aux_coef, "load-balancing loss coefficient (GQE)")->capture_default_str();
-  app.add_option("--weight-decay", o.weight_decay, "AdamW weight decay (matrices only)")->capture_default_str();
+  app.add_option("--aux-coef", o.aux_coef, "load-balancing loss coefficient (GQE)")
+      ->transform(gqe::cli::decimal_in(0.0, std::numeric_limits<double>::infinity()))->capture_default_str();
+  app.add_option("--weight-decay", o.weight_decay, "AdamW weight decay (matrices only)")
+      ->transform(gqe::cli::decimal_in(0.0, 1.0))->capture_default_str();
   app.add_option("--eval-every", o.eval_every, "steps between held-out evaluations (0: a tenth of the run)")
       ->transform(gqe::cli::integer_in<Index>(0, std::numeric_limits<Index>::max()));
   app.add_option("--save-every", o.save_every, "steps between checkpoints (0: at the end and on Ctrl-C only)")

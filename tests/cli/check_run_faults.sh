@@ -36,6 +36,18 @@ succeeds seed_10 "$run" --model "$good" --prompt-ids 1 --generate 12 --temperatu
 check seed_010_is_seed_10 cmp -s "$tmp/stdout" "$tmp/seed_010"
 rm -f "$tmp/seed_010"
 
+# Decimal flags are plain decimal numbers, refused with the value as given.
+refused temperature_empty 'value "" is not a decimal number' "$run" --model "$good" --prompt-ids 1 --temperature ""
+refused top_p_empty 'value "" is not a decimal number' "$run" --model "$good" --prompt-ids 1 --top-p ""
+refused top_p_just_above_one "--top-p: value 1.0000001 is out of range; expected a decimal number > 0 and <= 1" \
+  "$run" --model "$good" --prompt-ids 1 --top-p 1.0000001
+refused temperature_underflow "value 1e-400 is too small" "$run" --model "$good" --prompt-ids 1 --temperature 1e-400
+succeeds top_p_point_5 "$run" --model "$good" --prompt-ids 1 --generate 12 --temperature 1 --top-p .5 --seed 3
+cp "$tmp/stdout" "$tmp/point_5"
+succeeds top_p_0.5e0 "$run" --model "$good" --prompt-ids 1 --generate 12 --temperature 1 --top-p 0.5e0 --seed 3
+check top_p_point_5_is_0.5e0 cmp -s "$tmp/stdout" "$tmp/point_5"
+rm -f "$tmp/point_5"
+
 # Paths with a newline or an escape sequence: one line on stderr, the characters escaped.
 refused model_path_with_newline 'a\x0ab' "$run" --model "$tmp/a"$'\n'"b" --prompt-ids 1
 refused model_path_with_escape '\x1b[31m' "$run" --model "$tmp/"$'\e'"[31mred" --prompt-ids 1

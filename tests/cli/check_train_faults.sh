@@ -33,6 +33,13 @@ else
   check threads_refused_made_no_folder test ! -e "$tmp/threads"
 fi
 
+# Decimal flags are plain decimal numbers: "" is not 0, nor " 0.1" or 0x1p-3 a number; no run starts.
+for bad in "--lr|" "--lr| 0.1" "--lr|0x1p-3" "--lr|1e-400" "--aux-coef|" "--aux-coef|inf" "--weight-decay|" "--weight-decay|1.5"; do
+  flag=${bad%%|*} value=${bad#*|}
+  refused "decimal_${flag#--}_'$value'" "$flag: value" "$train" "${small[@]}" --steps 3 --out "$tmp/decimal" "$flag" "$value"
+done
+check decimal_refusals_made_no_folder test ! -e "$tmp/decimal"
+
 # Two processes on one --out: the second is refused up front while the first runs.
 "$train" "${small[@]}" --steps 1000000 --out "$tmp/two" > "$tmp/first.out" 2> "$tmp/first.err" &
 background=$!
