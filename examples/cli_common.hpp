@@ -16,7 +16,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <limits>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -207,19 +206,16 @@ inline std::vector<std::int32_t> bytes_to_ids(const std::string& text) {
   return ids;
 }
 
-// "1,2,3" -> {1, 2, 3}. Every entry a non-negative decimal integer that fits int32.
+// "1,2,3" -> {1, 2, 3}. Every entry read as the integer flags are (read_integer), up to the int32
+// maximum; the model's vocab_size is checked once it is loaded.
 inline std::vector<std::int32_t> parse_ids(const std::string& text) {
   std::vector<std::int32_t> ids;
   std::size_t pos = 0;
   while (pos <= text.size()) {
     const std::size_t comma = std::min(text.find(',', pos), text.size());
-    const std::string item = text.substr(pos, comma - pos);
-    if (item.empty() || item.size() > 10 || item.find_first_not_of("0123456789") != std::string::npos)
-      fail<InputError>("--prompt-ids entry ", ids.size(), " is \"", item,
-                       "\"; expected comma-separated non-negative integers like 1,2,3");
-    const long long value = std::stoll(item);
-    if (value > std::numeric_limits<std::int32_t>::max())
-      fail<InputError>("--prompt-ids entry ", ids.size(), " is ", item, "; expected a token id below 2^31");
+    std::uint64_t value = 0;
+    if (const std::string problem = read_integer(text.substr(pos, comma - pos), 0, INT32_MAX, value); !problem.empty())
+      fail<InputError>("--prompt-ids entry ", ids.size(), ": ", problem, " (ids comma-separated, like 1,2,3)");
     ids.push_back(static_cast<std::int32_t>(value));
     pos = comma + 1;
   }

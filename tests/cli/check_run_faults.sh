@@ -36,7 +36,8 @@ succeeds seed_10 "$run" --model "$good" --prompt-ids 1 --generate 12 --temperatu
 check seed_010_is_seed_10 cmp -s "$tmp/stdout" "$tmp/seed_010"
 rm -f "$tmp/seed_010"
 
-# Decimal flags are plain decimal numbers, refused with the value as given.
+# Decimal flags are plain decimal numbers, refused with the value as given; --prompt-ids entries
+# are read as the integer flags are.
 refused temperature_empty 'value "" is not a decimal number' "$run" --model "$good" --prompt-ids 1 --temperature ""
 refused top_p_empty 'value "" is not a decimal number' "$run" --model "$good" --prompt-ids 1 --top-p ""
 refused top_p_just_above_one "--top-p: value 1.0000001 is out of range; expected a decimal number > 0 and <= 1" \
@@ -47,6 +48,13 @@ cp "$tmp/stdout" "$tmp/point_5"
 succeeds top_p_0.5e0 "$run" --model "$good" --prompt-ids 1 --generate 12 --temperature 1 --top-p 0.5e0 --seed 3
 check top_p_point_5_is_0.5e0 cmp -s "$tmp/stdout" "$tmp/point_5"
 rm -f "$tmp/point_5"
+succeeds prompt_ids_leading_zeros "$run" --model "$good" --prompt-ids 0000000000001,02 --generate 5
+cp "$tmp/stdout" "$tmp/zeros"
+succeeds prompt_ids_plain "$run" --model "$good" --prompt-ids 1,2 --generate 5
+check prompt_ids_leading_zeros_are_decimal cmp -s "$tmp/stdout" "$tmp/zeros"
+rm -f "$tmp/zeros"
+refused prompt_ids_far_out_of_range "--prompt-ids entry 1: value 99999999999999999999 is out of range" \
+  "$run" --model "$good" --prompt-ids 1,99999999999999999999
 
 # Paths with a newline or an escape sequence: one line on stderr, the characters escaped.
 refused model_path_with_newline 'a\x0ab' "$run" --model "$tmp/a"$'\n'"b" --prompt-ids 1
