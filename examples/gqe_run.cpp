@@ -49,6 +49,9 @@ struct Options {
   std::optional<std::string> range;  // --range START:END: the byte range they tile
 };
 
+// "1 token", "5 tokens".
+std::string tokens(gqe::Index n) { return std::to_string(n) + (n == 1 ? " token" : " tokens"); }
+
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
@@ -107,8 +110,8 @@ int run(const Options& opt) {
       gqe::fail<gqe::InputError>("prompt token ", t, " is ", prompt[static_cast<std::size_t>(t)],
                                  "; expected an id below vocab_size = ", V);
   if (T > config.max_position_embeddings || (opt.generate && T + *opt.generate > config.max_position_embeddings))
-    gqe::fail<gqe::InputError>("prompt of ", T, " tokens plus ", opt.generate.value_or(0),
-                               " generated ones exceeds max_position_embeddings = ", config.max_position_embeddings);
+    gqe::fail<gqe::InputError>("a prompt of ", tokens(T), " plus ", tokens(opt.generate.value_or(0)),
+                               " to generate exceeds max_position_embeddings = ", config.max_position_embeddings);
   const bool continuation_by_default = !opt.generate && !opt.logits_out && !opt.stats;
   const gqe::Index generate =
       opt.generate ? *opt.generate
@@ -184,7 +187,7 @@ int run(const Options& opt) {
     ++decode_steps;
     last = step_logits.data();
   }
-  if (printed > 0 && !as_text) std::fputc('\n', stdout);
+  if (generate > 0 && !as_text) std::fputc('\n', stdout);  // the line ends also when eos came first
   gqe::cli::check_stdout();
 
   // The outputs, only now that everything else succeeded: a run that fails leaves no file.
@@ -203,7 +206,6 @@ int run(const Options& opt) {
     else
       std::fprintf(stderr, "attention_type is gqa: every query head is active, no routing statistics\n");
     const auto rate = [](gqe::Index tokens, double seconds) { return seconds > 0 ? static_cast<double>(tokens) / seconds : 0.0; };
-    const auto tokens = [](gqe::Index n) { return std::to_string(n) + (n == 1 ? " token" : " tokens"); };
     if (const std::string warning = gqe::gemm_backend_warning(); !warning.empty())
       std::fprintf(stderr, "warning: %s\n", warning.c_str());
     std::fprintf(stderr, "load: %.1f ms (%s, %td parameters, panels %s)\n", 1e3 * load_seconds, opt.model.c_str(),

@@ -56,6 +56,10 @@ rm -f "$tmp/zeros"
 refused prompt_ids_far_out_of_range "--prompt-ids entry 1: value 99999999999999999999 is out of range" \
   "$run" --model "$good" --prompt-ids 1,99999999999999999999
 
+# A prompt plus the tokens to generate that do not fit are counted in words that fit them.
+refused one_token_too_many "a prompt of 1 token plus 4096 tokens to generate exceeds max_position_embeddings = 4096" \
+  "$run" --model "$good" --prompt-ids 1 --generate 4096
+
 # Paths with a newline or an escape sequence: one line on stderr, the characters escaped.
 refused model_path_with_newline 'a\x0ab' "$run" --model "$tmp/a"$'\n'"b" --prompt-ids 1
 refused model_path_with_escape '\x1b[31m' "$run" --model "$tmp/"$'\e'"[31mred" --prompt-ids 1
