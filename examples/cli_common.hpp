@@ -238,12 +238,7 @@ inline void require_writable_output(const std::string& flag, const std::string& 
     return;
   }
   // The folder write_file_atomically puts its temporary file in: beside the file a link names.
-  fs::path path = path_given;
-  if (fs::is_symlink(path, ec)) {
-    path = fs::weakly_canonical(path, ec);
-    if (ec) fail<InputError>(cannot, "cannot follow the link (", ec.message(), ")");
-  }
-  const fs::path folder = path.has_parent_path() ? path.parent_path() : fs::path(".");
+  const fs::path path = detail::replaced_file(path_given), folder = detail::folder_of(path);
   struct stat st {};
   if (::stat(folder.c_str(), &st) != 0)
     fail<InputError>(cannot, "folder ", folder.string(), ": ", std::strerror(errno), "; expected a file in an existing folder");

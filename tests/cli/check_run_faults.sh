@@ -182,7 +182,7 @@ refused stdout_closed_pipe_generate "cannot write to standard output: Broken pip
 refused stdout_closed_pipe_version "cannot write to standard output: Broken pipe" \
   bash -c "$closed_pipe" "$tmp" "$run" --version
 mkdir "$tmp/limited"
-refused logits_out_past_file_size_limit "cannot write $tmp/limited/x.safetensors" \
+refused logits_out_past_file_size_limit "cannot write $tmp/limited/x.safetensors: File too large" \
   bash -c 'ulimit -f 2 && exec "$0" --model "$1" --prompt "hello world hello world" --logits-out "$2/x.safetensors"' \
   "$run" "$bytes" "$tmp/limited"
 check file_size_limit_leaves_no_file test -z "$(ls -A "$tmp/limited")"

@@ -79,6 +79,20 @@ inline std::string temporary_name(const std::string& name, std::size_t limit) {
   while (keep > 0 && keep < name.size() && (static_cast<unsigned char>(name[keep]) & 0xc0u) == 0x80u) --keep;
   return "." + name.substr(0, keep) + tag;
 }
+// The file a write to `path_given` replaces: the one a symbolic link names (the link keeps its
+// place), else the path itself.
+inline std::filesystem::path replaced_file(const std::filesystem::path& path_given) {
+  std::error_code ec;
+  if (!std::filesystem::is_symlink(path_given, ec)) return path_given;
+  std::filesystem::path path = std::filesystem::weakly_canonical(path_given, ec);
+  if (ec) fail<IoError>("cannot write ", path_given.string(), ": cannot follow the link (", ec.message(), ")");
+  return path;
+}
+
+// The folder that holds `path` (a bare name's is ".").
+inline std::filesystem::path folder_of(const std::filesystem::path& path) {
+  return path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
+}
 }  // namespace detail
 
 // Calls write(std::ostream&) on a temporary file beside `path`, then renames it to `path`. On any
@@ -104,21 +118,21 @@ void write_file_atomically(const std::filesystem::path& path_given, Writer&& wri
     if (!out) fail<IoError>("cannot write ", path_given.string(), ": ", error ? std::strerror(error) : "write failed");
     return;
   }
-  fs::path path = path_given;
-  if (fs::is_symlink(path, ec)) {
-    path = fs::weakly_canonical(path, ec);  // replace the file the link names, keep the link
-    if (ec) fail<IoError>("cannot write ", path_given.string(), ": cannot follow the link (", ec.message(), ")");
-  }
-  const fs::path folder = path.has_parent_path() ? path.parent_path() : fs::path(".");
+  const fs::path path = detail::replaced_file(path_given), folder = detail::folder_of(path);
   if (!fs::is_directory(folder, ec))
-    fail<IoError>("cannot write ", path.string(), ": folder ", folder.string(), " does not exist");
+    fail<IoError>("cannot write ", path.string(), ": ", folder.string(), fs::exists(folder, ec) ? " is not a folder" : " does not exist");
   const fs::path temp = folder / detail::temporary_name(path.filename().string(), detail::name_limit(folder));
   try {
     std::ofstream out(temp, std::ios::binary | std::ios::trunc);
-    if (!out) fail<IoError>("cannot write ", path.string(), ": cannot create a file in ", folder.string());
+    if (!out) fail<IoError>("cannot write ", path.string(), ": cannot create a file in ", folder.string(), ": ", std::strerror(errno));
+    errno = 0;
     write(static_cast<std::ostream&>(out));
-    out.close();  // closing flushes: a full disk shows here
-    if (!out) fail<IoError>("cannot write ", path.string(), ": write failed (disk full?)");
+    int error = out ? 0 : errno;  // the stream's first failed write set errno
+    if (out) {
+      out.close();  // closing flushes: a full disk or a file size limit shows here
+      error = out ? 0 : errno;
+    }
+    if (!out) fail<IoError>("cannot write ", path.string(), ": ", error ? std::strerror(error) : "write failed");
     if (!detail::sync_to_disk(temp)) fail<IoError>("cannot write ", path.string(), ": flushing to disk failed");
     fs::rename(temp, path, ec);
     if (ec) fail<IoError>("cannot write ", path.string(), ": ", ec.message());
