@@ -9,6 +9,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -329,6 +330,95 @@ TEST(TrainingModel, OneLossAndGradServesModelsOfAnotherConfig) {
   fresh.for_each_parameter([&](const std::string& name, const gqe::Weight& w) {
     EXPECT_TRUE((grad_of(reused, name).array() == w.grad_matrix<double>().array()).all()) << name;
   });
+}
+
+// Public entry points misused as a hand-written loop might: each refusal a gqe::Error, never a
+// crash or a silent result (the debug asserts behind them are for the library's own invariants).
+TEST(TrainingModel, MisuseOfThePublicEntryPointsIsRefused) {
+  using gqe::training::LossAndGrad;
+  const auto c = tiny_config(gqe::AttentionType::gqe, gqe::GqeVariant::gqe, 1, false);
+  const auto batch = random_batch(c, 2, 5, 3);
+  const auto refused = [](const char* what, const std::function<void()>& call, const std::string& says) {
+    try {
+      call();
+      ADD_FAILURE() << what << ": accepted";
+    } catch (const gqe::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(says), std::string::npos) << what << ": " << e.what();
+    }
+  };
+  // Weights without gradients (initialised only).
+  gqe::Transformer<double> bare(c);
+  bare.allocate_weights();
+  LossAndGrad<double> graph;
+  graph.forward(bare, batch, 0.01);
+  refused("backward", [&] { graph.backward(bare); }, "has no gradient; expected attach_gradients");
+  refused("zero_gradients", [&] { gqe::training::zero_gradients(bare); }, "has no gradient");
+  refused("global_norm", [&] { gqe::training::global_norm(bare); }, "has no gradient");
+  gqe::training::AdamW<double> bare_adam(bare, gqe::training::OptimizerConfig{});
+  refused("AdamW::update", [&] { bare_adam.update(bare, 1e-3); }, "has no gradient");
+  // backward() and the optimiser given another model than their own.
+  auto model = random_model(c, 4), wider = random_model(tiny_config(gqe::AttentionType::gqa, gqe::GqeVariant::gqe, 1, true), 4);
+  graph.forward(model, batch, 0.01);
+  refused("backward of another model", [&] { graph.backward(wider); }, "another model than the last forward()");
+  graph.backward(model);  // the forward's own model still goes through
+  gqe::training::AdamW<double> adam(model, gqe::training::OptimizerConfig{});
+  refused("AdamW of another model", [&] { adam.update(wider, 1e-3); }, "expected the model it was made for");
+  refused("AdamW made for nothing", [&] { gqe::training::AdamW<double>{}.update(model, 1e-3); }, "expected the model it was made for");
+  refused("AdamW lr NaN", [&] { adam.update(model, std::nan("")); }, "learning rate is nan");
+  refused("AdamW moments of no parameter", [&] { adam.exp_avg(999); }, "no parameter 999");
+  EXPECT_EQ(adam.step(), 0);  // nothing refused moved it
+  // A default TextData holds nothing to draw from.
+  gqe::training::Batch out;
+  refused("TextData{} train", [&] { gqe::training::TextData{}.train_batch(1, 0, 0, out); }, "holds no text");
+  refused("TextData{} held out", [&] { gqe::training::TextData{}.heldout_batch(1, 0, out); }, "holds no text");
+}
+
+// Inference objects used directly: unbound weights, shapes and ranges are refused with gqe::Error.
+TEST(TrainingModel, MisuseOfTheInferenceObjectsIsRefused) {
+  const auto c = tiny_config(gqe::AttentionType::gqe, gqe::GqeVariant::gqe, 1, false);
+  const auto refused = [](const char* what, const std::function<void()>& call, const std::string& says) {
+    try {
+      call();
+      ADD_FAILURE() << what << ": accepted";
+    } catch (const gqe::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(says), std::string::npos) << what << ": " << e.what();
+    }
+  };
+  const std::vector<std::int32_t> ids = {1, 2, 3};
+  // Every weight given storage but one: lm_head, the router, the shared query head in turn.
+  for (const std::string left_out : {"lm_head.weight", "model.layers.1.self_attn.router.weight", "model.layers.0.self_attn.q_shared.weight"}) {
+    gqe::Transformer<float> model(c);
+    model.for_each_parameter([&](const std::string& name, gqe::Weight& w) {
+      if (name != left_out) std::fill_n(w.allocate<float>(), w.numel(), 0.0f);
+    });
+    std::vector<gqe::KVCache<float>> caches{model.new_cache()};
+    refused(left_out.c_str(), [&] { model.prefill({ids.data(), gqe::Shape{1, 3}}, caches); }, "not loaded");
+    refused("save without values", [&] { gqe::save_checkpoint(model, std::filesystem::temp_directory_path() / "gqe-never-made"); },
+            "has no values");
+    EXPECT_FALSE(std::filesystem::exists(std::filesystem::temp_directory_path() / "gqe-never-made"));
+  }
+  // The router alone, on rows of another width.
+  gqe::Router<float> router(c.attention());
+  std::fill_n(router.weight().allocate<float>(), router.weight().numel(), 0.0f);
+  gqe::Routing<float> routing;
+  refused("router width", [&] { router.route(gqe::Matrix<float>::Zero(2, c.hidden_size + 1), routing); }, "expected hidden_size = 12");
+  router.route(gqe::Matrix<float>::Zero(2, c.hidden_size), routing);
+  gqe::RoutingStats stats;
+  stats.add(routing);
+  gqe::Routing<float> other = routing;
+  other.experts_per_group = 2;
+  refused("stats of two shapes", [&] { stats.add(other); }, "expected one layer's shape");
+  // Caches: a negative truncation, a layer or position that does not exist.
+  const auto model = random_model<float>(c, 8);
+  std::vector<gqe::KVCache<float>> caches{model.new_cache()};
+  model.prefill({ids.data(), gqe::Shape{1, 3}}, caches);
+  refused("truncate(-2)", [&] { caches[0].truncate(-2); }, "expected 0 or more");
+  refused("layer 5", [&] { caches[0].layer(5); }, "layer 5 does not exist");
+  std::vector<float> k(4), v(4);
+  refused("read head 9", [&] { caches[0].layer(0).read(9, 0, k.data(), v.data()); }, "no KV head 9");
+  refused("read past the tiles", [&] { caches[0].layer(0).read(0, 1 << 20, k.data(), v.data()); }, "at position 1048576");
+  refused("layer truncate past length", [&] { caches[0].layer(0).truncate(4); }, "expected 0 to 3");
+  EXPECT_EQ(caches[0].length(), 3);
 }
 
 // hard_concat: the hard slots give the router nothing, so its gradient is the load-balancing

@@ -318,6 +318,9 @@ void save_checkpoint(const Transformer<Scalar>& model, const std::filesystem::pa
   namespace fs = std::filesystem;
   if (!is_float(options.dtype))
     fail<ConfigError>("checkpoint dtype ", dtype_name(options.dtype), "; expected F32, F64, F16 or BF16");
+  model.for_each_parameter([](const std::string& name, const Weight& w) {  // before any folder is made
+    if (!w.bound()) fail<InputError>("weight ", name, " has no values; expected a loaded or initialised model");
+  });
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) fail<IoError>("cannot create folder ", dir.string(), ": ", ec.message());

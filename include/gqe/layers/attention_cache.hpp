@@ -15,6 +15,7 @@
 #include <memory>
 #include <vector>
 
+#include "gqe/error.hpp"
 #include "gqe/layers/attention_config.hpp"
 #include "gqe/ops/attention.hpp"
 #include "gqe/tensor/tensor.hpp"
@@ -73,7 +74,8 @@ class AttentionCache {
   }
   // Forgets the positions from `length` on (a rolled-back forward).
   void truncate(Index length) {
-    assert(length >= 0 && length <= length_);
+    if (length < 0 || length > length_)
+      fail<InputError>("cannot truncate an attention cache of ", length_, " positions to ", length, "; expected 0 to ", length_);
     length_ = length;
   }
 
@@ -101,8 +103,14 @@ class AttentionCache {
     return {tile_pointers_.data(), g * head_size(), g * head_size() + head_dim_ * kKeyTile};
   }
 
-  // The key (after RoPE) and value of KV head g at position pos, into key[d_h] and value[d_h].
+  // The key (after RoPE) and value of KV head g at position pos, into key[d_h] and value[d_h]; g ==
+  // G reads the mean over the groups, when the cache keeps it. Positions written but not yet
+  // committed (length() to capacity()) read as well.
   void read(Index g, Index pos, Scalar* key, Scalar* value) const {
+    const Index heads = kv_heads_ + (with_mean_ ? 1 : 0);
+    if (g < 0 || g >= heads || pos < 0 || pos >= capacity())
+      fail<InputError>("no KV head ", g, " at position ", pos, " in this cache; expected a head 0 to ", heads - 1,
+                       " and a position 0 to ", capacity() - 1);
     const Scalar* tile = tiles_[static_cast<std::size_t>(pos / kKeyTile)] + g * head_size();
     const Index slot = pos % kKeyTile;
     for (Index c = 0; c < head_dim_; ++c) key[c] = tile[c * kKeyTile + slot];

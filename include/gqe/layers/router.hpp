@@ -5,7 +5,7 @@
 // Selection ranks the logits (softmax keeps their order inside a group, while float rounding in exp
 // can make different logits equal): descending, equal logits to the lower expert index. A NaN logit
 // ranks below every number, so the kept experts always lie inside their group; the group's
-// probabilities are NaN, and GQEAttention makes that token's output NaN (propagated, never hidden).
+// probabilities are NaN, and the attention layer makes that token's output NaN (propagated, never hidden).
 #include "gqe/tensor/eigen.hpp"
 
 #include <cmath>
@@ -60,6 +60,9 @@ class Router {
 
   // Routes the rows of x [R, d].
   void route(const Eigen::Ref<const Matrix<Scalar>>& x, Routing<Scalar>& out) const {
+    if (!weight_.bound()) fail<InputError>("router weight is not loaded; expected a loaded or initialised model");
+    if (x.cols() != weight_.cols())
+      fail<ShapeError>("router input has ", x.cols(), " columns; expected hidden_size = ", weight_.cols());
     const Index G = groups_, M = experts_per_group_, k = top_k_, rows = x.rows();
     out.groups = G;
     out.experts_per_group = M;
@@ -139,7 +142,10 @@ struct RoutingStats {
       kept.setZero(groups, experts_per_group);
       prob_sum.setZero(groups, experts_per_group);
     }
-    assert(r.groups == groups && r.experts_per_group == experts_per_group);
+    if (r.groups != groups || r.experts_per_group != experts_per_group || r.top_k != top_k)
+      fail<ShapeError>("routing of ", r.groups, " groups x ", r.experts_per_group, " experts (k = ", r.top_k,
+                       ") added to statistics of ", groups, " x ", experts_per_group, " (k = ", top_k,
+                       "); expected one layer's shape");
     for (Index t = 0; t < r.rows(); ++t)
       for (Index g = 0; g < groups; ++g) {
         for (Index j = 0; j < top_k; ++j) kept(g, r.experts(t, g * top_k + j)) += 1;

@@ -2,6 +2,7 @@
 // The KV cache of one sequence: one AttentionCache per layer, all of the same length.
 #include <vector>
 
+#include "gqe/error.hpp"
 #include "gqe/layers/attention_cache.hpp"
 #include "gqe/model/config.hpp"
 
@@ -25,8 +26,9 @@ class KVCache {
   void clear() {
     for (auto& l : layers_) l.clear();
   }
-  // Forgets the positions from `length` on, in every layer.
+  // Forgets the positions from `length` on, in every layer (a length past length() keeps them all).
   void truncate(Index length) {
+    if (length < 0) fail<InputError>("cannot truncate a KV cache to ", length, " positions; expected 0 or more");
     for (auto& l : layers_) l.truncate(std::min(length, l.length()));
   }
   std::size_t bytes() const {
@@ -34,10 +36,15 @@ class KVCache {
     for (const auto& l : layers_) n += l.bytes();
     return n;
   }
-  AttentionCache<Scalar>& layer(Index i) { return layers_[static_cast<std::size_t>(i)]; }
-  const AttentionCache<Scalar>& layer(Index i) const { return layers_[static_cast<std::size_t>(i)]; }
+  AttentionCache<Scalar>& layer(Index i) { return layers_[checked_layer(i)]; }
+  const AttentionCache<Scalar>& layer(Index i) const { return layers_[checked_layer(i)]; }
 
  private:
+  std::size_t checked_layer(Index i) const {
+    if (i < 0 || i >= num_layers()) fail<InputError>("KV cache layer ", i, " does not exist; expected 0 to ", num_layers() - 1);
+    return static_cast<std::size_t>(i);
+  }
+
   std::vector<AttentionCache<Scalar>> layers_;
 };
 

@@ -70,6 +70,14 @@ class Transformer {
     visit(*this, fn);
   }
 
+  // Refuses a model to train whose weights have no gradient attached (training::attach_gradients):
+  // the backward pass and the optimiser write into them.
+  void require_gradients() const {
+    for_each_parameter([](const std::string& name, const Weight& w) {
+      if (!w.has_grad()) fail<InputError>("weight ", name, " has no gradient; expected attach_gradients(model) before training");
+    });
+  }
+
   // Owned Scalar storage for every weight: zeros, norm weights ones (a model to initialise or fill).
   void allocate_weights() {
     for_each_parameter([](const std::string&, Weight& w) {
@@ -153,6 +161,7 @@ class Transformer {
   // [R, V] = dL/dlogits, accumulates every weight's gradient (training attaches them). aux_coef
   // weighs each layer's load-balancing loss (GQE).
   void backward(ModelTape<Scalar>& tape, const Eigen::Ref<const Matrix<Scalar>>& d_logits, double aux_coef) {
+    require_gradients();
     thread_local Matrix<Scalar> d_hidden, d_normed, d_inner;  // [R, d]
     const Index R = d_logits.rows(), d = config_.hidden_size;
     d_normed.resize(R, d);
@@ -284,6 +293,8 @@ class Transformer {
         fail<InputError>("sequence ", b, " would reach ", c.length() + tokens.dim(1),
                          " positions; expected at most max_position_embeddings = ", config_.max_position_embeddings);
     }
+    // Each layer checks its own weights as it runs; the head runs last, after the caches were written.
+    if (!head_weight().bound()) fail<InputError>("lm_head weight is not loaded; expected a loaded or initialised model");
   }
 
   ModelConfig config_;

@@ -118,18 +118,27 @@ class TextData {
   // Training batch `index` of stream `seed`: B windows at random offsets of the training head.
   void train_batch(Index B, std::uint64_t seed, std::uint64_t index, Batch& out) const {
     if (B < 1) fail<ConfigError>("batch size is ", B, "; expected at least 1");
+    require_text();
     out.resize(B, seq_len_);
     Rng rng(derive_seed(seed, 0x7e47, index));
     for (Index b = 0; b < B; ++b) window(static_cast<Index>(rng.below(static_cast<std::uint64_t>(split_ - seq_len_))), out, b);
   }
   // Held-out windows [first, first + B) (wrapping around the tail).
   void heldout_batch(Index B, Index first, Batch& out) const {
+    if (B < 1) fail<ConfigError>("batch size is ", B, "; expected at least 1");
+    if (first < 0) fail<InputError>("first held-out window is ", first, "; expected 0 or more");
+    require_text();
     out.resize(B, seq_len_);
     const Index windows = heldout_windows();
     for (Index b = 0; b < B; ++b) window(split_ + ((first + b) % windows) * seq_len_, out, b);
   }
 
  private:
+  // A default-constructed TextData holds no text to draw windows from.
+  void require_text() const {
+    if (seq_len_ < 1) fail<InputError>("this TextData holds no text; expected one built from a text and a sequence length");
+  }
+
   void window(Index offset, Batch& out, Index b) const {
     for (Index t = 0; t < seq_len_; ++t) {
       const auto i = static_cast<std::size_t>(b * seq_len_ + t);

@@ -74,6 +74,7 @@ class LossAndGrad {
   LossReport forward(const Transformer<Scalar>& model, const Batch& batch, double aux_coef) {
     check(model.config(), batch, aux_coef);
     ready_ = false;  // until this forward has filled every tape
+    model_ = &model;
     aux_coef_ = aux_coef;
     const Index B = batch.batch, T = batch.seq_len, V = model.config().vocab_size;
     lanes_ = lane_count(model.config(), B);
@@ -110,6 +111,8 @@ class LossAndGrad {
   // (attached by the caller). The logits of the last forward are overwritten by their gradient.
   void backward(Transformer<Scalar>& model) {
     if (!ready_) fail<InputError>("backward() called without a forward() before it");
+    if (&model != model_) fail<InputError>("backward() was given another model than the last forward(); expected the same model");
+    model.require_gradients();
     ready_ = false;
     cross_entropy<Scalar>(logits_, targets_, weights_, 1.0 / counted_);
     const std::vector<Weight*> weights = parameters(model);
@@ -222,6 +225,7 @@ class LossAndGrad {
   std::vector<float> weights_;
   double counted_ = 0, aux_coef_ = 0;
   bool ready_ = false;
+  const Transformer<Scalar>* model_ = nullptr;  // the last forward's, which backward() must be given
 };
 
 }  // namespace gqe::training

@@ -89,12 +89,14 @@ void attach_gradients(Transformer<Scalar>& model) {
 
 template <class Scalar>
 void zero_gradients(Transformer<Scalar>& model) {
+  model.require_gradients();
   model.for_each_parameter([](const std::string&, Weight& w) { std::fill_n(w.grad<Scalar>(), w.numel(), Scalar(0)); });
 }
 
 // Global L2 norm of every gradient (in double, in a fixed order).
 template <class Scalar>
 double global_norm(const Transformer<Scalar>& model) {
+  model.require_gradients();
   double sum = 0;
   model.for_each_parameter([&](const std::string&, const Weight& w) {
     sum += Eigen::Map<const Vector<Scalar>>(w.grad<Scalar>(), w.numel()).template cast<double>().squaredNorm();
@@ -137,14 +139,26 @@ class AdamW {
     step_ = step;
   }
   // The moments of parameter i (the model's order): [numel] each.
-  std::vector<Scalar>& exp_avg(std::size_t i) { return exp_avg_[i]; }
-  std::vector<Scalar>& exp_avg_sq(std::size_t i) { return exp_avg_sq_[i]; }
-  const std::vector<Scalar>& exp_avg(std::size_t i) const { return exp_avg_[i]; }
-  const std::vector<Scalar>& exp_avg_sq(std::size_t i) const { return exp_avg_sq_[i]; }
+  std::vector<Scalar>& exp_avg(std::size_t i) { return exp_avg_[checked(i)]; }
+  std::vector<Scalar>& exp_avg_sq(std::size_t i) { return exp_avg_sq_[checked(i)]; }
+  const std::vector<Scalar>& exp_avg(std::size_t i) const { return exp_avg_[checked(i)]; }
+  const std::vector<Scalar>& exp_avg_sq(std::size_t i) const { return exp_avg_sq_[checked(i)]; }
 
   // One update of the model's weights from their gradients at learning rate lr (the step count
-  // advances first).
+  // advances first). The model must be the one (or one of the shape) the optimiser was made for.
   void update(Transformer<Scalar>& model, double lr) {
+    if (!(std::isfinite(lr) && lr >= 0)) fail<InputError>("learning rate is ", lr, "; expected a finite number >= 0");
+    model.require_gradients();
+    std::size_t count = 0;
+    model.for_each_parameter([&](const std::string& name, const Weight& w) {
+      if (count >= exp_avg_.size() || exp_avg_[count].size() != static_cast<std::size_t>(w.numel()))
+        fail<ShapeError>("weight ", name, " (", w.shape().str(), ") has no moments of its size in this optimiser; ",
+                         "expected the model it was made for");
+      ++count;
+    });
+    if (count != exp_avg_.size())
+      fail<ShapeError>("the model has ", count, " weights, the optimiser moments for ", exp_avg_.size(),
+                       "; expected the model it was made for");
     ++step_;
     const double c1 = 1 - std::pow(config_.beta1, static_cast<double>(step_));
     const double c2 = 1 - std::pow(config_.beta2, static_cast<double>(step_));
@@ -158,6 +172,11 @@ class AdamW {
   }
 
  private:
+  std::size_t checked(std::size_t i) const {
+    if (i >= exp_avg_.size()) fail<InputError>("no parameter ", i, " in this optimiser, which has ", exp_avg_.size());
+    return i;
+  }
+
   // Elementwise, in chunks over the pool: any split of the elements gives the same bits.
   void update_tensor(Scalar* param, const Scalar* grad, Scalar* m, Scalar* v, Index n, Scalar decay, Scalar step_size,
                      Scalar inv_sqrt_c2) const {
