@@ -5,7 +5,8 @@
 // Selection ranks the logits (softmax keeps their order inside a group, while float rounding in exp
 // can make different logits equal): descending, equal logits to the lower expert index. A NaN logit
 // ranks below every number, so the kept experts always lie inside their group; the group's
-// probabilities are NaN, and the attention layer makes that token's output NaN (propagated, never hidden).
+// probabilities are NaN, and the attention layer makes that token's output NaN (propagated, never
+// hidden).
 #include "gqe/tensor/eigen.hpp"
 
 #include <cmath>

@@ -293,7 +293,8 @@ class Transformer {
         fail<InputError>("sequence ", b, " would reach ", c.length() + tokens.dim(1),
                          " positions; expected at most max_position_embeddings = ", config_.max_position_embeddings);
     }
-    // Each layer checks its own weights as it runs; the head runs last, after the caches were written.
+    // The layers check their own weights as they run; the head runs last, so its weight is checked
+    // here, before any cache is written.
     if (!head_weight().bound()) fail<InputError>("lm_head weight is not loaded; expected a loaded or initialised model");
   }
 
