@@ -332,20 +332,22 @@ TEST(TrainingModel, OneLossAndGradServesModelsOfAnotherConfig) {
   });
 }
 
+// call() must throw a gqe::Error whose message contains `says`; `what` names the case.
+void refused(const char* what, const std::function<void()>& call, const std::string& says) {
+  try {
+    call();
+    ADD_FAILURE() << what << ": accepted";
+  } catch (const gqe::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(says), std::string::npos) << what << ": " << e.what();
+  }
+}
+
 // Public entry points misused as a hand-written loop might: each refusal a gqe::Error, never a
 // crash or a silent result (the debug asserts behind them are for the library's own invariants).
 TEST(TrainingModel, MisuseOfThePublicEntryPointsIsRefused) {
   using gqe::training::LossAndGrad;
   const auto c = tiny_config(gqe::AttentionType::gqe, gqe::GqeVariant::gqe, 1, false);
   const auto batch = random_batch(c, 2, 5, 3);
-  const auto refused = [](const char* what, const std::function<void()>& call, const std::string& says) {
-    try {
-      call();
-      ADD_FAILURE() << what << ": accepted";
-    } catch (const gqe::Error& e) {
-      EXPECT_NE(std::string(e.what()).find(says), std::string::npos) << what << ": " << e.what();
-    }
-  };
   // Weights without gradients (initialised only).
   gqe::Transformer<double> bare(c);
   bare.allocate_weights();
@@ -376,14 +378,6 @@ TEST(TrainingModel, MisuseOfThePublicEntryPointsIsRefused) {
 // Inference objects used directly: unbound weights, shapes and ranges are refused with gqe::Error.
 TEST(TrainingModel, MisuseOfTheInferenceObjectsIsRefused) {
   const auto c = tiny_config(gqe::AttentionType::gqe, gqe::GqeVariant::gqe, 1, false);
-  const auto refused = [](const char* what, const std::function<void()>& call, const std::string& says) {
-    try {
-      call();
-      ADD_FAILURE() << what << ": accepted";
-    } catch (const gqe::Error& e) {
-      EXPECT_NE(std::string(e.what()).find(says), std::string::npos) << what << ": " << e.what();
-    }
-  };
   const std::vector<std::int32_t> ids = {1, 2, 3};
   // Every weight given storage but one: lm_head, the router, the shared query head in turn.
   for (const std::string left_out : {"lm_head.weight", "model.layers.1.self_attn.router.weight", "model.layers.0.self_attn.q_shared.weight"}) {
