@@ -666,6 +666,7 @@ TEST(ConfigJson, RefusesBadValuesNamingTheKey) {
       {R"("mlp_bias": true)", {"\"mlp_bias\" is true", "does not implement"}},
       {R"("hidden_act": "gelu")", {"\"hidden_act\" is \"gelu\"", "SiLU", "expected \"silu\""}},
       {R"("use_rope": false)", {"\"use_rope\" is false", "always applies RoPE"}},
+      {R"("use_rope": 1)", {"\"use_rope\" is 1", "expected true"}},  // JSON's 1 is not true
       {R"("sliding_window": 4096)", {"\"sliding_window\" is 4096", "sliding-window attention"}},
       {R"("use_sliding_window": true, "sliding_window": 4096)", {"\"use_sliding_window\" is true"}},
       {R"("layer_types": ["full_attention", "sliding_attention"])", {"\"layer_types\" gives layer 1 \"sliding_attention\""}},

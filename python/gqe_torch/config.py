@@ -30,21 +30,26 @@ def _describe(v):
     return json.dumps(v) if isinstance(v, (str, bool, int, float, type(None))) else type(v).__name__
 
 
+def _same_json(v, expected):
+    """v == expected as JSON compares them: 1 is not true and 0 is not false, as in gqe's C++ reader."""
+    return type(v) is type(expected) and v == expected
+
+
 def _refuse_unimplemented(d):
     """Keys of Llama-family configs whose values change what the model computes in ways gqe does not
     implement: refused unless they say what gqe computes (null counts as absent)."""
     for key, feature in (("rope_scaling", "RoPE scaling"), ("attention_bias", "attention biases"),
                          ("mlp_bias", "MLP biases")):
-        if d.get(key) not in (None, False):
+        if d.get(key) is not None and not _same_json(d[key], False):
             raise BadInput(f'config: "{key}" is {_describe(d[key])}; gqe does not implement {feature} '
                            "(expected null or false)")
     for key, value, reason in (("hidden_act", "silu", "gqe computes SwiGLU with SiLU"),
                                ("use_rope", True, "gqe always applies RoPE")):
-        if d.get(key) is not None and d[key] != value:
+        if d.get(key) is not None and not _same_json(d[key], value):
             raise BadInput(f'config: "{key}" is {_describe(d[key])}; {reason} (expected {json.dumps(value)})')
     # Qwen-style configs give a window size beside a switch that leaves it off.
     window = "use_sliding_window" if d.get("use_sliding_window") is not None else "sliding_window"
-    if d.get(window) not in (None, False):
+    if d.get(window) is not None and not _same_json(d[window], False):
         raise BadInput(f'config: "{window}" is {_describe(d[window])}; gqe does not implement sliding-window attention '
                        "(expected null or false)")
     types = d.get("layer_types")

@@ -177,6 +177,9 @@ class Config(unittest.TestCase):
             "tie_word_embeddings": dict(tie_word_embeddings="yes"),
             "hidden_act": dict(hidden_act="gelu"),
             "use_rope": dict(use_rope=False),
+            "use_rope ": dict(use_rope=1),  # JSON's 1 is not true, as the C++ reader has it
+            "attention_bias ": dict(attention_bias=0),
+            "sliding_window ": dict(sliding_window=0),
             "sliding_window": dict(sliding_window=4096),
             "use_sliding_window": dict(use_sliding_window=True, sliding_window=64),
             "layer_types": dict(layer_types=["full_attention", "sliding_attention"]),
