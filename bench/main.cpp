@@ -45,7 +45,7 @@ of_bandwidth). Counters print as "GFLOP=81.7/s": 81.7 GFLOP per second.
                   rounds (default 5) and its FLOP ceiling. --peak also runs a trial of the FMA
                   probe after each round and gives both layers' useful GFLOP/s as shares of the
                   median trial (dense_of_peak, gqe_of_peak): the peak measured in turn with them.
---threads N       the library's threads (default: the processor's cores; or GQE_THREADS=N).
+--threads N       the library's threads (default: the CPUs this process may use; or GQE_THREADS=N).
 A flag's value may also follow an '=' (--threads=2), as with Google Benchmark's own flags.
 
 Google Benchmark's own flags follow. Its "library was built as DEBUG" warning and the JSON field

@@ -409,7 +409,7 @@ def main():
     ap.add_argument("--json", help="report on this gqe-bench JSON instead of running the suite")
     ap.add_argument("--repetitions", type=int, default=3, help="interleaved repetitions (rounds)")
     ap.add_argument("--min-time", default="0.2", help="--benchmark_min_time of each repetition, seconds")
-    ap.add_argument("--threads", type=int, help="gqe-bench --threads (default: its own, the machine's cores)")
+    ap.add_argument("--threads", type=int, help="gqe-bench --threads (default: its own, the CPUs the process may use)")
     ap.add_argument("--filter", help="--benchmark_filter regex")
     ap.add_argument("--out", default="build/bench-results", help="folder for the JSON, report and plot")
     ap.add_argument("--model", help="also run gqe-bench --model on this checkpoint folder and report it")

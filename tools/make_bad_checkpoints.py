@@ -2,9 +2,15 @@
 """Writes tests/bad_checkpoints/: small checkpoint folders, each broken in exactly one way.
 
 Every folder must make `gqe-run --model DIR ...` print one line on stderr and exit with status 2
-(tests/cli/check_cli.cmake runs them). Regenerate with: /usr/bin/python3 tools/make_bad_checkpoints.py
+(tests/cli/check_cli.cmake runs them), and load_checkpoint must throw a gqe::Error whose message holds
+what tests/bad_checkpoints/README.md lists (tests/test_io.cpp reads that table).
+
+    /usr/bin/python3 tools/make_bad_checkpoints.py
+
+replaces the whole folder with freshly written cases; it takes no other arguments.
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -80,6 +86,7 @@ def with_config(**changes):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     shutil.rmtree(ROOT, ignore_errors=True)
     os.makedirs(ROOT)
     good = valid_model_bytes()
