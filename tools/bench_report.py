@@ -27,6 +27,7 @@ prints the report.
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -85,6 +86,10 @@ def run_suite(args, out_json):
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         sys.exit(f"bench_report: gqe-bench failed with status {done.returncode}; see {log}")
+    if not os.path.exists(out_json) or os.path.getsize(out_json) == 0:  # a filter that matched nothing
+        if os.path.exists(out_json):
+            os.remove(out_json)
+        sys.exit(f"bench_report: gqe-bench ran no benchmark (--filter {args.filter!r}?); see {log}")
     return cmd
 
 
@@ -403,6 +408,21 @@ def model_section(model_dir, cmd, output):
                        f"Command: `{' '.join(cmd)}`", "", "```", output.rstrip(), "```", ""])
 
 
+def read_results(path, pattern):
+    """gqe-bench's JSON, or an exit naming what is wrong with it."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        sys.exit(f"bench_report: cannot read {path}: {e.strerror}")
+    except ValueError:
+        hint = f" (did --filter {pattern!r} match no benchmark?)" if pattern else ""
+        sys.exit(f"bench_report: {path} is not gqe-bench's JSON{hint}")
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list) or not data["benchmarks"]:
+        sys.exit(f"bench_report: {path} holds no benchmarks; expected gqe-bench's --benchmark_out JSON")
+    return data
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", default="build/bench/gqe-bench", help="the gqe-bench program")
@@ -424,7 +444,18 @@ def main():
         sys.exit(f"bench_report: --repetitions is {args.repetitions}; expected at least 1")
     if args.decode_tokens < 1:
         sys.exit(f"bench_report: --decode-tokens is {args.decode_tokens}; expected at least 1")
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        min_time = float(args.min_time)
+    except ValueError:
+        min_time = math.nan
+    if not 0 < min_time < 1e6:  # NaN included: gqe-bench would never finish a repetition
+        sys.exit(f"bench_report: --min-time is {args.min_time}; expected a number of seconds above 0")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        sys.exit(f"bench_report: --out {args.out} exists and is not a folder")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"bench_report: cannot make --out {args.out}: {e.strerror}")
     command = None
     path = args.json
     if (not path or args.model) and not os.access(args.bench, os.X_OK):
@@ -433,8 +464,7 @@ def main():
     if not path:
         path = os.path.join(args.out, "bench.json")
         command = run_suite(args, path)
-    with open(path) as f:
-        data = json.load(f)
+    data = read_results(path, args.filter)
     text, points = report(data, command)
     report_path = os.path.join(args.out, "report.md")
     with open(report_path, "w") as f:  # written before the checkpoint's run, which may fail

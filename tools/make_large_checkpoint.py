@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import struct
 import sys
 
@@ -65,6 +66,10 @@ def write_file(path: str, names, shapes, dtype: str, rng: np.random.Generator) -
     return offset
 
 
+# The weight files this tool writes (and a folder's previous ones it replaces).
+WEIGHT_FILE = re.compile(r"model\.safetensors(\.index\.json)?|model-[0-9]{5}-of-[0-9]{5}\.safetensors")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (created; existing weight files replaced)")
@@ -83,6 +88,10 @@ def main() -> int:
     a = p.parse_args()
     if a.shard_mb < 0 or min(a.hidden, a.layers, a.vocab, a.heads, a.kv_heads, a.head_dim, a.intermediate, a.top_k) < 1:
         p.error("sizes must be positive and --shard-mb at least 0")
+    if not 0 <= a.seed < 2**63:
+        p.error(f"--seed {a.seed} is out of range; expected 0 to 2^63 - 1")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        p.error(f"--out {a.out} exists and is not a folder")
     config = {"attention_type": a.attention, "vocab_size": a.vocab, "hidden_size": a.hidden,
               "intermediate_size": a.intermediate, "num_hidden_layers": a.layers, "num_attention_heads": a.heads,
               "num_key_value_heads": a.kv_heads, "head_dim": a.head_dim, "rms_norm_eps": 1e-5,
@@ -93,7 +102,10 @@ def main() -> int:
         shapes = ref.weight_shapes(ref.config_from_dict(config))
     except ref.BadInput as e:
         p.error(str(e))
-    os.makedirs(a.out, exist_ok=True)
+    try:
+        os.makedirs(a.out, exist_ok=True)
+    except OSError as e:
+        p.error(f"cannot make --out {a.out}: {e.strerror}")
     groups, size = [[]], 0
     for name, shape in shapes.items():
         nbytes = int(np.prod(shape)) * SIZES[a.dtype]
@@ -103,7 +115,7 @@ def main() -> int:
         groups[-1].append(name)
         size += nbytes
     rng = np.random.default_rng(a.seed)
-    for stale in [f for f in os.listdir(a.out) if f.startswith("model")]:
+    for stale in [f for f in os.listdir(a.out) if WEIGHT_FILE.fullmatch(f)]:  # a previous run's weights only
         os.remove(os.path.join(a.out, stale))
     total, weight_map = 0, {}
     for i, names in enumerate(groups):

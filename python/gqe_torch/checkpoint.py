@@ -8,10 +8,11 @@ import shutil
 
 import torch
 
+from . import strict_json
 from .config import load_config
 from .errors import BadInput
 from .model import GQEForCausalLM
-from .safetensors_io import FLOAT_DTYPES, _unique_object, read_file_bytes, read_safetensors, serialize, write_atomically
+from .safetensors_io import FLOAT_DTYPES, read_file_bytes, read_safetensors, serialize, write_atomically
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -66,8 +67,9 @@ def check_weights(config, tensors, source):
 def _read_index(folder):
     """The shard index: {tensor name: shard file name}, checked for shape and safe file names."""
     path = os.path.join(folder, INDEX)
+    text = read_file_bytes(path, 64 << 20, "a safetensors index")  # gqe's limit
     try:
-        index = json.loads(read_file_bytes(path).decode("utf-8"), object_pairs_hook=_unique_object)
+        index = strict_json.loads(text.decode("utf-8"))
     except BadInput as e:
         raise BadInput(f"{path}: {e}") from None
     except (UnicodeDecodeError, ValueError):

@@ -1,6 +1,7 @@
 """What the programs share: one-line errors with exit status 2 on anything the user can fix."""
 
 import argparse
+import re
 import sys
 
 from .errors import BadInput
@@ -13,32 +14,54 @@ class Parser(argparse.ArgumentParser):
         raise BadInput(f"{message} (see --help)")
 
 
+def _decimal(text):
+    """A plain decimal integer, as gqe's programs read them: no spaces, underscores or other digits."""
+    if not re.fullmatch(r"-?[0-9]+", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a decimal integer")
+    return int(text)
+
+
 def positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    v = _decimal(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"{v} is not a positive integer")
     return v
 
 
 def non_negative_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    v = _decimal(text)
     if v < 0:
         raise argparse.ArgumentTypeError(f"{v} is negative")
     return v
 
 
+def int_in(low, high):
+    """An argparse type: a decimal integer in [low, high] (gqe-train's ranges)."""
+    def parse(text):
+        v = _decimal(text)
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"{v} is out of range; expected {low} to {high}")
+        return v
+    return parse
+
+
+def _out_of_memory(e):
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and (
+        "out of memory" in str(e) or "not enough memory" in str(e) or "DefaultCPUAllocator" in str(e)))
+
+
 def run(prog, main, argv=None):
-    """Runs main(argv) and turns BadInput into one line on stderr and exit status 2."""
+    """Runs main(argv); BadInput and running out of memory become one line on stderr and exit status 2."""
     try:
         return main(sys.argv[1:] if argv is None else argv) or 0
     except BadInput as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        print(f"{prog}: error: out of memory ({str(e).splitlines()[0] if str(e) else 'MemoryError'}); "
+              "expected smaller sizes", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 
+from . import strict_json
 from .errors import BadInput
 
 # The C++ library's size limits, so that a config gqe-run refuses is refused here too.
@@ -17,6 +19,7 @@ _LIMITS = {
     "max_position_embeddings": 1 << 24,
 }
 VARIANTS = ("gqe", "hard_concat", "weighted_concat")
+MAX_CONFIG_BYTES = 16 << 20  # as gqe: a config is a few hundred bytes
 # Keys this class reads; any other key is kept in `extra` and ignored, as Hugging Face does.
 KNOWN_KEYS = ("attention_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "head_dim", "gqe_top_k", "gqe_variant",
@@ -83,6 +86,7 @@ class GQEConfig:
         if self.gqe_variant not in VARIANTS:
             raise BadInput(f'config: "gqe_variant" is {_describe(self.gqe_variant)}; expected one of {", ".join(VARIANTS)}')
         self.vocab_size = self._size("vocab_size")
+        self._check_token_ids("eos_token_id")
         self.hidden_size = self._size("hidden_size")
         self.intermediate_size = self._size("intermediate_size")
         self.num_hidden_layers = self._size("num_hidden_layers")
@@ -241,6 +245,20 @@ class GQEConfig:
             raise BadInput(f'config: "{key}" is {_describe(v)}; expected true or false')
         return v
 
+    def _check_token_ids(self, key):
+        """An integer or a list of integers below vocab_size, as Hugging Face writes eos_token_id; kept
+        in `extra` as given."""
+        if not self._has(key):
+            return
+        v = self._d[key]
+        for item in v if isinstance(v, list) else [v]:
+            integral = isinstance(item, int) and not isinstance(item, bool)
+            if not integral and not (isinstance(item, float) and item.is_integer()):
+                raise BadInput(f'config: "{key}" is {json.dumps(v)}; expected a token id or a list of token ids')
+            if not 0 <= item < self.vocab_size:
+                raise BadInput(f"config: {key} {int(item)} is not a token of this model; expected an id from 0 to "
+                               f"vocab_size - 1 = {self.vocab_size - 1}")
+
     def _string(self, key, default):
         if not self._has(key):
             return default
@@ -254,13 +272,19 @@ def load_config(path):
     """GQEConfig from a config.json file; BadInput names the file on any problem."""
     try:
         with open(path, "r", encoding="utf-8") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_CONFIG_BYTES:
+                raise BadInput(f"{path} is {size} bytes long; expected the model's config.json of at most "
+                               f"{MAX_CONFIG_BYTES}")
             text = f.read()
     except OSError as e:
         raise BadInput(f"cannot read {path}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise BadInput(f"{path} is not UTF-8 text") from None
     try:
-        d = json.loads(text)
+        d = strict_json.loads(text)
+    except BadInput as e:
+        raise BadInput(f"{path}: {e}") from None
     except ValueError as e:
         raise BadInput(f"{path} is not valid JSON ({e})") from None
     if not isinstance(d, dict):

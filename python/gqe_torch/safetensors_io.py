@@ -14,9 +14,11 @@ import struct
 import numpy as np
 import torch
 
+from . import strict_json
 from .errors import BadInput
 
 MAX_HEADER_BYTES = 100_000_000
+MAX_RANK = 64  # dimensions of a shape the header may give (gqe's models use at most 2)
 
 # dtype name -> (numpy dtype of the stored little-endian words, torch dtype of the values)
 DTYPES = {
@@ -28,16 +30,6 @@ DTYPES = {
 }
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 _DTYPE_OF_TORCH = {torch_dtype: name for name, (_, torch_dtype) in DTYPES.items()}
-
-
-def _unique_object(pairs):
-    """json object_pairs_hook that refuses a key given twice (plain json keeps the last one)."""
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise BadInput(f"the key {key!r} is given twice")
-        out[key] = value
-    return out
 
 
 def _is_count(v):
@@ -61,7 +53,7 @@ def parse_header(blob, source):
     if 8 + header_len > len(blob):
         raise BadInput(f"{source}: header length {header_len} runs past the end of the file ({len(blob) - 8} bytes)")
     try:
-        header = json.loads(bytes(blob[8:8 + header_len]).decode("utf-8"), object_pairs_hook=_unique_object)
+        header = strict_json.loads(bytes(blob[8:8 + header_len]).decode("utf-8"))
     except BadInput as e:
         raise BadInput(f"{source}: header: {e}") from None
     except (UnicodeDecodeError, ValueError):
@@ -86,6 +78,13 @@ def parse_header(blob, source):
             raise BadInput(f"{what} has dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
         if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
             raise BadInput(f"{what} has shape {shape!r}; expected an array of non-negative integers")
+        if len(shape) > MAX_RANK:
+            raise BadInput(f"{what} has a shape of more than {MAX_RANK} dimensions")
+        elements = 1
+        for s in shape:  # as gqe: each dimension an int64, their running product a uint64
+            if s >= 1 << 63 or elements * s >= 1 << 64:
+                raise BadInput(f"{what} has a shape whose element count overflows (dimension {s})")
+            elements *= s
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
             raise BadInput(f"{what} has data_offsets {offsets!r}; expected [begin, end]")
         begin, end = offsets
@@ -109,9 +108,13 @@ def parse_header(blob, source):
     return entries, metadata, 8 + header_len
 
 
-def read_file_bytes(path):
+def read_file_bytes(path, max_bytes=None, expected="a file"):
+    """The file's bytes; a file longer than max_bytes is refused before it is read, as in gqe."""
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if max_bytes is not None and size > max_bytes:
+                raise BadInput(f"{path} is {size} bytes long; expected {expected} of at most {max_bytes}")
             return f.read()
     except OSError as e:
         raise BadInput(f"cannot read {path}: {e.strerror}") from None
@@ -124,8 +127,11 @@ def read_safetensors(path):
     tensors, dtypes = {}, {}
     for e in entries:
         np_dtype, torch_dtype = DTYPES[e.dtype]
-        words = np.frombuffer(blob, dtype=np_dtype, count=(e.end - e.begin) // np_dtype.itemsize,
-                              offset=start + e.begin).reshape(e.shape)
+        try:
+            words = np.frombuffer(blob, dtype=np_dtype, count=(e.end - e.begin) // np_dtype.itemsize,
+                                  offset=start + e.begin).reshape(e.shape)
+        except ValueError:  # NumPy's own limits: 32 dimensions, sizes within its index type
+            raise BadInput(f"{path}: tensor {e.name!r} of shape {list(e.shape)} cannot be held by NumPy") from None
         t = torch.from_numpy(words.astype(np_dtype.newbyteorder("="), copy=True))
         if e.dtype == "BF16":
             t = t.view(torch.bfloat16)  # the raw words are BF16 values

@@ -45,17 +45,17 @@ def parse_args(argv):
                    epilog="Under torchrun, --batch is per process. Exit status 2 on bad input.")
     p.add_argument("--text", required=True, help="training text file (bytes are tokens; its last 10%% is held out)")
     p.add_argument("--out", required=True, help="folder to write the checkpoint to (must not hold one yet)")
-    p.add_argument("--steps", type=cli.positive_int, default=1200, help="optimiser steps (default 1200)")
-    p.add_argument("--batch", type=cli.positive_int, default=32, help="sequences per step and process (default 32)")
-    p.add_argument("--seq-len", type=cli.positive_int, default=64, help="bytes per sequence (default 64)")
+    p.add_argument("--steps", type=cli.int_in(1, 10_000_000), default=1200, help="optimiser steps (default 1200)")
+    p.add_argument("--batch", type=cli.int_in(1, 65536), default=32, help="sequences per step and process (default 32)")
+    p.add_argument("--seq-len", type=cli.int_in(1, 1 << 20), default=64, help="bytes per sequence (default 64)")
     p.add_argument("--attention", choices=("gqe", "gqa"), default=None, help="attention type (default gqe)")
-    p.add_argument("--hidden", type=cli.positive_int, default=None, help="hidden size d (default 64)")
-    p.add_argument("--layers", type=cli.positive_int, default=None, help="transformer blocks (default 2)")
-    p.add_argument("--heads", type=cli.positive_int, default=None, help="query heads N (default 8)")
-    p.add_argument("--kv-heads", type=cli.positive_int, default=None, help="KV heads G (default 4)")
-    p.add_argument("--head-dim", type=cli.positive_int, default=None, help="head dimension d_h (default 16)")
-    p.add_argument("--intermediate", type=cli.positive_int, default=None, help="feed-forward size (default 128)")
-    p.add_argument("--top-k", type=cli.positive_int, default=None, help="GQE experts kept per group (default 1)")
+    p.add_argument("--hidden", type=cli.int_in(1, 1 << 16), default=None, help="hidden size d (default 64)")
+    p.add_argument("--layers", type=cli.int_in(1, 1024), default=None, help="transformer blocks (default 2)")
+    p.add_argument("--heads", type=cli.int_in(1, 1024), default=None, help="query heads N (default 8)")
+    p.add_argument("--kv-heads", type=cli.int_in(1, 1024), default=None, help="KV heads G (default 4)")
+    p.add_argument("--head-dim", type=cli.int_in(2, 2048), default=None, help="head dimension d_h (default 16)")
+    p.add_argument("--intermediate", type=cli.int_in(1, 1 << 18), default=None, help="feed-forward size (default 128)")
+    p.add_argument("--top-k", type=cli.int_in(1, 1024), default=None, help="GQE experts kept per group (default 1)")
     p.add_argument("--variant", choices=("gqe", "hard_concat", "weighted_concat"), default=None,
                    help="GQE variant (default gqe)")
     p.add_argument("--init", metavar="DIR", help="start from this gqe checkpoint folder (e.g. gqe-train's "
@@ -183,6 +183,11 @@ def main(argv):
         raise BadInput(f"--out {args.out} already holds a checkpoint; expected a new folder")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise BadInput(f"--out {args.out} exists and is not a folder")
+    ancestor = os.path.dirname(os.path.abspath(args.out))  # the folder it will be made in: here, not at the end
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise BadInput(f"--out {args.out} cannot be made: {ancestor} is not a writable folder")
     data = TextData(args.text, args.seq_len)
     config = None if args.init is not None else model_config(args)
 

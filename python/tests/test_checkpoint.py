@@ -97,6 +97,12 @@ class Safetensors(unittest.TestCase):
             "metadata not strings": raw_file({"__metadata__": {"n": 1}}),
             # 2^62 * 2^2 elements of 4 bytes wrap to 0 in 64 bits; the count must not.
             "overflowing shape": raw_file({"a": {"dtype": "F32", "shape": [2 ** 62, 4], "data_offsets": [0, 0]}}),
+            # No bytes, but an element count past 64 bits before the zero, as gqe refuses it.
+            "overflow before a zero": raw_file({"a": {"dtype": "F32", "shape": [2 ** 32, 2 ** 32, 0], "data_offsets": [0, 0]}}),
+            "dimension past int64": raw_file({"a": {"dtype": "F32", "shape": [2 ** 64, 0], "data_offsets": [0, 0]}}),
+            "too many dimensions": raw_file({"a": {"dtype": "F32", "shape": [1] * 65, "data_offsets": [0, 4]}}, four),
+            "more than NumPy holds": raw_file({"a": {"dtype": "F32", "shape": [1] * 40, "data_offsets": [0, 4]}}, four),
+            "nested too deeply": struct.pack("<Q", 10002) + b"[" * 5001 + b"]" * 5001,
         }
         # A null __metadata__ is none, as the format's own reader takes it.
         path = os.path.join(self.tmp, "null-metadata.safetensors")
@@ -253,6 +259,16 @@ class Checkpoints(unittest.TestCase):
         folder, _ = self.shard_folder("no-map")
         rewrite_index(folder, {"metadata": {}})
         self.assertRefused(folder, "weight_map")
+        # JSON that gqe's reader refuses: NaN (Python's json writes and reads it), a key given twice.
+        folder, index = self.shard_folder("nan")
+        index["metadata"] = {"total_size": float("nan")}
+        rewrite_index(folder, index)
+        self.assertRefused(folder, "not valid JSON")
+        folder, index = self.shard_folder("twice-in-json")
+        path = os.path.join(folder, "model.safetensors.index.json")
+        with open(path, "w") as f:
+            f.write('{"metadata": {}, "metadata": {}, "weight_map": ' + json.dumps(index["weight_map"]) + "}")
+        self.assertRefused(folder, "given twice")
 
     def test_index_wins_over_a_stray_single_file(self):
         folder, _ = self.shard_folder("stray")

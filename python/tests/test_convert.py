@@ -1,6 +1,8 @@
 """python -m gqe_torch.convert: state_dict -> gqe folder -> state_dict, and its refusals; the
 programs' --help and bad-input behaviour."""
 
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -167,6 +169,43 @@ class Programs(unittest.TestCase):
                 self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
                 self.assertTrue(r.stderr.startswith(f"gqe_torch.{module}: error: "), r.stderr)
 
+    def test_unwritable_destinations_are_refused_before_reading(self):
+        fixture = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                               "tests", "data", "gqe_k1_m2")
+        with tempfile.TemporaryDirectory() as tmp:
+            a_file = os.path.join(tmp, "a-file")
+            with open(a_file, "w") as f:
+                f.write("x")
+            os.makedirs(os.path.join(tmp, "dst", "config.json"))  # a folder where config.json would go
+            for dst, words in ((os.path.join(a_file, "x.bin"), "not a writable folder"),
+                               (os.path.join(tmp, "dst", "model.bin"), "is not a file")):
+                with self.subTest(dst=dst):
+                    r = call_module("convert", [fixture, dst])
+                    self.assertEqual(r.returncode, 2, r.stderr)
+                    self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+                    self.assertIn(words, r.stderr)
+            self.assertEqual(os.listdir(os.path.join(tmp, "dst")), ["config.json"])
+
+    def test_out_of_memory_is_one_line(self):
+        from gqe_torch import cli
+
+        def runs_out(argv):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:75] DefaultCPUAllocator: not enough memory: you tried "
+                               "to allocate 1099511627776 bytes.")
+
+        def fails(argv):
+            raise RuntimeError("a bug, not the user's input")
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            self.assertEqual(cli.run("gqe_torch.train", runs_out, []), 2)
+            self.assertEqual(cli.run("gqe_torch.train", lambda argv: (_ for _ in ()).throw(MemoryError()), []), 2)
+            with self.assertRaises(RuntimeError):  # anything else stays a traceback, to be reported
+                cli.run("gqe_torch.train", fails, [])
+        lines = err.getvalue().splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertTrue(all(l.startswith("gqe_torch.train: error: out of memory") for l in lines), lines)
+
     def test_more_bad_command_lines(self):
         cases = [("convert", []), ("convert", ["/nonexistent", "x"]), ("convert", ["a", "b", "--dtype", "F8"]),
                  ("train", []), ("train", ["--text", "t", "--out", "o", "--bogus"]),
@@ -177,6 +216,16 @@ class Programs(unittest.TestCase):
                 self.assertEqual(r.returncode, 2, r.stderr)
                 self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
                 self.assertTrue(r.stderr.startswith(f"gqe_torch.{module}: error: "), r.stderr)
+        # gqe-train's integers: plain decimal, in its ranges (refused before --text is read)
+        for flag, value, words in (("--steps", "1_0", "not a decimal integer"), ("--seq-len", " 16 ", "not a decimal integer"),
+                                   ("--batch", "\u0662", "not a decimal integer"),
+                                   ("--batch", "1000000000000", "expected 1 to 65536"), ("--head-dim", "1", "expected 2 to 2048")):
+            with self.subTest(flag=flag, value=value):
+                r = call_module("train", ["--text", "t", "--out", "o", flag, value])
+                self.assertEqual(r.returncode, 2, r.stderr)
+                self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+                self.assertIn(f"argument {flag}: ", r.stderr)
+                self.assertIn(words, r.stderr)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 import itertools
 import math
+import os
+import tempfile
 import unittest
 
 import torch
@@ -159,6 +161,29 @@ class Config(unittest.TestCase):
         self.assertEqual(c.to_dict()["eos_token_id"], 2)
         self.assertEqual(gt.GQEConfig(**c.to_dict()).to_dict(), c.to_dict())
 
+    def test_config_files_read_as_gqe_reads_them(self):
+        good = '"vocab_size": 10, "hidden_size": 24, "intermediate_size": 7, "num_hidden_layers": 1, "num_attention_heads": 4'
+        cases = {  # file text -> what the refusal says
+            "{" + good + ', "rope_theta": NaN}': "not valid JSON",
+            "{" + good + ', "rope_theta": 1e400}': "not valid JSON",
+            "{" + good + ', "vocab_size": 12}': "given twice",
+            "[" * 5000 + "]" * 5000: "not valid JSON",
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "config.json")
+            for text, words in cases.items():
+                with self.subTest(text=text[:60]):
+                    with open(path, "w") as f:
+                        f.write(text)
+                    with self.assertRaises(gt.BadInput) as e:
+                        gt.load_config(path)
+                    self.assertIn(words, str(e.exception))
+            with open(path, "w") as f:
+                f.write("{" + good + "}" + " " * (16 << 20))
+            with self.assertRaises(gt.BadInput) as e:
+                gt.load_config(path)
+            self.assertIn("of at most 16777216", str(e.exception))
+
     def test_refusals_name_the_key(self):
         base = dict(vocab_size=10, hidden_size=24, intermediate_size=7, num_hidden_layers=1, num_attention_heads=4)
         cases = {
@@ -180,6 +205,8 @@ class Config(unittest.TestCase):
             "use_rope ": dict(use_rope=1),  # JSON's 1 is not true, as the C++ reader has it
             "attention_bias ": dict(attention_bias=0),
             "sliding_window ": dict(sliding_window=0),
+            "eos_token_id": dict(eos_token_id=[1, "2"]),
+            "eos_token_id ": dict(eos_token_id=True),
             "sliding_window": dict(sliding_window=4096),
             "use_sliding_window": dict(use_sliding_window=True, sliding_window=64),
             "layer_types": dict(layer_types=["full_attention", "sliding_attention"]),
@@ -192,6 +219,13 @@ class Config(unittest.TestCase):
                 with self.assertRaises(gt.BadInput) as e:
                     gt.GQEConfig(**dict(base, **override))
                 self.assertIn(f'"{key.strip()}"', str(e.exception))
+        # eos ids must be tokens of the model (gqe-run refuses the others, so a converter must not write them)
+        for eos in (10, -1, [3, 10]):
+            with self.subTest(eos=eos):
+                with self.assertRaises(gt.BadInput) as e:
+                    gt.GQEConfig(**dict(base, eos_token_id=eos))
+                self.assertIn("is not a token of this model", str(e.exception))
+        self.assertEqual(gt.GQEConfig(**dict(base, eos_token_id=[9, 2.0])).eos_token_id, [9, 2.0])
         # null and false are fine; 256.0 is an integer
         gt.GQEConfig(**dict(base, rope_scaling=None, attention_bias=False, mlp_bias=None, vocab_size=256.0))
         # What gqe computes anyway loads, RoPE's base given inside "rope_parameters" included.

@@ -164,6 +164,14 @@ class Train(unittest.TestCase):
                 self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
                 self.assertIn(words, r.stderr)
                 self.assertFalse(os.path.exists(out))
+        # An --out that cannot be made is refused before training, not at the first save.
+        a_file = self.path("a-file")
+        with open(a_file, "w") as f:
+            f.write("x")
+        r = call_module("train", ["--text", self.text, "--out", os.path.join(a_file, "run")])
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)  # no "training a ..." line first
+        self.assertIn("not a writable folder", r.stderr)
         # An existing checkpoint is never overwritten.
         out = self.path("taken")
         self.train(out, "--steps", "1", "--batch", "2", "--seq-len", "16", "--hidden", "16", "--head-dim", "4")

@@ -89,6 +89,26 @@ class BenchReport(unittest.TestCase):
         self.assertNotEqual(done.returncode, 0)
         self.assertIn("gqe-bench failed with status 2", done.stderr)
 
+    def test_bad_inputs_are_refused_with_their_reason(self):
+        with tempfile.TemporaryDirectory(prefix="gqe-bench-report-") as out:
+            empty = os.path.join(out, "empty.json")
+            with open(empty, "w") as f:
+                f.write("{}")
+            cases = [(["--min-time", "nan"], "--min-time is nan"), (["--min-time", "0"], "--min-time is 0"),
+                     (["--json", os.path.join(out, "missing.json")], "cannot read"),
+                     (["--json", empty], "holds no benchmarks"), (["--out", empty], "is not a folder"),
+                     (["--repetitions", "1", "--min-time", "0.01", "--filter", "^no_such_benchmark$"],
+                      "ran no benchmark")]
+            for args, words in cases:
+                with self.subTest(args=args):
+                    done = report(os.path.join(out, "run"), *args)
+                    self.assertNotEqual(done.returncode, 0)
+                    self.assertIn(words, done.stderr)
+                    self.assertNotIn("Traceback", done.stderr)
+                    run = os.path.join(out, "run")
+                    self.assertFalse(os.path.exists(os.path.join(run, "bench.json")))
+                    self.assertFalse(os.path.exists(os.path.join(run, "report.md")))
+
     def test_counts_below_one_are_refused(self):
         for flag in ("--threads", "--repetitions"):
             with self.subTest(flag=flag), tempfile.TemporaryDirectory(prefix="gqe-bench-report-") as out:
