@@ -1,6 +1,7 @@
 """What the programs share: one-line errors with exit status 2 on anything the user can fix."""
 
 import argparse
+import os
 import re
 import sys
 
@@ -43,6 +44,17 @@ def int_in(low, high):
             raise argparse.ArgumentTypeError(f"{v} is out of range; expected {low} to {high}")
         return v
     return parse
+
+
+def require_creatable(path, what):
+    """Refuses, up front, a path that cannot be made: the nearest existing folder on its way must be
+    a folder this process can write in (a file there, or no permission, is found here, not after the
+    work)."""
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise BadInput(f"{what} {path} cannot be made: {ancestor} is not a writable folder")
 
 
 def _out_of_memory(e):

@@ -106,13 +106,8 @@ def gqe_to_torch(src, dst, dtype):
         raise BadInput(f"{dst} is a folder; expected the path of the state_dict file to write")
     if os.path.exists(dst):
         raise BadInput(f"{dst} exists; expected a new file")
-    folder = os.path.dirname(os.path.abspath(dst))
-    config_dst = os.path.join(folder, CONFIG)
-    ancestor = folder  # the nearest existing folder on the way must be one we can write in
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise BadInput(f"{dst} cannot be written: {ancestor} is not a writable folder")
+    cli.require_creatable(dst, "the state_dict")
+    config_dst = os.path.join(os.path.dirname(os.path.abspath(dst)), CONFIG)
     if os.path.exists(config_dst) and not os.path.isfile(config_dst):
         raise BadInput(f"{config_dst} exists and is not a file; expected a folder without a config.json")
     model = load_pretrained(src)

@@ -183,11 +183,7 @@ def main(argv):
         raise BadInput(f"--out {args.out} already holds a checkpoint; expected a new folder")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise BadInput(f"--out {args.out} exists and is not a folder")
-    ancestor = os.path.dirname(os.path.abspath(args.out))  # the folder it will be made in: here, not at the end
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise BadInput(f"--out {args.out} cannot be made: {ancestor} is not a writable folder")
+    cli.require_creatable(args.out, "--out")
     data = TextData(args.text, args.seq_len)
     config = None if args.init is not None else model_config(args)
 
