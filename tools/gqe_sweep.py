@@ -54,6 +54,12 @@ UMASK = os.umask(0)
 os.umask(UMASK)
 
 
+# gqe-train's upper limits of the flags passed on to it.
+GQE_TRAIN_LIMITS = {"seeds": 1000, "steps": 10_000_000, "hidden": 1 << 16, "layers": 1024, "kv_heads": 1024,
+                    "head_dim": 2048, "intermediate": 1 << 18, "seq_len": 1 << 20, "batch": 65536, "threads": 1024,
+                    "lr": 10, "weight_decay": 1}
+
+
 class UsageError(Exception):
     """A condition the user can fix: one line on stderr, exit status 2."""
 
@@ -121,13 +127,13 @@ def int_list(flag: str, text: str, low: int = 1):
 
 
 def positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"\"{text}\" is not a whole number >= 1")
     return int(text)
 
 
 def non_negative(text: str) -> int:
-    if not text.isdigit():
+    if not text.isascii() or not text.isdigit():
         raise argparse.ArgumentTypeError(f"\"{text}\" is not a whole number >= 0")
     return int(text)
 
@@ -259,6 +265,10 @@ def parse_args(argv):
                              "gqe, hard_concat and weighted_concat")
     if len(set(a.variant_list)) != len(a.variant_list):
         raise UsageError(f"--variants is \"{a.variants}\"; a variant appears twice")
+    for name, most in GQE_TRAIN_LIMITS.items():  # refused here, not by the first gqe-train after the timing
+        if getattr(a, name) > most:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} is {getattr(a, name)}; expected at most {most} (gqe-train's limit)")
     if a.head_dim % 2:
         raise UsageError(f"--head-dim is {a.head_dim}; expected an even number (RoPE pairs)")
     if a.dense_heads is None:
@@ -326,8 +336,11 @@ def check_options(a, text_size: int, text_sha256: str):
                                  f"there, {value} now); expected the same ones, or a new --out")
     elif os.path.isdir(a.out) and os.listdir(a.out):
         raise UsageError(f"--out {a.out} is a folder that holds no sweep; expected a new or empty folder")
-    os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
-    os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
+    try:
+        os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
+        os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot make --out {a.out}: {e.strerror}") from None
     if saved is None:
         write_json(saved_path, current)
 

@@ -225,6 +225,12 @@ class Sweep(unittest.TestCase):
             (["--text", short], "at least 170"),
             (["--text", os.path.join(self.tmp.name, "missing.txt")], "does not exist"),
             (["--text", self.text, "--gqe-bench", os.path.join(self.tmp.name, "nothing")], "--gqe-bench"),
+            # gqe-train's limits, refused before anything runs (not by gqe-train after the timing)
+            (["--text", self.text, "--batch", "100000"], "--batch is 100000; expected at most 65536"),
+            (["--text", self.text, "--hidden", "100000"], "--hidden is 100000"),
+            (["--text", self.text, "--lr", "20"], "--lr is 20.0"),
+            (["--text", self.text, "--steps", "\u0662"], "--steps"),
+            (["--text", self.text, "--out", os.path.join(self.text, "sweep")], "cannot make --out"),
         ]
         for flags, word in bad:
             with self.subTest(flags=flags):
