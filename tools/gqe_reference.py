@@ -726,8 +726,13 @@ def make_random_checkpoint(
     if dtype not in ("F32", "F64", "F16", "BF16"):
         raise BadInput(f"unsupported checkpoint dtype {dtype}")
     cfg = config_from_dict(config_dict)
+    if seed < 0:
+        raise BadInput(f"seed {seed} is negative; expected a non-negative integer")
     weights = random_weights(cfg, seed)
-    os.makedirs(model_dir, exist_ok=True)
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"cannot make {model_dir}: {e.strerror}") from None
     with open(os.path.join(model_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config_dict, f, indent=2)
         f.write("\n")
@@ -807,7 +812,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print("aux_loss per layer:", result.aux_loss)
         return 0
     except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"gqe_reference: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -10,6 +10,8 @@ helpers, so that a shared mistake is unlikely.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -195,6 +197,23 @@ class TestConfigAndCheckpoint(unittest.TestCase):
                     np.testing.assert_allclose(loaded[name], exact[name], rtol=rel, atol=0)
                 stored_dtypes = ref.read_safetensors_full(os.path.join(folder, "model.safetensors"))[1]
                 self.assertEqual(set(stored_dtypes.values()), {dtype})
+
+    def test_command_line_refusals(self):
+        config = json.dumps({"vocab_size": 11, "hidden_size": 8, "intermediate_size": 5, "num_hidden_layers": 1,
+                             "num_attention_heads": 2})
+        with tempfile.TemporaryDirectory() as tmp:
+            a_file = os.path.join(tmp, "a-file")
+            with open(a_file, "w") as f:
+                f.write("x")
+            for args, words in ((["--make-random", os.path.join(tmp, "m"), "--seed", "-5"], "seed -5 is negative"),
+                                (["--make-random", os.path.join(a_file, "m")], "cannot make")):
+                with self.subTest(args=args):
+                    err = io.StringIO()
+                    with contextlib.redirect_stderr(err):
+                        self.assertEqual(ref.main(args + ["--config-json", config]), 2)
+                    self.assertTrue(err.getvalue().startswith("gqe_reference: error: "), err.getvalue())
+                    self.assertIn(words, err.getvalue())
+            self.assertEqual(os.listdir(tmp), ["a-file"])
 
     def test_check_weights_refuses_bad_sets(self):
         cfg = small_config()

@@ -96,6 +96,9 @@ class Layer:
         return torch.cat([slots.reshape(T, G * K * DH), weighted, shared], -1) @ self.o_proj.T
 
 
+MAX_TOKENS = 16384
+
+
 def timed(fn):
     start = time.perf_counter()
     fn()
@@ -105,14 +108,22 @@ def timed(fn):
 def gqe_medians(path, T):
     """Median real time in seconds of prefill_gqa/T and prefill_gqe/T in gqe-bench's JSON."""
     unit = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
-    with open(path) as f:
-        data = json.load(f)
-    times = {}
-    for b in data["benchmarks"]:
-        name = b.get("run_name", b["name"]).split("/")
-        if b.get("run_type", "iteration") == "iteration" and len(name) > 1 and name[1] == str(T):
-            times.setdefault(name[0], []).append(b["real_time"] * unit[b.get("time_unit", "ns")])
-    return {k: statistics.median(v) for k, v in times.items()}, data.get("context", {})
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        times = {}
+        for b in data["benchmarks"]:
+            name = b.get("run_name", b["name"]).split("/")
+            if b.get("run_type", "iteration") == "iteration" and len(name) > 1 and name[1] == str(T):
+                times.setdefault(name[0], []).append(b["real_time"] * unit[b.get("time_unit", "ns")])
+    except OSError as e:
+        sys.exit(f"torch_compare: cannot read --gqe-json {path}: {e.strerror}")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        sys.exit(f"torch_compare: --gqe-json {path} is not gqe-bench's JSON")
+    ours = {k: statistics.median(v) for k, v in times.items()}
+    if "prefill_gqa" not in ours or "prefill_gqe" not in ours:
+        sys.exit(f"torch_compare: no prefill_gqa/{T} and prefill_gqe/{T} in {path}")
+    return ours, data.get("context", {})
 
 
 def main():
@@ -124,6 +135,11 @@ def main():
     args = ap.parse_args()
     if args.tokens < 1 or args.repeats < 1 or args.threads < 1:
         sys.exit("torch_compare: --tokens, --repeats and --threads must be at least 1")
+    if args.tokens > MAX_TOKENS:
+        sys.exit(f"torch_compare: --tokens {args.tokens} is more than {MAX_TOKENS} (the causal mask alone holds T x T "
+                 "floats)")
+    # The JSON is read before the timing, so that a wrong path is found at once.
+    ours, ctx = gqe_medians(args.gqe_json, args.tokens) if args.gqe_json else (None, None)
 
     torch.set_num_threads(args.threads)
     T = args.tokens
@@ -148,10 +164,7 @@ def main():
     print(f"  GQE speed-up over dense:       {statistics.median(ratios):8.2f}  (per-round range "
           f"{min(ratios):.2f}-{max(ratios):.2f})")
 
-    if args.gqe_json:
-        ours, ctx = gqe_medians(args.gqe_json, T)
-        if "prefill_gqa" not in ours or "prefill_gqe" not in ours:
-            sys.exit(f"torch_compare: no prefill_gqa/{T} and prefill_gqe/{T} in {args.gqe_json}")
+    if ours:
         gd, gg = ours["prefill_gqa"], ours["prefill_gqe"]
         print(f"gqe (from {args.gqe_json}, {ctx.get('gqe_threads', '?')} threads, measured in another run):")
         print(f"  dense GQA:                     {1e3 * gd:8.1f} ms  ({td / gd:.2f}x PyTorch's dense speed)")

@@ -9,8 +9,8 @@ Checked: every T gets its row; each process is given its model, a prompt of T le
 in alternating order; the times and the speed-up agree with the stand-in's; the ceiling is the
 whole-model ceiling computed here from docs/flop-model.md (the layer, the feed-forward block of
 every token, one row of logits), and the share of it is the speed-up over it. A failing process
-fails the tool, naming its status; counts below one are refused; nothing is written to a
-stderr that is not a terminal but the tool's own messages.
+fails the tool, naming its status; counts below one and prompts past the models' positions are
+refused; nothing is written to a stderr that is not a terminal but the tool's own messages.
 """
 
 from __future__ import annotations
@@ -120,6 +120,9 @@ class ColdPrefill(unittest.TestCase):
                 done = self.tool(*flags)
                 self.assertNotEqual(done.returncode, 0)
                 self.assertIn("must be at least 1", done.stderr)
+        done = self.tool("--tokens", "2048", "5000")  # past the models' positions: refused before anything runs
+        self.assertNotEqual(done.returncode, 0)
+        self.assertIn("--tokens 5000 is more than the models' 4096 positions", done.stderr)
         self.assertFalse(os.path.exists(self.calls))
 
 
