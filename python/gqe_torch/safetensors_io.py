@@ -71,8 +71,9 @@ def parse_header(blob, source):
     entries = []
     for name, info in header.items():
         what = f"{source}: tensor {name!r}"
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise BadInput(f"{what} is not described by exactly dtype, shape and data_offsets")
+        # Other fields are ignored, as by gqe and by the format's own reader.
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise BadInput(f"{what} is not described by dtype, shape and data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if dtype not in DTYPES:
             raise BadInput(f"{what} has dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
