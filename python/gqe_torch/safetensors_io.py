@@ -174,7 +174,17 @@ def serialize(tensors, dtypes, metadata=None):
 
 def write_atomically(path, data):
     """Writes bytes to a temporary file beside `path`, flushes it to disk, then renames it over
-    `path`: a reader sees the old file or the whole new one, never a part."""
+    `path`: a reader sees the old file or the whole new one, never a part. As gqe's writer: a
+    symbolic link keeps its place while the file it names is replaced, and a device, FIFO or socket
+    at the path is written through, never replaced."""
+    path = os.path.realpath(path) if os.path.islink(path) else path
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+            return
+        except OSError as e:
+            raise BadInput(f"cannot write {path}: {e.strerror}") from None
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:

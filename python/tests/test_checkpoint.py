@@ -294,6 +294,19 @@ class Checkpoints(unittest.TestCase):
         self.assertIn("notes.txt", names)
         self.assertTrue(torch.equal(logits_of(gt.load_pretrained(folder), self.ids), logits_of(model, self.ids)))
 
+    def test_a_symlinked_weight_file_keeps_its_link(self):
+        # Hugging Face's cache layout: the folder's model.safetensors links to a blob elsewhere.
+        model = random_model(config(), 5)
+        folder = self.path("snapshot")
+        gt.save_pretrained(model, folder)
+        blob = self.path("blob.safetensors")
+        os.replace(os.path.join(folder, "model.safetensors"), blob)
+        os.symlink(blob, os.path.join(folder, "model.safetensors"))
+        gt.save_pretrained(random_model(config(), 6), folder)
+        self.assertTrue(os.path.islink(os.path.join(folder, "model.safetensors")))
+        self.assertEqual(read_bytes(blob), read_bytes(os.path.join(folder, "model.safetensors")))
+        self.assertTrue(torch.equal(gt.load_pretrained(folder).lm_head.weight, random_model(config(), 6).lm_head.weight))
+
     def test_a_failed_save_leaves_no_partial_folder_or_file(self):
         model = random_model(config(), 4)
         calls = {"n": 0}
