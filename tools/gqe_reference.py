@@ -99,7 +99,7 @@ def float_to_bf16_bits(x: np.ndarray) -> np.ndarray:
         # 2^-133 (the smallest subnormal). Python's round() is round-half-even and the
         # scaling by powers of two is exact, so this is a single correct rounding.
         shift = max(e - 8, -133)
-        r = math.ldexp(round(math.ldexp(v, -shift)), shift)
+        r = math.copysign(math.ldexp(round(math.ldexp(v, -shift)), shift), v)  # a tiny negative rounds to -0
         if abs(r) >= 2.0 ** 128:  # rounded past the largest finite BF16
             r = math.copysign(math.inf, v)
         # r has at most 8 significant bits, so float32 holds it exactly.

@@ -121,6 +121,8 @@ class TestSafetensors(unittest.TestCase):
             (3.5e38, 0x7F80),  # above the largest BF16: overflows to infinity
             (2.0**-133, 0x0001),  # smallest subnormal
             (2.0**-134, 0x0000),  # halfway to zero: down to even
+            (-(2.0**-134), 0x8000),  # the same, negative: -0, as IEEE rounding (and torch) give
+            (-(2.0**-140), 0x8000),
             (3 * 2.0**-134, 0x0002),  # halfway between 1 and 2 ulps: up to even
         ]
         got = ref.float_to_bf16_bits(np.array([c[0] for c in cases]))
