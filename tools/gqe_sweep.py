@@ -243,7 +243,7 @@ def parse_args(argv):
     g.add_argument("--save-every", metavar="N", type=non_negative, default=200,
                    help="steps between checkpoints (default 200)")
     r = p.add_argument_group("running")
-    r.add_argument("--threads", metavar="N", type=positive, default=os.cpu_count() or 1,
+    r.add_argument("--threads", metavar="N", type=positive, default=len(os.sched_getaffinity(0)) or 1,
                    help="threads of every program it runs (default: the CPUs the process may use)")
     r.add_argument("--bench-rounds", metavar="R", type=positive, default=15,
                    help="interleaved timing rounds of the speed-up at T=4096 (default 15)")
