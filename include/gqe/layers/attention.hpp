@@ -227,11 +227,9 @@ class Attention {
     std::sort(caches.begin(), caches.end(), std::less<const AttentionCache<Scalar>*>());  // a total order, unlike <
     if (std::adjacent_find(caches.begin(), caches.end()) != caches.end())
       fail<ShapeError>("two attention segments continue the same cache; expected one cache per segment");
-    const bool router_bound = !config_.is_gqe() || router_.weight().bound();
-    const bool shared_bound = !config_.has_shared_head() || q_shared_.bound();
-    for (const auto& w : {&q_proj_, &k_proj_, &v_proj_, &o_proj_})
-      if (!w->bound() || !router_bound || !shared_bound)
-        fail<InputError>("attention weights are not loaded; expected a loaded or initialised model");
+    const bool bound = q_proj_.bound() && k_proj_.bound() && v_proj_.bound() && o_proj_.bound() &&
+                       (!config_.is_gqe() || router_.weight().bound()) && (!config_.has_shared_head() || q_shared_.bound());
+    if (!bound) fail<InputError>("attention weights are not loaded; expected a loaded or initialised model");
   }
 
   // K = x Wk^T and V = x Wv^T for all rows, RoPE on K, written to each segment's cache after its
