@@ -27,9 +27,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_report import D, DH, G, K, N, dense_flops, gqe_flops  # noqa: E402  (the one FLOP model)
+from make_large_checkpoint import MAX_POSITIONS  # noqa: E402  (of the models it writes for this tool)
 
 INTERMEDIATE, VOCAB = 256, 256
-MAX_TOKENS = 4096  # the models' max_position_embeddings (make_large_checkpoint.py's)
 SHAPE = ["--hidden", str(D), "--layers", "1", "--vocab", str(VOCAB), "--heads", str(N), "--kv-heads", str(G),
          "--head-dim", str(DH), "--top-k", str(K), "--intermediate", str(INTERMEDIATE)]
 
@@ -90,8 +90,8 @@ def main():
                  "cmake --build build --target gqe-run, or pass --run")
     if args.pairs < 1 or any(T < 1 for T in args.tokens) or any(v is not None and v < 1 for v in (args.threads, args.chunk)):
         sys.exit("cold_prefill: --pairs, every --tokens, --threads and --chunk must be at least 1")
-    if max(args.tokens) > MAX_TOKENS:
-        sys.exit(f"cold_prefill: --tokens {max(args.tokens)} is more than the models' {MAX_TOKENS} positions")
+    if max(args.tokens) > MAX_POSITIONS:
+        sys.exit(f"cold_prefill: --tokens {max(args.tokens)} is more than the models' {MAX_POSITIONS} positions")
     models = make_models(args.models)
     rng = random.Random(args.seed)
     progress = sys.stderr.isatty()  # a line rewritten in place on a terminal; nothing in a log

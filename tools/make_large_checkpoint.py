@@ -66,6 +66,8 @@ def write_file(path: str, names, shapes, dtype: str, rng: np.random.Generator) -
     return offset
 
 
+MAX_POSITIONS = 4096  # max_position_embeddings of the models written
+
 # The weight files this tool writes (and a folder's previous ones it replaces).
 WEIGHT_FILE = re.compile(r"model\.safetensors(\.index\.json)?|model-[0-9]{5}-of-[0-9]{5}\.safetensors")
 
@@ -95,7 +97,7 @@ def main() -> int:
     config = {"attention_type": a.attention, "vocab_size": a.vocab, "hidden_size": a.hidden,
               "intermediate_size": a.intermediate, "num_hidden_layers": a.layers, "num_attention_heads": a.heads,
               "num_key_value_heads": a.kv_heads, "head_dim": a.head_dim, "rms_norm_eps": 1e-5,
-              "max_position_embeddings": 4096}
+              "max_position_embeddings": MAX_POSITIONS}
     if a.attention == "gqe":
         config.update(gqe_top_k=a.top_k, gqe_variant="gqe")
     try:

@@ -2,10 +2,10 @@
 
 import json
 import math
-import os
 
 from . import strict_json
 from .errors import BadInput
+from .safetensors_io import read_file_bytes
 
 # The C++ library's size limits, so that a config gqe-run refuses is refused here too.
 _LIMITS = {
@@ -271,14 +271,7 @@ class GQEConfig:
 def load_config(path):
     """GQEConfig from a config.json file; BadInput names the file on any problem."""
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_CONFIG_BYTES:
-                raise BadInput(f"{path} is {size} bytes long; expected the model's config.json of at most "
-                               f"{MAX_CONFIG_BYTES}")
-            text = f.read()
-    except OSError as e:
-        raise BadInput(f"cannot read {path}: {e.strerror}") from None
+        text = read_file_bytes(path, MAX_CONFIG_BYTES, "the model's config.json").decode("utf-8")
     except UnicodeDecodeError:
         raise BadInput(f"{path} is not UTF-8 text") from None
     try:
