@@ -59,7 +59,7 @@ def write_case(name, what, says, config=BASE_CONFIG, model_bytes=None, config_te
     folder = os.path.join(ROOT, name)
     os.makedirs(folder)
     if config_text is not None or config is not None:
-        with open(os.path.join(folder, "config.json"), "w") as f:
+        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
             f.write(config_text if config_text is not None else json.dumps(config, indent=1))
     if model_bytes is not None:
         with open(os.path.join(folder, "model.safetensors"), "wb") as f:
@@ -125,6 +125,10 @@ def main():
     write_case("header_not_json", "the header is not JSON", "not valid JSON", model_bytes=pack(b"{not json" + b" " * 7, data))
     write_case("header_trailing_garbage", "the header object is followed by more text", "not valid JSON",
                model_bytes=pack(text + b" {}", data))
+    write_case("header_nul_padded", "the header padded with NUL bytes (JSON text holds none)", ["the header", "is NUL"],
+               model_bytes=pack(text + b"\0" * 8, data))
+    write_case("header_bom", "the header begins with a UTF-8 byte-order mark", ["the header", "byte-order mark"],
+               model_bytes=pack(b"\xef\xbb\xbf" + text, data))
     write_case("header_not_object", "the header is a JSON array", "not an object", model_bytes=pack(b"[1, 2, 3]       ", data))
     entry = json.dumps(header[first])
     dup = text.decode().replace("{", "{\"%s\": %s, " % (first, entry), 1).encode()
@@ -206,6 +210,10 @@ def main():
 
     # --- config.json ---------------------------------------------------------------------------
     write_case("config_not_json", "config.json is not JSON", "not valid JSON", config_text="{\"vocab_size\": 16,", model_bytes=good)
+    write_case("config_nul_then_text", "config.json says more after a NUL byte", ["config.json", "is NUL"],
+               config_text=json.dumps(BASE_CONFIG) + "\0{\"vocab_size\": 32}", model_bytes=good)
+    write_case("config_bom", "config.json begins with a UTF-8 byte-order mark", ["config.json", "byte-order mark"],
+               config_text="\ufeff" + json.dumps(BASE_CONFIG), model_bytes=good)
     write_case("config_not_object", "config.json is a list", "not an object", config_text="[16, 8]", model_bytes=good)
     dup_config = json.dumps(BASE_CONFIG, indent=1).replace("{", "{\n \"vocab_size\": 32,", 1)
     write_case("config_duplicate_key", "config.json gives vocab_size twice", '"vocab_size" twice',

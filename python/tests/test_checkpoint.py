@@ -220,6 +220,15 @@ class Checkpoints(unittest.TestCase):
         self.assertRefused(self.write_folder("variant", good, wrong_config), "o_proj")
         self.assertRefused(self.path("nowhere"), "not a folder")
 
+    def test_every_malformed_checkpoint_of_the_cli_tests_is_refused(self):
+        # tests/bad_checkpoints is what gqe-run and load_checkpoint refuse; the two readers must agree.
+        root = os.path.join(os.path.dirname(FIXTURES), "bad_checkpoints")
+        cases = sorted(c for c in os.listdir(root) if os.path.isdir(os.path.join(root, c)))
+        self.assertGreater(len(cases), 80)
+        for case in cases:
+            with self.subTest(case=case), self.assertRaises(gt.BadInput):
+                gt.load_pretrained(os.path.join(root, case))
+
     def shard_folder(self, name):
         model = random_model(config(num_hidden_layers=1), 2)
         folder = self.path(name)

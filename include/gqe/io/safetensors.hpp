@@ -384,6 +384,7 @@ class SafetensorsFile {
     header_size_ = static_cast<std::size_t>(header);
     detail::SafetensorsHeaderReader reader(source_);
     const char* text = reinterpret_cast<const char*>(bytes) + 8;
+    detail::require_plain_json(text, header_size_, source_ + ": the header");
     if (!nlohmann::json::sax_parse(text, text + header_size_, &reader))
       fail<FormatError>(source_, ": the header is not valid JSON");
     const std::uint64_t data_size = file_size_ - 8 - header_size_;

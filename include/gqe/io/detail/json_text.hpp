@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <set>
 #include <string>
@@ -56,6 +57,19 @@ inline std::string describe_json(const nlohmann::json& v) {
   return v.dump();  // number, boolean or null
 }
 
+// Refuses text that nlohmann's parser would read as JSON though it is not: the parser stops at a
+// NUL byte (so anything after one would go unread) and skips a leading UTF-8 byte-order mark.
+// Python's and Rust's JSON readers refuse both, and a file must not say one thing to gqe and
+// another to the tools that wrote it. `what` names the text ("config.json", "x: the header").
+inline void require_plain_json(const char* text, std::size_t size, const std::string& what) {
+  if (size >= 3 && static_cast<unsigned char>(text[0]) == 0xef && static_cast<unsigned char>(text[1]) == 0xbb &&
+      static_cast<unsigned char>(text[2]) == 0xbf)
+    fail<FormatError>(what, " is not valid JSON (it begins with a UTF-8 byte-order mark; expected the JSON text itself)");
+  if (const void* nul = std::memchr(text, 0, size))
+    fail<FormatError>(what, " is not valid JSON (byte ", static_cast<const char*>(nul) - text,
+                      " is NUL; JSON text holds none, not even as padding)");
+}
+
 // Parses text, refusing a key that appears twice in one object (of the top `depth` levels, those
 // gqe reads): nlohmann would keep the last one silently, so a file could say two things and be read
 // as one. `source` names the file.
@@ -70,6 +84,7 @@ inline nlohmann::json parse_json_unique_keys(const std::string& text, const std:
       fail<FormatError>(source, " names \"", printable(parsed.get_ref<const std::string&>()), "\" twice; expected each key once");
     return true;
   };
+  require_plain_json(text.data(), text.size(), source);
   try {
     return nlohmann::json::parse(text, check);
   } catch (const nlohmann::json::exception& e) {
