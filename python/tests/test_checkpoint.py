@@ -95,6 +95,8 @@ class Safetensors(unittest.TestCase):
             "trailing bytes": raw_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, four + four),
             "field missing": raw_file({"a": {"dtype": "F32", "data_offsets": [0, 4]}}, four),
             "metadata not strings": raw_file({"__metadata__": {"n": 1}}),
+            # An escape of half a surrogate pair is no character; gqe's JSON parser refuses it.
+            "lone surrogate": raw_file({"__metadata__": {"n": "\ud800"}}),
             # 2^62 * 2^2 elements of 4 bytes wrap to 0 in 64 bits; the count must not.
             "overflowing shape": raw_file({"a": {"dtype": "F32", "shape": [2 ** 62, 4], "data_offsets": [0, 0]}}),
             # No bytes, but an element count past 64 bits before the zero, as gqe refuses it.

@@ -167,6 +167,7 @@ class Config(unittest.TestCase):
             "{" + good + ', "rope_theta": NaN}': "not valid JSON",
             "{" + good + ', "rope_theta": 1e400}': "not valid JSON",
             "{" + good + ', "vocab_size": 12}': "given twice",
+            "{" + good + ', "model_type": "\\udc00"}': "lone surrogate",
             "[" * 5000 + "]" * 5000: "not valid JSON",
         }
         with tempfile.TemporaryDirectory() as tmp:
