@@ -315,9 +315,9 @@ int run_comparison(Options o, std::optional<Index> steps) {
     }
   }
   const std::vector<gqe::AttentionType> types = gqe::cli::model_types(o.models);
-  // Validate every run's configuration, and the text file, before anything is written.
+  // Validate every run's configuration and size, and the text file, before anything is written.
   for (Index s = 0; s < o.seeds; ++s)
-    for (auto type : types) make_run(o, type, static_cast<std::uint64_t>(s));
+    for (auto type : types) gqe::training::check_fits_in_memory<float>(make_run(o, type, static_cast<std::uint64_t>(s)).model);
   if (o.task == "text") gqe::training::TextData check(o.text, o.seq_len);
   if (!lock.held()) {
     fs::create_directories(out, ec);

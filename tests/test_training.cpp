@@ -896,6 +896,39 @@ TEST(TrainingRun, FolderLockRefusesASecondHolder) {
 // from the files' headers, before the parameters, gradients and moments (1.6 GB here) are allocated:
 // under an address-space limit well below that, loading must fail with the FormatError, not run
 // out of memory. (Sanitizers reserve terabytes of address space: there only the error is checked.)
+// The message of the gqe::Error that fn throws, or "out of memory" when it runs out first: with the
+// address space limited to what the process holds + 256 MB (not under sanitizers, which reserve
+// terabytes), a check that should refuse before allocating cannot be passed by allocating first.
+template <class Fn>
+std::string refusal_under_a_memory_limit(const Fn& fn) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  const bool limit = false;
+#elif defined(__has_feature)
+  const bool limit = !(__has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer));
+#else
+  const bool limit = true;
+#endif
+  rlimit old{};
+  if (getrlimit(RLIMIT_AS, &old) != 0) return "getrlimit failed";
+  if (limit) {
+    long pages = 0;
+    std::ifstream("/proc/self/statm") >> pages;
+    rlimit low = old;
+    low.rlim_cur = static_cast<rlim_t>(pages) * static_cast<rlim_t>(sysconf(_SC_PAGESIZE)) + (rlim_t(256) << 20);
+    if (setrlimit(RLIMIT_AS, &low) != 0) return "setrlimit failed";
+  }
+  std::string message = "nothing thrown";
+  try {
+    fn();
+  } catch (const gqe::Error& e) {
+    message = e.what();
+  } catch (const std::bad_alloc&) {
+    message = "out of memory";
+  }
+  if (limit && setrlimit(RLIMIT_AS, &old) != 0) return "setrlimit failed to restore the limit";
+  return message;
+}
+
 TEST(TrainingRun, ResumeChecksSizesBeforeAllocating) {
   namespace fs = std::filesystem;
   const fs::path dir = fs::temp_directory_path() / "gqe_test_training_sizes";
@@ -905,35 +938,23 @@ TEST(TrainingRun, ResumeChecksSizesBeforeAllocating) {
   state["run"]["model"]["hidden_size"] = 2048;
   state["run"]["model"]["intermediate_size"] = 8192;
   std::ofstream(dir / "train_state.json", std::ios::trunc) << state.dump();
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-  const bool limit = false;
-#elif defined(__has_feature)
-  const bool limit = !(__has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer));
-#else
-  const bool limit = true;
-#endif
-  rlimit old{};
-  ASSERT_EQ(getrlimit(RLIMIT_AS, &old), 0);
-  if (limit) {
-    long pages = 0;
-    std::ifstream("/proc/self/statm") >> pages;
-    rlimit low = old;
-    low.rlim_cur = static_cast<rlim_t>(pages) * static_cast<rlim_t>(sysconf(_SC_PAGESIZE)) + (rlim_t(256) << 20);
-    ASSERT_EQ(setrlimit(RLIMIT_AS, &low), 0);
-  }
-  std::string message;
-  try {
-    gqe::training::Run<float>::load(dir);
-  } catch (const gqe::FormatError& e) {
-    message = e.what();
-  } catch (const std::bad_alloc&) {
-    message = "out of memory";
-  }
-  if (limit) {
-    ASSERT_EQ(setrlimit(RLIMIT_AS, &old), 0);
-  }
+  const std::string message = refusal_under_a_memory_limit([&] { gqe::training::Run<float>::load(dir); });
   EXPECT_NE(message.find("describes a model of"), std::string::npos) << message;
   fs::remove_all(dir);
+}
+
+// A model whose weights, gradients and moments alone exceed any machine's memory (about 850 TB) is
+// refused before it is built: overcommitted memory would let its allocation succeed.
+TEST(TrainingRun, AModelBeyondTheMachinesMemoryIsRefusedBeforeAllocating) {
+  ASSERT_GT(gqe::physical_memory_bytes(), std::uint64_t(1) << 20);  // the system says, on the test machines
+  gqe::training::RunConfig r = tiny_run(gqe::AttentionType::gqe, 3);
+  r.model.hidden_size = 65536;
+  r.model.intermediate_size = 1 << 18;
+  r.model.num_layers = 1024;
+  const std::string message = refusal_under_a_memory_limit([&] { gqe::training::Run<float> run(r); });
+  EXPECT_NE(message.find("parameters needs at least"), std::string::npos) << message;
+  EXPECT_NE(message.find("GiB of memory"), std::string::npos) << message;
+  EXPECT_NO_THROW(gqe::training::check_fits_in_memory<float>(tiny_run(gqe::AttentionType::gqe, 3).model));
 }
 
 // --resume with --steps: the run goes on to the new total and evaluates at its new end; fewer steps

@@ -39,5 +39,6 @@
 #include "gqe/tensor/tensor.hpp"
 #include "gqe/tensor/weight.hpp"
 #include "gqe/build_info.hpp"
+#include "gqe/util/system_memory.hpp"
 #include "gqe/util/thread_pool.hpp"
 #include "gqe/version.hpp"

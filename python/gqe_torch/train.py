@@ -28,8 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import cli
-from .checkpoint import INDEX, SINGLE, load_pretrained, save_pretrained
-from .config import GQEConfig
+from .checkpoint import CONFIG, INDEX, SINGLE, load_pretrained, save_pretrained, weight_shapes
+from .config import GQEConfig, load_config
 from .errors import BadInput
 from .model import GQEForCausalLM
 from .safetensors_io import write_atomically
@@ -172,6 +172,25 @@ def evaluate(model, data, batch, device):
     return total / count
 
 
+def require_fits_in_memory(config):
+    """Refuses, before the model is built, a model whose float32 weights, gradients and AdamW's two
+    moments alone (16 bytes a parameter) exceed the machine's memory, as gqe-train does: memory is
+    overcommitted, so building it would start and the process be killed later."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # the system does not say
+        return
+    parameters = sum(math.prod(shape) for shape in weight_shapes(config).values())
+    needed = 16 * parameters
+
+    def gib(n):
+        return f"{math.ceil(n / 2 ** 30 * 10) / 10:.1f}"
+    if memory > 0 and needed > memory:
+        raise BadInput(f"training a model of {parameters} parameters needs at least {gib(needed)} GiB (its weights, "
+                       f"gradients and AdamW's two moments, 16 bytes a parameter); this machine has {gib(memory)} GiB "
+                       "of memory")
+
+
 def main(argv):
     args = parse_args(argv)
     # Everything is checked before the processes connect, so that all of them fail alike.
@@ -196,6 +215,8 @@ def main(argv):
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    else:
+        require_fits_in_memory(config if config is not None else load_config(os.path.join(args.init, CONFIG)))
 
     torch.manual_seed(args.seed)
     if args.init is not None:

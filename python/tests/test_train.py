@@ -155,6 +155,8 @@ class Train(unittest.TestCase):
             (["--text", self.text, "--heads", "6"], "num_attention_heads"),
             (["--text", self.text, "--top-k", "3"], "gqe_top_k"),
             (["--text", self.text, "--warmup", "2000"], "--warmup"),
+            # About 760 GiB of weights, gradients and moments: refused before the model is built.
+            (["--text", self.text, "--hidden", "65536", "--layers", "1024"], "parameters needs at least"),
         ]
         for i, (args, words) in enumerate(cases):
             with self.subTest(args=args):

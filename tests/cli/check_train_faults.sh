@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # gqe-train against faults beyond malformed files: threads the system refuses, two processes on one
 # --out, "--resume ." inside a run's folder, --resume with flags it cannot honour and with --steps,
-# an edited train_state.json promising a huge model, a text comparison resumed from another working
-# folder, one seed (no spread to show). Refusals are exit status 2 with one line on stderr.
+# an edited train_state.json promising a huge model, a model beyond the machine's memory, a text
+# comparison resumed from another working folder, one seed (no spread to show). Refusals are exit
+# status 2 with one line on stderr.
 # Usage: check_train_faults.sh GQE_TRAIN SCRATCH [sanitized]
 set -u
 train=$(realpath "$1") tmp=$2 sanitized=${3:-}
@@ -84,6 +85,12 @@ else
     bash -c 'ulimit -v 500000 && exec "$0" --resume "$1"' "$train" "$tmp/edited"
 fi
 rm -rf "$tmp/edited"
+
+# A model whose weights, gradients and moments exceed the machine's memory (770 GiB here) is
+# refused before anything is allocated or written, in the comparison and in --throughput alike.
+refused model_beyond_memory "parameters needs at least" "$train" --hidden 65536 --layers 1024 --steps 2 --out "$tmp/huge"
+check model_beyond_memory_made_no_folder test ! -e "$tmp/huge"
+refused throughput_beyond_memory "parameters needs at least" "$train" --hidden 65536 --layers 1024 --throughput
 
 # A text comparison started with a relative --text, resumed from another working folder; with
 # one seed the results show no "± 0.0000" spread.

@@ -38,6 +38,7 @@
 #include "gqe/training/initialize.hpp"
 #include "gqe/training/loss.hpp"
 #include "gqe/training/optimizer.hpp"
+#include "gqe/util/system_memory.hpp"
 
 namespace gqe::training {
 
@@ -192,13 +193,27 @@ inline std::filesystem::path saved_run_folder(const std::filesystem::path& dir) 
   return folder;
 }
 
+// Refuses to train a model whose weights, gradients and AdamW's two moments alone (four Scalars a
+// parameter) exceed the machine's physical memory, before any of it is allocated.
+template <class Scalar>
+void check_fits_in_memory(const ModelConfig& model) {
+  const std::uint64_t memory = physical_memory_bytes();
+  const double needed = 4.0 * sizeof(Scalar) * static_cast<double>(model.parameter_count());
+  const auto gib = [](double bytes) { return std::ceil(bytes / double(1 << 30) * 10) / 10; };
+  if (memory > 0 && needed > static_cast<double>(memory))
+    fail<ConfigError>("training a model of ", model.parameter_count(), " parameters needs at least ", gib(needed),
+                      " GiB (its weights, gradients and AdamW's two moments, ", 4 * sizeof(Scalar),
+                      " bytes a parameter); this machine has ", gib(static_cast<double>(memory)), " GiB of memory");
+}
+
 template <class Scalar>
 class Run {
  public:
   static constexpr DType kDType = std::is_same_v<Scalar, double> ? DType::F64 : DType::F32;
 
   // A fresh run: parameters initialised from the seed, step 0.
-  explicit Run(const RunConfig& config) : config_((config.validate(), config)), model_(config.model) {
+  explicit Run(const RunConfig& config)
+      : config_((config.validate(), check_fits_in_memory<Scalar>(config.model), config)), model_(config.model) {
     initialize(model_, config_.seed);
     attach_gradients(model_);
     adam_ = AdamW<Scalar>(model_, config_.optimizer);
