@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Every flag that README.md, docs/ and the tests' READMEs pass to a program of the project is one the program takes.
+r"""Every flag that README.md, docs/ and the tests' READMEs pass to a program of the project is one the program takes.
 
     /usr/bin/python3 tests/scripts/test_doc_flags.py build/examples/gqe-run build/examples/gqe-train \
         build/examples/gqe-demo build/bench/gqe-bench
