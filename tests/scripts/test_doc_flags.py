@@ -35,6 +35,8 @@ PYTHON_PROGRAMS = {
     "gqe_torch.convert": "python/gqe_torch/convert.py",
 }
 
+KNOWN: dict[str, set[str]] = {}  # program name -> its flags, filled by main()
+
 
 def cpp_flags(program: str) -> set[str]:
     out = subprocess.run([program, "--help"], capture_output=True, text=True, timeout=60)
@@ -105,17 +107,17 @@ def main() -> int:
                 for flag in flags:
                     checked += 1
                     if flag not in KNOWN[program]:
-                        failures.append(f"{os.path.relpath(doc, ROOT)}: {program} has no flag {flag} (in: {line.strip()[:100]})")
+                        failures.append(f"{os.path.relpath(doc, ROOT)}: {program} has no flag {flag} "
+                                        f"(in: {line.strip()[:100]})")
     for failure in failures:
         print("FAIL", failure)
-    print(f"{checked} flags in {len(documents)} documents checked against {len(KNOWN)} programs, {len(failures)} unknown")
+    print(f"{checked} flags in {len(documents)} documents checked against {len(KNOWN)} programs, "
+          f"{len(failures)} unknown")
     if checked < 100:
         print("FAIL fewer than 100 flags found: the documents' commands were not read")
         return 1
     return 1 if failures else 0
 
-
-KNOWN: dict[str, set[str]] = {}
 
 if __name__ == "__main__":
     sys.exit(main())
