@@ -185,6 +185,7 @@ def require_fits_in_memory(config):
 
     def gib(n):
         return f"{math.ceil(n / 2 ** 30 * 10) / 10:.1f}"
+
     if memory > 0 and needed > memory:
         raise BadInput(f"training a model of {parameters} parameters needs at least {gib(needed)} GiB (its weights, "
                        f"gradients and AdamW's two moments, 16 bytes a parameter); this machine has {gib(memory)} GiB "
