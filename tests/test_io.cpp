@@ -1245,6 +1245,124 @@ TEST(Checkpoint, PanelLaidWeightsGiveTheInPlaceBits) {
     }
 }
 
+// What a load holds in memory of its own, counted here from the file by the documented rules: norm
+// vectors (and every weight a float model cannot use as stored) converted to float; matrices used
+// in place that go into panels at their stored size (the embeddings only as a tied lm_head, a GQE
+// q_proj only when its experts' rows are whole panels). The loader refuses a budget one byte short
+// of it before allocating, loads within it, and its real copies are no smaller.
+TEST(Checkpoint, LoadsBeyondTheMemoryBudgetAreRefusedBeforeAllocating) {
+  std::vector<gqe::ModelConfig> configs = {small_config(gqe::AttentionType::gqa), small_config(gqe::AttentionType::gqe),
+                                           small_config(gqe::AttentionType::gqe, gqe::GqeVariant::gqe, true)};
+  gqe::ModelConfig whole_panels = small_config(gqe::AttentionType::gqe);
+  whole_panels.head_dim = gqe::kPanelWidth;
+  configs.push_back(whole_panels);
+  const fs::path dir = scratch("budget");
+  for (const auto& c : configs)
+    for (DType dtype : {DType::F32, DType::BF16})
+      for (gqe::PanelLayout panels : gqe::kPanelLayouts)
+        for (bool keep_16bit : {true, false}) {
+          SCOPED_TRACE(std::string(gqe::to_string(c.attention_type)) + (c.tie_word_embeddings ? " tied " : " ") +
+                       gqe::dtype_name(dtype) + " panels " + gqe::panel_layout_name(panels) + (keep_16bit ? "" : " widened"));
+          gqe::save_checkpoint(random_model<float>(c, 41), dir, dtype);
+          double expected = 0;
+          const auto file = gqe::SafetensorsFile::read(dir / "model.safetensors", true);
+          for (const auto& t : file.tensors()) {
+            const double values = static_cast<double>(t.numel());
+            const bool sixteen = t.dtype == DType::BF16 || t.dtype == DType::F16;
+            const bool in_place = t.shape.size() == 2 && (t.dtype == DType::F32 || (sixteen && keep_16bit));
+            const bool candidate = t.name != "model.embed_tokens.weight" || c.tie_word_embeddings;
+            const bool whole = t.name.find("q_proj") == std::string::npos || c.attention_type == gqe::AttentionType::gqa ||
+                               c.head_dim % gqe::kPanelWidth == 0;
+            const bool laid_out = panels == gqe::PanelLayout::all || (panels == gqe::PanelLayout::sixteen_bit && sixteen);
+            if (!in_place)
+              expected += values * sizeof(float);
+            else if (candidate && whole && laid_out)
+              expected += values * static_cast<double>(gqe::dtype_size(t.dtype));
+          }
+          gqe::LoadOptions options{true, keep_16bit, false, panels};
+          options.memory_budget = static_cast<std::uint64_t>(expected) - 1;
+          try {
+            gqe::load_checkpoint<float>(dir, options);
+            ADD_FAILURE() << "a budget of " << options.memory_budget << " bytes was not refused";
+          } catch (const gqe::ConfigError& e) {
+            EXPECT_NE(std::string(e.what()).find("loading this model takes at least"), std::string::npos) << e.what();
+            EXPECT_NE(std::string(e.what()).find("more than the budget's"), std::string::npos) << e.what();
+          }
+          options.memory_budget = static_cast<std::uint64_t>(expected);
+          const auto model = gqe::load_checkpoint<float>(dir, options);
+          EXPECT_GE(static_cast<double>(model.owned_bytes()), expected);
+        }
+}
+
+// Without a budget the machine's physical memory is the limit. A checkpoint whose matrices hold
+// more than it (a sparse file: no disk is used) is refused from its headers, before it is mapped:
+// by default (panels), widened, and read instead of mapped.
+TEST(Checkpoint, ACheckpointBeyondTheMachinesMemoryIsRefusedFromItsHeaders) {
+  const std::uint64_t memory = gqe::physical_memory_bytes();
+  ASSERT_GT(memory, 0u);
+  const fs::path dir = scratch("beyond-memory");
+  fs::create_directories(dir);
+  // The file system must make sparse files: probed with 64 MiB before the real size is asked for.
+  {
+    const fs::path probe = dir / "probe";
+    std::ofstream(probe) << "x";
+    fs::resize_file(probe, std::uintmax_t(64) << 20);
+    struct stat st {};
+    ASSERT_EQ(::stat(probe.c_str(), &st), 0);
+    const bool sparse = static_cast<std::uintmax_t>(st.st_blocks) * 512 < (std::uintmax_t(1) << 20);
+    fs::remove(probe);
+    if (!sparse) GTEST_SKIP() << dir << " does not hold sparse files; this test would write the model's bytes";
+  }
+  // A BF16 GQA model whose MLP matrices (2 GiB each at d = 4096, intermediate 2^18) exceed the
+  // memory by a quarter.
+  gqe::ModelConfig c;
+  c.attention_type = gqe::AttentionType::gqa;
+  c.vocab_size = 16;
+  c.hidden_size = 4096;
+  c.intermediate_size = 1 << 18;
+  c.num_heads = 32;
+  c.num_kv_heads = 8;
+  c.head_dim = 128;
+  c.max_position_embeddings = 64;
+  const double layer_bytes = 2.0 * 3 * 4096 * (1 << 18);
+  c.num_layers = static_cast<gqe::Index>(std::ceil(1.25 * static_cast<double>(memory) / layer_bytes));
+  if (c.num_layers > gqe::Limits::max_layers) GTEST_SKIP() << "a machine of " << memory << " bytes needs more layers than a model may have";
+  gqe::write_file_atomically(dir / "config.json", [&](std::ostream& out) { out << gqe::to_json(c).dump(1); });
+  nlohmann::ordered_json header;
+  std::uint64_t offset = 0;
+  gqe::Transformer<float>(c).for_each_parameter([&](const std::string& name, const gqe::Weight& w) {
+    const auto dims = w.shape().dims();
+    const std::uint64_t bytes = static_cast<std::uint64_t>(w.numel()) * 2;
+    header[name] = {{"dtype", "BF16"}, {"shape", std::vector<std::int64_t>(dims.begin(), dims.end())},
+                    {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+  });
+  const std::string text = header.dump();
+  {
+    std::ofstream out(dir / "model.safetensors", std::ios::binary);
+    const std::uint64_t length = text.size();  // little-endian on the machines gqe runs on
+    out.write(reinterpret_cast<const char*>(&length), 8);
+    out << text;
+  }
+  fs::resize_file(dir / "model.safetensors", 8 + text.size() + offset);
+  const auto refusal = [&](const gqe::LoadOptions& options) -> std::string {
+    try {
+      gqe::load_checkpoint<float>(dir, options);
+    } catch (const gqe::Error& e) {
+      return e.what();
+    }
+    return "loaded";
+  };
+  std::string message = refusal({});
+  EXPECT_NE(message.find("matrices re-laid into panels"), std::string::npos) << message;
+  EXPECT_NE(message.find("this machine's"), std::string::npos) << message;
+  message = refusal(gqe::LoadOptions{true, false, false, gqe::PanelLayout::none});
+  EXPECT_NE(message.find("weights converted to float"), std::string::npos) << message;
+  message = refusal(gqe::LoadOptions{false, true, false, gqe::PanelLayout::none});
+  EXPECT_NE(message.find("of memory, and was to be read"), std::string::npos) << message;
+  fs::remove_all(dir);
+}
+
 // The fixtures of tests/data load in float and in double, hold the config's parameters, and save
 // back in their own dtype bit for bit.
 TEST(Checkpoint, LoadsEveryFixture) {

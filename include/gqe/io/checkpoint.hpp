@@ -4,12 +4,13 @@
 // (model.safetensors.index.json naming, for every tensor, the model-0000i-of-0000K.safetensors
 // that holds it; the index wins over a stray model.safetensors).
 //
-// Loading maps the files and checks everything (config, index, every header and byte range, every
-// tensor's presence, dtype and shape, nothing extra) before a single weight byte is read. Then a
-// float model uses F32, BF16 and F16 matrices in place, straight from the mapped pages (16-bit ones
-// stay 16-bit and are widened in registers by the kernels), and converts what it cannot use as
-// stored (F64 matrices, and the small norm vectors) into memory of its own; a double model
-// converts everything but F64. Other files in the folder are not read.
+// Loading checks everything (config, index, every header and byte range, every tensor's presence,
+// dtype and shape, nothing extra, and that what it will copy fits in memory) from the headers
+// before a single weight byte is mapped or read. Then it maps the files, and a float model uses
+// F32, BF16 and F16 matrices in place, straight from the mapped pages (16-bit ones stay 16-bit and
+// are widened in registers by the kernels), and converts what it cannot use as stored (F64
+// matrices, and the small norm vectors) into memory of its own; a double model converts everything
+// but F64. Other files in the folder are not read.
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -27,6 +28,7 @@
 #include "gqe/io/detail/json_text.hpp"
 #include "gqe/io/safetensors.hpp"
 #include "gqe/model/transformer.hpp"
+#include "gqe/util/system_memory.hpp"
 
 namespace gqe {
 
@@ -60,6 +62,9 @@ struct LoadOptions {
   bool keep_16bit = true;  // a float model keeps BF16/F16 matrices 16-bit; false widens them to F32
   bool owned = false;      // every weight converted into memory of the model's own (to train it)
   PanelLayout panels = PanelLayout::sixteen_bit;  // ignored with `owned` and for double models
+  // Bytes the load may hold in memory of its own (weights converted, matrices in panels), checked
+  // from the headers before any is allocated; 0: the machine's physical memory.
+  std::uint64_t memory_budget = 0;
 };
 
 struct SaveOptions {
@@ -101,7 +106,7 @@ inline std::string shard_name(const nlohmann::json& value, const std::string& te
 // Opens the shards an index names and checks that every tensor is in the shard the index names,
 // exactly once over all shards. metadata.total_size is not read: Hugging Face's loaders take it as
 // informational and writers count it differently, while every tensor's bytes are checked anyway.
-inline CheckpointFiles open_sharded(const std::filesystem::path& dir, bool map) {
+inline CheckpointFiles open_sharded(const std::filesystem::path& dir, bool map, bool header_only = false) {
   const std::filesystem::path index_path = dir / kIndexFile;
   const nlohmann::json index = read_json_file(index_path, "a safetensors index", std::uintmax_t(64) << 20, 2);
   const std::string source = index_path.string();
@@ -116,7 +121,7 @@ inline CheckpointFiles open_sharded(const std::filesystem::path& dir, bool map) 
   if (owner.empty()) fail<FormatError>(source, ": weight_map is empty; expected the shard file of every tensor");
   CheckpointFiles out;
   out.files.reserve(shard_names.size());
-  for (const auto& name : shard_names) out.files.push_back(SafetensorsFile::read(dir / name, false, map));
+  for (const auto& name : shard_names) out.files.push_back(SafetensorsFile::read(dir / name, header_only, map));
   for (const auto& file : out.files) {
     const std::string shard = std::filesystem::path(file.source()).filename().string();
     for (const auto& t : file.tensors()) {
@@ -133,12 +138,13 @@ inline CheckpointFiles open_sharded(const std::filesystem::path& dir, bool map) 
   return out;
 }
 
-inline CheckpointFiles open_weights(const std::filesystem::path& dir, bool map) {
+// The weight files, mapped or read (map), or their headers alone (header_only).
+inline CheckpointFiles open_weights(const std::filesystem::path& dir, bool map, bool header_only = false) {
   require_folder(dir);
   std::error_code ec;
-  if (std::filesystem::exists(dir / kIndexFile, ec)) return open_sharded(dir, map);
+  if (std::filesystem::exists(dir / kIndexFile, ec)) return open_sharded(dir, map, header_only);
   CheckpointFiles out;
-  out.files.push_back(SafetensorsFile::read(dir / kSingleFile, false, map));
+  out.files.push_back(SafetensorsFile::read(dir / kSingleFile, header_only, map));
   for (const auto& t : out.files.front().tensors()) out.tensors[t.name] = {&out.files.front(), &t};
   return out;
 }
@@ -171,34 +177,69 @@ void check_tensors(const Transformer<Scalar>& model, const CheckpointFiles& file
       }
 }
 
-// Binds one weight to its stored values: in place when the kernels take the dtype as stored, else
-// converted into memory of the weight's own.
+// Whether a weight stored as t is used in place (the kernels take its dtype as stored), not
+// converted into memory of its own.
 template <class Scalar>
-void bind_weight(Weight& w, const SafetensorsFile& file, const TensorRecord& t, const LoadOptions& options) {
+bool used_in_place(const Weight& w, const TensorRecord& t, const LoadOptions& options) {
   const bool matrix = w.shape().rank() == 2 && !options.owned;
   bool in_place = matrix && t.dtype == dtype_of<Scalar>();
   if constexpr (std::is_same_v<Scalar, float>)
     in_place = in_place || (matrix && options.keep_16bit && (t.dtype == DType::BF16 || t.dtype == DType::F16));
-  if (in_place)
+  return in_place;
+}
+
+// Whether load_checkpoint re-lays a matrix held in `dtype` into panels.
+template <class Scalar>
+bool goes_into_panels(DType dtype, const LoadOptions& options) {
+  return std::is_same_v<Scalar, float> && !options.owned && options.panels != PanelLayout::none &&
+         (options.panels == PanelLayout::all || dtype == DType::BF16 || dtype == DType::F16);
+}
+
+// Binds one weight to its stored values: in place, or converted into memory of the weight's own.
+template <class Scalar>
+void bind_weight(Weight& w, const SafetensorsFile& file, const TensorRecord& t, const LoadOptions& options) {
+  if (used_in_place<Scalar>(w, t, options))
     w.borrow(file.data(t), t.dtype, file.keep_alive());
   else
     file.read_into(t, w.allocate<Scalar>());
+}
+
+// Refuses, from the headers and before any weight is bound, a load whose copies alone (weights
+// converted to Scalar, matrices re-laid into panels) exceed options.memory_budget or else the
+// machine's physical memory: the allocations would succeed (memory is overcommitted) and the
+// process be killed as they fill. Weights used in place from a mapping are the page cache's.
+template <class Scalar>
+void check_load_fits_in_memory(Transformer<Scalar>& model, const CheckpointFiles& files, const LoadOptions& options,
+                               const std::filesystem::path& dir) {
+  const std::uint64_t memory = options.memory_budget > 0 ? options.memory_budget : physical_memory_bytes();
+  if (memory == 0) return;
+  std::map<const Weight*, const TensorRecord*> record_of;
+  double converted = 0, panels = 0;
+  model.for_each_parameter([&](const std::string& name, Weight& w) {
+    const TensorRecord& t = *files.tensors.at(name).second;
+    record_of[&w] = &t;
+    if (!used_in_place<Scalar>(w, t, options)) converted += static_cast<double>(w.numel()) * sizeof(Scalar);
+  });
+  model.for_each_panel_candidate([&](Weight& w) {  // a converted weight's panels replace its copy
+    const TensorRecord& t = *record_of.at(&w);
+    if (used_in_place<Scalar>(w, t, options) && goes_into_panels<Scalar>(t.dtype, options))
+      panels += static_cast<double>(w.numel()) * static_cast<double>(dtype_size(t.dtype));
+  });
+  if (converted + panels <= static_cast<double>(memory)) return;
+  fail<ConfigError>(dir.string(), ": loading this model takes at least ", memory_size(converted + panels),
+                    " of memory of its own (", memory_size(panels), " of matrices re-laid into panels, ",
+                    memory_size(converted), " of weights converted to float), more than ",
+                    options.memory_budget > 0 ? "the budget's " : "this machine's ", memory_size(static_cast<double>(memory)),
+                    "; expected a model that fits (panels none and 16-bit weights kept 16-bit leave the matrices",
+                    " in the mapped file, read from disk as they are used)");
 }
 
 }  // namespace detail
 
 // True when every tensor of the checkpoint is F64: such a model runs in double, any other in float.
 inline bool checkpoint_is_double(const std::filesystem::path& dir) {
-  detail::require_folder(dir);
-  std::error_code ec;
-  std::vector<SafetensorsFile> headers;
-  if (std::filesystem::exists(dir / detail::kIndexFile, ec)) {
-    headers = std::move(detail::open_sharded(dir, true).files);
-  } else {
-    headers.push_back(SafetensorsFile::read(dir / detail::kSingleFile, true));
-  }
   bool any = false;
-  for (const auto& file : headers)
+  for (const auto& file : detail::open_weights(dir, false, true).files)
     for (const auto& t : file.tensors()) {
       if (t.dtype != DType::F64) return false;
       any = true;
@@ -210,27 +251,30 @@ template <class Scalar>
 Transformer<Scalar> load_checkpoint(const std::filesystem::path& dir, const LoadOptions& options = {}) {
   detail::require_folder(dir);
   const ModelConfig config = load_model_config(dir / "config.json");
-  const detail::CheckpointFiles files = detail::open_weights(dir, options.map);
+  // Everything is checked from the headers alone, before a byte of weights is mapped or read.
+  const detail::CheckpointFiles headers = detail::open_weights(dir, options.map, true);
   // A config may promise far more parameters than the files hold: refuse before building it.
   std::size_t stored = 0;
-  for (const auto& [name, entry] : files.tensors) stored += entry.second->numel();
+  for (const auto& [name, entry] : headers.tensors) stored += entry.second->numel();
   const auto parameters = static_cast<std::size_t>(config.parameter_count());
   constexpr std::size_t kAlwaysAffordable = std::size_t(1) << 26;
   if (parameters > stored && parameters > std::max(kAlwaysAffordable, 2 * stored))
-    fail<FormatError>(files.where(), " holds ", stored, " values but config.json implies ", parameters,
+    fail<FormatError>(headers.where(), " holds ", stored, " values but config.json implies ", parameters,
                       " parameters; expected the checkpoint of that config");
   Transformer<Scalar> model(config);
-  detail::check_tensors(model, files);
+  detail::check_tensors(model, headers);
+  detail::check_load_fits_in_memory(model, headers, options, dir);
+  const detail::CheckpointFiles files = detail::open_weights(dir, options.map);
+  detail::check_tensors(model, files);  // the files as opened now
   model.for_each_parameter([&](const std::string& name, Weight& w) {
     const auto& [file, t] = files.tensors.at(name);
     detail::bind_weight<Scalar>(w, *file, *t, options);
   });
   if constexpr (std::is_same_v<Scalar, float>) {
     if (!options.owned && options.panels != PanelLayout::none) {
-      const bool all = options.panels == PanelLayout::all;
       // The mapped pages a weight was read from are released as it goes into panels, so that the
       // process holds the weights about once, not twice, at any time.
-      model.lay_out_in_panels([&](const Weight& w) { return all || w.dtype() == DType::BF16 || w.dtype() == DType::F16; },
+      model.lay_out_in_panels([&](const Weight& w) { return detail::goes_into_panels<Scalar>(w.dtype(), options); },
                               [&](const void* begin, std::size_t bytes) {
                                 for (const auto& file : files.files) file.release(begin, bytes);
                               });

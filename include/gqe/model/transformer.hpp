@@ -96,14 +96,18 @@ class Transformer {
     const auto on_threads = [](Index count, const auto& fn) {
       thread_pool().parallel_for(count, fn);
     };
-    const auto lay_out = [&](Weight& w) {
+    for_each_panel_candidate([&](Weight& w) {
       if (which(static_cast<const Weight&>(w))) w.lay_out_in_panels(consumed, on_threads);
-    };
+    });
+  }
+  // fn(weight) for every weight that lay_out_in_panels may re-lay: the products' matrices.
+  template <class Fn>
+  void for_each_panel_candidate(const Fn& fn) {
     for (auto& block : blocks_) {
-      block.attention.lay_out_in_panels(lay_out);
-      FeedForward<Scalar>::visit(block.mlp, [&](const char*, Weight& w) { lay_out(w); });
+      block.attention.lay_out_in_panels(fn);
+      FeedForward<Scalar>::visit(block.mlp, [&](const char*, Weight& w) { fn(w); });
     }
-    lay_out(head_weight());
+    fn(head_weight());
   }
   void lay_out_in_panels() {
     lay_out_in_panels([](const Weight&) { return true; }, [](const void*, std::size_t) {});

@@ -199,11 +199,10 @@ template <class Scalar>
 void check_fits_in_memory(const ModelConfig& model) {
   const std::uint64_t memory = physical_memory_bytes();
   const double needed = 4.0 * sizeof(Scalar) * static_cast<double>(model.parameter_count());
-  const auto gib = [](double bytes) { return std::ceil(bytes / double(1 << 30) * 10) / 10; };
   if (memory > 0 && needed > static_cast<double>(memory))
-    fail<ConfigError>("training a model of ", model.parameter_count(), " parameters needs at least ", gib(needed),
-                      " GiB (its weights, gradients and AdamW's two moments, ", 4 * sizeof(Scalar),
-                      " bytes a parameter); this machine has ", gib(static_cast<double>(memory)), " GiB of memory");
+    fail<ConfigError>("training a model of ", model.parameter_count(), " parameters needs at least ", memory_size(needed),
+                      " (its weights, gradients and AdamW's two moments, ", 4 * sizeof(Scalar),
+                      " bytes a parameter); this machine has ", memory_size(static_cast<double>(memory)), " of memory");
 }
 
 template <class Scalar>
