@@ -1357,7 +1357,7 @@ TEST(Checkpoint, ACheckpointBeyondTheMachinesMemoryIsRefusedFromItsHeaders) {
   EXPECT_NE(message.find("matrices re-laid into panels"), std::string::npos) << message;
   EXPECT_NE(message.find("this machine's"), std::string::npos) << message;
   message = refusal(gqe::LoadOptions{true, false, false, gqe::PanelLayout::none});
-  EXPECT_NE(message.find("weights converted to float"), std::string::npos) << message;
+  EXPECT_NE(message.find("weights converted to F32"), std::string::npos) << message;
   message = refusal(gqe::LoadOptions{false, true, false, gqe::PanelLayout::none});
   EXPECT_NE(message.find("of memory, and was to be read"), std::string::npos) << message;
   fs::remove_all(dir);

@@ -228,7 +228,7 @@ void check_load_fits_in_memory(Transformer<Scalar>& model, const CheckpointFiles
   if (converted + panels <= static_cast<double>(memory)) return;
   fail<ConfigError>(dir.string(), ": loading this model takes at least ", memory_size(converted + panels),
                     " of memory of its own (", memory_size(panels), " of matrices re-laid into panels, ",
-                    memory_size(converted), " of weights converted to float), more than ",
+                    memory_size(converted), " of weights converted to ", dtype_name(dtype_of<Scalar>()), "), more than ",
                     options.memory_budget > 0 ? "the budget's " : "this machine's ", memory_size(static_cast<double>(memory)),
                     "; expected a model that fits (panels none and 16-bit weights kept 16-bit leave the matrices",
                     " in the mapped file, read from disk as they are used)");
