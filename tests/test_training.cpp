@@ -892,10 +892,6 @@ TEST(TrainingRun, FolderLockRefusesASecondHolder) {
   fs::remove_all(dir);
 }
 
-// An edited train_state.json that promises a far larger model than the files beside it is refused
-// from the files' headers, before the parameters, gradients and moments (1.6 GB here) are allocated:
-// under an address-space limit well below that, loading must fail with the FormatError, not run
-// out of memory. (Sanitizers reserve terabytes of address space: there only the error is checked.)
 // The message of the gqe::Error that fn throws, or "out of memory" when it runs out first: with the
 // address space limited to what the process holds + 256 MB (not under sanitizers, which reserve
 // terabytes), a check that should refuse before allocating cannot be passed by allocating first.
@@ -929,6 +925,10 @@ std::string refusal_under_a_memory_limit(const Fn& fn) {
   return message;
 }
 
+// An edited train_state.json that promises a far larger model than the files beside it is refused
+// from the files' headers, before the parameters, gradients and moments (1.6 GB here) are allocated:
+// under an address-space limit well below that, loading must fail with the FormatError, not run
+// out of memory. (Sanitizers reserve terabytes of address space: there only the error is checked.)
 TEST(TrainingRun, ResumeChecksSizesBeforeAllocating) {
   namespace fs = std::filesystem;
   const fs::path dir = fs::temp_directory_path() / "gqe_test_training_sizes";
