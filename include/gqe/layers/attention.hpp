@@ -80,12 +80,12 @@ class Attention {
     fn("o_proj.weight", self.o_proj_);
   }
 
-  // Calls lay_out(weight) on the weights that may go into panels (Weight::lay_out_in_panels): all,
-  // but a GQE layer's q_proj only when its experts' row blocks (d_h rows each) start on a panel.
-  template <class LayOut>
-  void lay_out_in_panels(const LayOut& lay_out) {
+  // fn(weight) for the weights that may go into panels (Weight::lay_out_in_panels): all, but a GQE
+  // layer's q_proj only when its experts' row blocks (d_h rows each) start on a panel.
+  template <class Fn>
+  void for_each_panel_candidate(const Fn& fn) {
     visit(*this, [&](const char*, Weight& w) {
-      if (&w != &q_proj_ || !config_.is_gqe() || config_.head_dim % kPanelWidth == 0) lay_out(w);
+      if (&w != &q_proj_ || !config_.is_gqe() || config_.head_dim % kPanelWidth == 0) fn(w);
     });
   }
 

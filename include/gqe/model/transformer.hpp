@@ -104,7 +104,7 @@ class Transformer {
   template <class Fn>
   void for_each_panel_candidate(const Fn& fn) {
     for (auto& block : blocks_) {
-      block.attention.lay_out_in_panels(fn);
+      block.attention.for_each_panel_candidate(fn);
       FeedForward<Scalar>::visit(block.mlp, [&](const char*, Weight& w) { fn(w); });
     }
     fn(head_weight());
