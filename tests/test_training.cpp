@@ -955,6 +955,9 @@ TEST(TrainingRun, AModelBeyondTheMachinesMemoryIsRefusedBeforeAllocating) {
   EXPECT_NE(message.find("parameters needs at least"), std::string::npos) << message;
   EXPECT_NE(message.find("GiB of memory"), std::string::npos) << message;
   EXPECT_NO_THROW(gqe::training::check_fits_in_memory<float>(tiny_run(gqe::AttentionType::gqe, 3).model));
+  gqe::ModelConfig negative = tiny_run(gqe::AttentionType::gqe, 3).model;
+  negative.hidden_size = -64;  // would count as a small model
+  EXPECT_THROW(gqe::training::check_fits_in_memory<float>(negative), gqe::ConfigError);
 }
 
 // --resume with --steps: the run goes on to the new total and evaluates at its new end; fewer steps

@@ -194,9 +194,11 @@ inline std::filesystem::path saved_run_folder(const std::filesystem::path& dir) 
 }
 
 // Refuses to train a model whose weights, gradients and AdamW's two moments alone (four Scalars a
-// parameter) exceed the machine's physical memory, before any of it is allocated.
+// parameter) exceed the machine's physical memory, before any of it is allocated. The config is
+// validated first: a negative size would otherwise count as a small model and pass.
 template <class Scalar>
 void check_fits_in_memory(const ModelConfig& model) {
+  model.validate();
   const std::uint64_t memory = physical_memory_bytes();
   const double needed = 4.0 * sizeof(Scalar) * static_cast<double>(model.parameter_count());
   if (memory > 0 && needed > static_cast<double>(memory))
