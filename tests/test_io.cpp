@@ -1248,8 +1248,9 @@ TEST(Checkpoint, PanelLaidWeightsGiveTheInPlaceBits) {
 // What a load holds in memory of its own, counted here from the file by the documented rules: norm
 // vectors (and every weight a float model cannot use as stored) converted to float; matrices used
 // in place that go into panels at their stored size (the embeddings only as a tied lm_head, a GQE
-// q_proj only when its experts' rows are whole panels). The loader refuses a budget one byte short
-// of it before allocating, loads within it, and its real copies are no smaller.
+// q_proj only when its experts' rows are whole panels); read instead of mapped, the whole file and
+// the converted weights (the panels replace pages of the file). The loader refuses a budget one
+// byte short of it before allocating, loads within it, and its real copies are no smaller.
 TEST(Checkpoint, LoadsBeyondTheMemoryBudgetAreRefusedBeforeAllocating) {
   std::vector<gqe::ModelConfig> configs = {small_config(gqe::AttentionType::gqa), small_config(gqe::AttentionType::gqe),
                                            small_config(gqe::AttentionType::gqe, gqe::GqeVariant::gqe, true)};
@@ -1260,38 +1261,42 @@ TEST(Checkpoint, LoadsBeyondTheMemoryBudgetAreRefusedBeforeAllocating) {
   for (const auto& c : configs)
     for (DType dtype : {DType::F32, DType::BF16})
       for (gqe::PanelLayout panels : gqe::kPanelLayouts)
-        for (bool keep_16bit : {true, false}) {
-          SCOPED_TRACE(std::string(gqe::to_string(c.attention_type)) + (c.tie_word_embeddings ? " tied " : " ") +
-                       gqe::dtype_name(dtype) + " panels " + gqe::panel_layout_name(panels) + (keep_16bit ? "" : " widened"));
-          gqe::save_checkpoint(random_model<float>(c, 41), dir, dtype);
-          double expected = 0;
-          const auto file = gqe::SafetensorsFile::read(dir / "model.safetensors", true);
-          for (const auto& t : file.tensors()) {
-            const double values = static_cast<double>(t.numel());
-            const bool sixteen = t.dtype == DType::BF16 || t.dtype == DType::F16;
-            const bool in_place = t.shape.size() == 2 && (t.dtype == DType::F32 || (sixteen && keep_16bit));
-            const bool candidate = t.name != "model.embed_tokens.weight" || c.tie_word_embeddings;
-            const bool whole = t.name.find("q_proj") == std::string::npos || c.attention_type == gqe::AttentionType::gqa ||
-                               c.head_dim % gqe::kPanelWidth == 0;
-            const bool laid_out = panels == gqe::PanelLayout::all || (panels == gqe::PanelLayout::sixteen_bit && sixteen);
-            if (!in_place)
-              expected += values * sizeof(float);
-            else if (candidate && whole && laid_out)
-              expected += values * static_cast<double>(gqe::dtype_size(t.dtype));
+        for (bool keep_16bit : {true, false})
+          for (bool map : {true, false}) {
+            SCOPED_TRACE(std::string(gqe::to_string(c.attention_type)) + (c.tie_word_embeddings ? " tied " : " ") +
+                         gqe::dtype_name(dtype) + " panels " + gqe::panel_layout_name(panels) + (keep_16bit ? "" : " widened") +
+                         (map ? "" : " read"));
+            gqe::save_checkpoint(random_model<float>(c, 41), dir, dtype);
+            double expected = 0, converted = 0;
+            const auto file = gqe::SafetensorsFile::read(dir / "model.safetensors", true);
+            if (!map) expected = static_cast<double>(fs::file_size(dir / "model.safetensors"));
+            for (const auto& t : file.tensors()) {
+              const double values = static_cast<double>(t.numel());
+              const bool sixteen = t.dtype == DType::BF16 || t.dtype == DType::F16;
+              const bool in_place = t.shape.size() == 2 && (t.dtype == DType::F32 || (sixteen && keep_16bit));
+              const bool candidate = t.name != "model.embed_tokens.weight" || c.tie_word_embeddings;
+              const bool whole = t.name.find("q_proj") == std::string::npos || c.attention_type == gqe::AttentionType::gqa ||
+                                 c.head_dim % gqe::kPanelWidth == 0;
+              const bool laid_out = panels == gqe::PanelLayout::all || (panels == gqe::PanelLayout::sixteen_bit && sixteen);
+              if (!in_place)
+                converted += values * sizeof(float);
+              else if (map && candidate && whole && laid_out)
+                expected += values * static_cast<double>(gqe::dtype_size(t.dtype));
+            }
+            expected += converted;
+            gqe::LoadOptions options{map, keep_16bit, false, panels};
+            options.memory_budget = static_cast<std::uint64_t>(expected) - 1;
+            try {
+              gqe::load_checkpoint<float>(dir, options);
+              ADD_FAILURE() << "a budget of " << options.memory_budget << " bytes was not refused";
+            } catch (const gqe::ConfigError& e) {
+              EXPECT_NE(std::string(e.what()).find("loading this model takes at least"), std::string::npos) << e.what();
+              EXPECT_NE(std::string(e.what()).find("more than the budget's"), std::string::npos) << e.what();
+            }
+            options.memory_budget = static_cast<std::uint64_t>(expected);
+            const auto model = gqe::load_checkpoint<float>(dir, options);
+            EXPECT_GE(static_cast<double>(model.owned_bytes()), map ? expected : converted);
           }
-          gqe::LoadOptions options{true, keep_16bit, false, panels};
-          options.memory_budget = static_cast<std::uint64_t>(expected) - 1;
-          try {
-            gqe::load_checkpoint<float>(dir, options);
-            ADD_FAILURE() << "a budget of " << options.memory_budget << " bytes was not refused";
-          } catch (const gqe::ConfigError& e) {
-            EXPECT_NE(std::string(e.what()).find("loading this model takes at least"), std::string::npos) << e.what();
-            EXPECT_NE(std::string(e.what()).find("more than the budget's"), std::string::npos) << e.what();
-          }
-          options.memory_budget = static_cast<std::uint64_t>(expected);
-          const auto model = gqe::load_checkpoint<float>(dir, options);
-          EXPECT_GE(static_cast<double>(model.owned_bytes()), expected);
-        }
 }
 
 // Without a budget the machine's physical memory is the limit. A checkpoint whose matrices hold
@@ -1359,7 +1364,13 @@ TEST(Checkpoint, ACheckpointBeyondTheMachinesMemoryIsRefusedFromItsHeaders) {
   message = refusal(gqe::LoadOptions{true, false, false, gqe::PanelLayout::none});
   EXPECT_NE(message.find("weights converted to F32"), std::string::npos) << message;
   message = refusal(gqe::LoadOptions{false, true, false, gqe::PanelLayout::none});
-  EXPECT_NE(message.find("of memory, and was to be read"), std::string::npos) << message;
+  EXPECT_NE(message.find("of files read into memory"), std::string::npos) << message;
+  try {  // the file alone, read
+    gqe::SafetensorsFile::read(dir / "model.safetensors", false, false);
+    ADD_FAILURE() << "a file larger than the memory was read";
+  } catch (const gqe::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("of memory, and was to be read"), std::string::npos) << e.what();
+  }
   fs::remove_all(dir);
 }
 

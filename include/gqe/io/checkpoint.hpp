@@ -208,6 +208,8 @@ void bind_weight(Weight& w, const SafetensorsFile& file, const TensorRecord& t, 
 // converted to Scalar, matrices re-laid into panels) exceed options.memory_budget or else the
 // machine's physical memory: the allocations would succeed (memory is overcommitted) and the
 // process be killed as they fill. Weights used in place from a mapping are the page cache's.
+// Files read instead of mapped are memory of the load's own, held until it ends beside the
+// converted weights; the panels then replace pages of them (given back as they are laid out).
 template <class Scalar>
 void check_load_fits_in_memory(Transformer<Scalar>& model, const CheckpointFiles& files, const LoadOptions& options,
                                const std::filesystem::path& dir) {
@@ -225,13 +227,17 @@ void check_load_fits_in_memory(Transformer<Scalar>& model, const CheckpointFiles
     if (used_in_place<Scalar>(w, t, options) && goes_into_panels<Scalar>(t.dtype, options))
       panels += static_cast<double>(w.numel()) * static_cast<double>(dtype_size(t.dtype));
   });
-  if (converted + panels <= static_cast<double>(memory)) return;
-  fail<ConfigError>(dir.string(), ": loading this model takes at least ", memory_size(converted + panels),
-                    " of memory of its own (", memory_size(panels), " of matrices re-laid into panels, ",
+  double read = 0;
+  if (!options.map)
+    for (const auto& file : files.files) read += static_cast<double>(file.file_size());
+  const double held = options.map ? panels : read;
+  if (held + converted <= static_cast<double>(memory)) return;
+  fail<ConfigError>(dir.string(), ": loading this model takes at least ", memory_size(held + converted), " of memory of its own (",
+                    memory_size(held), options.map ? " of matrices re-laid into panels, " : " of files read into memory, ",
                     memory_size(converted), " of weights converted to ", dtype_name(dtype_of<Scalar>()), "), more than ",
                     options.memory_budget > 0 ? "the budget's " : "this machine's ", memory_size(static_cast<double>(memory)),
-                    "; expected a model that fits (panels none and 16-bit weights kept 16-bit leave the matrices",
-                    " in the mapped file, read from disk as they are used)");
+                    "; expected a model that fits (mapped instead of read, with panels none and 16-bit weights kept",
+                    " 16-bit, the matrices stay in the file, read from disk as they are used)");
 }
 
 }  // namespace detail

@@ -309,6 +309,8 @@ class SafetensorsFile {
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   // Whether the values are mapped from the file (rather than read into memory).
   bool mapped() const { return bytes_ && bytes_->mapped(); }
+  // The whole file's length in bytes.
+  std::size_t file_size() const { return file_size_; }
 
   const TensorRecord* find(const std::string& name) const {
     const auto it = index_.find(name);
