@@ -34,6 +34,11 @@ import statistics
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tool_cli import Parser, child_failed, refuse  # noqa: E402
+
+PROG = "bench_report"
+
 # The paper's layer, as gqe-bench measures it.
 D, DH, N, G, K = 1024, 64, 16, 8, 1
 M = N // G
@@ -85,11 +90,11 @@ def run_suite(args, out_json):
     with open(log, "w") as f:
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
     if done.returncode != 0:
-        sys.exit(f"bench_report: gqe-bench failed with status {done.returncode}; see {log}")
+        child_failed(PROG, f"gqe-bench failed with status {done.returncode}; see {log}", done.returncode)
     if not os.path.exists(out_json) or os.path.getsize(out_json) == 0:  # a filter that matched nothing
         if os.path.exists(out_json):
             os.remove(out_json)
-        sys.exit(f"bench_report: gqe-bench ran no benchmark (--filter {args.filter!r}?); see {log}")
+        refuse(PROG, f"gqe-bench ran no benchmark (--filter {args.filter!r}?); see {log}")
     return cmd
 
 
@@ -395,7 +400,7 @@ def run_model(args):
     print(f"running: {' '.join(cmd)}", file=sys.stderr)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        sys.exit(f"bench_report: gqe-bench --model failed with status {done.returncode}: {done.stderr.strip()}")
+        child_failed(PROG, f"gqe-bench --model failed with status {done.returncode}: {done.stderr.strip()}", done.returncode)
     # Its warnings (such as OpenBLAS's fallback kernels) go with the figures they qualify.
     output = "".join(line + "\n" for line in done.stderr.splitlines() if "warning:" in line) + done.stdout
     with open(os.path.join(args.out, "model.txt"), "w") as f:
@@ -414,17 +419,17 @@ def read_results(path, pattern):
         with open(path) as f:
             data = json.load(f)
     except OSError as e:
-        sys.exit(f"bench_report: cannot read {path}: {e.strerror}")
+        refuse(PROG, f"cannot read {path}: {e.strerror}")
     except ValueError:
         hint = f" (did --filter {pattern!r} match no benchmark?)" if pattern else ""
-        sys.exit(f"bench_report: {path} is not gqe-bench's JSON{hint}")
+        refuse(PROG, f"{path} is not gqe-bench's JSON{hint}")
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list) or not data["benchmarks"]:
-        sys.exit(f"bench_report: {path} holds no benchmarks; expected gqe-bench's --benchmark_out JSON")
+        refuse(PROG, f"{path} holds no benchmarks; expected gqe-bench's --benchmark_out JSON")
     return data
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", default="build/bench/gqe-bench", help="the gqe-bench program")
     ap.add_argument("--json", help="report on this gqe-bench JSON instead of running the suite")
     ap.add_argument("--repetitions", type=int, default=3, help="interleaved repetitions (rounds)")
@@ -436,31 +441,31 @@ def main():
     ap.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed with --model")
     args = ap.parse_args()
     if args.model and not os.path.isdir(args.model):
-        sys.exit(f"bench_report: --model {args.model} is not a folder; expected a checkpoint folder "
-                 "(config.json and safetensors), such as tools/make_large_checkpoint.py writes")
+        refuse(PROG, f"--model {args.model} is not a folder; expected a checkpoint folder "
+               "(config.json and safetensors), such as tools/make_large_checkpoint.py writes")
     if args.threads is not None and args.threads < 1:
-        sys.exit(f"bench_report: --threads is {args.threads}; expected at least 1")
+        refuse(PROG, f"--threads is {args.threads}; expected at least 1")
     if args.repetitions < 1:
-        sys.exit(f"bench_report: --repetitions is {args.repetitions}; expected at least 1")
+        refuse(PROG, f"--repetitions is {args.repetitions}; expected at least 1")
     if args.decode_tokens < 1:
-        sys.exit(f"bench_report: --decode-tokens is {args.decode_tokens}; expected at least 1")
+        refuse(PROG, f"--decode-tokens is {args.decode_tokens}; expected at least 1")
     try:
         min_time = float(args.min_time)
     except ValueError:
         min_time = math.nan
     if not 0 < min_time < 1e6:  # NaN included: gqe-bench would never finish a repetition
-        sys.exit(f"bench_report: --min-time is {args.min_time}; expected a number of seconds above 0")
+        refuse(PROG, f"--min-time is {args.min_time}; expected a number of seconds above 0")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        sys.exit(f"bench_report: --out {args.out} exists and is not a folder")
+        refuse(PROG, f"--out {args.out} exists and is not a folder")
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
-        sys.exit(f"bench_report: cannot make --out {args.out}: {e.strerror}")
+        refuse(PROG, f"cannot make --out {args.out}: {e.strerror}")
     command = None
     path = args.json
     if (not path or args.model) and not os.access(args.bench, os.X_OK):
-        sys.exit(f"bench_report: {args.bench} is not an executable; build it with "
-                 "cmake --build build --target gqe-bench, or pass --bench" + ("" if args.model else " or --json"))
+        refuse(PROG, f"{args.bench} is not an executable; build it with "
+               "cmake --build build --target gqe-bench, or pass --bench" + ("" if args.model else " or --json"))
     if not path:
         path = os.path.join(args.out, "bench.json")
         command = run_suite(args, path)

@@ -28,6 +28,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_report import D, DH, G, K, N, dense_flops, gqe_flops  # noqa: E402  (the one FLOP model)
 from make_large_checkpoint import MAX_POSITIONS  # noqa: E402  (of the models it writes for this tool)
+from tool_cli import Parser, child_failed, refuse  # noqa: E402
+
+PROG = "cold_prefill"
 
 INTERMEDIATE, VOCAB = 256, 256
 SHAPE = ["--hidden", str(D), "--layers", "1", "--vocab", str(VOCAB), "--heads", str(N), "--kv-heads", str(G),
@@ -49,7 +52,7 @@ def make_models(folder):
             done = subprocess.run([sys.executable, os.path.join(here, "make_large_checkpoint.py"), "--attention",
                                    attention, *SHAPE, "--out", path], stdout=subprocess.DEVNULL)
             if done.returncode != 0:  # its own message is above
-                sys.exit(f"cold_prefill: could not write {path} (make_large_checkpoint.py status {done.returncode})")
+                child_failed(PROG, f"could not write {path} (make_large_checkpoint.py status {done.returncode})", done.returncode)
         paths[attention] = path
     return paths
 
@@ -71,12 +74,12 @@ def timed_run(args, model, prompt):
     done = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
-        sys.exit(f"cold_prefill: {' '.join(cmd[:3])} ... failed with status {done.returncode}: {done.stderr.strip()}")
+        child_failed(PROG, f"{' '.join(cmd[:3])} ... failed with status {done.returncode}: {done.stderr.strip()}", done.returncode)
     return seconds, child_faults() - faults
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="build/examples/gqe-run", help="the gqe-run program")
     ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096], help="prompt lengths T")
     ap.add_argument("--pairs", type=int, default=11, help="dense/GQE pairs per T")
@@ -86,12 +89,12 @@ def main():
     ap.add_argument("--seed", type=int, default=1, help="seed of the random prompts")
     args = ap.parse_args()
     if not os.access(args.run, os.X_OK):
-        sys.exit(f"cold_prefill: {args.run} is not an executable; build it with "
-                 "cmake --build build --target gqe-run, or pass --run")
+        refuse(PROG, f"{args.run} is not an executable; build it with "
+               "cmake --build build --target gqe-run, or pass --run")
     if args.pairs < 1 or any(T < 1 for T in args.tokens) or any(v is not None and v < 1 for v in (args.threads, args.chunk)):
-        sys.exit("cold_prefill: --pairs, every --tokens, --threads and --chunk must be at least 1")
+        refuse(PROG, "--pairs, every --tokens, --threads and --chunk must be at least 1")
     if max(args.tokens) > MAX_POSITIONS:
-        sys.exit(f"cold_prefill: --tokens {max(args.tokens)} is more than the models' {MAX_POSITIONS} positions")
+        refuse(PROG, f"--tokens {max(args.tokens)} is more than the models' {MAX_POSITIONS} positions")
     models = make_models(args.models)
     rng = random.Random(args.seed)
     progress = sys.stderr.isatty()  # a line rewritten in place on a terminal; nothing in a log

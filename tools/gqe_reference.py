@@ -38,7 +38,6 @@ CLI:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -771,7 +770,9 @@ def _parse_ids(text: str) -> List[int]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="Float64 NumPy reference of the GQE model.")
+    from tool_cli import Parser  # here, so that importing the reference needs nothing beside numpy
+
+    parser = Parser(prog="gqe_reference.py", description="Float64 NumPy reference of the GQE model.")
     parser.add_argument("--model", help="checkpoint folder to run")
     parser.add_argument("--prompt-ids", help="comma-separated token ids")
     parser.add_argument("--prompt", help="text; its UTF-8 bytes are the token ids")

@@ -44,6 +44,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tool_cli import Parser  # noqa: E402
+
 PROG = "gqe_sweep.py"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENS = 4096  # the prefill length of the speed-up
@@ -67,11 +70,6 @@ class UsageError(Exception):
 class Interrupted(Exception):
     """Ctrl-C: the child saved what it had; the same command continues."""
 
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2 (argparse prints the usage too)
-        sys.stderr.write(f"{PROG}: error: {message} (see --help)\n")
-        sys.exit(2)
 
 
 # ---- small helpers -------------------------------------------------------------------------------

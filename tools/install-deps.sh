@@ -31,7 +31,7 @@ for arg in "$@"; do
     --bench) packages+=(libopenblas-dev gnuplot-nox python3-numpy) ;;
     --backends) packages+=(libopenblas-dev libdnnl-dev) ;;
     -h | --help) usage; exit 0 ;;
-    *) echo "install-deps.sh: unknown option '$arg'" >&2; usage >&2; exit 2 ;;
+    *) echo "install-deps.sh: error: unknown option '$arg'; expected --sanitizers, --python, --bench, --backends or --help" >&2; exit 2 ;;
   esac
 done
 

@@ -21,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gqe_reference as ref  # noqa: E402
+from tool_cli import Parser  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "bad_checkpoints")
 
@@ -86,7 +87,7 @@ def with_config(**changes):
 
 
 def main():
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     shutil.rmtree(ROOT, ignore_errors=True)
     os.makedirs(ROOT)
     good = valid_model_bytes()

@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gqe_reference as ref  # noqa: E402
+from tool_cli import Parser  # noqa: E402
 
 # Router logits that close are treated as a tie risk: float32 rounding in the C++ run could
 # swap the ranking, so the fixture is re-drawn until every ranking that matters is clear.
@@ -190,7 +191,7 @@ def write_readme(out_dir: str, rows) -> None:
 
 def main() -> int:
     default_out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=default_out, help="output folder (default: tests/data)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)

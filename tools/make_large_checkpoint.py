@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gqe_reference as ref  # noqa: E402
+from tool_cli import Parser  # noqa: E402
 
 SIZES = {"F32": 4, "BF16": 2, "F16": 2}
 
@@ -73,7 +74,7 @@ WEIGHT_FILE = re.compile(r"model\.safetensors(\.index\.json)?|model-[0-9]{5}-of-
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (created; existing weight files replaced)")
     p.add_argument("--dtype", choices=sorted(SIZES), default="F32")
     p.add_argument("--shard-mb", type=int, default=0, help="shards of about this many MB (0: one file)")

@@ -20,14 +20,20 @@ prefill_gqe/T for the same T) it also prints how gqe's times compare with PyTorc
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tool_cli import Parser, refuse  # noqa: E402
+
+PROG = "torch_compare"
+
 try:
     import torch
 except ImportError:
-    sys.exit("torch_compare: PyTorch is missing; on Debian: apt-get install python3-torch")
+    refuse(PROG, "PyTorch is missing; on Debian: apt-get install python3-torch")
 
 D, DH, N, G, K = 1024, 64, 16, 8, 1
 M = N // G
@@ -117,27 +123,27 @@ def gqe_medians(path, T):
             if b.get("run_type", "iteration") == "iteration" and len(name) > 1 and name[1] == str(T):
                 times.setdefault(name[0], []).append(b["real_time"] * unit[b.get("time_unit", "ns")])
     except OSError as e:
-        sys.exit(f"torch_compare: cannot read --gqe-json {path}: {e.strerror}")
+        refuse(PROG, f"cannot read --gqe-json {path}: {e.strerror}")
     except (ValueError, KeyError, TypeError, AttributeError):
-        sys.exit(f"torch_compare: --gqe-json {path} is not gqe-bench's JSON")
+        refuse(PROG, f"--gqe-json {path} is not gqe-bench's JSON")
     ours = {k: statistics.median(v) for k, v in times.items()}
     if "prefill_gqa" not in ours or "prefill_gqe" not in ours:
-        sys.exit(f"torch_compare: no prefill_gqa/{T} and prefill_gqe/{T} in {path}")
+        refuse(PROG, f"no prefill_gqa/{T} and prefill_gqe/{T} in {path}")
     return ours, data.get("context", {})
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds, each one dense and one GQE call")
     ap.add_argument("--gqe-json", help="gqe-bench JSON holding prefill_gqa/T and prefill_gqe/T")
     args = ap.parse_args()
     if args.tokens < 1 or args.repeats < 1 or args.threads < 1:
-        sys.exit("torch_compare: --tokens, --repeats and --threads must be at least 1")
+        refuse(PROG, "--tokens, --repeats and --threads must be at least 1")
     if args.tokens > MAX_TOKENS:
-        sys.exit(f"torch_compare: --tokens {args.tokens} is more than {MAX_TOKENS} (the causal mask alone holds T x T "
-                 "floats)")
+        refuse(PROG, f"--tokens {args.tokens} is more than {MAX_TOKENS} (the causal mask alone holds T x T "
+               "floats)")
     # The JSON is read before the timing, so that a wrong path is found at once.
     ours, ctx = gqe_medians(args.gqe_json, args.tokens) if args.gqe_json else (None, None)
 

@@ -86,8 +86,8 @@ class BenchReport(unittest.TestCase):
         with tempfile.TemporaryDirectory(prefix="gqe-bench-report-") as out:
             done = report(out, "--repetitions", "1", "--min-time", "0.01", "--threads", "2000", "--filter", "^register_tile/64$")
             self.assertFalse(os.path.exists(os.path.join(out, "report.md")))
-        self.assertNotEqual(done.returncode, 0)
-        self.assertIn("gqe-bench failed with status 2", done.stderr)
+        self.assertEqual(done.returncode, 2)  # gqe-bench's own status: it refused --threads 2000
+        self.assertIn("bench_report: error: gqe-bench failed with status 2", done.stderr)
 
     def test_bad_inputs_are_refused_with_their_reason(self):
         with tempfile.TemporaryDirectory(prefix="gqe-bench-report-") as out:
@@ -102,19 +102,29 @@ class BenchReport(unittest.TestCase):
             for args, words in cases:
                 with self.subTest(args=args):
                     done = report(os.path.join(out, "run"), *args)
-                    self.assertNotEqual(done.returncode, 0)
-                    self.assertIn(words, done.stderr)
+                    self.assertEqual(done.returncode, 2)
+                    last = done.stderr.strip().splitlines()[-1]  # after the progress lines of a run
+                    self.assertTrue(last.startswith("bench_report: error: "), done.stderr)
+                    self.assertIn(words, last)
                     self.assertNotIn("Traceback", done.stderr)
                     run = os.path.join(out, "run")
                     self.assertFalse(os.path.exists(os.path.join(run, "bench.json")))
                     self.assertFalse(os.path.exists(os.path.join(run, "report.md")))
 
+    def test_a_malformed_flag_is_refused_in_one_line(self):
+        with tempfile.TemporaryDirectory(prefix="gqe-bench-report-") as out:
+            done = report(out, "--repetitions", "three")
+            self.assertEqual(done.returncode, 2)
+            self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
+            self.assertIn("bench_report: error: argument --repetitions: invalid int value", done.stderr)
+            self.assertEqual(os.listdir(out), [])
+
     def test_counts_below_one_are_refused(self):
         for flag in ("--threads", "--repetitions"):
             with self.subTest(flag=flag), tempfile.TemporaryDirectory(prefix="gqe-bench-report-") as out:
                 done = report(out, flag, "0")
-                self.assertNotEqual(done.returncode, 0)
-                self.assertIn(f"{flag} is 0; expected at least 1", done.stderr)
+                self.assertEqual(done.returncode, 2)
+                self.assertEqual(done.stderr, f"bench_report: error: {flag} is 0; expected at least 1\n")
                 self.assertEqual(os.listdir(out), [])
 
 

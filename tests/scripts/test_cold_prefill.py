@@ -111,17 +111,23 @@ class ColdPrefill(unittest.TestCase):
     def test_a_failing_process_fails_the_tool(self):
         open(os.path.join(self.models, "one-layer-gqe", "fail"), "w").close()
         done = self.tool("--tokens", "5", "--pairs", "1")
-        self.assertNotEqual(done.returncode, 0)
+        self.assertEqual(done.returncode, 1)  # the stand-in's own status
+        self.assertIn("cold_prefill: error: ", done.stderr)
         self.assertIn("failed with status 1: stand-in: told to fail", done.stderr)
 
     def test_counts_below_one_are_refused(self):
         for flags in (["--pairs", "0"], ["--tokens", "0"], ["--threads", "0"], ["--chunk", "0"]):
             with self.subTest(flags=flags):
                 done = self.tool(*flags)
-                self.assertNotEqual(done.returncode, 0)
+                self.assertEqual(done.returncode, 2)
+                self.assertIn("cold_prefill: error: ", done.stderr)
                 self.assertIn("must be at least 1", done.stderr)
+        done = self.tool("--pairs", "many")
+        self.assertEqual(done.returncode, 2)
+        self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
+        self.assertIn("cold_prefill: error: argument --pairs: invalid int value", done.stderr)
         done = self.tool("--tokens", "2048", "5000")  # past the models' positions: refused before anything runs
-        self.assertNotEqual(done.returncode, 0)
+        self.assertEqual(done.returncode, 2)
         self.assertIn("--tokens 5000 is more than the models' 4096 positions", done.stderr)
         self.assertFalse(os.path.exists(self.calls))
 
