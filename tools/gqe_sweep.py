@@ -45,7 +45,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tool_cli import Parser  # noqa: E402
+from tool_cli import Parser, refuse  # noqa: E402
 
 PROG = "gqe_sweep.py"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +69,6 @@ class UsageError(Exception):
 
 class Interrupted(Exception):
     """Ctrl-C: the child saved what it had; the same command continues."""
-
 
 
 # ---- small helpers -------------------------------------------------------------------------------
@@ -746,8 +745,7 @@ def main(argv=None) -> int:
         a = parse_args(sys.argv[1:] if argv is None else argv)
         return sweep(a)
     except UsageError as e:
-        sys.stderr.write(f"{PROG}: error: {e}\n")
-        return 2
+        refuse(PROG, str(e))
     except (Interrupted, KeyboardInterrupt):
         sys.stderr.write(f"\n{PROG}: interrupted; what was trained is saved: run the same command again to continue\n")
         return 130
