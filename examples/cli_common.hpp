@@ -17,6 +17,7 @@
 #include <cstring>
 #include <filesystem>
 #include <new>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -55,6 +56,19 @@ inline void ignore_output_signals() {
 #endif
 }
 
+// After a failed parse: "--model: given 2 times; expected once" for the first option of one value
+// that was given more than once (CLI11 words it "At Most 1 required but received 2"), else nothing.
+inline std::optional<std::string> repeated_option(const CLI::App& app) {
+  for (const CLI::Option* option : app.get_options()) {
+    if (option->get_items_expected_max() == 1 && option->count() > 1 &&
+        option->get_multi_option_policy() == CLI::MultiOptionPolicy::Throw) {
+      return option->get_name() + ": given " + std::to_string(option->count()) +
+             " times; expected once";
+    }
+  }
+  return std::nullopt;
+}
+
 // Runs body() after parsing; maps every failure to one line on stderr (control characters escaped).
 // --help and --version exit 0. Standard output is checked before a success is reported.
 template <class Body>
@@ -81,7 +95,7 @@ int run_main(CLI::App& app, int argc, char** argv, Body&& body) {
     } catch (const CLI::CallForVersion& e) {
       return answer(e);
     } catch (const CLI::ParseError& e) {
-      say("error", std::string(e.what()) + " (see --help)");
+      say("error", repeated_option(app).value_or(e.what()) + " (see --help)");
       return kUsageError;
     }
     const int status = body();

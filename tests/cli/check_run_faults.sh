@@ -36,6 +36,12 @@ succeeds seed_10 "$run" --model "$good" --prompt-ids 1 --generate 12 --temperatu
 check seed_010_is_seed_10 cmp -s "$tmp/stdout" "$tmp/seed_010"
 rm -f "$tmp/seed_010"
 
+# An option of one value given twice is named, with how often it was given; a flag may repeat.
+refused generate_twice "--generate: given 2 times; expected once" "$run" --model "$good" --prompt-ids 1 -n 2 --generate 3
+refused model_three_times "--model: given 3 times; expected once" \
+  "$run" --model "$good" --model "$good" --model "$good" --prompt-ids 1
+succeeds print_ids_twice "$run" --model "$good" --prompt-ids 1 --generate 2 --print-ids --print-ids
+
 # Decimal flags are plain decimal numbers, refused with the value as given; --prompt-ids entries
 # are read as the integer flags are.
 refused temperature_empty 'value "" is not a decimal number' "$run" --model "$good" --prompt-ids 1 --temperature ""

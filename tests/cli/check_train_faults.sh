@@ -41,6 +41,10 @@ for bad in "--lr|" "--lr| 0.1" "--lr|0x1p-3" "--lr|1e-400" "--aux-coef|" "--aux-
 done
 check decimal_refusals_made_no_folder test ! -e "$tmp/decimal"
 
+# An option of one value given twice is named; no run starts.
+refused steps_twice "--steps: given 2 times; expected once" "$train" "${small[@]}" --steps 3 --steps 4 --out "$tmp/twice"
+check steps_twice_made_no_folder test ! -e "$tmp/twice"
+
 # Two processes on one --out: the second is refused up front while the first runs.
 "$train" "${small[@]}" --steps 1000000 --out "$tmp/two" > "$tmp/first.out" 2> "$tmp/first.err" &
 background=$!
