@@ -510,6 +510,22 @@ TEST(AtomicWrite, WritesThroughFifosAndDevicesInsteadOfReplacingThem) {
   gqe::write_file_atomically(dir / "link", [](std::ostream& o) { o << "new"; });
   EXPECT_TRUE(fs::is_symlink(dir / "link"));
   EXPECT_EQ(file_bytes(dir / "real"), "new");
+  // So does a chain of links, and one whose file does not exist yet: the file is made.
+  fs::create_directory(dir / "sub");
+  fs::create_symlink("../link", dir / "sub" / "chain");
+  gqe::write_file_atomically(dir / "sub" / "chain", [](std::ostream& o) { o << "chained"; });
+  EXPECT_TRUE(fs::is_symlink(dir / "sub" / "chain"));
+  EXPECT_EQ(file_bytes(dir / "real"), "chained");
+  fs::create_symlink("made", dir / "dangling");
+  gqe::write_file_atomically(dir / "dangling", [](std::ostream& o) { o << "made"; });
+  EXPECT_TRUE(fs::is_symlink(dir / "dangling"));
+  EXPECT_EQ(file_bytes(dir / "made"), "made");
+  // A loop of links is refused, and nothing is written.
+  fs::create_symlink("loop_b", dir / "loop_a");
+  fs::create_symlink("loop_a", dir / "loop_b");
+  EXPECT_THROW(gqe::write_file_atomically(dir / "loop_a", [](std::ostream& o) { o << "lost"; }), gqe::IoError);
+  EXPECT_TRUE(fs::is_symlink(dir / "loop_a"));
+  EXPECT_TRUE(fs::is_symlink(dir / "loop_b"));
 
   const fs::path null = dir / "null", full = dir / "full";
   if (::mknod(null.c_str(), S_IFCHR | 0600, makedev(1, 3)) != 0 || ::mknod(full.c_str(), S_IFCHR | 0600, makedev(1, 7)) != 0) {
@@ -528,7 +544,8 @@ TEST(AtomicWrite, WritesThroughFifosAndDevicesInsteadOfReplacingThem) {
   }
   ASSERT_EQ(::stat(full.c_str(), &st), 0);
   EXPECT_TRUE(S_ISCHR(st.st_mode));
-  EXPECT_EQ(std::distance(fs::directory_iterator(dir), fs::directory_iterator()), 5);  // nothing else made
+  // fifo, real, link, sub, dangling, made, loop_a, loop_b, null, full: nothing else made
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir), fs::directory_iterator()), 10);
   fs::remove_all(dir);
 }
 #endif

@@ -79,19 +79,27 @@ inline std::string temporary_name(const std::string& name, std::size_t limit) {
   while (keep > 0 && keep < name.size() && (static_cast<unsigned char>(name[keep]) & 0xc0u) == 0x80u) --keep;
   return "." + name.substr(0, keep) + tag;
 }
-// The file a write to `path_given` replaces: the one a symbolic link names (the link keeps its
-// place), else the path itself.
-inline std::filesystem::path replaced_file(const std::filesystem::path& path_given) {
-  std::error_code ec;
-  if (!std::filesystem::is_symlink(path_given, ec)) return path_given;
-  std::filesystem::path path = std::filesystem::weakly_canonical(path_given, ec);
-  if (ec) fail<IoError>("cannot write ", path_given.string(), ": cannot follow the link (", ec.message(), ")");
-  return path;
-}
-
 // The folder that holds `path` (a bare name's is ".").
 inline std::filesystem::path folder_of(const std::filesystem::path& path) {
   return path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
+}
+
+// The file a write to `path_given` replaces: the one a symbolic link names, through a chain of
+// links and whether it exists yet or not (the link keeps its place, as with a shell's `>`), else
+// the path itself.
+inline std::filesystem::path replaced_file(const std::filesystem::path& path_given) {
+  namespace fs = std::filesystem;
+  constexpr int kMaxLinks = 40;  // Linux's limit on the links one path may pass through
+  fs::path path = path_given;
+  std::error_code ec;
+  for (int links = 0; fs::is_symlink(path, ec); ++links) {
+    if (links == kMaxLinks)
+      fail<IoError>("cannot write ", path_given.string(), ": more than ", kMaxLinks, " symbolic links in a row (a loop?)");
+    const fs::path target = fs::read_symlink(path, ec);
+    if (ec) fail<IoError>("cannot write ", path_given.string(), ": cannot follow the link (", ec.message(), ")");
+    path = target.is_absolute() ? target : folder_of(path) / target;
+  }
+  return path;
 }
 }  // namespace detail
 
