@@ -695,6 +695,7 @@ TEST(ConfigJson, RefusesBadValuesNamingTheKey) {
       {R"("rope_parameters": {"rope_theta": "1e4"})", {"\"rope_parameters\": \"rope_theta\" is \"1e4\"", "expected a number"}},
       {R"("rope_parameters": 10000)", {"\"rope_parameters\" is 10000", "expected an object"}},
       {R"("rope_parameters": {"rope_theta": -1})", {"rope_theta is -1"}},
+      {R"("rope_theta": 1e13)", {"rope_theta is 1e+13", "expected a positive number up to 1e12"}},
       {R"("tie_word_embeddings": "yes")", {"\"tie_word_embeddings\" is \"yes\"", "true or false"}},
       {R"("tie_word_embeddings": 1)", {"\"tie_word_embeddings\" is 1"}},
       {R"("rms_norm_eps": "1e-5")", {"\"rms_norm_eps\" is \"1e-5\"", "expected a number"}},

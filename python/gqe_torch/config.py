@@ -116,7 +116,7 @@ class GQEConfig:
             raise BadInput(f'config: "rms_norm_eps" is {self.rms_norm_eps}; expected a number in (0, 1]')
         self.rope_theta = self._rope_theta()
         if not 0 < self.rope_theta <= 1e12:
-            raise BadInput(f'config: "rope_theta" is {self.rope_theta}; expected a positive finite number')
+            raise BadInput(f'config: "rope_theta" is {self.rope_theta}; expected a positive number up to 1e12')
         self.tie_word_embeddings = self._boolean("tie_word_embeddings", False)
         self.max_position_embeddings = self._size("max_position_embeddings", 4096)
         self.extra = {k: v for k, v in config.items() if k not in KNOWN_KEYS}

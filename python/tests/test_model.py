@@ -166,6 +166,7 @@ class Config(unittest.TestCase):
         cases = {  # file text -> what the refusal says
             "{" + good + ', "rope_theta": NaN}': "not valid JSON",
             "{" + good + ', "rope_theta": 1e400}': "not valid JSON",
+            "{" + good + ', "rope_theta": 1e13}': "expected a positive number up to 1e12",
             "{" + good + ', "vocab_size": 12}': "given twice",
             "{" + good + ', "model_type": "\\udc00"}': "lone surrogate",
             "[" * 5000 + "]" * 5000: "not valid JSON",

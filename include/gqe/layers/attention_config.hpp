@@ -108,7 +108,7 @@ struct AttentionConfig {
       fail<ConfigError>("gqe_top_k is ", top_k, "; expected 1 to num_attention_heads / num_key_value_heads = ",
                         experts_per_group());
     if (!(rope_theta > 0) || rope_theta > 1e12)
-      fail<ConfigError>("rope_theta is ", rope_theta, "; expected a positive finite number");
+      fail<ConfigError>("rope_theta is ", rope_theta, "; expected a positive number up to 1e12");
   }
 };
 
