@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
@@ -146,6 +147,24 @@ TEST(TrainingOps, CrossEntropyGradientAndMask) {
   EXPECT_NEAR(sums.loss, want, 1e-12);
   expect_close("dlogits", grad.data(), numeric_gradient(logits.data(), logits.size(), loss));
   EXPECT_EQ(grad.row(1).norm(), 0.0);
+  // A counted row's target outside [0, V), a negative or NaN weight, or a row without its target and
+  // weight is refused; an uncounted row's target is never read.
+  std::vector<std::int32_t> bad_targets = targets;
+  bad_targets[1] = 5;
+  MatD copy = logits;
+  EXPECT_NO_THROW(gqe::cross_entropy<double>(copy, bad_targets, weights, 0));
+  bad_targets[2] = 5;
+  EXPECT_THROW(gqe::cross_entropy<double>(copy, bad_targets, weights, 0), gqe::InputError);
+  bad_targets[2] = -1;
+  EXPECT_THROW(gqe::cross_entropy<double>(copy, bad_targets, weights, 0), gqe::InputError);
+  for (const float w : {-1.0f, std::nanf("")}) {
+    std::vector<float> bad_weights = weights;
+    bad_weights[3] = w;
+    EXPECT_THROW(gqe::cross_entropy<double>(copy, targets, bad_weights, 0), gqe::InputError) << w;
+  }
+  const std::vector<std::int32_t> short_targets(targets.begin(), targets.end() - 1);
+  EXPECT_THROW(gqe::cross_entropy<double>(copy, short_targets, weights, 0), gqe::ShapeError);
+  EXPECT_EQ(copy, logits);  // nothing refused wrote the logits
 }
 
 // Attention over several query and key tiles, with GQA-like heads sharing K/V, against finite
@@ -330,6 +349,18 @@ TEST(TrainingModel, OneLossAndGradServesModelsOfAnotherConfig) {
   fresh.for_each_parameter([&](const std::string& name, const gqe::Weight& w) {
     EXPECT_TRUE((grad_of(reused, name).array() == w.grad_matrix<double>().array()).all()) << name;
   });
+  // A model whose caches have another shape (three KV heads, dense): the caches are made anew.
+  auto wide = tiny_config(gqe::AttentionType::gqa, gqe::GqeVariant::gqe, 1, false);
+  wide.num_kv_heads = 3;
+  auto other = random_model(wide, 42), other_fresh = random_model(wide, 42);
+  graph.forward(other, batch, 0.01);
+  graph.backward(other);
+  gqe::training::LossAndGrad<double> other_own;
+  other_own.forward(other_fresh, batch, 0.01);
+  other_own.backward(other_fresh);
+  other_fresh.for_each_parameter([&](const std::string& name, const gqe::Weight& w) {
+    EXPECT_TRUE((grad_of(other, name).array() == w.grad_matrix<double>().array()).all()) << name;
+  });
 }
 
 // call() must throw a gqe::Error whose message contains `says`; `what` names the case.
@@ -373,6 +404,12 @@ TEST(TrainingModel, MisuseOfThePublicEntryPointsIsRefused) {
   gqe::training::Batch out;
   refused("TextData{} train", [&] { gqe::training::TextData{}.train_batch(1, 0, 0, out); }, "holds no text");
   refused("TextData{} held out", [&] { gqe::training::TextData{}.heldout_batch(1, 0, out); }, "holds no text");
+  refused("TextData{} windows", [&] { gqe::training::TextData{}.heldout_windows(); }, "holds no text");
+  // Schedule and clipping outside their ranges.
+  refused("learning rate of step -1", [&] { gqe::training::learning_rate(gqe::training::OptimizerConfig{}, -1); },
+          "expected a step >= 0");
+  refused("clip norm NaN", [&] { gqe::training::clip_global_norm(model, std::nan("")); }, "clip norm is nan");
+  refused("clip norm -1", [&] { gqe::training::clip_global_norm(model, -1.0); }, "clip norm is -1");
 }
 
 // Inference objects used directly: unbound weights, shapes and ranges are refused with gqe::Error.
@@ -412,7 +449,74 @@ TEST(TrainingModel, MisuseOfTheInferenceObjectsIsRefused) {
   refused("read head 9", [&] { caches[0].layer(0).read(9, 0, k.data(), v.data()); }, "no KV head 9");
   refused("read past the tiles", [&] { caches[0].layer(0).read(0, 1 << 20, k.data(), v.data()); }, "at position 1048576");
   refused("layer truncate past length", [&] { caches[0].layer(0).truncate(4); }, "expected 0 to 3");
+  refused("commit past the tiles", [&] { caches[0].layer(0).advance(1 << 20); }, "cannot commit 1048576 positions");
+  refused("commit a negative count", [&] { caches[0].layer(0).advance(-1); }, "cannot commit -1 positions");
+  EXPECT_THROW(caches[0].reserve(std::numeric_limits<Index>::max()), std::bad_alloc);
   EXPECT_EQ(caches[0].length(), 3);
+  // A layer given another length than the others (through layer()): the next call is refused.
+  caches[0].layer(1).clear();
+  const std::int32_t next = 4;
+  refused("layers of two lengths", [&] { model.decode({&next, gqe::Shape{1}}, caches); },
+          "holds 0 positions in layer 1 but 3 in layer 0");
+  gqe::ModelConfig broken = c;
+  broken.num_layers = -1;
+  refused("a cache of a bad config", [&] { gqe::KVCache<float>{broken}; }, "num_hidden_layers is -1");
+}
+
+// Transformer::backward takes a tape only as a forward left it: filled (by a training forward:
+// empty caches, every row's logits), of a model of this config, its caches unchanged, with
+// d_logits of its rows. A tape moved after its forward still serves, to the same bits.
+TEST(TrainingModel, TapesAreCheckedAndMayMove) {
+  const auto c = tiny_config(gqe::AttentionType::gqe, gqe::GqeVariant::gqe, 2, false);
+  const Index T = 5, V = c.vocab_size;
+  auto model = random_model(c, 50);
+  const std::vector<std::int32_t> ids = {1, 4, 2, 8, 5}, other_ids = {3, 9, 7};
+  const gqe::TensorView<const std::int32_t> tokens(ids.data(), gqe::Shape{1, T}), other_tokens(other_ids.data(), gqe::Shape{1, 3});
+  gqe::Tensor<double> logits(gqe::Shape{1, T, V}), other_logits(gqe::Shape{1, 3, V}), last(gqe::Shape{1, V});
+  Rng rng(51);
+  const MatD d_logits = random_matrix(T, V, rng);
+  const auto filled = [&](std::vector<gqe::KVCache<double>>& caches, gqe::ModelTape<double>& tape) {
+    caches.assign(1, model.new_cache());
+    model.forward(tokens, caches, logits, false, nullptr, &tape);
+  };
+  const auto gradients = [&] {
+    std::vector<MatD> out;
+    model.for_each_parameter([&](const std::string&, const gqe::Weight& w) { out.push_back(w.grad_matrix<double>()); });
+    return out;
+  };
+
+  gqe::training::zero_gradients(model);
+  std::vector<gqe::KVCache<double>> caches;
+  gqe::ModelTape<double> tape;
+  filled(caches, tape);
+  model.backward(tape, d_logits, 0.01);
+  const std::vector<MatD> want = gradients();
+
+  gqe::ModelTape<double> unfilled;
+  refused("a tape no forward filled", [&] { model.backward(unfilled, d_logits, 0.01); }, "no forward filled");
+  refused("d_logits of other rows", [&] { model.backward(tape, d_logits.topRows(3), 0.01); }, "expected [5, 11]");
+  auto dense = random_model(tiny_config(gqe::AttentionType::gqa, gqe::GqeVariant::gqe, 1, false), 52);
+  refused("another model's tape", [&] { dense.backward(tape, d_logits, 0.01); }, "another configuration");
+  refused("last_only with a tape", [&] { model.forward(tokens, caches, last, true, nullptr, &unfilled); }, "last_only = false");
+  std::vector<gqe::KVCache<double>> started{model.new_cache()};
+  model.forward(other_tokens, started, other_logits);
+  refused("a tape over a started cache", [&] { model.forward(tokens, started, logits, false, nullptr, &unfilled); },
+          "expected empty caches");
+  EXPECT_EQ(started[0].length(), 3);  // rolled back
+  EXPECT_EQ(unfilled.rows, 0);
+  caches[0].clear();
+  refused("caches changed since the forward", [&] { model.backward(tape, d_logits, 0.01); }, "as the forward left them");
+
+  // Moved, and the moved-from tape filled again by another forward: the same gradients.
+  gqe::training::zero_gradients(model);
+  filled(caches, tape);
+  gqe::ModelTape<double> moved = std::move(tape);
+  std::vector<gqe::KVCache<double>> other_caches{model.new_cache()};
+  model.forward(other_tokens, other_caches, other_logits, false, nullptr, &tape);
+  model.backward(moved, d_logits, 0.01);
+  const std::vector<MatD> got = gradients();
+  ASSERT_EQ(got.size(), want.size());
+  for (std::size_t i = 0; i < got.size(); ++i) EXPECT_TRUE((got[i].array() == want[i].array()).all()) << "parameter " << i;
 }
 
 // hard_concat: the hard slots give the router nothing, so its gradient is the load-balancing
@@ -1034,6 +1138,17 @@ TEST(TrainingRun, RefusesBadConfigurationsByName) {
   c = tiny_run(gqe::AttentionType::gqa, 5);
   c.aux_coef = -1;
   EXPECT_THROW(gqe::training::Run<float>{c}, gqe::ConfigError);
+  c = tiny_run(gqe::AttentionType::gqa, 5);
+  c.task = gqe::training::Task::text;
+  c.model.vocab_size = 256;
+  c.text_path = "never-read.txt";
+  c.heldout_fraction = std::nan("");
+  try {
+    c.validate();
+    ADD_FAILURE() << "a NaN held-out fraction was accepted";
+  } catch (const gqe::ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("held-out fraction is nan"), std::string::npos) << e.what();
+  }
   try {
     c = tiny_run(gqe::AttentionType::gqa, 5);
     c.optimizer.lr = -1;

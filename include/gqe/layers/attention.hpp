@@ -92,11 +92,17 @@ class Attention {
   // y [R, d] = attention over x [R, d] (normed hidden states), or y += it with accumulate (a
   // residual stream). Each segment's rows continue its cache (its K and V are appended and
   // committed); rope holds the rows' angles [R, d_h/2]. A tape, when given, keeps what backward()
-  // needs; `routing`, when given, receives the rows' routing.
+  // needs (training: every segment starts an empty cache); it points at `rope` and the caches,
+  // which must live, unchanged, until backward(). `routing`, when given, receives the rows' routing.
   void forward(const Eigen::Ref<const Matrix<Scalar>>& x, const std::vector<Segment<Scalar>>& segments,
                const RopeTable<Scalar>& rope, Eigen::Ref<Matrix<Scalar>> y, AttentionTape<Scalar>* tape = nullptr,
                Routing<Scalar>* routing = nullptr, bool accumulate = false) const {
     check_call(x, segments, rope, y);
+    if (tape)
+      for (const auto& s : segments)
+        if (s.cache->length() != 0)
+          fail<InputError>("a KV cache holds ", s.cache->length(),
+                           " positions; a forward that fills a tape (training) expected empty caches");
     auto& ws = workspace();
     // A GQE layer routes straight into the caller's `routing` when there is no tape: no copy of
     // it, and no second buffer for a cold process to fault in.

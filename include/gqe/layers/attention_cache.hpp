@@ -12,7 +12,9 @@
 // Writing and committing are separate: a forward writes its new positions past length(), and
 // length() moves only once the whole forward has succeeded (Transformer commits, or rolls back).
 #include <algorithm>
+#include <limits>
 #include <memory>
+#include <new>
 #include <vector>
 
 #include "gqe/error.hpp"
@@ -56,9 +58,11 @@ class AttentionCache {
 
   // Allocates tiles until positions [0, positions) fit, so that decode up to there allocates nothing.
   void reserve(Index positions) {
-    const Index missing = (positions - capacity() + kKeyTile - 1) / kKeyTile;
-    if (missing <= 0) return;
+    if (positions <= capacity()) return;
+    const Index missing = (positions - capacity() - 1) / kKeyTile + 1;  // no overflow near Index's maximum
     const auto tile_bytes = static_cast<std::size_t>(tile_size()) * sizeof(Scalar);
+    if (tile_bytes > 0 && static_cast<std::size_t>(missing) > std::numeric_limits<std::size_t>::max() / tile_bytes)
+      throw std::bad_alloc();
     blocks_.push_back(detail::AlignedBytes::allocate(static_cast<std::size_t>(missing) * tile_bytes));  // uninitialised
     for (Index t = 0; t < missing; ++t) {
       tiles_.push_back(reinterpret_cast<Scalar*>(blocks_.back().get() + static_cast<std::size_t>(t) * tile_bytes));
@@ -69,7 +73,9 @@ class AttentionCache {
   void clear() { length_ = 0; }
   // Commits `count` written positions past length().
   void advance(Index count) {
-    assert(length_ + count <= capacity());
+    if (count < 0 || count > capacity() - length_)
+      fail<InputError>("cannot commit ", count, " positions to an attention cache of ", length_, " with room for ", capacity(),
+                       "; expected 0 to ", capacity() - length_, " (written positions)");
     length_ += count;
   }
   // Forgets the positions from `length` on (a rolled-back forward).

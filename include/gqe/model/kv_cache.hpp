@@ -13,7 +13,7 @@ class KVCache {
  public:
   KVCache() = default;
   explicit KVCache(const ModelConfig& config)
-      : layers_(static_cast<std::size_t>(config.num_layers), AttentionCache<Scalar>(config.attention())) {}
+      : layers_(layer_count(config), AttentionCache<Scalar>(config.attention())) {}
 
   // Positions cached so far (the next token's position). Every layer holds as many: a forward that
   // fails part-way leaves them all where they were.
@@ -40,6 +40,10 @@ class KVCache {
   const AttentionCache<Scalar>& layer(Index i) const { return layers_[checked_layer(i)]; }
 
  private:
+  static std::size_t layer_count(const ModelConfig& config) {
+    config.validate();
+    return static_cast<std::size_t>(config.num_layers);
+  }
   std::size_t checked_layer(Index i) const {
     if (i < 0 || i >= num_layers()) fail<InputError>("KV cache layer ", i, " does not exist; expected 0 to ", num_layers() - 1);
     return static_cast<std::size_t>(i);

@@ -29,7 +29,8 @@ struct ForwardTrace {
   std::vector<Routing<Scalar>> routing;  // [L], GQE models only; rows in batch order (b*T + t)
 };
 
-// What a training forward keeps for the backward pass.
+// What a training forward keeps for the backward pass. Its attention tapes point into the forward's
+// KV caches: they must live, unchanged, until backward().
 template <class Scalar>
 struct ModelTape {
   struct Layer {
@@ -43,6 +44,8 @@ struct ModelTape {
   std::vector<Layer> layers;         // [L]
   NormTape<Scalar> final_norm;
   ScratchMatrix<Scalar> normed;      // [R, d]: the head's input
+  ModelConfig config;                // of the model that filled it
+  Index rows = 0;                    // R = B*T once a forward has filled it; 0 before
 };
 
 template <class Scalar>
@@ -126,18 +129,26 @@ class Transformer {
   // The forward pass, writing into caller-owned logits (no allocation once warm): tokens [B, T],
   // sequence b continuing caches[b] by T tokens; logits [B, T, V], or [B, V] with only each
   // sequence's last token when last_only. A trace receives the routing; a tape keeps what backward()
-  // needs. On an exception every cache keeps its length.
+  // needs (training: empty caches, every row's logits). On an exception every cache keeps its length.
   void forward(TensorView<const std::int32_t> tokens, std::vector<KVCache<Scalar>>& caches, TensorView<Scalar> logits,
                bool last_only = false, ForwardTrace<Scalar>* trace = nullptr, ModelTape<Scalar>* tape = nullptr) const {
     check_inputs(tokens, caches);
     const Index B = tokens.dim(0), T = tokens.dim(1), V = config_.vocab_size;
     check_shape("logits", logits.shape(), last_only ? Shape{B, V} : Shape{B, T, V});
+    if (tape) {
+      tape->rows = 0;  // until this forward has filled it
+      if (last_only) fail<InputError>("a forward that fills a tape needs every row's logits; expected last_only = false");
+    }  // the attention layers refuse caches that are not empty
     std::vector<Index>& lengths = workspace().lengths;
     lengths.clear();
     for (const auto& c : caches) lengths.push_back(c.length());
     try {
       run_blocks(tokens, caches, trace, tape);
       head(B, T, last_only, logits, tape);
+      if (tape) {
+        tape->config = config_;
+        tape->rows = B * T;
+      }
     } catch (...) {
       for (std::size_t b = 0; b < caches.size(); ++b) caches[b].truncate(lengths[b]);
       throw;
@@ -166,6 +177,7 @@ class Transformer {
   // weighs each layer's load-balancing loss (GQE).
   void backward(ModelTape<Scalar>& tape, const Eigen::Ref<const Matrix<Scalar>>& d_logits, double aux_coef) {
     require_gradients();
+    check_tape(tape, d_logits);
     thread_local Matrix<Scalar> d_hidden, d_normed, d_inner;  // [R, d]
     const Index R = d_logits.rows(), d = config_.hidden_size;
     d_normed.resize(R, d);
@@ -277,6 +289,25 @@ class Transformer {
     if (!self.config_.tie_word_embeddings) fn(std::string("lm_head.weight"), self.lm_head_);
   }
 
+  // A tape that backward() can use: filled by a forward of a model of this config, its caches as
+  // that forward left them, and d_logits of its rows. Points its layers at its own RoPE table (the
+  // tape may have moved since).
+  void check_tape(ModelTape<Scalar>& tape, const Eigen::Ref<const Matrix<Scalar>>& d_logits) const {
+    if (tape.rows == 0) fail<InputError>("backward() was given a tape that no forward filled; expected the tape of a forward");
+    if (tape.config != config_)
+      fail<InputError>("backward() was given the tape of a model of another configuration; expected this model's");
+    if (d_logits.rows() != tape.rows || d_logits.cols() != config_.vocab_size)
+      fail<ShapeError>("d_logits has shape [", d_logits.rows(), ", ", d_logits.cols(), "]; expected [", tape.rows, ", ",
+                       config_.vocab_size, "] (the tape's rows, full logits)");
+    for (auto& layer : tape.layers) {
+      for (const Segment<Scalar>& s : layer.attention.segments)
+        if (s.cache->length() != s.count)
+          fail<InputError>("a KV cache of the tape's forward holds ", s.cache->length(), " positions, not its ", s.count,
+                           "; expected the caches left as the forward left them until backward()");
+      layer.attention.rope = &tape.rope;
+    }
+  }
+
   void check_inputs(TensorView<const std::int32_t> tokens, const std::vector<KVCache<Scalar>>& caches) const {
     if (tokens.rank() != 2 || tokens.dim(0) < 1 || tokens.dim(1) < 1)
       fail<ShapeError>("tokens have shape ", tokens.shape().str(), "; expected [B, T] with B, T >= 1");
@@ -293,6 +324,10 @@ class Transformer {
       if (c.num_layers() != config_.num_layers || c.layer(0).kv_heads() != config_.num_kv_heads ||
           c.layer(0).head_dim() != config_.head_dim || c.layer(0).has_mean() != config_.attention().has_shared_head())
         fail<InputError>("KV cache ", b, " was not made for this model; expected one from new_cache()");
+      for (Index l = 1; l < c.num_layers(); ++l)
+        if (c.layer(l).length() != c.length())
+          fail<InputError>("KV cache ", b, " holds ", c.layer(l).length(), " positions in layer ", l, " but ", c.length(),
+                           " in layer 0; expected every layer to hold as many (KVCache's clear and truncate keep them so)");
       if (c.length() + tokens.dim(1) > config_.max_position_embeddings)
         fail<InputError>("sequence ", b, " would reach ", c.length() + tokens.dim(1),
                          " positions; expected at most max_position_embeddings = ", config_.max_position_embeddings);

@@ -2,11 +2,11 @@
 // Cross-entropy of next-token logits: the language-model loss of training and of gqe-run's
 // perplexity, and its gradient.
 #include <algorithm>
-#include <cassert>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
+#include "gqe/error.hpp"
 #include "gqe/tensor/eigen.hpp"
 #include "gqe/tensor/tensor.hpp"
 #include "gqe/util/thread_pool.hpp"
@@ -23,13 +23,21 @@ struct LossSums {
 // Cross-entropy of logits [R, V] against targets [R] with per-row weights [R] (0: not counted).
 // Returns the sums; when `grad_scale` is non-zero, overwrites the logits with the gradient of
 // grad_scale * sum_r weight_r * loss_r (softmax - onehot, scaled), rows of weight 0 with zeros.
-// Targets of counted rows must lie in [0, V). Rows are summed in order after a parallel pass, so
-// the sums are the same for every thread count.
+// Targets of counted rows must lie in [0, V), weights be finite and >= 0. Rows are summed in order
+// after a parallel pass, so the sums are the same for every thread count.
 template <class Scalar>
 LossSums cross_entropy(Eigen::Ref<Matrix<Scalar>> logits, const std::vector<std::int32_t>& targets,
                        const std::vector<float>& weights, double grad_scale) {
   const Index rows = logits.rows(), V = logits.cols();
-  assert(static_cast<Index>(targets.size()) == rows && static_cast<Index>(weights.size()) == rows);
+  if (static_cast<Index>(targets.size()) != rows || static_cast<Index>(weights.size()) != rows)
+    fail<ShapeError>("cross-entropy of ", rows, " rows of logits got ", targets.size(), " targets and ", weights.size(),
+                     " weights; expected one of each per row");
+  for (std::size_t r = 0; r < targets.size(); ++r) {
+    if (!(weights[r] >= 0) || !std::isfinite(weights[r]))
+      fail<InputError>("cross-entropy weight ", weights[r], " at row ", r, "; expected a finite number >= 0");
+    if (weights[r] != 0 && (targets[r] < 0 || targets[r] >= V))
+      fail<InputError>("cross-entropy target ", targets[r], " at row ", r, " is out of range; expected 0 to ", V - 1);
+  }
   std::vector<double> row_loss(static_cast<std::size_t>(rows), 0.0), row_correct(static_cast<std::size_t>(rows), 0.0);
   constexpr Index kRowsPerUnit = 64;
   const Index units = (rows + kRowsPerUnit - 1) / kRowsPerUnit;

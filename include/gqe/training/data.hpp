@@ -93,11 +93,15 @@ inline void mqar_batch(const MqarConfig& c, Index B, std::uint64_t seed, std::ui
 // held-out windows tile the tail in order.
 class TextData {
  public:
+  static void check_heldout_fraction(double heldout_fraction) {
+    if (!(heldout_fraction > 0 && heldout_fraction < 1))
+      fail<ConfigError>("held-out fraction is ", heldout_fraction, "; expected a number in (0, 1)");
+  }
+
   TextData() = default;
   TextData(const std::filesystem::path& path, Index seq_len, double heldout_fraction = 0.1) : seq_len_(seq_len) {
     if (seq_len < 1) fail<ConfigError>("sequence length is ", seq_len, "; expected at least 1");
-    if (!(heldout_fraction > 0 && heldout_fraction < 1))
-      fail<ConfigError>("held-out fraction is ", heldout_fraction, "; expected a number in (0, 1)");
+    check_heldout_fraction(heldout_fraction);
     bytes_ = read_whole_file(path, "a text file");
     const auto size = static_cast<Index>(bytes_.size());
     split_ = size - static_cast<Index>(static_cast<double>(size) * heldout_fraction);
@@ -113,7 +117,10 @@ class TextData {
   Index train_bytes() const { return split_; }
   Index heldout_bytes() const { return size() - split_; }
   // Held-out windows of seq_len + 1 bytes that fit in the tail (non-overlapping).
-  Index heldout_windows() const { return (heldout_bytes() - 1) / seq_len_; }
+  Index heldout_windows() const {
+    require_text();
+    return (heldout_bytes() - 1) / seq_len_;
+  }
 
   // Training batch `index` of stream `seed`: B windows at random offsets of the training head.
   void train_batch(Index B, std::uint64_t seed, std::uint64_t index, Batch& out) const {

@@ -78,6 +78,8 @@ class LossAndGrad {
     aux_coef_ = aux_coef;
     const Index B = batch.batch, T = batch.seq_len, V = model.config().vocab_size;
     lanes_ = lane_count(model.config(), B);
+    if (model.config() != cache_config_) caches_.clear();  // made for another model
+    cache_config_ = model.config();
     caches_.resize(static_cast<std::size_t>(B));
     for (auto& c : caches_) {
       if (c.empty()) c.push_back(model.new_cache());
@@ -218,6 +220,7 @@ class LossAndGrad {
 
   Index lanes_ = 1;
   std::vector<std::vector<KVCache<Scalar>>> caches_;  // [B], one cache each
+  ModelConfig cache_config_;                          // of the model the caches were made for
   std::vector<ModelTape<Scalar>> tapes_;              // [B]
   std::vector<Transformer<Scalar>> lane_models_;      // [lanes - 1]
   Matrix<Scalar> logits_;  // [B*T, V]

@@ -63,6 +63,7 @@ struct OptimizerConfig {
 // down to lr * min_lr_ratio at the last step, or (wsd) constant until the last decay_fraction of
 // the steps and linear down to lr * min_lr_ratio.
 inline double learning_rate(const OptimizerConfig& c, Index step) {
+  if (step < 0) fail<InputError>("learning rate asked for step ", step, "; expected a step >= 0");
   const double lr_min = c.lr * c.min_lr_ratio;
   if (step < c.warmup_steps) return c.lr * static_cast<double>(step + 1) / static_cast<double>(c.warmup_steps);
   const double last = static_cast<double>(std::max<Index>(c.total_steps - 1, 1));
@@ -107,6 +108,7 @@ double global_norm(const Transformer<Scalar>& model) {
 // Scales the gradients so that their global norm is at most max_norm; returns the norm before.
 template <class Scalar>
 double clip_global_norm(Transformer<Scalar>& model, double max_norm) {
+  if (!(max_norm >= 0)) fail<InputError>("clip norm is ", max_norm, "; expected a number >= 0 (0 = no clipping)");
   const double norm = global_norm(model);
   if (!std::isfinite(norm)) fail<InputError>("the gradient's norm is ", norm, "; the loss diverged (lower --lr?)");
   if (max_norm > 0 && norm > max_norm) {

@@ -84,6 +84,7 @@ struct RunConfig {
         fail<ConfigError>("MQAR vocabulary ", mqar.vocab_size, " differs from the model's vocab_size ", model.vocab_size);
     } else {
       if (text_path.empty()) fail<ConfigError>("task text needs a text file (--text FILE)");
+      TextData::check_heldout_fraction(heldout_fraction);
       if (model.vocab_size < 256)
         fail<ConfigError>("task text is byte-level; vocab_size is ", model.vocab_size, ", expected at least 256");
     }
