@@ -787,6 +787,8 @@ TEST(TrainingData, MqarQueriesEveryKeyOnceAndCountsOnlyThem) {
   }
   c.seq_len = 23;  // < 3 * 8
   EXPECT_THROW(gqe::training::mqar_batch(c, 1, 0, 0, a), gqe::ConfigError);
+  c.seq_len = Index(1) << 40;  // past any model's positions: refused before a byte is allocated
+  EXPECT_THROW(gqe::training::mqar_batch(c, 1, 0, 0, a), gqe::ConfigError);
   c.seq_len = 50;
   c.num_pairs = 21;  // > 20 keys
   EXPECT_THROW(c.validate(), gqe::ConfigError);

@@ -13,6 +13,7 @@
 
 #include "gqe/error.hpp"
 #include "gqe/io/read_file.hpp"
+#include "gqe/layers/attention_config.hpp"
 #include "gqe/training/loss.hpp"
 #include "gqe/training/rng.hpp"
 
@@ -36,9 +37,9 @@ struct MqarConfig {
     if (num_pairs < 1 || num_pairs > num_keys())
       fail<ConfigError>("MQAR key-value pairs are ", num_pairs, "; expected 1 to ", num_keys(),
                         " (the distinct keys of a vocabulary of ", vocab_size, ")");
-    if (seq_len < 3 * num_pairs)
-      fail<ConfigError>("MQAR sequence length is ", seq_len, "; expected at least 3 x ", num_pairs,
-                        " pairs = ", 3 * num_pairs, " (the context, then a query per key)");
+    if (seq_len < 3 * num_pairs || seq_len > Limits::max_positions)
+      fail<ConfigError>("MQAR sequence length is ", seq_len, "; expected at least 3 x ", num_pairs, " pairs = ", 3 * num_pairs,
+                        " (the context, then a query per key) and at most ", Limits::max_positions);
   }
 };
 
