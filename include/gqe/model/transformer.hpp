@@ -135,10 +135,10 @@ class Transformer {
     check_inputs(tokens, caches);
     const Index B = tokens.dim(0), T = tokens.dim(1), V = config_.vocab_size;
     check_shape("logits", logits.shape(), last_only ? Shape{B, V} : Shape{B, T, V});
-    if (tape) {
+    if (tape) {  // (its caches must be empty: the attention layers refuse others)
       tape->rows = 0;  // until this forward has filled it
       if (last_only) fail<InputError>("a forward that fills a tape needs every row's logits; expected last_only = false");
-    }  // the attention layers refuse caches that are not empty
+    }
     std::vector<Index>& lengths = workspace().lengths;
     lengths.clear();
     for (const auto& c : caches) lengths.push_back(c.length());
