@@ -458,6 +458,12 @@ TEST(TrainingModel, MisuseOfTheInferenceObjectsIsRefused) {
   const std::int32_t next = 4;
   refused("layers of two lengths", [&] { model.decode({&next, gqe::Shape{1}}, caches); },
           "holds 0 positions in layer 1 but 3 in layer 0");
+  // A cache of a model whose caches have the same shape but whose keys carry another RoPE.
+  gqe::ModelConfig other_rope = c;
+  other_rope.rope_theta = 5e5;
+  std::vector<gqe::KVCache<float>> other_caches{gqe::KVCache<float>(other_rope)};
+  refused("a cache of another config", [&] { model.prefill({ids.data(), gqe::Shape{1, 3}}, other_caches); },
+          "KV cache 0 was made for a model of another configuration");
   gqe::ModelConfig broken = c;
   broken.num_layers = -1;
   refused("a cache of a bad config", [&] { gqe::KVCache<float>{broken}; }, "num_hidden_layers is -1");

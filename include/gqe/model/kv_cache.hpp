@@ -13,7 +13,10 @@ class KVCache {
  public:
   KVCache() = default;
   explicit KVCache(const ModelConfig& config)
-      : layers_(layer_count(config), AttentionCache<Scalar>(config.attention())) {}
+      : config_(config), layers_(layer_count(config), AttentionCache<Scalar>(config.attention())) {}
+
+  // The configuration of the model the cache was made for (its K carry that model's RoPE).
+  const ModelConfig& config() const { return config_; }
 
   // Positions cached so far (the next token's position). Every layer holds as many: a forward that
   // fails part-way leaves them all where they were.
@@ -49,6 +52,7 @@ class KVCache {
     return static_cast<std::size_t>(i);
   }
 
+  ModelConfig config_;
   std::vector<AttentionCache<Scalar>> layers_;
 };
 

@@ -321,9 +321,9 @@ class Transformer {
     }
     for (std::size_t b = 0; b < caches.size(); ++b) {
       const KVCache<Scalar>& c = caches[b];
-      if (c.num_layers() != config_.num_layers || c.layer(0).kv_heads() != config_.num_kv_heads ||
-          c.layer(0).head_dim() != config_.head_dim || c.layer(0).has_mean() != config_.attention().has_shared_head())
-        fail<InputError>("KV cache ", b, " was not made for this model; expected one from new_cache()");
+      if (c.config() != config_)
+        fail<InputError>("KV cache ", b, " was made for a model of another configuration",
+                         c.num_layers() == 0 ? " (or none)" : "", "; expected one from this model's new_cache()");
       for (Index l = 1; l < c.num_layers(); ++l)
         if (c.layer(l).length() != c.length())
           fail<InputError>("KV cache ", b, " holds ", c.layer(l).length(), " positions in layer ", l, " but ", c.length(),
