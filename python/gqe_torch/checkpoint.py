@@ -141,8 +141,11 @@ def save_pretrained(model, folder, dtype="F32", shard_bytes=None):
     A new folder is written beside its final name and renamed into place, so it appears whole
     or not at all. In an existing folder each file is replaced atomically (temporary file, then
     rename); other files are left alone, except the previous layout's weight files (a stale
-    index, its shards, or a stray model.safetensors), which are removed.
+    index, its shards, or a stray model.safetensors), which are removed once the new ones are
+    written: a save that fails leaves the previous checkpoint loadable.
     """
+    if not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder):
+        raise BadInput(f"checkpoint folder {folder!r}; expected a non-empty path")
     if dtype not in FLOAT_DTYPES:
         raise BadInput(f"checkpoint dtype {dtype!r}; expected F32, BF16, F16 or F64")
     model = _unwrap(model)
@@ -177,10 +180,10 @@ def save_pretrained(model, folder, dtype="F32", shard_bytes=None):
             old_shards = set(_read_index(folder).values())
         except BadInput:
             pass  # a broken index is replaced or removed below all the same
+    new_shards = _write_files(folder, config, ordered, dtype, shard_bytes)
     if shard_bytes is None:
         _remove(os.path.join(folder, INDEX))  # the index would win over the new single file
-    new_shards = _write_files(folder, config, ordered, dtype, shard_bytes)
-    if shard_bytes is not None:
+    else:
         _remove(os.path.join(folder, SINGLE))
     for shard in old_shards - set(new_shards):
         _remove(os.path.join(folder, shard))

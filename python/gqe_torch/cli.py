@@ -50,6 +50,8 @@ def require_creatable(path, what):
     """Refuses, up front, a path that cannot be made: the nearest existing folder on its way must be
     a folder this process can write in (a file there, or no permission, is found here, not after the
     work)."""
+    if not path:
+        raise BadInput(f"{what} is empty; expected a path")
     ancestor = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(ancestor):
         ancestor = os.path.dirname(ancestor)

@@ -123,7 +123,11 @@ def gqe_to_torch(src, dst, dtype):
     torch.save(state, buffer)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     write_atomically(dst, buffer.getvalue())
-    write_atomically(config_dst, config_text.encode("utf-8"))
+    try:
+        write_atomically(config_dst, config_text.encode("utf-8"))
+    except BaseException:  # nothing written: the state_dict goes too
+        os.remove(dst)
+        raise
     print(f"wrote {dst} ({len(state)} tensors, {dtype}) and {config_dst}")
 
 
@@ -136,6 +140,8 @@ def main(argv):
     p.add_argument("--config", help="config.json of a state_dict (default: the one beside SRC)")
     p.add_argument("--dtype", choices=("F32", "BF16"), default="F32", help="dtype written (default F32)")
     args = p.parse_args(argv)
+    if not args.dst:
+        raise BadInput("DST is empty; expected the path of the folder or file to write")
     if not os.path.exists(args.src):
         raise BadInput(f"{args.src} does not exist")
     is_gqe = os.path.isdir(args.src) and any(os.path.exists(os.path.join(args.src, n)) for n in (SINGLE, INDEX))

@@ -269,6 +269,8 @@ class GQEForCausalLM(nn.Module):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.int64 or input_ids.dim() != 2:
             raise BadInput("input_ids must be an int64 tensor [B, T]")
         B, T = input_ids.shape
+        if B == 0:
+            raise BadInput("a batch of 0 sequences; expected at least 1")
         if T == 0 or T > c.max_position_embeddings:
             raise BadInput(f"sequence length {T}; expected 1 to max_position_embeddings = {c.max_position_embeddings}")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size):

@@ -192,12 +192,14 @@ def write_atomically(path, data):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # an interrupt too: no temporary file is left behind
         try:
             os.remove(tmp)
         except OSError:
             pass
-        raise BadInput(f"cannot write {path}: {e.strerror}") from None
+        if isinstance(e, OSError):
+            raise BadInput(f"cannot write {path}: {e.strerror}") from None
+        raise
 
 
 def write_safetensors(path, tensors, dtypes=None, metadata=None):

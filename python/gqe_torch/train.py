@@ -120,7 +120,15 @@ class TextData:
         need = seq_len + 1
         if self.split < need or size - self.split < need:
             raise BadInput(f"--text {path} has {size} bytes; with --seq-len {seq_len} and a held-out tail of 10% "
-                           f"it needs at least {math.ceil(need / HELDOUT_FRACTION) + need} bytes")
+                           f"it needs at least {self.least_size(need)} bytes")
+
+    @staticmethod
+    def least_size(need):
+        """The smallest file whose head and held-out tail both hold `need` bytes."""
+        size = max(math.ceil(need / HELDOUT_FRACTION), math.ceil(need / (1 - HELDOUT_FRACTION)))
+        while int(size * HELDOUT_FRACTION) < need or size - int(size * HELDOUT_FRACTION) < need:
+            size += 1  # past the rounding of the products above
+        return size
 
     def windows(self, offsets):
         """Token and target ids [B, T] of the windows starting at offsets [B]."""

@@ -343,6 +343,22 @@ class Checkpoints(unittest.TestCase):
                 gt.save_pretrained(random_model(config(), 5), folder)
         self.assertEqual(sorted(os.listdir(folder)), ["config.json", "model.safetensors"])  # no temp files
         self.assertEqual(read_bytes(os.path.join(folder, "model.safetensors")), before)
+        # A save that fails while switching layouts leaves the previous one loadable: here the new
+        # single file cannot be written (a folder stands at its name), and the index stays.
+        sharded, _ = self.shard_folder("switch_fails")
+        was = logits_of(gt.load_pretrained(sharded), self.ids)
+        os.mkdir(os.path.join(sharded, "model.safetensors"))
+        with self.assertRaises(gt.BadInput):
+            gt.save_pretrained(random_model(config(), 6), sharded)
+        self.assertTrue(torch.equal(logits_of(gt.load_pretrained(sharded), self.ids), was))
+        # An exception that is not the file system's (an interrupt, say) leaves no temporary file.
+        with self.assertRaises(TypeError):
+            st.write_atomically(os.path.join(folder, "config.json"), "text, not bytes")
+        self.assertEqual(sorted(os.listdir(folder)), ["config.json", "model.safetensors"])
+        # No folder named: refused, nothing written where the process runs.
+        for bad in ("", None):
+            with self.subTest(folder=bad), self.assertRaises(gt.BadInput):
+                gt.save_pretrained(model, bad)
 
 
 if __name__ == "__main__":

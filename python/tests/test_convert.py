@@ -186,6 +186,14 @@ class Programs(unittest.TestCase):
                     self.assertIn(words, r.stderr)
             self.assertEqual(os.listdir(os.path.join(tmp, "dst")), ["config.json"])
 
+    def test_an_empty_destination_is_refused(self):
+        fixture = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                               "tests", "data", "gqe_k1_m2")
+        r = call_module("convert", [fixture, ""])
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+        self.assertIn("DST is empty", r.stderr)
+
     def test_out_of_memory_is_one_line(self):
         from gqe_torch import cli
 

@@ -144,7 +144,8 @@ class Parameters(unittest.TestCase):
     def test_input_checks(self):
         model = gt.GQEForCausalLM(config(max_position_embeddings=8))
         for bad in (torch.zeros(1, 9, dtype=torch.int64), torch.zeros(4, dtype=torch.int64),
-                    torch.zeros(1, 3, dtype=torch.int32), torch.full((1, 3), 53), torch.full((1, 3), -1)):
+                    torch.zeros(1, 3, dtype=torch.int32), torch.full((1, 3), 53), torch.full((1, 3), -1),
+                    torch.zeros(0, 3, dtype=torch.int64)):
             with self.assertRaises(gt.BadInput):
                 model(bad)
 

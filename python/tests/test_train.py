@@ -166,6 +166,20 @@ class Train(unittest.TestCase):
                 self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
                 self.assertIn(words, r.stderr)
                 self.assertFalse(os.path.exists(out))
+        # The size asked for is the least that trains: with --seq-len 1, 20 bytes (2 in the tail).
+        for size, fits in ((19, False), (20, True)):
+            text = self.path(f"bytes{size}.txt")
+            with open(text, "wb") as f:
+                f.write(bytes(range(size)))
+            if fits:
+                self.assertEqual(trainer.TextData(text, 1).split, 18)
+            else:
+                with self.assertRaisesRegex(trainer.BadInput, "needs at least 20 bytes"):
+                    trainer.TextData(text, 1)
+        # An empty --out is refused, not taken for the current folder.
+        r = call_module("train", ["--text", self.text, "--out", ""])
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn("--out is empty; expected a path", r.stderr)
         # An --out that cannot be made is refused before training, not at the first save.
         a_file = self.path("a-file")
         with open(a_file, "w") as f:
