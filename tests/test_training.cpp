@@ -818,6 +818,17 @@ TEST(TrainingData, TextWindowsAndHeldOutTail) {
   EXPECT_EQ(b.tokens[0], static_cast<unsigned char>(text[900]));
   EXPECT_THROW(gqe::training::TextData(path, 200, 0.1), gqe::InputError);
   EXPECT_THROW(gqe::training::TextData(path.string() + ".missing", 16), gqe::IoError);
+  // The size a refusal asks for is the least that fits: with sequence length 1 (windows of 2
+  // bytes) and a tail of 10%, 20 bytes (2 held out), and 19 are too few.
+  std::ofstream(path, std::ios::binary) << text.substr(0, 20);
+  EXPECT_EQ(gqe::training::TextData(path, 1, 0.1).heldout_bytes(), 2);
+  std::ofstream(path, std::ios::binary) << text.substr(0, 19);
+  try {
+    gqe::training::TextData(path, 1, 0.1);
+    ADD_FAILURE() << "19 bytes were accepted";
+  } catch (const gqe::InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("needs at least 20 bytes"), std::string::npos) << e.what();
+  }
   std::filesystem::remove(path);
 }
 

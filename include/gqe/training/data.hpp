@@ -105,12 +105,12 @@ class TextData {
     check_heldout_fraction(heldout_fraction);
     bytes_ = read_whole_file(path, "a text file");
     const auto size = static_cast<Index>(bytes_.size());
-    split_ = size - static_cast<Index>(static_cast<double>(size) * heldout_fraction);
+    split_ = size - tail_bytes(size, heldout_fraction);
     const Index need = seq_len + 1;
     if (split_ < need || size - split_ < need)
       fail<InputError>("text file ", path.string(), " has ", size, " bytes; with sequence length ", seq_len,
                        " and a held-out tail of ", heldout_fraction * 100, "% it needs at least ",
-                       static_cast<Index>(std::ceil(static_cast<double>(need) / heldout_fraction)) + need, " bytes");
+                       least_size(need, heldout_fraction), " bytes");
     source_ = path.string();
   }
 
@@ -142,6 +142,18 @@ class TextData {
   }
 
  private:
+  static Index tail_bytes(Index size, double heldout_fraction) {
+    return static_cast<Index>(static_cast<double>(size) * heldout_fraction);
+  }
+  // The smallest file whose head and held-out tail both hold `need` bytes.
+  static Index least_size(Index need, double heldout_fraction) {
+    const double n = static_cast<double>(need);
+    auto size = static_cast<Index>(std::ceil(std::max(n / heldout_fraction, n / (1 - heldout_fraction))));
+    while (tail_bytes(size, heldout_fraction) < need || size - tail_bytes(size, heldout_fraction) < need)
+      ++size;  // past the rounding of the products above
+    return size;
+  }
+
   // A default-constructed TextData holds no text to draw windows from.
   void require_text() const {
     if (seq_len_ < 1) fail<InputError>("this TextData holds no text; expected one built from a text and a sequence length");
