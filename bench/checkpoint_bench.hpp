@@ -78,17 +78,20 @@ inline double decode_bytes(const Transformer<float>& model, Index L) {
 }  // namespace detail
 
 inline int run_checkpoint_benchmark(const CheckpointOptions& o) {
-  std::printf("gqe %s, %s, SIMD %s, GEMM backend %s, %d threads\n", GQE_VERSION_STRING, compiler_name().c_str(),
-              simd_level().c_str(), gemm_backend_description().c_str(), num_threads());
+  // Nothing is printed before the checkpoint has loaded: a refused one leaves stdout empty.
+  gqe::detail::require_folder(o.dir);
   const auto [touch_s, file_bytes] = detail::touch_files(detail::weight_files(o.dir));
-  std::printf("weight files %.3f GB, every page touched through a mapping in %.3f s\n", file_bytes * 1e-9, touch_s);
-
   auto start = std::chrono::steady_clock::now();
   const Transformer<float> model = load_checkpoint<float>(o.dir, o.load);
   const double load_s = detail::seconds_since(start);
   const ModelConfig& c = model.config();
-  const Index T = std::min(o.prompt_tokens, c.max_position_embeddings - o.decode_tokens);
-  if (T < 1) fail<InputError>("the model's max_position_embeddings (", c.max_position_embeddings, ") leaves no room for a prompt");
+  if (o.decode_tokens >= c.max_position_embeddings)
+    fail<InputError>("--decode-tokens is ", o.decode_tokens, "; expected at most max_position_embeddings - 1 = ",
+                     c.max_position_embeddings - 1, " (the prompt needs a position)");
+  const Index T = std::min(o.prompt_tokens, c.max_position_embeddings - o.decode_tokens);  // shown below
+  std::printf("gqe %s, %s, SIMD %s, GEMM backend %s, %d threads\n", GQE_VERSION_STRING, compiler_name().c_str(),
+              simd_level().c_str(), gemm_backend_description().c_str(), num_threads());
+  std::printf("weight files %.3f GB, every page touched through a mapping in %.3f s\n", file_bytes * 1e-9, touch_s);
   std::printf("load %.3f s (%s, panels %s, %.1f MB owned by the model)\n", load_s, o.load.map ? "mapped" : "read",
               panel_layout_name(o.load.panels), static_cast<double>(model.owned_bytes()) * 1e-6);
 

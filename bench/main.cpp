@@ -9,6 +9,8 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <new>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -35,7 +37,8 @@ measured (--no-probe skips that), and every rate is also given as a share of the
 of_bandwidth). Counters print as "GFLOP=81.7/s": 81.7 GFLOP per second.
 
 --model DIR       time a checkpoint folder as gqe-run uses it: load, first and warm prefill of T
-                  tokens (default 128), N decode steps (default 64), the same steps again in
+                  tokens (default 128, at most the positions the N decode steps leave), N decode
+                  steps (default 64, fewer than the model's positions), the same steps again in
                   blocks in turn with passes of the read probe (medians compared), peak resident
                   memory. --no-mmap reads the files instead of mapping them;
                   --dtype f32 widens BF16/F16 weights at load instead of keeping them 16-bit;
@@ -143,9 +146,29 @@ int main(int argc, char** argv) {
     out = static_cast<std::remove_reference_t<decltype(out)>>(value);
     return true;
   };
+  // gqe-bench's own flags: each at most once, and those of one mode only with that mode.
+  const std::set<std::string> model_flags = {"--prompt-tokens", "--decode-tokens", "--no-mmap", "--dtype", "--panels"};
+  const std::set<std::string> layer_flags = {"--hidden", "--heads", "--kv-heads", "--head-dim", "--top-k",
+                                             "--tokens",  "--rounds", "--peak",    "--variant"};
+  const std::set<std::string> valued = {"--model", "--dtype", "--panels", "--variant"};  // besides the integers'
+  std::set<std::string> seen;
+  std::vector<std::string> seen_model_flags, seen_layer_flags;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     bool ok = true;
+    if (model_flags.count(a) || layer_flags.count(a) || valued.count(a) || a == "--threads" || a == "--no-probe" ||
+        a == "--layer-speedup") {
+      if (!seen.insert(a).second) {
+        std::fprintf(stderr, "gqe-bench: error: %s is given twice; expected it once\n", a.c_str());
+        return 2;
+      }
+      if (valued.count(a) && i + 1 >= argc) {
+        std::fprintf(stderr, "gqe-bench: error: %s needs a value\n", a.c_str());
+        return 2;
+      }
+      if (model_flags.count(a)) seen_model_flags.push_back(a);
+      if (layer_flags.count(a)) seen_layer_flags.push_back(a);
+    }
     if (a == "--version") {
       std::printf("gqe-bench %s (gqe %s, SIMD %s, GEMM backend %s)\n", GQE_VERSION_STRING, GQE_VERSION_STRING,
                   gqe::simd_level().c_str(), gqe::gemm_backend_description().c_str());
@@ -155,18 +178,18 @@ int main(int argc, char** argv) {
       args.push_back(argv[i]);
     } else if (a == "--threads") ok = integer_flag(i, "--threads", 1, 1024, threads);
     else if (a == "--no-probe") probe = false;
-    else if (a == "--model" && i + 1 < argc) checkpoint = true, model.dir = argv[++i];
+    else if (a == "--model") checkpoint = true, model.dir = argv[++i];
     else if (a == "--prompt-tokens") ok = integer_flag(i, "--prompt-tokens", 1, 1 << 24, model.prompt_tokens);
     else if (a == "--decode-tokens") ok = integer_flag(i, "--decode-tokens", 1, 1 << 24, model.decode_tokens);
     else if (a == "--no-mmap") model.load.map = false;
-    else if (a == "--dtype" && i + 1 < argc) {
+    else if (a == "--dtype") {
       const std::string d = argv[++i];
       if (d != "stored" && d != "f32") {
         std::fprintf(stderr, "gqe-bench: error: --dtype is \"%s\"; expected stored or f32\n", d.c_str());
         return 2;
       }
       model.load.keep_16bit = d == "stored";
-    } else if (a == "--panels" && i + 1 < argc) {
+    } else if (a == "--panels") {
       const std::string p = argv[++i];
       const auto layout = gqe::panel_layout_from_name(p);
       if (!layout) {
@@ -185,7 +208,7 @@ int main(int argc, char** argv) {
     else if (a == "--tokens") ok = integer_flag(i, "--tokens", 1, 1 << 20, shape.tokens);
     else if (a == "--rounds") ok = integer_flag(i, "--rounds", 1, 1000, shape.rounds);
     else if (a == "--peak") shape.peak = true;
-    else if (a == "--variant" && i + 1 < argc) {
+    else if (a == "--variant") {
       try {
         shape.variant = gqe::gqe_variant_from_string(argv[++i]);
       } catch (const gqe::Error& e) {
@@ -195,6 +218,20 @@ int main(int argc, char** argv) {
     } else args.push_back(argv[i]);
     if (!ok) return 2;
   }
+  const auto refuse_out_of_mode = [](const std::vector<std::string>& flags, const char* mode, const char* here) {
+    if (flags.empty()) return false;
+    std::fprintf(stderr, "gqe-bench: error: %s is a flag of %s; expected it with that mode, not %s\n", flags[0].c_str(),
+                 mode, here);
+    return true;
+  };
+  if (checkpoint && layer) {
+    std::fprintf(stderr, "gqe-bench: error: --model and --layer-speedup are two modes; expected one of them\n");
+    return 2;
+  }
+  const char* mode = checkpoint ? "--model" : layer ? "--layer-speedup" : "the suite";
+  if ((!checkpoint && refuse_out_of_mode(seen_model_flags, "--model", mode)) ||
+      (!layer && refuse_out_of_mode(seen_layer_flags, "--layer-speedup", mode)))
+    return 2;
   if (help) std::fputs(kUsage, stdout);
   if (checkpoint || layer) {
     if (help) return 0;
@@ -212,6 +249,10 @@ int main(int argc, char** argv) {
     if (layer) return gqe::bench::run_layer_speedup(shape);
   } catch (const gqe::Error& e) {
     std::fprintf(stderr, "gqe-bench: error: %s\n", e.what());
+    return 2;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "gqe-bench: error: out of memory; expected a %s that fit in memory\n",
+                 checkpoint ? "model and prompt" : "layer shape and token count");
     return 2;
   }
   int count = static_cast<int>(args.size());

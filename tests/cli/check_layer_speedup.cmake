@@ -104,6 +104,12 @@ expect_bench_usage_error("${GQE_BENCH}" "--layer-speedup;--tokens;0;--peak")
 expect_bench_usage_error("${GQE_BENCH}" "--layer-speedup;--tokens;64;--no-such-flag")
 expect_bench_usage_error("${GQE_BENCH}" "--layer-speedup;--tokens=")
 expect_bench_usage_error("${GQE_BENCH}" "--layer-speedup;--rounds=-1")
+expect_bench_usage_error("${GQE_BENCH}" "--layer-speedup;--variant" "--variant needs a value")
+expect_bench_usage_error("${GQE_BENCH}" "--layer-speedup;--decode-tokens;4" "--decode-tokens is a flag of --model")
+expect_bench_usage_error("${GQE_BENCH}" "--layer-speedup;--tokens;4;--tokens=5" "--tokens is given twice")
+# A shape within the flags' ranges whose buffers the machine cannot give: refused, not aborted.
+expect_bench_usage_error("${GQE_BENCH}" "--layer-speedup;--hidden;65536;--heads;1024;--kv-heads;1024;--head-dim;2048;--tokens;16;--rounds;1"
+                         "out of memory")
 
 # A value after '=' is the same flag: the JSON reports the shape and threads given that way.
 execute_process(COMMAND "${GQE_BENCH}" --layer-speedup --hidden=64 --heads=8 --kv-heads=4 --head-dim=16 --top-k=1 --tokens=96
