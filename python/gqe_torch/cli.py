@@ -14,6 +14,22 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise BadInput(f"{message} (see --help)")
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an option of one value given twice is refused, as gqe's programs do
+        (argparse keeps the last)."""
+        args = sys.argv[1:] if args is None else list(args)
+        given = {}
+        for a in args:
+            if a == "--":
+                break
+            action = self._option_string_actions.get(a.split("=", 1)[0] if a.startswith("--") else a)
+            if isinstance(action, argparse._StoreAction) and action.nargs is None:
+                given[action] = given.get(action, 0) + 1
+        for action, times in given.items():
+            if times > 1:
+                self.error(f"{action.option_strings[-1]}: given {times} times; expected once")
+        return super().parse_args(args, namespace)
+
 
 def _decimal(text):
     """A plain decimal integer, as gqe's programs read them: no spaces, underscores or other digits."""

@@ -105,6 +105,16 @@ def model_config(args):
         raise BadInput(f"the flags give no valid model: {e}") from None
 
 
+def launcher_number(name, default):
+    """A whole number from the environment that torchrun sets (the default when it is not set)."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    if not text.isascii() or not text.isdigit():
+        raise BadInput(f"{name} is {text!r}; expected a whole number, as torchrun sets it")
+    return int(text)
+
+
 class TextData:
     """The file's bytes; training windows at random offsets of the head, held-out ones tiling the tail."""
 
@@ -215,9 +225,12 @@ def main(argv):
     data = TextData(args.text, args.seq_len)
     config = None if args.init is not None else model_config(args)
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world, rank, local_rank = (launcher_number(name, default) for name, default in
+                               (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    if world < 1 or rank >= world:
+        raise BadInput(f"WORLD_SIZE is {world} and RANK {rank}; expected RANK below WORLD_SIZE >= 1 (as torchrun sets them)")
+    if world > 1 and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        raise BadInput(f"WORLD_SIZE is {world} but MASTER_ADDR or MASTER_PORT is not set; expected a run under torchrun")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise BadInput("--device cuda, but CUDA is not available")

@@ -224,6 +224,14 @@ class Programs(unittest.TestCase):
                 self.assertEqual(r.returncode, 2, r.stderr)
                 self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
                 self.assertTrue(r.stderr.startswith(f"gqe_torch.{module}: error: "), r.stderr)
+        # An option of one value given twice is refused, as gqe-train and gqe-run refuse it.
+        for module, args, words in (("train", ["--text", "t", "--out", "o", "--steps", "1", "--steps=2"], "--steps: given 2 times"),
+                                    ("convert", ["a", "b", "--dtype", "F32", "--dtype", "BF16"], "--dtype: given 2 times")):
+            with self.subTest(program=module, args=args):
+                r = call_module(module, args)
+                self.assertEqual(r.returncode, 2, r.stderr)
+                self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+                self.assertIn(words, r.stderr)
         # gqe-train's integers: plain decimal, in its ranges (refused before --text is read)
         for flag, value, words in (("--steps", "1_0", "not a decimal integer"), ("--seq-len", " 16 ", "not a decimal integer"),
                                    ("--batch", "\u0662", "not a decimal integer"),

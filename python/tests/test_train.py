@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+from unittest import mock
 
 import numpy as np
 import torch
@@ -176,6 +177,15 @@ class Train(unittest.TestCase):
             else:
                 with self.assertRaisesRegex(trainer.BadInput, "needs at least 20 bytes"):
                     trainer.TextData(text, 1)
+        # torchrun's variables set by hand: refused in one line, not a traceback.
+        for env, words in (({"WORLD_SIZE": "two"}, "WORLD_SIZE is 'two'"), ({"WORLD_SIZE": "2", "RANK": "5"}, "RANK below"),
+                           ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": ""}, "expected a run under torchrun")):
+            with self.subTest(env=env), mock.patch.dict(os.environ, env):
+                r = call_module("train", ["--text", self.text, "--out", self.path("by-hand")])
+                self.assertEqual(r.returncode, 2, r.stderr)
+                self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+                self.assertIn(words, r.stderr)
+                self.assertFalse(os.path.exists(self.path("by-hand")))
         # An empty --out is refused, not taken for the current folder.
         r = call_module("train", ["--text", self.text, "--out", ""])
         self.assertEqual(r.returncode, 2, r.stderr)
