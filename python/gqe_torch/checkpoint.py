@@ -112,7 +112,18 @@ def read_checkpoint_tensors(folder):
 
 def load_pretrained(folder, dtype=torch.float32, device="cpu"):
     """A GQEForCausalLM from a gqe checkpoint folder (F32, F16, BF16 or F64 tensors, single file
-    or sharded), its parameters converted to `dtype`. Raises BadInput on anything malformed."""
+    or sharded), its parameters converted to `dtype` (a torch floating-point dtype) on `device`.
+    Raises BadInput on anything malformed."""
+    if not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder):
+        raise BadInput(f"checkpoint folder {folder!r}; expected a non-empty path")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise BadInput(f"dtype {dtype!r}; expected a torch floating-point dtype such as torch.float32 or torch.bfloat16")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BadInput(f"device {device!r} is not a torch device; expected \"cpu\" or \"cuda\"") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"device {device}, but CUDA is not available")
     if not os.path.isdir(folder):
         raise BadInput(f"{folder} is not a folder; expected a checkpoint folder with config.json and model.safetensors")
     config = load_config(os.path.join(folder, CONFIG))
@@ -149,6 +160,8 @@ def save_pretrained(model, folder, dtype="F32", shard_bytes=None):
     if dtype not in FLOAT_DTYPES:
         raise BadInput(f"checkpoint dtype {dtype!r}; expected F32, BF16, F16 or F64")
     model = _unwrap(model)
+    if not isinstance(model, GQEForCausalLM):
+        raise BadInput(f"model is a {type(model).__name__}; expected a GQEForCausalLM")
     config = model.config
     state = {name: t.detach() for name, t in model.state_dict().items()}
     check_weights(config, state, "the model")  # the model's own names: a wrong set is a bug here

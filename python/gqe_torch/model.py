@@ -228,6 +228,8 @@ class GQEForCausalLM(nn.Module):
         super().__init__()
         if isinstance(config, dict):
             config = GQEConfig(**config)
+        if not isinstance(config, GQEConfig):
+            raise BadInput(f"config is a {type(config).__name__}; expected a GQEConfig or a dict of config.json's keys")
         self.config = config
         self.model = GQEModel(config)
         if not config.tie_word_embeddings:

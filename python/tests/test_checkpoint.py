@@ -359,6 +359,22 @@ class Checkpoints(unittest.TestCase):
         for bad in ("", None):
             with self.subTest(folder=bad), self.assertRaises(gt.BadInput):
                 gt.save_pretrained(model, bad)
+            with self.subTest(folder=bad), self.assertRaises(gt.BadInput):
+                gt.load_pretrained(bad)
+        with self.assertRaisesRegex(gt.BadInput, "expected a GQEForCausalLM"):
+            gt.save_pretrained(torch.nn.Linear(2, 2), self.path("linear"))
+
+    def test_load_options_are_checked(self):
+        fixture = os.path.join(FIXTURES, "gqe_k2_m3")
+        for options, words in ((dict(dtype="bf16"), "expected a torch floating-point dtype"),
+                               (dict(dtype=torch.int64), "expected a torch floating-point dtype"),
+                               (dict(device="gpu"), "is not a torch device")):
+            with self.subTest(options=options), self.assertRaisesRegex(gt.BadInput, words):
+                gt.load_pretrained(fixture, **options)
+        if not torch.cuda.is_available():
+            with self.assertRaisesRegex(gt.BadInput, "CUDA is not available"):
+                gt.load_pretrained(fixture, device="cuda")
+        self.assertEqual(gt.load_pretrained(fixture, dtype=torch.float64).lm_head.weight.dtype, torch.float64)
 
 
 if __name__ == "__main__":

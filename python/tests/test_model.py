@@ -148,6 +148,9 @@ class Parameters(unittest.TestCase):
                     torch.zeros(0, 3, dtype=torch.int64)):
             with self.assertRaises(gt.BadInput):
                 model(bad)
+        for bad in (None, "config.json"):
+            with self.assertRaisesRegex(gt.BadInput, "expected a GQEConfig"):
+                gt.GQEForCausalLM(bad)
 
 
 class Config(unittest.TestCase):
