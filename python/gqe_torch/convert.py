@@ -19,6 +19,7 @@ activation other than SiLU.
 import io
 import json
 import os
+import pickle
 import sys
 
 import torch
@@ -40,7 +41,10 @@ def read_state_dict(path):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise BadInput(f"cannot read {path}: no such file") from None
-    except Exception as e:  # pickle, zip and torch errors alike: not a state_dict of tensors
+    except pickle.UnpicklingError:  # torch's own words advise loading it unsafely: not ours to pass on
+        raise BadInput(f"{path} is not a torch.save'd state_dict of tensors (it holds other objects, or is "
+                       "not a torch file)") from None
+    except Exception as e:  # zip and torch errors alike: not a state_dict of tensors
         raise BadInput(f"{path} is not a torch.save'd state_dict of tensors ({type(e).__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
     for wrapper in ("state_dict", "model"):  # {"state_dict": {...}, "optimizer": ...} and alike
@@ -55,6 +59,8 @@ def read_state_dict(path):
                 name = name[len(prefix):]
         if name in out:
             raise BadInput(f"{path}: tensor {name} is given twice (with and without a wrapper prefix)")
+        if t.layout != torch.strided:
+            raise BadInput(f"{path}: tensor {name} is stored as {t.layout}; expected a dense tensor")
         out[name] = t
     return out
 
@@ -86,6 +92,9 @@ def to_gqe_tensors(state, config, source):
 
 def torch_to_gqe(src, dst, config_path, dtype):
     src_file = os.path.join(src, TORCH_FILE) if os.path.isdir(src) else src
+    if os.path.isdir(src) and not os.path.exists(src_file):
+        raise BadInput(f"{src} holds neither {SINGLE} or {INDEX} (a gqe folder) nor {TORCH_FILE} (a state_dict); "
+                       "expected one of them")
     if config_path is None:
         config_path = os.path.join(os.path.dirname(os.path.abspath(src_file)), CONFIG)
     if not os.path.isfile(config_path):

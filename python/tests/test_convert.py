@@ -1,6 +1,7 @@
 """python -m gqe_torch.convert: state_dict -> gqe folder -> state_dict, and its refusals; the
 programs' --help and bad-input behaviour."""
 
+import collections
 import contextlib
 import io
 import json
@@ -122,6 +123,9 @@ class Convert(unittest.TestCase):
             ("missing", {n: t for n, t in state.items() if "router" not in n}, good,
              ["model.layers.0.self_attn.router.weight", "missing"]),
             ("untied head", dict(state), dict(good, tie_word_embeddings=True), ["lm_head.weight"]),
+            ("sparse", dict(state, **{"model.norm.weight": state["model.norm.weight"].to_sparse()}), good,
+             ["model.norm.weight", "expected a dense tensor"]),
+            ("objects", dict(state, extra=collections.Counter()), good, ["holds other objects"]),
         ]
         for i, (name, sd, cfg_dict, words) in enumerate(cases):
             with self.subTest(case=name):
@@ -138,6 +142,11 @@ class Convert(unittest.TestCase):
         torch.save(state, self.path("lonely", "sd.pt"))
         self.assertRefused(self.convert(self.path("lonely", "sd.pt"), self.path("o2")), "config.json",
                            absent=self.path("o2"))
+        os.makedirs(self.path("config_only"))
+        with open(self.path("config_only", "config.json"), "w") as f:
+            json.dump(good, f)
+        self.assertRefused(self.convert(self.path("config_only"), self.path("o3")), "holds neither model.safetensors",
+                           absent=self.path("o3"))
         src = self.write_source("fine", state, good)
         self.assertEqual(self.convert(src, self.path("taken")).returncode, 0)
         self.assertRefused(self.convert(src, self.path("taken")), "already holds a checkpoint")
