@@ -4,6 +4,7 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 
 from .errors import BadInput
 
@@ -71,8 +72,12 @@ def require_creatable(path, what):
     ancestor = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(ancestor):
         ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK | os.X_OK):
+    if not os.path.isdir(ancestor):
         raise BadInput(f"{what} {path} cannot be made: {ancestor} is not a writable folder")
+    try:  # made and removed at once: permissions alone do not tell (root passes them; /proc refuses all)
+        os.rmdir(tempfile.mkdtemp(prefix=".gqe-probe-", dir=ancestor))
+    except OSError as e:
+        raise BadInput(f"{what} {path} cannot be made: {ancestor} is not a writable folder ({e.strerror})") from None
 
 
 def _out_of_memory(e):

@@ -190,6 +190,11 @@ class Train(unittest.TestCase):
         r = call_module("train", ["--text", self.text, "--out", ""])
         self.assertEqual(r.returncode, 2, r.stderr)
         self.assertIn("--out is empty; expected a path", r.stderr)
+        # A folder whose permissions would let root write but that refuses every new file.
+        r = call_module("train", ["--text", self.text, "--out", "/proc/gqe-never"])
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn("/proc is not a writable folder", r.stderr)
+        self.assertEqual(r.stdout, "")  # refused before training
         # An --out that cannot be made is refused before training, not at the first save.
         a_file = self.path("a-file")
         with open(a_file, "w") as f:
