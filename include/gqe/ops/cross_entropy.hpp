@@ -20,6 +20,21 @@ struct LossSums {
   double correct = 0;  // sum of the weights of rows whose argmax is the target
 };
 
+// Refuses targets [R] and weights [R] that cross_entropy cannot count: other sizes than `rows`, a
+// weight negative or not finite, a counted row's target outside [0, V).
+inline void check_loss_rows(const std::vector<std::int32_t>& targets, const std::vector<float>& weights, Index rows,
+                            Index V) {
+  if (static_cast<Index>(targets.size()) != rows || static_cast<Index>(weights.size()) != rows)
+    fail<ShapeError>("got ", targets.size(), " targets and ", weights.size(), " loss weights for ", rows,
+                     " rows; expected one of each per row");
+  for (std::size_t r = 0; r < targets.size(); ++r) {
+    if (!(weights[r] >= 0) || !std::isfinite(weights[r]))
+      fail<InputError>("loss weight ", weights[r], " at row ", r, "; expected a finite number >= 0");
+    if (weights[r] != 0 && (targets[r] < 0 || targets[r] >= V))
+      fail<InputError>("target id ", targets[r], " at row ", r, " is out of range; expected 0 to ", V - 1);
+  }
+}
+
 // Cross-entropy of logits [R, V] against targets [R] with per-row weights [R] (0: not counted).
 // Returns the sums; when `grad_scale` is non-zero, overwrites the logits with the gradient of
 // grad_scale * sum_r weight_r * loss_r (softmax - onehot, scaled), rows of weight 0 with zeros.
@@ -29,15 +44,7 @@ template <class Scalar>
 LossSums cross_entropy(Eigen::Ref<Matrix<Scalar>> logits, const std::vector<std::int32_t>& targets,
                        const std::vector<float>& weights, double grad_scale) {
   const Index rows = logits.rows(), V = logits.cols();
-  if (static_cast<Index>(targets.size()) != rows || static_cast<Index>(weights.size()) != rows)
-    fail<ShapeError>("cross-entropy of ", rows, " rows of logits got ", targets.size(), " targets and ", weights.size(),
-                     " weights; expected one of each per row");
-  for (std::size_t r = 0; r < targets.size(); ++r) {
-    if (!(weights[r] >= 0) || !std::isfinite(weights[r]))
-      fail<InputError>("cross-entropy weight ", weights[r], " at row ", r, "; expected a finite number >= 0");
-    if (weights[r] != 0 && (targets[r] < 0 || targets[r] >= V))
-      fail<InputError>("cross-entropy target ", targets[r], " at row ", r, " is out of range; expected 0 to ", V - 1);
-  }
+  check_loss_rows(targets, weights, rows, V);
   std::vector<double> row_loss(static_cast<std::size_t>(rows), 0.0), row_correct(static_cast<std::size_t>(rows), 0.0);
   constexpr Index kRowsPerUnit = 64;
   const Index units = (rows + kRowsPerUnit - 1) / kRowsPerUnit;

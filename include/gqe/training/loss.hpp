@@ -78,11 +78,9 @@ class LossAndGrad {
     aux_coef_ = aux_coef;
     const Index B = batch.batch, T = batch.seq_len, V = model.config().vocab_size;
     lanes_ = lane_count(model.config(), B);
-    if (model.config() != cache_config_) caches_.clear();  // made for another model
-    cache_config_ = model.config();
     caches_.resize(static_cast<std::size_t>(B));
     for (auto& c : caches_) {
-      if (c.empty()) c.push_back(model.new_cache());
+      if (c.empty() || c.front().config() != model.config()) c.assign(1, model.new_cache());  // none, or another model's
       c.front().clear();  // every sequence starts at position 0
     }
     tapes_.resize(static_cast<std::size_t>(B));
@@ -203,24 +201,15 @@ class LossAndGrad {
   static void check(const ModelConfig& config, const Batch& batch, double aux_coef) {
     if (batch.batch < 1 || batch.seq_len < 1)
       fail<ShapeError>("batch is ", batch.batch, " x ", batch.seq_len, " tokens; expected at least 1 x 1");
-    const auto n = static_cast<std::size_t>(batch.rows());
-    if (batch.tokens.size() != n || batch.targets.size() != n || batch.weights.size() != n)
-      fail<ShapeError>("batch holds ", batch.tokens.size(), " tokens, ", batch.targets.size(), " targets and ",
-                       batch.weights.size(), " weights; expected ", n, " of each");
-    for (std::size_t i = 0; i < n; ++i) {
-      if (!(batch.weights[i] >= 0) || !std::isfinite(batch.weights[i]))
-        fail<InputError>("loss weight ", batch.weights[i], " at batch row ", i, "; expected a finite number >= 0");
-      if (batch.weights[i] > 0 && (batch.targets[i] < 0 || batch.targets[i] >= config.vocab_size))
-        fail<InputError>("target id ", batch.targets[i], " at batch row ", i, " is out of range; expected 0 to ",
-                         config.vocab_size - 1);
-    }
+    if (static_cast<Index>(batch.tokens.size()) != batch.rows())
+      fail<ShapeError>("batch holds ", batch.tokens.size(), " tokens; expected ", batch.rows());
+    check_loss_rows(batch.targets, batch.weights, batch.rows(), config.vocab_size);  // before any forward
     if (!(aux_coef >= 0) || !std::isfinite(aux_coef))
       fail<ConfigError>("aux loss coefficient is ", aux_coef, "; expected a finite number >= 0");
   }
 
   Index lanes_ = 1;
   std::vector<std::vector<KVCache<Scalar>>> caches_;  // [B], one cache each
-  ModelConfig cache_config_;                          // of the model the caches were made for
   std::vector<ModelTape<Scalar>> tapes_;              // [B]
   std::vector<Transformer<Scalar>> lane_models_;      // [lanes - 1]
   Matrix<Scalar> logits_;  // [B*T, V]
