@@ -110,12 +110,16 @@ def read_checkpoint_tensors(folder):
     return tensors, dtypes, os.path.join(folder, INDEX)
 
 
+def _require_path(folder):
+    if not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder):
+        raise BadInput(f"checkpoint folder {folder!r}; expected a non-empty path")
+
+
 def load_pretrained(folder, dtype=torch.float32, device="cpu"):
     """A GQEForCausalLM from a gqe checkpoint folder (F32, F16, BF16 or F64 tensors, single file
     or sharded), its parameters converted to `dtype` (a torch floating-point dtype) on `device`.
     Raises BadInput on anything malformed."""
-    if not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder):
-        raise BadInput(f"checkpoint folder {folder!r}; expected a non-empty path")
+    _require_path(folder)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise BadInput(f"dtype {dtype!r}; expected a torch floating-point dtype such as torch.float32 or torch.bfloat16")
     try:
@@ -155,8 +159,7 @@ def save_pretrained(model, folder, dtype="F32", shard_bytes=None):
     index, its shards, or a stray model.safetensors), which are removed once the new ones are
     written: a save that fails leaves the previous checkpoint loadable.
     """
-    if not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder):
-        raise BadInput(f"checkpoint folder {folder!r}; expected a non-empty path")
+    _require_path(folder)
     if dtype not in FLOAT_DTYPES:
         raise BadInput(f"checkpoint dtype {dtype!r}; expected F32, BF16, F16 or F64")
     model = _unwrap(model)
